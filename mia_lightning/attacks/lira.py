@@ -1,0 +1,98 @@
+"""LiRA (Carlini et al., "Membership Inference Attacks From First Principles", S&P 2022).
+
+Gaussian fits of the logit-scaled confidence phi over IN and OUT shadow models, leave-one-out over
+the targets; the exact definitions are in DESIGN.md ("LiRA") and the README. Writes five result
+sets: online and offline, per-sample and fixed (pooled) variance, and the global threshold on phi.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.special import log_ndtr
+
+from mia_lightning.attacks.base import Attack, log, register_attack
+from mia_lightning.attacks.shadows import ShadowMoments
+
+_LOG_SQRT_2PI = 0.5 * np.log(2.0 * np.pi)
+
+
+def gaussian_logpdf(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """log N(x; mean, std)."""
+    return -0.5 * ((x - mean) / std) ** 2 - np.log(std) - _LOG_SQRT_2PI
+
+
+def per_sample_std(count: np.ndarray, var: np.ndarray, pooled_var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample std, with the pooled std where fewer than 2 shadows (or zero spread) leave it undefined.
+
+    Returns (std [T, n, Q], bool [T, n] where the fallback was used).
+    """
+    fallback = (count < 2)[..., None] | ~(var > 0)
+    std = np.sqrt(np.where(fallback, pooled_var[:, None, :], var))
+    return std, fallback.any(axis=-1) & (count > 0)
+
+
+@register_attack
+class LiRA(Attack):
+    """LiRA online/offline x per-sample/fixed variance, plus the global threshold baseline."""
+
+    name = "lira"
+    outputs = ("lira_online", "lira_online_fixed", "lira_offline", "lira_offline_fixed", "global_threshold")
+
+    def __init__(self, n_shadows: int | None = None) -> None:
+        super().__init__()
+        self.n_shadows = n_shadows
+        self._few_in: set[int] = set()
+        self._few_out: set[int] = set()
+        self._no_in: set[int] = set()
+        self._no_out: set[int] = set()
+
+    def fit(self, data) -> None:
+        super().fit(data)
+        self.in_moments = ShadowMoments(data.phi, data.keep, self.n_shadows)
+        self.out_moments = ShadowMoments(data.phi, ~data.keep, self.n_shadows)
+
+    def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:
+        phi = self.data.phi[targets]
+        n_in, mu_in, var_in, pooled_in = self.in_moments.leave_out(targets)
+        n_out, mu_out, var_out, pooled_out = self.out_moments.leave_out(targets)
+        sd_in, fb_in = per_sample_std(n_in, var_in, pooled_in)
+        sd_out, fb_out = per_sample_std(n_out, var_out, pooled_out)
+        self._track(fb_in, fb_out, n_in == 0, n_out == 0)
+        fixed_in, fixed_out = np.sqrt(pooled_in)[:, None, :], np.sqrt(pooled_out)[:, None, :]
+        has_in, has_out = (n_in > 0)[..., None], (n_out > 0)[..., None]
+
+        def masked_mean(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+            return np.where(valid, values, np.nan).mean(axis=-1)
+
+        online = gaussian_logpdf(phi, mu_in, sd_in) - gaussian_logpdf(phi, mu_out, sd_out)
+        online_fixed = gaussian_logpdf(phi, mu_in, fixed_in) - gaussian_logpdf(phi, mu_out, fixed_out)
+        with np.errstate(invalid="ignore"):
+            offline = log_ndtr((phi - mu_out) / sd_out)
+            offline_fixed = log_ndtr((phi - mu_out) / fixed_out)
+        return {
+            "lira_online": masked_mean(online, has_in & has_out),
+            "lira_online_fixed": masked_mean(online_fixed, has_in & has_out),
+            "lira_offline": masked_mean(offline, has_out),
+            "lira_offline_fixed": masked_mean(offline_fixed, has_out),
+            "global_threshold": phi.mean(axis=-1),
+        }
+
+    def _track(self, few_in, few_out, no_in, no_out) -> None:
+        for store, flags in ((self._few_in, few_in), (self._few_out, few_out), (self._no_in, no_in), (self._no_out, no_out)):
+            store.update(np.flatnonzero(flags.any(axis=0)).tolist())
+
+    def report_warnings(self) -> None:
+        """Log, once per run, how many samples used the pooled-std fallback or got no online/offline score."""
+        for count, text in (
+            (len(self._few_in), "fewer than 2 IN shadows (or zero spread) for some target: per-sample std replaced by the pooled std"),
+            (len(self._few_out), "fewer than 2 OUT shadows (or zero spread) for some target: per-sample std replaced by the pooled std"),
+            (len(self._no_in), "no IN shadow for some target: no online score there, left out of the metrics"),
+            (len(self._no_out), "no OUT shadow for some target: no online/offline score there, left out of the metrics"),
+        ):
+            if count:
+                log.warning("LiRA: %d samples have %s", count, text)
+
+    def params(self) -> dict[str, Any]:
+        return {"n_shadows": self.n_shadows}

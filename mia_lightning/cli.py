@@ -1,0 +1,153 @@
+"""Command lines: ``train.py`` (fit / farm / export) and ``attack.py``; user errors exit 2 with one line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from jsonargparse import ArgumentParser
+from rich.console import Console
+from rich.logging import RichHandler
+
+from mia_lightning.errors import MiaError
+
+console = Console()
+if not console.is_terminal:
+    console.width = max(console.width, 150)  # keep the results table readable in logs and pipes
+
+
+def _configure_logging() -> None:
+    """Our warnings through rich on stderr; Lightning's per-run chatter (tips, device banners) silenced for farms."""
+    import warnings
+
+    import lightning  # noqa: F401  (Lightning sets its loggers up on import; adjust them afterwards)
+
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+
+    ours = logging.getLogger("mia_lightning")
+    if not ours.handlers:
+        ours.addHandler(RichHandler(console=Console(stderr=True), show_path=False, show_time=False))
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+    for noisy in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
+    """Turn ``MiaError`` into ``error: <message>`` on stderr and exit code 2 (no traceback)."""
+
+    def wrapper(argv: list[str] | None = None) -> int:
+        _configure_logging()
+        try:
+            return main(list(sys.argv[1:] if argv is None else argv))
+        except MiaError as err:
+            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            return 2
+        except KeyboardInterrupt:
+            Console(stderr=True).print("[yellow]interrupted[/]: finished models are kept; re-run the same command to resume")
+            return 130
+
+    return wrapper
+
+
+def _farm(argv: list[str]) -> int:
+    import os
+
+    from mia_lightning.farm.config import farm_parser, recipe_from_namespace
+    from mia_lightning.farm.shards import resolve_shard
+    from mia_lightning.farm.workers import device_count, launch_device_workers
+
+    parser = farm_parser()
+    cfg = parser.parse_args(argv)
+    recipe = recipe_from_namespace(parser, cfg)
+    if cfg.status:
+        from mia_lightning.farm.status import farm_status, print_status
+
+        print_status(farm_status(recipe.experiment, recipe.plan.n_models, recipe.farm.stale_after_s), console)
+        return 0
+    accelerator = str(recipe.setup.trainer.get("accelerator", "auto"))
+    n_workers, gpu_ids = device_count(recipe.setup.trainer.get("devices", 1), accelerator)
+    if n_workers > 1 and not os.environ.get("MIA_FARM_WORKER"):
+        from mia_lightning.farm.runner import prepare_experiment
+
+        prepare_experiment(recipe)
+        import torch
+
+        use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        console.print(f"[bold]farm[/]: {n_workers} workers, one per {'GPU' if use_gpu else 'CPU worker'}")
+        code = launch_device_workers(argv, n_workers, resolve_shard(recipe.farm.shard), gpu_ids, use_gpu)
+        if code:
+            return code
+    else:
+        from mia_lightning.farm.runner import run_farm
+
+        run_farm(recipe, console)
+    if cfg.audit_after:
+        return _run_attacks(recipe.experiment.root, list(recipe.audit.attacks), None, recipe.audit.n_targets, {})
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    from mia_lightning.experiment import ExperimentDir
+    from mia_lightning.farm.export import export_experiment
+
+    parser = ArgumentParser(prog="train.py export", description="Re-export every model's logits from its checkpoint.")
+    parser.add_argument("--experiment", type=Path, required=True, help="experiment directory")
+    cfg = parser.parse_args(argv)
+    export_experiment(ExperimentDir(cfg.experiment), console)
+    return 0
+
+
+def _fit_cli(argv: list[str]) -> int:
+    """Plain LightningCLI (fit / validate / test / predict) for one model; data decides n_features / n_classes."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    class MiaLightningCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("data", "model.init_args.n_features", compute_fn=lambda dm: dm.model_kwargs()["n_features"], apply_on="instantiate")
+            parser.link_arguments("data", "model.init_args.n_classes", compute_fn=lambda dm: dm.model_kwargs()["n_classes"], apply_on="instantiate")
+
+    MiaLightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=argv)
+    return 0
+
+
+@guarded
+def train_main(argv: list[str]) -> int:
+    """``train.py farm|export|fit|validate|test|predict ...``."""
+    commands = {"farm": _farm, "export": _export}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    return _fit_cli(argv)
+
+
+def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None, n_targets: int | None, params: dict) -> int:
+    from mia_lightning.attacks import ATTACKS
+    from mia_lightning.audit import run_audit
+    from mia_lightning.report import print_results
+
+    names = sorted(ATTACKS) if attacks == ["all"] else attacks
+    records = run_audit(experiment, names, targets=targets, n_targets=n_targets, params=params)
+    print_results(records, f"membership inference audit of {experiment} ({len(records[0]['targets'])} targets)", console)
+    console.print(f"results: {experiment / 'attacks'}/<attack>/results.json, ROC: {experiment / 'attacks' / 'roc.png'}")
+    return 0
+
+
+@guarded
+def attack_main(argv: list[str]) -> int:
+    """``attack.py --experiment DIR --attack lira [--targets 0 1 2]``."""
+    from jsonargparse import ActionConfigFile
+
+    from mia_lightning.attacks import ATTACKS
+
+    parser = ArgumentParser(prog="attack.py", description="Run membership inference attacks on an experiment directory.")
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--experiment", type=Path, required=True, help="experiment directory (keep.npy, labels.npy, models/*/logits.npy)")
+    parser.add_argument("--attack", type=str, nargs="+", default=["lira"], help=f"one or more of: {', '.join(sorted(ATTACKS))}, or all")
+    parser.add_argument("--targets", type=int, nargs="+", default=None, help="target model ids (leave-one-out)")
+    parser.add_argument("--n_targets", type=int | None, default=None, help="use models 0..K-1 as targets (default: all)")
+    parser.add_argument("--params", type=dict, default={}, help='per-attack parameters, e.g. \'{"lira": {"n_shadows": 8}}\'')
+    cfg = parser.parse_args(argv)
+    return _run_attacks(cfg.experiment, list(cfg.attack), cfg.targets, cfg.n_targets, cfg.params)

@@ -1,0 +1,57 @@
+"""Seeded minibatch index streams shared by the sequential and the vectorised farms.
+
+A model's epoch is ``ceil(len(train) / batch_size)`` batches of exactly ``batch_size`` indices
+cut from an endless sequence of seeded permutations of its training subset. Both farms draw the
+same stream for the same seed, so for the same seeds they make the same updates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+
+def balanced_half(n: int, seed: int) -> np.ndarray:
+    """A seeded random half of ``range(n)`` (sorted), for stand-alone single-model training."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[: n // 2])
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Batches per epoch for a training subset of ``n_train`` samples."""
+    return max(1, math.ceil(n_train / batch_size))
+
+
+def index_stream(train_indices: np.ndarray, batch_size: int, n_steps: int, seed: int) -> torch.Tensor:
+    """int64 [n_steps, batch_size] pool ids: consecutive seeded permutations of ``train_indices``, cut into batches."""
+    ids = torch.as_tensor(np.asarray(train_indices), dtype=torch.int64)
+    generator = torch.Generator().manual_seed(seed)
+    needed = n_steps * batch_size
+    chunks, total = [], 0
+    while total < needed:
+        chunks.append(ids[torch.randperm(ids.numel(), generator=generator)])
+        total += ids.numel()
+    return torch.cat(chunks)[:needed].view(n_steps, batch_size)
+
+
+class StreamBatchSampler(Sampler[list[int]]):
+    """Batch sampler over ``index_stream``: epoch e yields the e-th slice of the same endless stream."""
+
+    def __init__(self, train_indices: np.ndarray, batch_size: int, seed: int) -> None:
+        self.train_indices = np.asarray(train_indices)
+        self.batch_size = min(batch_size, len(self.train_indices)) if batch_size > 0 else len(self.train_indices)
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return steps_per_epoch(len(self.train_indices), self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        steps = len(self)
+        stream = index_stream(self.train_indices, self.batch_size, steps * (self.epoch + 1), self.seed)
+        self.epoch += 1
+        yield from stream[-steps:].tolist()

@@ -1,0 +1,144 @@
+"""Stage 1-3 driver: plan the experiment, train this shard's missing models, write them atomically.
+
+Resume is by file: a model whose ``done.json`` exists is skipped; ``model.ckpt`` and ``logits.npy``
+are written before ``done.json`` (all atomically), so a kill at any moment leaves either a finished
+model or one that is retrained from scratch with the same seed, giving the same result.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from rich.console import Console
+
+from mia_lightning.data.plan import make_lira_plan
+from mia_lightning.errors import MiaError
+from mia_lightning.experiment import ExperimentDir
+from mia_lightning.farm.checkpoints import save_model_checkpoint
+from mia_lightning.farm.config import Recipe
+from mia_lightning.farm.engine import ModelJob, SequentialEngine, TrainedModel, model_seed
+from mia_lightning.farm.locks import Heartbeat, release, try_claim
+from mia_lightning.farm.shards import resolve_shard
+from mia_lightning.io import load_json, load_npy, save_json_atomic, save_npy_atomic, write_bytes_atomic
+
+DONE_FILE = "done.json"
+
+
+def is_done(experiment: ExperimentDir, index: int) -> bool:
+    return (experiment.model_dir(index) / DONE_FILE).is_file()
+
+
+def prepare_experiment(recipe: Recipe) -> np.ndarray:
+    """Write (or check) plan.json, keep.npy, labels.npy, population.npy and config.yaml; returns keep."""
+    experiment = recipe.experiment
+    pool = recipe.setup.data.build()
+    labels = np.asarray(pool.pool_labels(), dtype=np.int64)
+    spec = recipe.plan_spec(getattr(pool, "dataset_id", recipe.setup.data.class_path), len(labels))
+    plan_json = {**spec.to_json(), "recipe": recipe.identity()}
+    keep, population = make_lira_plan(spec)
+    if experiment.plan_path.is_file():
+        stored = load_json(experiment.plan_path)
+        if stored != plan_json:
+            raise MiaError(
+                f"{experiment.plan_path}: this experiment was planned with a different recipe (plan, data or model); "
+                "use another --experiment.name or delete the directory"
+            )
+        stored_keep = load_npy(experiment.keep_path, "membership matrix", "delete the experiment directory and re-run the farm")
+        if not np.array_equal(stored_keep, keep):
+            raise MiaError(f"{experiment.keep_path}: differs from the plan in plan.json (edited or corrupt); delete the experiment and re-run")
+        return keep
+    save_npy_atomic(experiment.keep_path, keep)
+    save_npy_atomic(experiment.labels_path, labels)
+    if spec.n_population:
+        save_npy_atomic(experiment.population_path, population)
+    write_bytes_atomic(experiment.config_path, recipe.dumped.encode())
+    save_json_atomic(experiment.plan_path, plan_json)
+    return keep
+
+
+def write_model(experiment: ExperimentDir, trained: TrainedModel, job: ModelJob, engine: str) -> None:
+    """Checkpoint, logits, then done.json: the model is complete only once done.json exists."""
+    folder = experiment.model_dir(trained.index)
+    save_model_checkpoint(trained.module, folder / "model.ckpt", trained.index, experiment.root.name)
+    save_npy_atomic(folder / "logits.npy", np.asarray(trained.logits, dtype=np.float32))
+    save_json_atomic(
+        folder / DONE_FILE,
+        {"index": trained.index, "seed": job.seed, "n_train": int(job.train_indices.size), "engine": engine,
+         "metrics": trained.metrics, "host": socket.gethostname(), "finished_at": time.time()},
+    )
+
+
+def build_engine(recipe: Recipe, progress_bar: bool):
+    """The engine named by ``farm.engine``."""
+    if recipe.farm.engine == "sequential":
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return SequentialEngine(recipe.setup, progress=(lambda: [RichProgressBar(leave=False)]) if progress_bar else None)
+    from mia_lightning.farm.vectorised import VectorisedEngine
+
+    return VectorisedEngine(recipe.setup, group_size=recipe.farm.group_size)
+
+
+@dataclass
+class FarmSummary:
+    trained: list[int]
+    skipped_done: int
+    held_elsewhere: list[int]
+
+
+def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool = True) -> FarmSummary:
+    """Train every model of this shard that is not done and not claimed by a live process."""
+    console = console or Console()
+    experiment = recipe.experiment
+    keep = prepare_experiment(recipe)
+    shard = resolve_shard(recipe.farm.shard)
+    mine = shard.select(list(range(keep.shape[0])))
+    pending = [i for i in mine if not is_done(experiment, i)]
+    console.print(
+        f"[bold]farm[/] {experiment.root}: {keep.shape[0]} models, shard {shard} has {len(mine)}, "
+        f"{len(mine) - len(pending)} already done, engine {recipe.farm.engine}"
+    )
+    engine = build_engine(recipe, progress_bar)
+    batch = recipe.farm.group_size if recipe.farm.engine == "vectorised" else 1
+    trained: list[int] = []
+    held: list[int] = []
+    started = time.perf_counter()
+    with Heartbeat() as heartbeat:
+        queue = list(pending)
+        while queue:
+            claimed: list[int] = []
+            while queue and len(claimed) < batch:
+                index = queue.pop(0)
+                if is_done(experiment, index):
+                    continue
+                if try_claim(experiment.model_dir(index), recipe.farm.stale_after_s):
+                    if is_done(experiment, index):
+                        release(experiment.model_dir(index))
+                        continue
+                    claimed.append(index)
+                    heartbeat.paths.add(experiment.model_dir(index))
+                else:
+                    held.append(index)
+            if not claimed:
+                break
+            jobs = {i: ModelJob(i, np.flatnonzero(keep[i]), model_seed(recipe.plan.seed, i)) for i in claimed}
+            try:
+                for result in engine.run(list(jobs.values())):
+                    write_model(experiment, result, jobs[result.index], recipe.farm.engine)
+                    release(experiment.model_dir(result.index))
+                    heartbeat.paths.discard(experiment.model_dir(result.index))
+                    trained.append(result.index)
+                    rate = len(trained) / max(time.perf_counter() - started, 1e-9) * 60
+                    metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("acc"))
+                    console.print(f"farm: model {result.index:4d} done  {len(trained)}/{len(pending)}  {metrics}  ({rate:.1f} models/min)")
+            finally:
+                for index in claimed:
+                    release(experiment.model_dir(index))
+                    heartbeat.paths.discard(experiment.model_dir(index))
+    held = [i for i in held if not is_done(experiment, i)]
+    if held:
+        console.print(f"[yellow]farm[/]: {len(held)} models are being trained by other processes: {held[:10]}{' ...' if len(held) > 10 else ''}")
+    return FarmSummary(trained=trained, skipped_done=len(mine) - len(pending), held_elsewhere=held)

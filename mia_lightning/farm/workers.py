@@ -1,0 +1,45 @@
+"""One farm worker process per device: ``--trainer.devices N`` starts N copies of the farm command.
+
+Each worker gets a sub-shard of this process's shard and one device (``CUDA_VISIBLE_DEVICES`` on
+GPUs, a share of the CPU threads on CPU); the claim files keep them from colliding. The workers
+are ordinary ``train.py farm`` processes, so SLURM or torchrun can start the same command instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+from mia_lightning.farm.shards import Shard
+
+
+def device_count(devices: Any, accelerator: str) -> tuple[int, list[int] | None]:
+    """(number of workers, explicit GPU ids or None) from Lightning's ``devices`` value."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices), [int(d) for d in devices]
+    text = str(devices)
+    if text in ("auto", "-1"):
+        uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        return (torch.cuda.device_count() if uses_gpu else 1), None
+    if "," in text:
+        ids = [int(d) for d in text.split(",") if d.strip()]
+        return len(ids), ids
+    return int(text), None
+
+
+def launch_device_workers(argv: list[str], n_workers: int, shard: Shard, gpu_ids: list[int] | None, use_gpu: bool) -> int:
+    """Run ``n_workers`` farm processes concurrently; returns the worst exit code."""
+    procs = []
+    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    for part in range(n_workers):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MIA_FARM_WORKER="1")
+        if use_gpu:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu_ids[part] if gpu_ids else part)
+        sub = shard.split(n_workers, part)
+        command = [sys.executable, "train.py", *argv, "--farm.shard", str(sub), "--trainer.devices", "1"]
+        procs.append(subprocess.Popen(command, env=env))
+    return max(proc.wait() for proc in procs)

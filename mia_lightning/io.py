@@ -1,0 +1,74 @@
+"""Atomic file writes and checked reads: a killed process never leaves a half-written file."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mia_lightning.errors import MiaError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Save one array as ``.npy`` atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def save_json_atomic(path: Path, payload: Any) -> None:
+    """Save JSON (indented, trailing newline) atomically."""
+    write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+
+
+def load_json(path: Path) -> Any:
+    """Read a JSON file or raise a one-line ``MiaError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MiaError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MiaError(f"{path}: not valid JSON ({err}); delete it and re-run the stage that writes it") from None
+
+
+def load_npy(path: Path, what: str, fix: str) -> np.ndarray:
+    """Read a ``.npy`` file (no pickles) or raise a one-line ``MiaError`` saying ``what`` it is and ``fix``."""
+    path = Path(path)
+    if not path.is_file():
+        raise MiaError(f"{path}: missing {what}; {fix}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise MiaError(f"{path}: unreadable {what} ({err}); {fix}") from None

@@ -1,0 +1,90 @@
+"""Tabular MLP LightningModule: standardise -> [Linear -> ReLU -> Dropout]* -> Linear.
+
+The feature standardisation is a buffer of the model, fitted on the model's own training subset
+(``fit_standardizer`` / ``on_fit_start``), so a checkpoint alone reproduces the model's logits
+on raw pool features. With ``hidden=[]`` it is a linear (logistic-regression) head.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def build_mlp(n_features: int, n_classes: int, hidden: list[int], dropout: float) -> nn.Sequential:
+    """The layer stack shared by the single model and the vectorised ensemble (for its initialisation)."""
+    layers: list[nn.Module] = []
+    width = n_features
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+        width = size
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
+
+
+class TabularMLP(L.LightningModule):
+    """An MLP classifier on tabular features (depth, width, dropout, optimiser and weight decay configurable)."""
+
+    def __init__(
+        self,
+        n_features: int = 64,
+        n_classes: int = 10,
+        hidden: list[int] | None = None,
+        dropout: float = 0.0,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        self.save_hyperparameters()
+        self.net = build_mlp(n_features, n_classes, list(hidden if hidden is not None else [128]), dropout)
+        self.register_buffer("feature_mean", torch.zeros(n_features))
+        self.register_buffer("feature_std", torch.ones(n_features))
+        self.train_accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=n_classes)
+        self.val_accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=n_classes)
+
+    def fit_standardizer(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set the feature scaling (constant features keep scale 1)."""
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
+
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "train_feature_stats"):
+            self.fit_standardizer(*(t.to(self.device) for t in datamodule.train_feature_stats()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.feature_mean) / self.feature_std)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_accuracy(logits, y)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_acc", self.train_accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_accuracy(self(x), y)
+        self.log("val_acc", self.val_accuracy, prog_bar=True)
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Logits [batch, n_queries=1, n_classes] in float32 (the export format)."""
+        return self(batch[0]).float().unsqueeze(1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        kwargs = {"lr": hp.lr, "weight_decay": hp.weight_decay}
+        if hp.optimizer == "sgd":
+            kwargs["momentum"] = hp.momentum
+        return OPTIMIZERS[hp.optimizer](self.parameters(), **kwargs)

@@ -1,0 +1,133 @@
+"""The farm: resume after kill -9, concurrent processes, export from checkpoints, status, plan checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mia_lightning.cli import train_main
+from mia_lightning.farm.shards import Shard, resolve_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs/tabular/digits_sequential.yaml"
+
+
+def farm_args(root: Path, n_models: int = 4, epochs: int = 2, *extra: str) -> list[str]:
+    return [
+        "farm", "--config", str(RECIPE), "--experiment.root", str(root), "--experiment.name", "exp",
+        "--plan.n_models", str(n_models), "--trainer.max_epochs", str(epochs),
+        "--model.init_args.hidden", "[32]", "--trainer.enable_progress_bar", "false", *extra,
+    ]
+
+
+def start_farm(root: Path, *extra: str, n_models: int = 4, epochs: int = 2) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *farm_args(root, n_models, epochs, *extra)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def all_logits(exp: Path, n_models: int) -> np.ndarray:
+    return np.stack([np.load(exp / "models" / f"{i:04d}" / "logits.npy") for i in range(n_models)])
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted sequential farm of 6 models."""
+    root = tmp_path_factory.mktemp("reference")
+    assert train_main(farm_args(root, 6, 3)) == 0
+    return root / "exp"
+
+
+def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path, reference_run):
+    proc = start_farm(tmp_path, n_models=6, epochs=3)
+    models = tmp_path / "exp" / "models"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(models.glob("*/done.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(models.glob("*/done.json")))
+    assert 2 <= done_before < 6
+    assert train_main(farm_args(tmp_path, 6, 3)) == 0
+    assert len(list(models.glob("*/done.json"))) == 6
+    assert not list(models.glob("*/.*.tmp")) and not list(models.glob("*/claim.json"))
+    np.testing.assert_array_equal(all_logits(tmp_path / "exp", 6), all_logits(reference_run, 6))
+
+
+def test_two_concurrent_processes_train_every_model_once(tmp_path):
+    procs = [start_farm(tmp_path, n_models=6), start_farm(tmp_path, n_models=6)]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), outputs
+    trained = [int(line.split()[2]) for out in outputs for line in out.splitlines() if line.startswith("farm: model")]
+    assert sorted(trained) == list(range(6)), outputs
+    assert len(list((tmp_path / "exp" / "models").glob("*/done.json"))) == 6
+
+
+def test_shards_partition_models_and_read_cluster_env():
+    shards = [Shard(i, 3) for i in range(3)]
+    chosen = [shard.select(list(range(10))) for shard in shards]
+    assert sorted(sum(chosen, [])) == list(range(10))
+    assert resolve_shard(None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "3"}) == Shard(2, 4)
+    assert resolve_shard(None, {"RANK": "1", "WORLD_SIZE": "2"}) == Shard(1, 2)
+    assert resolve_shard("0/2", {"RANK": "1", "WORLD_SIZE": "2"}) == Shard(0, 2)
+    assert Shard(1, 2).split(2, 1) == Shard(3, 4)
+
+
+def test_shard_runs_only_its_models_and_status(tmp_path, capsys):
+    assert train_main(farm_args(tmp_path, 4, 1, "--farm.shard", "1/2")) == 0
+    models = tmp_path / "exp" / "models"
+    assert sorted(p.parent.name for p in models.glob("*/done.json")) == ["0001", "0003"]
+    capsys.readouterr()
+    assert train_main(farm_args(tmp_path, 4, 1, "--status")) == 0
+    out = capsys.readouterr().out
+    assert "done" in out and "missing" in out and "0, 2" in out
+
+
+def test_export_from_checkpoints_reproduces_logits(tmp_path, reference_run):
+    import shutil
+
+    exp = tmp_path / "copy"
+    shutil.copytree(reference_run, exp)
+    for logits in exp.glob("models/*/logits.npy"):
+        logits.unlink()
+    assert train_main(["export", "--experiment", str(exp)]) == 0
+    np.testing.assert_allclose(all_logits(exp, 6), all_logits(reference_run, 6), rtol=0, atol=1e-6)
+
+
+def test_export_refuses_foreign_checkpoint(tmp_path, reference_run, capsys):
+    import shutil
+
+    import torch
+
+    exp = tmp_path / "copy"
+    shutil.copytree(reference_run, exp)
+    torch.save({"state_dict": {}}, exp / "models/0002/model.ckpt")
+    before = (exp / "models/0000/logits.npy").read_bytes()
+    assert train_main(["export", "--experiment", str(exp)]) == 2
+    err = capsys.readouterr().err
+    assert "models/0002/model.ckpt" in err and "not a mia-lightning checkpoint" in err
+    assert (exp / "models/0000/logits.npy").read_bytes() == before
+
+
+def test_changed_recipe_is_refused(tmp_path, capsys):
+    assert train_main(farm_args(tmp_path, 2, 1)) == 0
+    assert train_main(farm_args(tmp_path, 2, 1, "--model.init_args.lr", "0.5")) == 2
+    assert "different recipe" in capsys.readouterr().err
+
+
+def test_plan_files_follow_the_contract(reference_run):
+    keep = np.load(reference_run / "keep.npy")
+    labels = np.load(reference_run / "labels.npy")
+    plan = json.loads((reference_run / "plan.json").read_text())
+    assert keep.dtype == bool and keep.shape == (6, 1797) and (keep.sum(0) == 3).all()
+    assert labels.dtype == np.int64 and labels.shape == (1797,)
+    assert plan["n_models"] == 6 and plan["version"] == 1 and plan["dataset"] == "digits"
+    assert np.load(reference_run / "models/0000/logits.npy").shape == (1797, 1, 10)
+    done = json.loads((reference_run / "models/0005/done.json").read_text())
+    assert done["n_train"] == int(keep[5].sum())
