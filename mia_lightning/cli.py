@@ -2,44 +2,26 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Callable
 
 from jsonargparse import ArgumentParser
 from rich.console import Console
-from rich.logging import RichHandler
 
 from mia_lightning.errors import MiaError
+from mia_lightning.logs import configure_logging
 
 console = Console()
 if not console.is_terminal:
     console.width = max(console.width, 150)  # keep the results table readable in logs and pipes
 
 
-def _configure_logging() -> None:
-    """Our warnings through rich on stderr; Lightning's per-run chatter (tips, device banners) silenced for farms."""
-    import warnings
-
-    import lightning  # noqa: F401  (Lightning sets its loggers up on import; adjust them afterwards)
-
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
-
-    ours = logging.getLogger("mia_lightning")
-    if not ours.handlers:
-        ours.addHandler(RichHandler(console=Console(stderr=True), show_path=False, show_time=False))
-        ours.setLevel(logging.INFO)
-        ours.propagate = False
-    for noisy in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
     """Turn ``MiaError`` into ``error: <message>`` on stderr and exit code 2 (no traceback)."""
 
     def wrapper(argv: list[str] | None = None) -> int:
-        _configure_logging()
+        configure_logging()
         try:
             return main(list(sys.argv[1:] if argv is None else argv))
         except MiaError as err:

@@ -69,6 +69,13 @@ def test_two_concurrent_processes_train_every_model_once(tmp_path):
     assert len(list((tmp_path / "exp" / "models").glob("*/done.json"))) == 6
 
 
+def test_one_worker_per_device_on_cpu(tmp_path):
+    assert train_main(farm_args(tmp_path, 4, 1, "--trainer.devices", "2")) == 0
+    done = [json.loads(p.read_text()) for p in sorted((tmp_path / "exp" / "models").glob("*/done.json"))]
+    assert [d["index"] for d in done] == [0, 1, 2, 3]
+    assert len({d["pid"] for d in done}) == 2  # two worker processes shared the models
+
+
 def test_shards_partition_models_and_read_cluster_env():
     shards = [Shard(i, 3) for i in range(3)]
     chosen = [shard.select(list(range(10))) for shard in shards]

@@ -7,6 +7,7 @@ model or one that is retrained from scratch with the same seed, giving the same 
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ def write_model(experiment: ExperimentDir, trained: TrainedModel, job: ModelJob,
     save_json_atomic(
         folder / DONE_FILE,
         {"index": trained.index, "seed": job.seed, "n_train": int(job.train_indices.size), "engine": engine,
-         "metrics": trained.metrics, "host": socket.gethostname(), "finished_at": time.time()},
+         "metrics": trained.metrics, "host": socket.gethostname(), "pid": os.getpid(), "finished_at": time.time()},
     )
 
 
@@ -101,7 +102,8 @@ def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool 
         f"[bold]farm[/] {experiment.root}: {keep.shape[0]} models, shard {shard} has {len(mine)}, "
         f"{len(mine) - len(pending)} already done, engine {recipe.farm.engine}"
     )
-    engine = build_engine(recipe, progress_bar)
+    show_bar = progress_bar and recipe.setup.trainer.get("enable_progress_bar", True) and not os.environ.get("MIA_FARM_WORKER")
+    engine = build_engine(recipe, show_bar)
     batch = recipe.farm.group_size if recipe.farm.engine == "vectorised" else 1
     trained: list[int] = []
     held: list[int] = []

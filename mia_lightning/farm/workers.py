@@ -40,6 +40,6 @@ def launch_device_workers(argv: list[str], n_workers: int, shard: Shard, gpu_ids
         if use_gpu:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu_ids[part] if gpu_ids else part)
         sub = shard.split(n_workers, part)
-        command = [sys.executable, "train.py", *argv, "--farm.shard", str(sub), "--trainer.devices", "1"]
+        command = [sys.executable, "-m", "mia_lightning", "farm", *argv, "--farm.shard", str(sub), "--trainer.devices", "1"]
         procs.append(subprocess.Popen(command, env=env))
     return max(proc.wait() for proc in procs)
