@@ -18,6 +18,7 @@ from mia_lightning.errors import MiaError
 from mia_lightning.experiment import ExperimentDir
 from mia_lightning.io import save_json_atomic, save_npy_atomic
 from mia_lightning.metrics import RocCurve, evaluate_scores
+from mia_lightning.privacy.epsilon import empirical_epsilon
 from mia_lightning.report import plot_roc
 
 log = logging.getLogger("mia_lightning")
@@ -52,6 +53,7 @@ def result_record(name: str, family: str, params: dict, targets: np.ndarray, sco
         "targets": targets.tolist(),
         "n_unscored": n_missing,
         **metrics,
+        "empirical_epsilon": empirical_epsilon(scores, members),
     }
     return record, curve
 

@@ -61,8 +61,13 @@ def plot_roc(curves: dict[str, RocCurve], path: Path, title: str) -> None:
     ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1), xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(True, which="major", alpha=0.3)
+    save_figure(fig, Path(path))
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Lay out, render to PNG in memory and write atomically (a killed run never leaves half a plot)."""
     fig.tight_layout()
     buffer = BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    write_bytes_atomic(Path(path), buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())

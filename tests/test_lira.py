@@ -99,3 +99,22 @@ def test_few_shadows_fall_back_to_pooled_std_and_warn(caplog):
         np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-6, err_msg=name)
     assert np.isnan(got["lira_online"][0, 0]) and np.isfinite(got["lira_offline"][0, 0])
     assert "fewer than 2 IN shadows" in caplog.text and "no IN shadow" in caplog.text
+
+
+def test_one_shadow_gives_no_variance_and_no_score():
+    """With a single shadow no spread can be estimated: scores that need a std are NaN, not +-1e19."""
+    data = make_data(n_models=6, n_samples=50, seed=4)
+    got = score_targets(create_attack("lira", n_shadows=1), data, np.arange(6))
+    for name in ("lira_online", "lira_online_fixed", "lira_offline", "lira_offline_fixed"):
+        assert np.isnan(got[name]).all(), name
+    assert np.isfinite(got["global_threshold"]).all()
+
+
+def test_population_samples_do_not_trigger_warnings(caplog):
+    data = make_data(n_models=8, n_samples=40, seed=5)
+    data.keep[:] = np.argsort(np.random.default_rng(0).random((8, 40)), axis=0) < 4  # 4 IN, 4 OUT per sample
+    data.keep[:, :5] = False
+    data.population = np.arange(5)
+    with caplog.at_level(logging.WARNING, logger="mia_lightning"):
+        score_targets(create_attack("lira"), data, np.arange(8))
+    assert "no IN shadow" not in caplog.text

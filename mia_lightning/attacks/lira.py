@@ -26,11 +26,18 @@ def gaussian_logpdf(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndar
 def per_sample_std(count: np.ndarray, var: np.ndarray, pooled_var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample std, with the pooled std where fewer than 2 shadows (or zero spread) leave it undefined.
 
-    Returns (std [T, n, Q], bool [T, n] where the fallback was used).
+    Returns (std [T, n, Q], bool [T, n] where the fallback was used). NaN where even the pooled std
+    is 0 (every sample has at most one shadow): no Gaussian can be fitted there.
     """
     fallback = (count < 2)[..., None] | ~(var > 0)
-    std = np.sqrt(np.where(fallback, pooled_var[:, None, :], var))
+    pooled = np.where(pooled_var > 0, pooled_var, np.nan)[:, None, :]
+    std = np.sqrt(np.where(fallback, pooled, var))
     return std, fallback.any(axis=-1) & (count > 0)
+
+
+def pooled_std_or_nan(pooled_var: np.ndarray) -> np.ndarray:
+    """Pooled ("fixed") std [T, Q]; NaN where it is 0."""
+    return np.where(pooled_var > 0, np.sqrt(pooled_var), np.nan)
 
 
 @register_attack
@@ -59,16 +66,17 @@ class LiRA(Attack):
         n_out, mu_out, var_out, pooled_out = self.out_moments.leave_out(targets)
         sd_in, fb_in = per_sample_std(n_in, var_in, pooled_in)
         sd_out, fb_out = per_sample_std(n_out, var_out, pooled_out)
-        self._track(fb_in, fb_out, n_in == 0, n_out == 0)
-        fixed_in, fixed_out = np.sqrt(pooled_in)[:, None, :], np.sqrt(pooled_out)[:, None, :]
+        fixed_in, fixed_out = pooled_std_or_nan(pooled_in)[:, None, :], pooled_std_or_nan(pooled_out)[:, None, :]
         has_in, has_out = (n_in > 0)[..., None], (n_out > 0)[..., None]
+        audited = self.data.audit_mask
+        self._track(fb_in & audited, fb_out & audited, (n_in == 0) & audited, (n_out == 0) & audited)
 
         def masked_mean(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
             return np.where(valid, values, np.nan).mean(axis=-1)
 
-        online = gaussian_logpdf(phi, mu_in, sd_in) - gaussian_logpdf(phi, mu_out, sd_out)
-        online_fixed = gaussian_logpdf(phi, mu_in, fixed_in) - gaussian_logpdf(phi, mu_out, fixed_out)
         with np.errstate(invalid="ignore"):
+            online = gaussian_logpdf(phi, mu_in, sd_in) - gaussian_logpdf(phi, mu_out, sd_out)
+            online_fixed = gaussian_logpdf(phi, mu_in, fixed_in) - gaussian_logpdf(phi, mu_out, fixed_out)
             offline = log_ndtr((phi - mu_out) / sd_out)
             offline_fixed = log_ndtr((phi - mu_out) / fixed_out)
         return {

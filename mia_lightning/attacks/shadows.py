@@ -48,7 +48,8 @@ class ShadowMoments:
     def leave_out(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(count [T, n], mean [T, n, Q], var [T, n, Q], pooled var [T, Q]) without each target's left-out model.
 
-        Mean and var are NaN where the count is 0; pooled var is sum_j sum_m (x - mean_j)^2 / sum_j count_j.
+        Mean and var are NaN where the count is 0; pooled var is sum_j sum_m (x - mean_j)^2 / sum_j count_j
+        (0 when no sample has two shadows: then no spread can be estimated at all).
         """
         out = left_out_model(targets, self.k)
         w = self.member[out].astype(np.float64)
@@ -59,7 +60,8 @@ class ShadowMoments:
         with np.errstate(invalid="ignore", divide="ignore"):
             safe = np.where(count > 0, count, np.nan)[..., None]
             mean_centred = s1 / safe
-            squared_dev = np.maximum(s2 - s1 * mean_centred, 0.0)
+            # a single value deviates from its own mean by exactly 0 (the subtraction above leaves rounding noise)
+            squared_dev = np.where((count >= 2)[..., None], np.maximum(s2 - s1 * mean_centred, 0.0), 0.0)
             var = squared_dev / safe
         pooled = np.nansum(squared_dev, axis=1) / count.sum(axis=1, keepdims=False)[..., None]
         return count, mean_centred + self.shift, var, pooled

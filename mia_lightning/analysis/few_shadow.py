@@ -1,0 +1,110 @@
+"""How attack success grows with the number of shadow / reference models (the few-shadow curve).
+
+For each reference count k, LiRA (online, offline, per-sample and fixed variance) and RMIA (online,
+offline) use only the k lowest-id models other than the target (``n_shadows=k``, see
+``attacks/shadows.py``) and are scored leave-one-out on the same targets. With few shadows many
+samples have fewer than 2 IN (or OUT) shadows, or none: that is the regime being measured, so the
+attacks' per-fallback warnings are replaced by one log line per attack run saying how many
+(target, sample) pairs went unscored.
+
+Writes ``attacks/few_shadow/few_shadow.json`` (rows) and ``few_shadow.png`` (metrics vs k, log x).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from mia_lightning.attacks import AttackData, create_attack
+from mia_lightning.audit import resolve_targets
+from mia_lightning.errors import MiaError
+from mia_lightning.experiment import ExperimentDir
+from mia_lightning.io import save_json_atomic
+from mia_lightning.metrics import membership_metrics
+from mia_lightning.report import save_figure
+
+log = logging.getLogger("mia_lightning")
+
+SHADOW_COUNTS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+CURVE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "lira": ("lira_online", "lira_online_fixed", "lira_offline", "lira_offline_fixed"),
+    "rmia": ("rmia_online", "rmia_offline"),
+}
+ROW_METRICS: tuple[str, ...] = ("auc", "tpr@0.001", "tpr@0.01")
+FOLDER = "few_shadow"
+BATCH = 64
+
+
+def _row(n_shadows: int, name: str, scores: np.ndarray, members: np.ndarray) -> dict:
+    """One curve point; metrics are None when the scored pairs lack members or non-members."""
+    n_scored = int(np.isfinite(scores).sum())
+    row: dict = {"n_shadows": n_shadows, "attack": name, "n_scored": n_scored}
+    try:
+        metrics = membership_metrics(scores, members, fpr_levels=(0.001, 0.01))
+    except ValueError:
+        return row | {key: None for key in ROW_METRICS}
+    return row | {"auc": metrics["auc"], "tpr@0.001": metrics["tpr_at_fpr"]["0.001"], "tpr@0.01": metrics["tpr_at_fpr"]["0.01"]}
+
+
+def few_shadow_curve(data: AttackData, targets: np.ndarray, shadow_counts: Sequence[int] = SHADOW_COUNTS) -> list[dict]:
+    """Rows {n_shadows, attack, n_scored, auc, tpr@0.001, tpr@0.01}; a count above n_models - 1 becomes n_models - 1 (all shadows)."""
+    targets = np.asarray(targets, dtype=np.int64)
+    members = data.keep[targets][:, data.audit_mask]
+    if data.n_models < 2:
+        raise MiaError(f"few-shadow: needs at least 2 models, the experiment has {data.n_models}")
+    usable = sorted({min(k, data.n_models - 1) for k in shadow_counts if k >= 1})
+    rows = []
+    for k in usable:
+        for family, outputs in CURVE_OUTPUTS.items():
+            attack = create_attack(family, n_shadows=k)
+            with np.errstate(divide="ignore", invalid="ignore"):  # zero-spread fits are expected with few shadows: unscored, counted below
+                attack.fit(data)
+                batches = [attack.score(targets[i : i + BATCH]) for i in range(0, targets.size, BATCH)]
+            unscored = []
+            for name in outputs:
+                scores = np.concatenate([batch[name] for batch in batches])[:, data.audit_mask]
+                rows.append(_row(k, name, scores, members))
+                unscored.append(f"{name} {scores.size - rows[-1]['n_scored']}")
+            settings = {key: value for key, value in attack.params().items() if not isinstance(value, dict)}
+            log.debug("few-shadow %s %s: unscored (target, sample) pairs: %s", family, settings, ", ".join(unscored))
+    return rows
+
+
+def plot_few_shadow(rows: list[dict], path: Path, title: str) -> None:
+    """AUC and TPR@FPR against the number of shadow models (log x), one line per attack output, as PNG."""
+    fig, axes = plt.subplots(1, len(ROW_METRICS), figsize=(4.2 * len(ROW_METRICS), 3.8))
+    names = list(dict.fromkeys(row["attack"] for row in rows))
+    counts = sorted({row["n_shadows"] for row in rows})
+    for ax, metric in zip(axes, ROW_METRICS):
+        for name in names:
+            points = [(row["n_shadows"], row[metric]) for row in rows if row["attack"] == name and row[metric] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", linewidth=1.2, label=name)
+        ax.set(xscale="log", xlabel="shadow / reference models", ylabel=metric, title=metric)
+        ax.set_xticks(counts, [str(k) for k in counts])
+        ax.minorticks_off()
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    save_figure(fig, Path(path))
+
+
+def run_few_shadow(
+    experiment_dir: Path,
+    targets: Sequence[int] | None = None,
+    n_targets: int | None = None,
+    shadow_counts: Sequence[int] = SHADOW_COUNTS,
+) -> list[dict]:
+    """Compute the curve on an experiment and write ``attacks/few_shadow/{few_shadow.json,few_shadow.png}``."""
+    experiment = ExperimentDir(Path(experiment_dir))
+    data = AttackData.from_experiment(experiment)
+    target_ids = resolve_targets(data.n_models, targets, n_targets)
+    rows = few_shadow_curve(data, target_ids, shadow_counts)
+    folder = experiment.attack_dir(FOLDER)
+    save_json_atomic(folder / "few_shadow.json", {"targets": target_ids.tolist(), "shadow_counts": list(shadow_counts), "rows": rows})
+    plot_few_shadow(rows, folder / "few_shadow.png", f"few-shadow curve ({experiment.root.name})")
+    return rows

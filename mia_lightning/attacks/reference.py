@@ -1,0 +1,71 @@
+"""Attack R of Ye et al. ("Enhanced Membership Inference Attacks against Machine Learning Models", CCS 2022).
+
+Attack R calibrates a loss threshold per sample on reference models that did not train on it: x is
+called a member of the target when the target's loss on x lies below the alpha-percentile of x's
+reference losses. Sweeping alpha is the same as thresholding the score
+
+    score(t, x) = (|{m in OUT : loss[m, x] > loss[t, x]}| + 1/2 |{m in OUT : loss[m, x] = loss[t, x]}|) / |OUT|,
+
+the fraction of x's OUT reference losses that the target's loss beats (ties count half, the
+mid-rank convention), so higher = member. OUT = {m reference of t : not keep[m, x]}, with the
+references of t chosen leave-one-out like LiRA's shadows (all m != t, or the ``n_shadows`` lowest
+ids other than t). loss = cross-entropy of the true label, averaged over queries. Samples with no
+OUT reference get NaN (left out of the metrics, with a warning).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mia_lightning.attacks.base import Attack, AttackData, log, register_attack
+from mia_lightning.attacks.shadows import left_out_model, shadow_pool
+from mia_lightning.attacks.thresholds import cross_entropy
+
+
+@register_attack
+class ReferenceAttack(Attack):
+    """Per-sample percentile of the target's loss among OUT reference losses (exact, ties count half)."""
+
+    name = "reference"
+    outputs = ("reference_attack_r",)
+    requires_logits = True
+
+    def __init__(self, n_shadows: int | None = None) -> None:
+        super().__init__()
+        self.n_shadows = n_shadows
+        self._no_out: set[int] = set()
+
+    def fit(self, data: AttackData) -> None:
+        """Losses of every model on every sample, float64 [M, n]."""
+        super().fit(data)
+        self.pool, self.k = shadow_pool(data.n_models, self.n_shadows)
+        self.loss = cross_entropy(data.logits, data.labels)
+
+    def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:
+        """One [pool, n] comparison per target: vectorised over samples and references."""
+        references = self.loss[: self.pool]
+        scores = np.full((len(targets), self.data.n_samples), np.nan)
+        for row, (target, left) in enumerate(zip(targets, left_out_model(targets, self.k))):
+            out = ~self.data.keep[: self.pool]
+            out[left] = False
+            target_loss = self.loss[target]
+            above = np.count_nonzero(out & (references > target_loss), axis=0)
+            tied = np.count_nonzero(out & (references == target_loss), axis=0)
+            count = np.count_nonzero(out, axis=0)
+            self._no_out.update(np.flatnonzero(count == 0).tolist())
+            with np.errstate(invalid="ignore", divide="ignore"):
+                scores[row] = np.where(count > 0, (above + 0.5 * tied) / count, np.nan)
+        return {"reference_attack_r": scores}
+
+    def report_warnings(self) -> None:
+        """Log, once per run, how many samples had no OUT reference for some target."""
+        if self._no_out:
+            log.warning(
+                "attack R: %d samples have no OUT reference model for some target: no score there, left out of the metrics",
+                len(self._no_out),
+            )
+
+    def params(self) -> dict[str, Any]:
+        return {"n_shadows": self.n_shadows}

@@ -1,0 +1,158 @@
+"""RMIA (Zarifzadeh et al., "Low-Cost High-Power Membership Inference Attacks", ICML 2024).
+
+The likelihood ratio of a sample x is its true-class probability under the target divided by its
+mean probability under reference models; the score is the fraction of population samples z whose
+ratio x dominates by a factor gamma. Exact definitions in DESIGN.md ("RMIA"):
+
+- p[m, j]: softmax probability of the true label (float64), averaged over queries.
+- References of target t: all m != t, or with ``n_shadows=k`` the k lowest ids other than t
+  (``shadows.shadow_pool`` / ``left_out_model``: sums over the pool are formed once and each target
+  subtracts one model).
+- Reference probability pr(j): online, the mean of p[m, j] over the references; offline,
+  ((1 + a) * mean over OUT references + (1 - a)) / 2, NaN where j has no OUT reference.
+- Population Z: ``data.population`` when given, else the target's non-members.
+- score(x) = |{z in Z, z != x : ratio(x) / ratio(z) >= gamma}| / |{z in Z, z != x}|, with
+  ratio = p[t] / pr. Population samples with an undefined (NaN) offline ratio are not in Z.
+
+Probabilities are assumed positive (float64 softmax underflows only for logit gaps above ~700),
+so ratio(x) / ratio(z) >= gamma is evaluated as ratio(z) <= ratio(x) / gamma with one sorted
+array of population ratios per target and ``np.searchsorted``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+
+from mia_lightning.attacks.base import Attack, AttackData, log, register_attack
+from mia_lightning.attacks.shadows import left_out_model, shadow_pool
+from mia_lightning.errors import MiaError
+
+A_GRID: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))
+"""Values of the offline interpolation parameter a tried when it is tuned."""
+
+
+def rank_auc(scores: np.ndarray, members: np.ndarray) -> float:
+    """Area under the ROC curve as the Mann-Whitney statistic (ties count half); same value as the trapezoid AUC.
+
+    Sums of average ranks are multiples of 1/2, so equal ROC areas compare exactly equal (tie-breaking of a).
+    """
+    ranks = rankdata(scores)
+    n_pos, n_neg = int(members.sum()), int((~members).sum())
+    return float((ranks[members].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def offline_reference(mean_out: np.ndarray, a: float) -> np.ndarray:
+    """Offline pr = ((1 + a) * mean OUT probability + (1 - a)) / 2: the paper's linear estimate of the IN mean folded in."""
+    return ((1.0 + a) * mean_out + (1.0 - a)) / 2.0
+
+
+@register_attack
+class RMIA(Attack):
+    """RMIA online (all references) and offline (OUT references with the a-correction)."""
+
+    name = "rmia"
+    outputs = ("rmia_online", "rmia_offline")
+    requires_logits = True
+
+    def __init__(self, gamma: float = 1.0, a: float | None = None, n_shadows: int | None = None) -> None:
+        super().__init__()
+        if not gamma > 0:
+            raise MiaError(f"rmia: gamma={gamma} must be positive")
+        if a is not None and not 0.0 <= a <= 1.0:
+            raise MiaError(f"rmia: a={a} must lie in [0, 1] (or be left unset to tune it)")
+        self.gamma = float(gamma)
+        self.a = None if a is None else float(a)
+        self.a_tuned = a is None
+        self.n_shadows = n_shadows
+        self.tuning_auc: dict[str, float] = {}
+        self._no_out: set[int] = set()
+
+    def fit(self, data: AttackData) -> None:
+        """Sum p over the reference pool (all and OUT only) once, then tune a unless it was given."""
+        super().fit(data)
+        if data.n_models < 2:
+            raise MiaError("rmia needs at least 2 models: a target and one reference model")
+        self.pool, self.k = shadow_pool(data.n_models, self.n_shadows)
+        self.p = data.true_class_probability
+        out = ~data.keep[: self.pool]
+        self.sum_all = self.p[: self.pool].sum(axis=0)
+        self.sum_out = (self.p[: self.pool] * out).sum(axis=0)
+        self.count_out = out.sum(axis=0)
+        self.population_mask = None
+        if data.population is not None:
+            self.population_mask = np.zeros(data.n_samples, dtype=bool)
+            self.population_mask[data.population] = True
+        if self.a_tuned:
+            self.a = self._tune_a()
+
+    def references(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean p over all references, mean p over OUT references or NaN), both float64 [T, n]."""
+        left = left_out_model(targets, self.k)
+        p_left, left_is_out = self.p[left], ~self.data.keep[left]
+        online = (self.sum_all - p_left) / (self.pool - 1)
+        count = self.count_out - left_is_out
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_out = np.where(count > 0, (self.sum_out - p_left * left_is_out) / count, np.nan)
+        return online, mean_out
+
+    def relative_scores(self, ratio: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Fraction of population samples z != x with ratio(z) <= ratio(x) / gamma, per target row; NaN ratio -> NaN."""
+        scores = np.full(ratio.shape, np.nan)
+        for row, target in enumerate(targets):
+            x = ratio[row]
+            in_z = (self.population_mask if self.population_mask is not None else ~self.data.keep[target]) & np.isfinite(x)
+            threshold = x / self.gamma
+            wins = np.searchsorted(np.sort(x[in_z]), threshold, side="right") - (in_z & (x <= threshold))
+            size = np.count_nonzero(in_z) - in_z
+            with np.errstate(invalid="ignore", divide="ignore"):
+                scores[row] = np.where(np.isfinite(x) & (size > 0), wins / size, np.nan)
+        return scores
+
+    def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:
+        online, mean_out = self.references(targets)
+        self._no_out.update(np.flatnonzero(np.isnan(mean_out).any(axis=0)).tolist())
+        p_target = self.p[targets]
+        return {
+            "rmia_online": self.relative_scores(p_target / online, targets),
+            "rmia_offline": self.relative_scores(p_target / offline_reference(mean_out, self.a), targets),
+        }
+
+    def _tune_a(self) -> float:
+        """The paper's tuning: offline RMIA on reference model 0 (its own references, same ``n_shadows``), best AUC wins.
+
+        Model 0 is the lowest-id reference of every target but itself; one a serves all targets, so
+        when model 0 is also a target its own membership took part in choosing a (one of 11 values).
+        Ties go to the smaller a.
+        """
+        pseudo = np.array([0])
+        _, mean_out = self.references(pseudo)
+        members = self.data.keep[0]
+        best_a, best_auc = A_GRID[0], -np.inf
+        for a in A_GRID:
+            scores = self.relative_scores(self.p[pseudo] / offline_reference(mean_out, a), pseudo)[0]
+            ok = self.data.audit_mask & np.isfinite(scores)
+            if not members[ok].any() or members[ok].all():
+                raise MiaError("rmia: cannot tune a on reference model 0 (no scored members or non-members); pass a explicitly")
+            auc = rank_auc(scores[ok], members[ok])
+            self.tuning_auc[str(a)] = auc
+            if auc > best_auc:
+                best_a, best_auc = a, auc
+        log.debug("RMIA: tuned a=%.1f (offline AUC %.4f on reference model 0)", best_a, best_auc)
+        return best_a
+
+    def report_warnings(self) -> None:
+        """Log, once per run, how many samples got no offline score for some target."""
+        if self._no_out:
+            log.warning(
+                "RMIA: %d samples have no OUT reference model for some target: no offline score there, left out of the metrics",
+                len(self._no_out),
+            )
+
+    def params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"gamma": self.gamma, "a": self.a, "a_tuned": self.a_tuned, "n_shadows": self.n_shadows}
+        if self.tuning_auc:
+            params["a_tuning_auc"] = dict(self.tuning_auc)
+        return params
