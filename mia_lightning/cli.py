@@ -117,9 +117,30 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
     return 0
 
 
+def _run_few_shadow(experiment: Path, targets: list[int] | None, n_targets: int | None) -> None:
+    from rich.table import Table
+
+    from mia_lightning.analysis.few_shadow import run_few_shadow
+
+    rows = run_few_shadow(experiment, targets=targets, n_targets=n_targets)
+    table = Table(title=f"few-shadow regime on {experiment}: TPR@0.1%FPR (%) / TPR@1%FPR (%) / AUC", title_justify="left")
+    names = list(dict.fromkeys(row["attack"] for row in rows))
+    table.add_column("shadows", justify="right", style="bold")
+    for name in names:
+        table.add_column(name.replace("_", " "), justify="right")
+    for count in sorted({row["n_shadows"] for row in rows}):
+        cells = {row["attack"]: row for row in rows if row["n_shadows"] == count}
+        table.add_row(str(count), *(
+            "-" if cells[n]["auc"] is None else f"{100 * cells[n]['tpr@0.001']:.2f}/{100 * cells[n]['tpr@0.01']:.2f}/{cells[n]['auc']:.3f}"
+            for n in names
+        ))
+    console.print(table)
+    console.print(f"few-shadow curve: {experiment / 'attacks' / 'few_shadow'}/few_shadow.png")
+
+
 @guarded
 def attack_main(argv: list[str]) -> int:
-    """``attack.py --experiment DIR --attack lira [--targets 0 1 2]``."""
+    """``attack.py --experiment DIR --attack lira [--targets 0 1 2] [--few_shadow] [--report]``."""
     from jsonargparse import ActionConfigFile
 
     from mia_lightning.attacks import ATTACKS
@@ -127,9 +148,20 @@ def attack_main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="attack.py", description="Run membership inference attacks on an experiment directory.")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--experiment", type=Path, required=True, help="experiment directory (keep.npy, labels.npy, models/*/logits.npy)")
-    parser.add_argument("--attack", type=str, nargs="+", default=["lira"], help=f"one or more of: {', '.join(sorted(ATTACKS))}, or all")
+    parser.add_argument("--attack", type=str, nargs="+", default=None, help=f"one or more of: {', '.join(sorted(ATTACKS))}, or all (default: lira)")
     parser.add_argument("--targets", type=int, nargs="+", default=None, help="target model ids (leave-one-out)")
     parser.add_argument("--n_targets", type=int | None, default=None, help="use models 0..K-1 as targets (default: all)")
     parser.add_argument("--params", type=dict, default={}, help='per-attack parameters, e.g. \'{"lira": {"n_shadows": 8}}\'')
+    parser.add_argument("--few_shadow", action="store_true", help="LiRA and RMIA with 1, 2, 4, ..., 64 shadow models: table and plot")
+    parser.add_argument("--report", action="store_true", help="write <experiment>/report.md from the attack results")
     cfg = parser.parse_args(argv)
-    return _run_attacks(cfg.experiment, list(cfg.attack), cfg.targets, cfg.n_targets, cfg.params)
+    attacks = cfg.attack or ([] if cfg.few_shadow or cfg.report else ["lira"])
+    if attacks:
+        _run_attacks(cfg.experiment, list(attacks), cfg.targets, cfg.n_targets, cfg.params)
+    if cfg.few_shadow:
+        _run_few_shadow(cfg.experiment, cfg.targets, cfg.n_targets)
+    if cfg.report:
+        from mia_lightning.report_markdown import write_markdown_report
+
+        console.print(f"report: {write_markdown_report(cfg.experiment)}")
+    return 0

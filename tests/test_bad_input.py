@@ -131,3 +131,15 @@ def test_foreign_exporter_directory_with_targets(experiment):
     assert json.loads((experiment / "attacks/lira_offline/results.json").read_text())["targets"] == [0, 2, 5]
     scores = np.load(experiment / "attacks/lira_offline/scores.npy")
     assert scores.shape == (3, 40) and scores.dtype == np.float64
+
+
+def test_signal_only_experiment_runs_lira(tmp_path, capsys):
+    """Families without class logits (e.g. an MLM's negative loss) export signal.npy [n, Q] instead."""
+    root = write_experiment(tmp_path / "sig")
+    labels = np.load(root / "labels.npy")
+    for folder in sorted((root / "models").iterdir()):
+        logits = np.load(folder / "logits.npy")
+        np.save(folder / "signal.npy", logits[np.arange(labels.size), :, labels].astype(np.float64))
+        (folder / "logits.npy").unlink()
+    assert attack_main(["--experiment", str(root), "--attack", "lira"]) == 0
+    assert json.loads((root / "attacks/lira_online/results.json").read_text())["auc"] > 0.5

@@ -1,6 +1,6 @@
 """Claim files that let many processes (shards, SLURM array tasks, torchrun ranks) share one farm.
 
-A model is claimed by creating ``models/NNNN/claim.json`` with ``O_EXCL``. The holder touches it
+A model is claimed by hard-linking a complete ``models/NNNN/claim.json`` into place (atomic, fails if present). The holder touches it
 every ``HEARTBEAT_S`` seconds; a claim is stale when its process is gone (same host) or it has not
 been touched for ``stale_after_s`` (any host). A stale claim is taken over by renaming it away
 first, so of two processes racing for it only one wins.
@@ -45,24 +45,41 @@ def claim_state(model_dir: Path, stale_after_s: float) -> str:
     return "stale" if age > stale_after_s else "running"
 
 
+def _take_over_stale(model_dir: Path, stale_after_s: float) -> None:
+    """Move a stale claim out of the way; if another process replaced it meanwhile, put theirs back."""
+    path = model_dir / CLAIM_FILE
+    if claim_state(model_dir, stale_after_s) != "stale":
+        return
+    try:
+        judged = path.read_bytes()
+        moved = model_dir / f".stale-{uuid.uuid4().hex}"
+        os.rename(path, moved)
+    except FileNotFoundError:
+        return
+    if moved.read_bytes() != judged:  # a fresh claim appeared between the check and the rename
+        try:
+            os.link(moved, path)
+        except FileExistsError:
+            pass
+    moved.unlink()
+
+
 def try_claim(model_dir: Path, stale_after_s: float) -> bool:
     """Claim a model folder for this process; False when another live process holds it."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / CLAIM_FILE
-    if claim_state(model_dir, stale_after_s) == "stale":
-        try:
-            os.rename(path, model_dir / f".stale-{uuid.uuid4().hex}")
-        except FileNotFoundError:
-            pass
+    _take_over_stale(model_dir, stale_after_s)
+    # write the claim's content first, then hard-link it into place: the link either fails (someone
+    # holds the model) or publishes a complete file, so no reader ever sees an empty claim
+    staged = model_dir / f".claim-{uuid.uuid4().hex}"
+    staged.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.link(staged, model_dir / CLAIM_FILE)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, handle)
-    for pattern in (".stale-*", ".*.tmp"):  # a killed holder's leftovers: its claim and half-written files
-        for leftover in model_dir.glob(pattern):
-            leftover.unlink(missing_ok=True)
+    finally:
+        staged.unlink()
+    for leftover in model_dir.glob(".*.tmp"):  # a killed holder's half-written files (io.write_bytes_atomic)
+        leftover.unlink(missing_ok=True)
     return True
 
 
