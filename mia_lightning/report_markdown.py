@@ -88,8 +88,8 @@ def _few_shadow_section(experiment: ExperimentDir) -> list[str]:
     table = []
     for k in counts:
         points = [cell.get((k, name)) for name in names]
-        table.append([str(k)] + ["-" if p is None or p["auc"] is None else f"{p['auc']:.3f} / {_pct(p['tpr@0.01'])}" for p in points])
-    lines = ["## Few-shadow curve", "", "AUC / TPR@1%FPR with k shadow / reference models (the k lowest ids other than the target).", ""]
+        table.append([str(k)] + ["-" if p is None or p["auc"] is None else f"{p['auc']:.3f} / {_pct(p['tpr@0.001'])} / {_pct(p['tpr@0.01'])}" for p in points])
+    lines = ["## Few-shadow curve", "", "AUC / TPR@0.1%FPR / TPR@1%FPR with k shadow / reference models (the k lowest ids other than the target).", ""]
     lines += _table(["shadows"] + names, table) + [""]
     if (folder / "few_shadow.png").is_file():
         lines += ["![Attack success against the number of shadow models](attacks/few_shadow/few_shadow.png)", ""]

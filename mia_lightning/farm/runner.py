@@ -78,9 +78,12 @@ def build_engine(recipe: Recipe, progress_bar: bool):
         from lightning.pytorch.callbacks import RichProgressBar
 
         return SequentialEngine(recipe.setup, progress=(lambda: [RichProgressBar(leave=False)]) if progress_bar else None)
+    from lightning.pytorch.callbacks import RichProgressBar
+
     from mia_lightning.farm.vectorised import VectorisedEngine
 
-    return VectorisedEngine(recipe.setup, group_size=recipe.farm.group_size)
+    progress = (lambda: [RichProgressBar(leave=False)]) if progress_bar else None
+    return VectorisedEngine(recipe.setup, group_size=recipe.farm.group_size, progress=progress)
 
 
 @dataclass

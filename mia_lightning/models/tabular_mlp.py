@@ -16,6 +16,14 @@ from torch import nn
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
+def make_optimizer(parameters, name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    """The optimiser of a tabular MLP (shared by the single model and the vectorised ensemble)."""
+    kwargs = {"lr": lr, "weight_decay": weight_decay}
+    if name == "sgd":
+        kwargs["momentum"] = momentum
+    return OPTIMIZERS[name](parameters, **kwargs)
+
+
 def build_mlp(n_features: int, n_classes: int, hidden: list[int], dropout: float) -> nn.Sequential:
     """The layer stack shared by the single model and the vectorised ensemble (for its initialisation)."""
     layers: list[nn.Module] = []
@@ -84,7 +92,4 @@ class TabularMLP(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        kwargs = {"lr": hp.lr, "weight_decay": hp.weight_decay}
-        if hp.optimizer == "sgd":
-            kwargs["momentum"] = hp.momentum
-        return OPTIMIZERS[hp.optimizer](self.parameters(), **kwargs)
+        return make_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
