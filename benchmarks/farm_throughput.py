@@ -1,0 +1,132 @@
+"""Farm throughput: the sequential Lightning farm vs the vectorised farm, measured side by side in one run.
+
+Case 1, the quickstart recipe (configs/tabular/digits_quickstart.yaml): 64 MLPs on digits; the
+sequential farm is timed on --sequential_models models and its per-model rate extrapolated (it
+trains one model after another, so its rate does not depend on the count). Case 2: 256 linear heads
+(hidden: []) on cached 512-d features, made once from digits by a frozen, seeded random ReLU
+feature map and saved as a CSV. Reports models per minute, the ratio, and the vectorised farm's
+achieved GFLOP/s (forward + backward = 3 x 2 x multiply-adds) against a measured float32 matmul
+peak. Training and prediction are timed; writing files is not (both farms write the same files).
+Last line: ``speedup: N.Nx`` (vectorised over sequential, case 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mia_lightning.data.plan import PlanSpec, make_lira_plan
+from mia_lightning.data.streams import steps_per_epoch
+from mia_lightning.data.tabular import load_tabular
+from mia_lightning.farm.engine import ComponentSpec, FarmSetup, ModelJob, SequentialEngine, model_seed
+from mia_lightning.farm.vectorised import VectorisedEngine
+from mia_lightning.logs import configure_logging
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_peak_gflops(device: str, size: int = 2048, repeats: int = 10) -> float:
+    """Measured float32 matmul throughput of this device (the roofline the farm is compared with)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    for _ in range(3):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def cached_features_csv(folder: Path, width: int = 512) -> str:
+    """digits pushed through a frozen seeded random ReLU map to ``width`` features, saved as CSV (label column 'y')."""
+    pool = load_tabular("digits")
+    generator = torch.Generator().manual_seed(0)
+    projection = torch.randn(pool.n_features, width, generator=generator) / pool.n_features**0.5
+    features = torch.relu(torch.from_numpy(pool.features) @ projection).numpy()
+    path = folder / "digits_random_features.csv"
+    header = ",".join([f"f{i}" for i in range(width)] + ["y"])
+    rows = np.column_stack([features, pool.labels]).astype(np.float32)
+    np.savetxt(path, rows, delimiter=",", header=header, comments="", fmt=["%.6g"] * width + ["%d"])
+    return str(path)
+
+
+def jobs_for(n_samples: int, n_models: int, seed: int = 0) -> list[ModelJob]:
+    keep, _ = make_lira_plan(PlanSpec("bench", n_samples, n_models, seed))
+    return [ModelJob(i, np.flatnonzero(keep[i]), model_seed(seed, i)) for i in range(n_models)]
+
+
+def timed(engine, jobs: list[ModelJob]) -> float:
+    start = time.perf_counter()
+    results = list(engine.run(jobs))
+    assert len(results) == len(jobs)
+    return time.perf_counter() - start
+
+
+def training_flops(setup: FarmSetup, jobs: list[ModelJob], n_features: int, n_classes: int) -> float:
+    """Forward + backward FLOPs of training every job (3 x 2 x multiply-adds per sample per step)."""
+    widths = [n_features, *setup.model.init_args.get("hidden", [128]), n_classes]
+    macs = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    batch = int(setup.data.init_args.get("batch_size", 64))
+    epochs = int(setup.trainer.get("max_epochs", 1))
+    return sum(6 * macs * min(batch, j.train_indices.size) * epochs * steps_per_epoch(j.train_indices.size, min(batch, j.train_indices.size)) for j in jobs)
+
+
+def compare(name: str, setup: FarmSetup, n_models: int, n_sequential: int, group_size: int, peak: float, n_samples: int, n_features: int, n_classes: int) -> float:
+    jobs = jobs_for(n_samples, n_models)
+    sequential_s = timed(SequentialEngine(setup), jobs[:n_sequential]) / n_sequential * n_models
+    vectorised_s = timed(VectorisedEngine(setup, group_size=group_size), jobs)
+    gflops = training_flops(setup, jobs, n_features, n_classes) / vectorised_s / 1e9
+    print(f"\n{name}")
+    print(f"  sequential Lightning farm : {60 * n_models / sequential_s:8.1f} models/min  ({sequential_s:7.1f} s for {n_models}, timed on {n_sequential})")
+    print(f"  vectorised farm           : {60 * n_models / vectorised_s:8.1f} models/min  ({vectorised_s:7.1f} s for {n_models}, groups of {group_size})")
+    print(f"  vectorised achieved       : {gflops:8.1f} GFLOP/s = {100 * gflops / peak:.1f}% of the measured matmul peak")
+    print(f"  ratio                     : {sequential_s / vectorised_s:8.1f}x")
+    return sequential_s / vectorised_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=256)
+    parser.add_argument("--sequential_models", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipe's max_epochs")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", default="32-true")
+    args = parser.parse_args()
+    configure_logging()
+    torch.manual_seed(0)
+
+    recipe = yaml.safe_load((ROOT / "configs/tabular/digits_quickstart.yaml").read_text())
+    trainer = {**recipe["trainer"], "accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": 1, "precision": args.precision, "enable_progress_bar": False}
+    if args.epochs:
+        trainer["max_epochs"] = args.epochs
+    peak = matmul_peak_gflops(args.device)
+    print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'}), precision {args.precision}")
+    print(f"measured float32 matmul peak: {peak:.1f} GFLOP/s")
+
+    mlp = FarmSetup(ComponentSpec(recipe["data"]["class_path"], recipe["data"]["init_args"]), ComponentSpec(recipe["model"]["class_path"], recipe["model"]["init_args"]), trainer)
+    speedup = compare(f"case 1: {args.models} MLPs {recipe['model']['init_args']['hidden']} on digits, {trainer['max_epochs']} epochs (quickstart recipe)",
+                      mlp, args.models, args.sequential_models, args.models, peak, 1797, 64, 10)
+    with tempfile.TemporaryDirectory() as folder:
+        features = cached_features_csv(Path(folder))
+        heads = FarmSetup(
+            ComponentSpec("mia_lightning.data.tabular.TabularDataModule", {"source": features, "label_column": "y", "batch_size": 64}),
+            ComponentSpec("mia_lightning.models.tabular_mlp.TabularMLP", {**recipe["model"]["init_args"], "hidden": []}),
+            trainer,
+        )
+        compare(f"case 2: {args.heads} linear heads on cached 512-d features of digits, {trainer['max_epochs']} epochs",
+                heads, args.heads, args.sequential_models, args.heads, peak, 1797, 512, 10)
+    print(f"\nspeedup: {speedup:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
