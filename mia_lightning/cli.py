@@ -14,7 +14,7 @@ from mia_lightning.logs import configure_logging
 
 console = Console()
 if not console.is_terminal:
-    console.width = max(console.width, 150)  # keep the results table readable in logs and pipes
+    console.width = max(console.width, 200)  # keep the results table readable in logs and pipes
 
 
 def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
@@ -39,7 +39,7 @@ def _farm(argv: list[str]) -> int:
 
     from mia_lightning.farm.config import farm_parser, recipe_from_namespace
     from mia_lightning.farm.shards import resolve_shard
-    from mia_lightning.farm.workers import device_count, launch_device_workers
+    from mia_lightning.farm.workers import device_count, launch_device_workers, uses_gpu
 
     parser = farm_parser()
     cfg = parser.parse_args(argv)
@@ -50,14 +50,14 @@ def _farm(argv: list[str]) -> int:
         print_status(farm_status(recipe.experiment, recipe.plan.n_models, recipe.farm.stale_after_s), console)
         return 0
     accelerator = str(recipe.setup.trainer.get("accelerator", "auto"))
+    if "LOCAL_RANK" in os.environ and uses_gpu(accelerator):  # torchrun / srun: one rank per local GPU
+        recipe.setup.trainer["devices"] = [int(os.environ["LOCAL_RANK"])]
     n_workers, gpu_ids = device_count(recipe.setup.trainer.get("devices", 1), accelerator)
     if n_workers > 1 and not os.environ.get("MIA_FARM_WORKER"):
         from mia_lightning.farm.runner import prepare_experiment
 
         prepare_experiment(recipe)
-        import torch
-
-        use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        use_gpu = uses_gpu(accelerator)
         console.print(f"[bold]farm[/]: {n_workers} workers, one per {'GPU' if use_gpu else 'CPU worker'}")
         code = launch_device_workers(argv, n_workers, resolve_shard(recipe.farm.shard), gpu_ids, use_gpu)
         if code:

@@ -17,14 +17,20 @@ import torch
 from mia_lightning.farm.shards import Shard
 
 
+def uses_gpu(accelerator: str) -> bool:
+    """Whether Lightning's ``accelerator`` value puts the farm on CUDA devices."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def device_count(devices: Any, accelerator: str) -> tuple[int, list[int] | None]:
     """(number of workers, explicit GPU ids or None) from Lightning's ``devices`` value."""
     if isinstance(devices, (list, tuple)):
+        if len(devices) == 1:
+            return 1, None
         return len(devices), [int(d) for d in devices]
     text = str(devices)
     if text in ("auto", "-1"):
-        uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-        return (torch.cuda.device_count() if uses_gpu else 1), None
+        return (torch.cuda.device_count() if uses_gpu(accelerator) else 1), None
     if "," in text:
         ids = [int(d) for d in text.split(",") if d.strip()]
         return len(ids), ids
