@@ -33,6 +33,17 @@ def _to_unit_interval(scores: np.ndarray) -> torch.Tensor:
     return torch.from_numpy((ranks - 1.0) / top if top > 0 else np.zeros_like(ranks))
 
 
+def rank_auc(scores: np.ndarray, members: np.ndarray) -> float:
+    """AUC as the Mann-Whitney statistic (ties count half), exact in float64.
+
+    Sums of average ranks are multiples of 1/2, so equal ROC areas compare exactly equal (RMIA's
+    tuning of ``a`` breaks ties on that).
+    """
+    ranks = rankdata(scores)
+    n_pos, n_neg = int(members.sum()), int((~members).sum())
+    return float((ranks[members].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 @dataclass(frozen=True)
 class RocCurve:
     """ROC points (ascending FPR) of one attack."""
@@ -74,7 +85,6 @@ def evaluate_scores(scores: np.ndarray, members: np.ndarray, fpr_levels: tuple[f
     if n_members == 0 or n_nonmembers == 0:
         raise ValueError(f"metrics need members and non-members with finite scores, got {n_members} and {n_nonmembers}")
     curve = roc_curve(scores, members)
-    auc = float(np.trapezoid(curve.tpr, curve.fpr))
     tpr_at, ci_at = {}, {}
     for level in fpr_levels:
         tpr = float(curve.tpr[curve.fpr <= level].max())
@@ -83,7 +93,7 @@ def evaluate_scores(scores: np.ndarray, members: np.ndarray, fpr_levels: tuple[f
     metrics = {
         "n_members": n_members,
         "n_nonmembers": n_nonmembers,
-        "auc": auc,
+        "auc": rank_auc(scores, members),
         "balanced_accuracy": float(np.max(1.0 - (curve.fpr + (1.0 - curve.tpr)) / 2.0)),
         "tpr_at_fpr": tpr_at,
         "tpr_at_fpr_ci": ci_at,

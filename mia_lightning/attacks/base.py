@@ -22,17 +22,25 @@ from mia_lightning.experiment import ExperimentDir
 log = logging.getLogger("mia_lightning")
 
 
+def label_index(shape: tuple[int, ...], labels: np.ndarray) -> np.ndarray:
+    """Index array [..., n, Q, 1] picking each sample's label on the class axis of an array [..., n, Q, C]."""
+    return np.broadcast_to(labels.reshape((1,) * (len(shape) - 3) + (-1, 1, 1)), tuple(shape[:-1]) + (1,))
+
+
+def true_class_values(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """values[..., j, a, y_j]: the true-class entry of each (sample, query), shape [..., n, Q]."""
+    return np.take_along_axis(values, label_index(values.shape, labels), axis=-1)[..., 0]
+
+
 def logit_scaled_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """LiRA's statistic phi = log p_y - log sum_{k != y} p_k, in float64, from logits [..., n, Q, C].
 
     Softmax normalisation cancels, so phi = z_y - logsumexp_{k != y} z_k: stable for confident models.
     """
     z = np.asarray(logits, dtype=np.float64)
-    index = np.broadcast_to(labels.reshape((1,) * (z.ndim - 3) + (-1, 1, 1)), z.shape[:-1] + (1,))
-    z_true = np.take_along_axis(z, index, axis=-1)[..., 0]
     others = z.copy()
-    np.put_along_axis(others, index, -np.inf, axis=-1)
-    return z_true - logsumexp(others, axis=-1)
+    np.put_along_axis(others, label_index(z.shape, labels), -np.inf, axis=-1)
+    return true_class_values(z, labels) - logsumexp(others, axis=-1)
 
 
 @dataclass
@@ -85,9 +93,7 @@ class AttackData:
     @cached_property
     def true_class_probability(self) -> np.ndarray:
         """float64 [M, n]: softmax probability of the true label, averaged over queries."""
-        probs = self.probabilities
-        index = np.broadcast_to(self.labels.reshape(1, -1, 1, 1), probs.shape[:-1] + (1,))
-        return np.take_along_axis(probs, index, axis=-1)[..., 0].mean(axis=-1)
+        return true_class_values(self.probabilities, self.labels).mean(axis=-1)
 
     @cached_property
     def probabilities(self) -> np.ndarray:

@@ -24,24 +24,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
 from mia_lightning.attacks.base import Attack, AttackData, log, register_attack
 from mia_lightning.attacks.shadows import left_out_model, shadow_pool
 from mia_lightning.errors import MiaError
+from mia_lightning.metrics import rank_auc
 
 A_GRID: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))
 """Values of the offline interpolation parameter a tried when it is tuned."""
-
-
-def rank_auc(scores: np.ndarray, members: np.ndarray) -> float:
-    """Area under the ROC curve as the Mann-Whitney statistic (ties count half); same value as the trapezoid AUC.
-
-    Sums of average ranks are multiples of 1/2, so equal ROC areas compare exactly equal (tie-breaking of a).
-    """
-    ranks = rankdata(scores)
-    n_pos, n_neg = int(members.sum()), int((~members).sum())
-    return float((ranks[members].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def offline_reference(mean_out: np.ndarray, a: float) -> np.ndarray:

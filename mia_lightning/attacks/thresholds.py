@@ -19,34 +19,24 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import log_softmax
 
-from mia_lightning.attacks.base import Attack, register_attack
+from mia_lightning.attacks.base import Attack, label_index, register_attack, true_class_values
 
 _TINY = np.finfo(np.float64).tiny
 
 
-def _label_index(shape: tuple[int, ...], labels: np.ndarray) -> np.ndarray:
-    """Index array [..., n, Q, 1] selecting each sample's label along the class axis of an array of ``shape``."""
-    return np.broadcast_to(labels.reshape((1,) * (len(shape) - 3) + (-1, 1, 1)), shape[:-1] + (1,))
-
-
-def true_class_log_probability(log_p: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """log p_y [..., n, Q] from log-posteriors [..., n, Q, C] and labels [n]."""
-    return np.take_along_axis(log_p, _label_index(log_p.shape, labels), axis=-1)[..., 0]
-
-
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Cross-entropy loss -log p_y in float64 [..., n], averaged over queries, from logits [..., n, Q, C]."""
-    return -true_class_log_probability(log_softmax(np.asarray(logits, dtype=np.float64), axis=-1), labels).mean(axis=-1)
+    return -true_class_values(log_softmax(np.asarray(logits, dtype=np.float64), axis=-1), labels).mean(axis=-1)
 
 
 def posterior_signals(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     """The four threshold statistics (higher = member) in float64 [..., n], averaged over queries."""
     log_p = log_softmax(np.asarray(logits, dtype=np.float64), axis=-1)
     p = np.exp(log_p)
-    log_p_y = true_class_log_probability(log_p, labels)
+    log_p_y = true_class_values(log_p, labels)
     p_y = np.exp(log_p_y)
     wrong_terms = p * np.log(np.maximum(1.0 - p, _TINY))
-    np.put_along_axis(wrong_terms, _label_index(log_p.shape, labels), 0.0, axis=-1)
+    np.put_along_axis(wrong_terms, label_index(log_p.shape, labels), 0.0, axis=-1)
     mentr = -(1.0 - p_y) * log_p_y - wrong_terms.sum(axis=-1)
     return {
         "loss": log_p_y.mean(axis=-1),

@@ -11,6 +11,7 @@ import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from mia_lightning.data.plan import PlanSpec
+from mia_lightning.errors import MiaError
 from mia_lightning.experiment import ExperimentDir
 from mia_lightning.farm.engine import ComponentSpec, FarmSetup
 
@@ -99,8 +100,6 @@ def _component(namespace: Namespace) -> ComponentSpec:
 
 def recipe_from_namespace(parser: ArgumentParser, cfg: Namespace) -> Recipe:
     """Build a ``Recipe`` from parsed arguments."""
-    from mia_lightning.errors import MiaError
-
     farm = FarmOptions(**cfg.farm.as_dict())
     if farm.engine not in ENGINES:
         raise MiaError(f"--farm.engine {farm.engine!r}: choose one of {', '.join(ENGINES)}")
