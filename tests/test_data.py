@@ -98,3 +98,26 @@ def test_fit_subcommand_trains_one_model(tmp_path, monkeypatch):
 
     config = Path(__file__).resolve().parents[1] / "configs/tabular/mlp_fit.yaml"
     assert train_main(["fit", "--config", str(config), "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]) == 0
+
+
+def test_stream_sampler_splits_batches_across_ddp_ranks():
+    train = np.arange(50)
+    single = list(StreamBatchSampler(train, 8, seed=2))
+    ranks = [list(StreamBatchSampler(train, 8, seed=2, rank=r, world_size=2)) for r in range(2)]
+    assert [sorted(a + b) for a, b in zip(*ranks)] == [sorted(batch) for batch in single]
+
+
+def test_fit_with_lightning_ddp_on_two_cpu_processes(tmp_path):
+    """A single large model trains with Lightning DDP through the plain LightningCLI."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "train.py"), "fit", "--config", str(root / "configs/tabular/mlp_fit.yaml"),
+         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "checkpoints/mlp_fit/config.yaml").is_file()

@@ -39,12 +39,17 @@ def index_stream(train_indices: np.ndarray, batch_size: int, n_steps: int, seed:
 
 
 class StreamBatchSampler(Sampler[list[int]]):
-    """Batch sampler over ``index_stream``: epoch e yields the e-th slice of the same endless stream."""
+    """Batch sampler over ``index_stream``: epoch e yields the e-th slice of the same endless stream.
 
-    def __init__(self, train_indices: np.ndarray, batch_size: int, seed: int) -> None:
+    Under DDP (``world_size > 1``) rank r takes every world_size-th index of each batch, so the
+    ranks together see exactly the single-process batches (run with ``use_distributed_sampler: false``).
+    """
+
+    def __init__(self, train_indices: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.train_indices = np.asarray(train_indices)
         self.batch_size = min(batch_size, len(self.train_indices)) if batch_size > 0 else len(self.train_indices)
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -54,4 +59,4 @@ class StreamBatchSampler(Sampler[list[int]]):
         steps = len(self)
         stream = index_stream(self.train_indices, self.batch_size, steps * (self.epoch + 1), self.seed)
         self.epoch += 1
-        yield from stream[-steps:].tolist()
+        yield from stream[-steps:, self.rank :: self.world_size].tolist()

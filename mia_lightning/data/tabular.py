@@ -142,7 +142,9 @@ class TabularDataModule(L.LightningDataModule):
         return TensorDataset(torch.from_numpy(self.pool.features), torch.from_numpy(self.pool.labels))
 
     def train_dataloader(self) -> DataLoader:
-        sampler = StreamBatchSampler(self.train_indices, self.hparams.batch_size, seed=self.hparams.seed)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = StreamBatchSampler(self.train_indices, self.hparams.batch_size, seed=self.hparams.seed, rank=rank, world_size=world)
         return DataLoader(self._dataset(), batch_sampler=sampler, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
