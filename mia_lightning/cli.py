@@ -66,7 +66,13 @@ def _farm(argv: list[str]) -> int:
         from mia_lightning.farm.runner import run_farm
 
         run_farm(recipe, console)
-    if cfg.audit_after:
+    if cfg.audit_after and not os.environ.get("MIA_FARM_WORKER"):
+        from mia_lightning.farm.runner import is_done
+
+        missing = [i for i in range(recipe.plan.n_models) if not is_done(recipe.experiment, i)]
+        if missing:
+            console.print(f"audit skipped: {len(missing)} models are not done yet (other shards); run attack.py once they are")
+            return 0
         return _run_attacks(recipe.experiment.root, list(recipe.audit.attacks), None, recipe.audit.n_targets, {})
     return 0
 
