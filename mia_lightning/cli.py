@@ -17,6 +17,18 @@ if not console.is_terminal:
     console.width = max(console.width, 200)  # keep the results table readable in logs and pipes
 
 
+def parse(parser: ArgumentParser, argv: list[str]):
+    """Parse ``argv``; a bad option or config becomes one ``MiaError`` line instead of the usage dump."""
+    import argparse
+
+    parser.exit_on_error = False
+    try:
+        return parser.parse_args(argv)
+    except argparse.ArgumentError as err:
+        detail = " ".join(str(err).split())
+        raise MiaError(f"{parser.prog}: {detail} (see `{parser.prog} --help`)") from None
+
+
 def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
     """Turn ``MiaError`` into ``error: <message>`` on stderr and exit code 2 (no traceback)."""
 
@@ -42,7 +54,7 @@ def _farm(argv: list[str]) -> int:
     from mia_lightning.farm.workers import device_count, launch_device_workers, uses_gpu
 
     parser = farm_parser()
-    cfg = parser.parse_args(argv)
+    cfg = parse(parser, argv)
     recipe = recipe_from_namespace(parser, cfg)
     if cfg.status:
         from mia_lightning.farm.status import farm_status, print_status
@@ -83,7 +95,7 @@ def _export(argv: list[str]) -> int:
 
     parser = ArgumentParser(prog="train.py export", description="Re-export every model's logits from its checkpoint.")
     parser.add_argument("--experiment", type=Path, required=True, help="experiment directory")
-    cfg = parser.parse_args(argv)
+    cfg = parse(parser, argv)
     export_experiment(ExperimentDir(cfg.experiment), console)
     return 0
 
@@ -167,7 +179,7 @@ def attack_main(argv: list[str]) -> int:
     parser.add_argument("--params", type=dict, default={}, help='per-attack parameters, e.g. \'{"lira": {"n_shadows": 8}}\'')
     parser.add_argument("--few_shadow", action="store_true", help="LiRA and RMIA with 1, 2, 4, ..., 64 shadow models: table and plot")
     parser.add_argument("--report", action="store_true", help="write <experiment>/report.md from the attack results")
-    cfg = parser.parse_args(argv)
+    cfg = parse(parser, argv)
     attacks = cfg.attack or ([] if cfg.few_shadow or cfg.report else ["lira"])
     if attacks:
         _run_attacks(cfg.experiment, list(attacks), cfg.targets, cfg.n_targets, cfg.params)

@@ -138,3 +138,19 @@ def test_plan_files_follow_the_contract(reference_run):
     assert np.load(reference_run / "models/0000/logits.npy").shape == (1797, 1, 10)
     done = json.loads((reference_run / "models/0005/done.json").read_text())
     assert done["n_train"] == int(keep[5].sum())
+
+
+@pytest.mark.parametrize(
+    "override,phrase",
+    [
+        (["--model.init_args.optimizer", "rmsprop"], "bad init_args"),
+        (["--model.class_path", "no.such.Model"], "no.such.Model"),
+        (["--plan.n_models", "many"], "plan.n_models"),
+        (["--data.init_args.source", "/nonexistent.csv", "--data.init_args.label_column", "y"], "no such CSV"),
+    ],
+)
+def test_bad_recipe_fails_in_one_line_before_writing(tmp_path, capsys, override, phrase):
+    assert train_main(farm_args(tmp_path, 2, 1, *override)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and phrase in err and "Traceback" not in err, err
+    assert not (tmp_path / "exp").exists()

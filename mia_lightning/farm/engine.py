@@ -37,7 +37,7 @@ class ComponentSpec:
     def build(self, **overrides: Any) -> Any:
         try:
             return self.resolve()(**{**self.init_args, **overrides})
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise MiaError(f"{self.class_path}: bad init_args ({err}); fix the config") from None
 
 

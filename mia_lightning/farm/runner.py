@@ -36,6 +36,7 @@ def prepare_experiment(recipe: Recipe) -> np.ndarray:
     """Write (or check) plan.json, keep.npy, labels.npy, population.npy and config.yaml; returns keep."""
     experiment = recipe.experiment
     pool = recipe.setup.data.build()
+    recipe.setup.build_model(pool, seed=0)  # a bad model config fails here, before anything is written
     labels = np.asarray(pool.pool_labels(), dtype=np.int64)
     spec = recipe.plan_spec(getattr(pool, "dataset_id", recipe.setup.data.class_path), len(labels))
     plan_json = {**spec.to_json(), "recipe": recipe.identity()}
