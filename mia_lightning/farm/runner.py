@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass
 
 import numpy as np
 from rich.console import Console
@@ -74,28 +73,49 @@ def write_model(experiment: ExperimentDir, trained: TrainedModel, job: ModelJob,
 
 
 def build_engine(recipe: Recipe, progress_bar: bool):
-    """The engine named by ``farm.engine``."""
-    if recipe.farm.engine == "sequential":
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        return SequentialEngine(recipe.setup, progress=(lambda: [RichProgressBar(leave=False)]) if progress_bar else None)
+    """The engine named by ``farm.engine``, with a rich progress bar per Lightning run when wanted."""
     from lightning.pytorch.callbacks import RichProgressBar
 
+    progress = (lambda: [RichProgressBar(leave=False)]) if progress_bar else None
+    if recipe.farm.engine == "sequential":
+        return SequentialEngine(recipe.setup, progress=progress)
     from mia_lightning.farm.vectorised import VectorisedEngine
 
-    progress = (lambda: [RichProgressBar(leave=False)]) if progress_bar else None
     return VectorisedEngine(recipe.setup, group_size=recipe.farm.group_size, progress=progress)
 
 
-@dataclass
-class FarmSummary:
-    trained: list[int]
-    skipped_done: int
-    held_elsewhere: list[int]
+class _Claims:
+    """The models this process holds: claimed from a queue, kept alive by the heartbeat, released once written."""
+
+    def __init__(self, experiment: ExperimentDir, stale_after_s: float, heartbeat: Heartbeat) -> None:
+        self.experiment, self.stale_after_s, self.heartbeat = experiment, stale_after_s, heartbeat
+        self.held_elsewhere: list[int] = []
+
+    def take(self, queue: list[int], count: int) -> list[int]:
+        """Claim up to ``count`` models from the front of ``queue`` that are neither done nor held by a live process."""
+        claimed: list[int] = []
+        while queue and len(claimed) < count:
+            index = queue.pop(0)
+            folder = self.experiment.model_dir(index)
+            if is_done(self.experiment, index):
+                continue
+            if not try_claim(folder, self.stale_after_s):
+                self.held_elsewhere.append(index)
+            elif is_done(self.experiment, index):  # finished by another process between the two checks
+                release(folder)
+            else:
+                claimed.append(index)
+                self.heartbeat.paths.add(folder)
+        return claimed
+
+    def release(self, index: int) -> None:
+        folder = self.experiment.model_dir(index)
+        release(folder)
+        self.heartbeat.paths.discard(folder)
 
 
-def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool = True) -> FarmSummary:
-    """Train every model of this shard that is not done and not claimed by a live process."""
+def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool = True) -> list[int]:
+    """Train every model of this shard that is not done and not claimed by a live process; returns the ids trained."""
     console = console or Console()
     experiment = recipe.experiment
     keep = prepare_experiment(recipe)
@@ -108,43 +128,26 @@ def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool 
     )
     show_bar = progress_bar and recipe.setup.trainer.get("enable_progress_bar", True) and not os.environ.get("MIA_FARM_WORKER")
     engine = build_engine(recipe, show_bar)
-    batch = recipe.farm.group_size if recipe.farm.engine == "vectorised" else 1
+    group = recipe.farm.group_size if recipe.farm.engine == "vectorised" else 1
     trained: list[int] = []
-    held: list[int] = []
     started = time.perf_counter()
+    queue = list(pending)
     with Heartbeat() as heartbeat:
-        queue = list(pending)
-        while queue:
-            claimed: list[int] = []
-            while queue and len(claimed) < batch:
-                index = queue.pop(0)
-                if is_done(experiment, index):
-                    continue
-                if try_claim(experiment.model_dir(index), recipe.farm.stale_after_s):
-                    if is_done(experiment, index):
-                        release(experiment.model_dir(index))
-                        continue
-                    claimed.append(index)
-                    heartbeat.paths.add(experiment.model_dir(index))
-                else:
-                    held.append(index)
-            if not claimed:
-                break
+        claims = _Claims(experiment, recipe.farm.stale_after_s, heartbeat)
+        while claimed := claims.take(queue, group):
             jobs = {i: ModelJob(i, np.flatnonzero(keep[i]), model_seed(recipe.plan.seed, i)) for i in claimed}
             try:
                 for result in engine.run(list(jobs.values())):
                     write_model(experiment, result, jobs[result.index], recipe.farm.engine)
-                    release(experiment.model_dir(result.index))
-                    heartbeat.paths.discard(experiment.model_dir(result.index))
+                    claims.release(result.index)
                     trained.append(result.index)
                     rate = len(trained) / max(time.perf_counter() - started, 1e-9) * 60
                     metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("acc"))
                     console.print(f"farm: model {result.index:4d} done  {len(trained)}/{len(pending)}  {metrics}  ({rate:.1f} models/min)")
-            finally:
+            finally:  # on failure or interrupt, let other processes take the unfinished models
                 for index in claimed:
-                    release(experiment.model_dir(index))
-                    heartbeat.paths.discard(experiment.model_dir(index))
-    held = [i for i in held if not is_done(experiment, i)]
+                    claims.release(index)
+    held = [i for i in claims.held_elsewhere if not is_done(experiment, i)]
     if held:
         console.print(f"[yellow]farm[/]: {len(held)} models are being trained by other processes: {held[:10]}{' ...' if len(held) > 10 else ''}")
-    return FarmSummary(trained=trained, skipped_done=len(mine) - len(pending), held_elsewhere=held)
+    return trained

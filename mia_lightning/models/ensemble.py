@@ -2,10 +2,11 @@
 
 Layer l of model k is ``W[l][k]`` ([in, out]) and ``b[l][k]``; a forward pass over per-model
 batches x [K, B, d] is one ``torch.baddbmm`` per layer. Batched weights beat
-``torch.func.vmap(functional_call)`` here: the same bmm kernels without vmap's per-call tracing, and
-plain parameters that any torch optimiser updates. Adam, AdamW and SGD (with momentum and weight
-decay) act elementwise, so one optimiser over the stacked parameters is K independent optimisers;
-the loss is the sum of each model's mean cross-entropy, so each model gets its own gradient.
+``torch.func.vmap(functional_call)`` on CPU: the same bmm kernels without vmap's per-call batching
+rules (forward + backward of 64 MLPs [256], batch 64, on 2 cores: 3.7 ms against 5.6 ms), and plain
+parameters that any torch optimiser updates. Adam, AdamW and SGD (with momentum and weight decay)
+act elementwise, so one optimiser over the stacked parameters is K independent optimisers; the loss
+is the sum of each model's mean cross-entropy, so each model gets exactly its own gradient.
 """
 
 from __future__ import annotations
@@ -18,23 +19,27 @@ from torch import nn
 from mia_lightning.models.tabular_mlp import TabularMLP, make_optimizer
 
 
+def _linears(model: TabularMLP) -> list[nn.Linear]:
+    return [layer for layer in model.net if isinstance(layer, nn.Linear)]
+
+
 class VectorisedMLP(L.LightningModule):
     """An ensemble of K ``TabularMLP``s with identical architecture and hyper-parameters.
 
-    ``pool_features`` / ``pool_labels`` hold the whole audit pool; a training batch is an index
-    tensor [K, B] (model k's own minibatch of pool ids), a predict batch a tensor of pool ids [b].
+    ``pool_features`` / ``pool_labels`` hold the whole audit pool (buffers, so they move to the
+    module's device and batches are gathered there); a training batch is an index tensor [K, B]
+    (model k's own minibatch of pool ids), a predict batch a tensor of pool ids [b].
     """
 
     def __init__(self, models: list[TabularMLP], pool_features: torch.Tensor, pool_labels: torch.Tensor) -> None:
         super().__init__()
+        if any(dict(model.hparams) != dict(models[0].hparams) for model in models):
+            raise ValueError("VectorisedMLP stacks models with identical hyper-parameters only")
         self.hparams.update(models[0].hparams)
-        linears = [[m for m in model.net if isinstance(m, nn.Linear)] for model in models]
-        self.weights = nn.ParameterList(
-            nn.Parameter(torch.stack([layers[i].weight.detach().t() for layers in linears]).contiguous()) for i in range(len(linears[0]))
-        )
-        self.biases = nn.ParameterList(
-            nn.Parameter(torch.stack([layers[i].bias.detach() for layers in linears]).unsqueeze(1)) for i in range(len(linears[0]))
-        )
+        self.model_class = type(models[0])
+        layers = [_linears(model) for model in models]
+        self.weights = nn.ParameterList(nn.Parameter(torch.stack([m[i].weight.detach().t() for m in layers]).contiguous()) for i in range(len(layers[0])))
+        self.biases = nn.ParameterList(nn.Parameter(torch.stack([m[i].bias.detach() for m in layers]).unsqueeze(1)) for i in range(len(layers[0])))
         self.register_buffer("feature_mean", torch.stack([m.feature_mean for m in models]).unsqueeze(1))
         self.register_buffer("feature_std", torch.stack([m.feature_std for m in models]).unsqueeze(1))
         self.register_buffer("pool_features", pool_features.float(), persistent=False)
@@ -46,7 +51,7 @@ class VectorisedMLP(L.LightningModule):
         return self.weights[0].shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [K, B, d] raw features -> logits [K, B, C]."""
+        """x [K, B, d] raw features -> logits [K, B, C] (dropout masks are drawn per model and sample)."""
         h = (x - self.feature_mean) / self.feature_std
         last = len(self.weights) - 1
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
@@ -56,10 +61,10 @@ class VectorisedMLP(L.LightningModule):
         return h
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        index = batch.squeeze(0) if batch.dim() == 3 else batch
-        logits = self(self.pool_features[index])
-        per_sample = F.cross_entropy(logits.flatten(0, 1).float(), self.pool_labels[index].flatten(), reduction="none")
-        loss = per_sample.view(index.shape).mean(dim=1).sum()
+        """``batch`` [K, B] pool ids; loss = sum over models of each model's mean cross-entropy."""
+        logits = self(self.pool_features[batch])
+        per_sample = F.cross_entropy(logits.flatten(0, 1).float(), self.pool_labels[batch].flatten(), reduction="none")
+        loss = per_sample.view(batch.shape).mean(dim=1).sum()
         self.log("train_loss", loss / self.n_models, prog_bar=True)
         return loss
 
@@ -72,14 +77,23 @@ class VectorisedMLP(L.LightningModule):
         hp = self.hparams
         return make_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by norm per model (as ``Trainer(gradient_clip_val=...)`` clips each sequential model); by value is elementwise already."""
+        if not gradient_clip_val or gradient_clip_algorithm == "value":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]), dim=0)
+        scale = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
+        for grad in grads:
+            grad.mul_(scale.view(-1, *[1] * (grad.dim() - 1)))
+
     def unstack(self) -> list[TabularMLP]:
-        """K single ``TabularMLP``s carrying the trained weights (checkpoints identical in format to the sequential farm)."""
+        """K single models carrying the trained weights and scaling (checkpoints identical in format to the sequential farm)."""
         models = []
         for k in range(self.n_models):
-            model = TabularMLP(**self.hparams)
-            linears = [m for m in model.net if isinstance(m, nn.Linear)]
+            model = self.model_class(**self.hparams)
             with torch.no_grad():
-                for layer, weight, bias in zip(linears, self.weights, self.biases):
+                for layer, weight, bias in zip(_linears(model), self.weights, self.biases):
                     layer.weight.copy_(weight[k].t())
                     layer.bias.copy_(bias[k, 0])
                 model.feature_mean.copy_(self.feature_mean[k, 0])
