@@ -121,12 +121,28 @@ def _fit_cli(argv: list[str]) -> int:
     return 0
 
 
+TRAIN_USAGE = """usage: train.py {farm,export,fit,validate,test,predict} ...
+
+  farm      train every model of an experiment: plan, train (resumable, shardable), export logits
+            python train.py farm --config configs/tabular/digits_quickstart.yaml [--status] [--farm.shard i/n]
+  export    re-export every model's logits from its checkpoint
+            python train.py export --experiment checkpoints/<name>
+  fit, validate, test, predict
+            one model with the plain LightningCLI
+            python train.py fit --config configs/tabular/mlp_fit.yaml
+
+`python train.py <command> --help` lists a command's options."""
+
+
 @guarded
 def train_main(argv: list[str]) -> int:
     """``train.py farm|export|fit|validate|test|predict ...``."""
     commands = {"farm": _farm, "export": _export}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        console.print(TRAIN_USAGE, highlight=False)
+        return 0 if argv else 2
     return _fit_cli(argv)
 
 

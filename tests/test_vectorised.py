@@ -8,76 +8,95 @@ import torch
 
 from mia_lightning.data.plan import PlanSpec, make_lira_plan
 from mia_lightning.errors import MiaError
-from mia_lightning.farm.engine import ComponentSpec, FarmSetup, ModelJob, SequentialEngine, model_seed
+from mia_lightning.farm.engine import ComponentSpec, FarmSetup, ModelJob, SequentialEngine, TrainedModel, model_seed
 from mia_lightning.farm.vectorised import VectorisedEngine
 from mia_lightning.models.ensemble import VectorisedMLP
 
+N_DIGITS = 1797
 
-def make_setup(epochs: int = 3, batch_size: int = 32, **model_args) -> FarmSetup:
+
+def make_setup(epochs: int = 3, batch_size: int = 32, trainer: dict | None = None, **model_args) -> FarmSetup:
+    """A tiny recipe on digits: hidden [16], no dropout unless asked."""
     model = {"hidden": [16], "lr": 0.01, **model_args}
     return FarmSetup(
-        data=ComponentSpec("mia_lightning.data.tabular.TabularDataModule", {"source": "breast_cancer", "batch_size": batch_size}),
+        data=ComponentSpec("mia_lightning.data.tabular.TabularDataModule", {"source": "digits", "batch_size": batch_size}),
         model=ComponentSpec("mia_lightning.models.tabular_mlp.TabularMLP", model),
-        trainer={"max_epochs": epochs, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+        trainer={"max_epochs": epochs, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False, **(trainer or {})},
     )
 
 
 def make_jobs(n_models: int = 4) -> list[ModelJob]:
-    keep, _ = make_lira_plan(PlanSpec("breast_cancer", 569, n_models, seed=1))
+    keep, _ = make_lira_plan(PlanSpec("digits", N_DIGITS, n_models, seed=1))
     return [ModelJob(i, np.flatnonzero(keep[i]), model_seed(1, i)) for i in range(n_models)]
 
 
-def train_both(setup: FarmSetup, jobs: list[ModelJob]):
-    sequential = {r.index: r for r in SequentialEngine(setup).run(jobs)}
-    vectorised = {r.index: r for r in VectorisedEngine(setup, group_size=3).run(jobs)}
-    return sequential, vectorised
+def run(engine, jobs: list[ModelJob]) -> dict[int, TrainedModel]:
+    return {r.index: r for r in engine.run(jobs)}
 
 
-@pytest.mark.parametrize(
-    "batch_size,model_args",
-    [
-        (1024, {"optimizer": "adam"}),  # full batch
-        (32, {"optimizer": "adam", "weight_decay": 1e-3}),
-        (32, {"optimizer": "sgd", "lr": 0.05, "weight_decay": 1e-3}),
-        (32, {"optimizer": "adamw", "hidden": []}),  # linear heads
-        (32, {"optimizer": "adam", "hidden": [16, 8]}),
-    ],
-)
-def test_same_seeds_give_the_same_models(batch_size, model_args):
-    sequential, vectorised = train_both(make_setup(batch_size=batch_size, **model_args), make_jobs())
-    assert sorted(sequential) == sorted(vectorised) == [0, 1, 2, 3]
+def train_both(setup: FarmSetup, jobs: list[ModelJob]) -> tuple[dict[int, TrainedModel], dict[int, TrainedModel]]:
+    return run(SequentialEngine(setup), jobs), run(VectorisedEngine(setup, group_size=3), jobs)
+
+
+def assert_same_models(sequential: dict[int, TrainedModel], vectorised: dict[int, TrainedModel]) -> None:
+    assert sorted(sequential) == sorted(vectorised)
     for index in sequential:
         seq_state, vec_state = sequential[index].module.state_dict(), vectorised[index].module.state_dict()
         assert seq_state.keys() == vec_state.keys()
         for key in seq_state:
             torch.testing.assert_close(vec_state[key], seq_state[key], rtol=1e-5, atol=1e-5, msg=key)
+        assert vectorised[index].logits.shape == (N_DIGITS, 1, 10) and vectorised[index].logits.dtype == np.float32
         np.testing.assert_allclose(vectorised[index].logits, sequential[index].logits, rtol=1e-4, atol=1e-4)
-        assert vectorised[index].logits.shape == (569, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "epochs,batch_size,model_args",
+    [
+        (10, 4096, {"optimizer": "adam"}),  # full batch
+        (10, 4096, {"optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-3}),  # full batch
+        (3, 32, {"optimizer": "adam", "weight_decay": 1e-3}),
+        (3, 32, {"optimizer": "sgd", "lr": 0.05, "weight_decay": 1e-3}),
+        (3, 32, {"optimizer": "adamw", "hidden": []}),  # linear heads
+        (3, 32, {"optimizer": "adam", "hidden": [16, 8]}),
+    ],
+)
+def test_same_seeds_give_the_same_models(epochs, batch_size, model_args):
+    """Weights and pool logits of every model match the sequential Lightning farm (groups of 3 split 4 jobs)."""
+    assert_same_models(*train_both(make_setup(epochs, batch_size, **model_args), make_jobs()))
+
+
+def test_gradient_clipping_by_norm_is_per_model():
+    setup = make_setup(trainer={"gradient_clip_val": 0.05})
+    sequential, vectorised = train_both(setup, make_jobs(2))
+    assert_same_models(sequential, vectorised)
+    unclipped = run(VectorisedEngine(make_setup()), make_jobs(2))
+    assert not np.allclose(unclipped[0].logits, vectorised[0].logits, atol=1e-2)
+
+
+def test_max_steps_stops_both_farms_at_the_same_step():
+    assert_same_models(*train_both(make_setup(epochs=3, trainer={"max_steps": 40}), make_jobs(2)))
 
 
 def test_accuracy_distributions_match_with_dropout():
-    """With dropout the random streams differ; the models must still be statistically alike."""
-    setup = make_setup(epochs=15, batch_size=32, dropout=0.3)
-    sequential, vectorised = train_both(setup, make_jobs(6))
-    seq_acc = np.mean([r.metrics["val_acc"] for r in sequential.values()])
-    vec_acc = np.mean([r.metrics["val_acc"] for r in vectorised.values()])
-    assert seq_acc > 0.9 and abs(seq_acc - vec_acc) < 0.03, (seq_acc, vec_acc)
+    """With dropout the two farms draw different masks; their models must still be statistically alike."""
+    setup = make_setup(epochs=8, batch_size=64, hidden=[64], dropout=0.3)
+    sequential, vectorised = train_both(setup, make_jobs(8))
+    seq_acc = np.array([r.metrics["val_acc"] for r in sequential.values()])
+    vec_acc = np.array([r.metrics["val_acc"] for r in vectorised.values()])
+    assert seq_acc.mean() > 0.9 and abs(seq_acc.mean() - vec_acc.mean()) < 0.02, (seq_acc, vec_acc)
 
 
 def test_bf16_mixed_precision_trains_close_to_fp32():
-    setup = make_setup(batch_size=64)
-    jobs = make_jobs(2)
-    full = {r.index: r for r in VectorisedEngine(setup).run(jobs)}
-    half_setup = FarmSetup(setup.data, setup.model, {**setup.trainer, "precision": "bf16-mixed"})
-    half = {r.index: r for r in VectorisedEngine(half_setup).run(jobs)}
+    setup, jobs = make_setup(batch_size=64), make_jobs(2)
+    full = run(VectorisedEngine(setup), jobs)
+    half = run(VectorisedEngine(FarmSetup(setup.data, setup.model, {**setup.trainer, "precision": "bf16-mixed"})), jobs)
     for index in full:
-        assert half[index].logits.dtype == np.float32
+        assert half[index].logits.dtype == np.float32 and np.isfinite(half[index].logits).all()
         assert abs(half[index].metrics["val_acc"] - full[index].metrics["val_acc"]) < 0.05
 
 
 def test_unstack_round_trips_the_ensemble():
-    setup = make_setup()
-    jobs = make_jobs(3)
+    setup, jobs = make_setup(), make_jobs(3)
     datamodules = [setup.build_datamodule(job) for job in jobs]
     models = [setup.build_model(dm, job.seed) for dm, job in zip(datamodules, jobs)]
     for model, dm in zip(models, datamodules):
@@ -86,9 +105,12 @@ def test_unstack_round_trips_the_ensemble():
     ensemble = VectorisedMLP(models, torch.from_numpy(pool.features), torch.from_numpy(pool.labels)).eval()
     x = torch.from_numpy(pool.features[:10])
     stacked = ensemble(x.unsqueeze(0).expand(3, -1, -1))
+    predicted = ensemble.predict_step(torch.arange(10), 0)
+    assert predicted.shape == (3, 10, 1, 10)
     for k, single in enumerate(ensemble.unstack()):
         torch.testing.assert_close(single(x), stacked[k])
         torch.testing.assert_close(single(x), models[k].eval()(x))
+        torch.testing.assert_close(predicted[k, :, 0], stacked[k])
 
 
 def test_other_families_need_the_sequential_engine():
