@@ -67,12 +67,12 @@ def run_audit(
 ) -> list[dict]:
     """Score every requested attack, then write all results; returns the results.json records."""
     experiment = ExperimentDir(Path(experiment_dir))
+    created = [(family, create_attack(family, **(params or {}).get(family, {}))) for family in attacks]  # bad names fail first
     data = AttackData.from_experiment(experiment)
     target_ids = resolve_targets(data.n_models, targets, n_targets)
     members = data.keep[target_ids][:, data.audit_mask]
     outputs: list[tuple[dict, RocCurve, np.ndarray]] = []
-    for family in attacks:
-        attack = create_attack(family, **(params or {}).get(family, {}))
+    for family, attack in created:
         scored = score_targets(attack, data, target_ids)
         for name, scores in scored.items():
             audited = scores[:, data.audit_mask]
@@ -87,6 +87,6 @@ def run_audit(
         curves[record["attack"]] = curve
         save_npy_atomic(folder / "scores.npy", scores)
         save_json_atomic(folder / "results.json", record)
-        plot_roc({record["attack"]: curves[record["attack"]]}, folder / "roc.png", f"{record['attack']} ({experiment.root.name})")
+        plot_roc({record["attack"]: curve}, folder / "roc.png", f"{record['attack']} ({experiment.root.name})")
     plot_roc(curves, experiment.attacks_dir / "roc.png", f"membership inference on {experiment.root.name}")
     return [record for record, _, _ in outputs]

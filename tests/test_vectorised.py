@@ -79,7 +79,7 @@ def test_max_steps_stops_both_farms_at_the_same_step():
 
 def test_accuracy_distributions_match_with_dropout():
     """With dropout the two farms draw different masks; their models must still be statistically alike."""
-    setup = make_setup(epochs=8, batch_size=64, hidden=[64], dropout=0.3)
+    setup = make_setup(epochs=4, batch_size=128, hidden=[64], dropout=0.3)
     sequential, vectorised = train_both(setup, make_jobs(8))
     seq_acc = np.array([r.metrics["val_acc"] for r in sequential.values()])
     vec_acc = np.array([r.metrics["val_acc"] for r in vectorised.values()])
