@@ -11,7 +11,6 @@ from synthetic import synthetic_attack_data, write_synthetic_experiment
 
 from mia_lightning.analysis.few_shadow import CURVE_OUTPUTS, few_shadow_curve, run_few_shadow
 from mia_lightning.attacks import create_attack
-from mia_lightning.errors import MiaError
 from mia_lightning.metrics import membership_metrics
 
 OUTPUTS = [name for names in CURVE_OUTPUTS.values() for name in names]

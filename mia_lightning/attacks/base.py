@@ -121,9 +121,12 @@ class Attack(ABC):
     name: ClassVar[str]
     outputs: ClassVar[tuple[str, ...]]
     requires_logits: ClassVar[bool] = False
+    label: ClassVar[str | None] = None
+    """How warnings name the attack (defaults to ``name``)."""
 
     def __init__(self) -> None:
         self.data: AttackData | None = None
+        self._flagged: dict[str, set[int]] = {}
 
     def fit(self, data: AttackData) -> None:
         """Remember the data and precompute statistics shared by all targets."""
@@ -139,8 +142,16 @@ class Attack(ABC):
         """Parameters recorded in results.json (after ``fit``, including tuned ones)."""
         return {}
 
+    def flag_samples(self, flags: np.ndarray, reason: str) -> None:
+        """Remember the samples (last axis of ``flags``) for which ``reason`` held for some target."""
+        ids = np.flatnonzero(np.asarray(flags).reshape(-1, flags.shape[-1]).any(axis=0))
+        self._flagged.setdefault(reason, set()).update(ids.tolist())
+
     def report_warnings(self) -> None:
-        """Log, once after all targets are scored, what fell back or was left out (count of samples)."""
+        """Log, once after all targets are scored, how many samples fell back or were left out, per reason."""
+        for reason, ids in self._flagged.items():
+            if ids:
+                log.warning("%s: %d samples have %s", self.label or self.name, len(ids), reason)
 
 
 ATTACKS: dict[str, type[Attack]] = {}

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy.special import log_ndtr
 
-from mia_lightning.attacks.base import Attack, log, register_attack
+from mia_lightning.attacks.base import Attack, register_attack
 from mia_lightning.attacks.shadows import ShadowMoments
 
 _LOG_SQRT_2PI = 0.5 * np.log(2.0 * np.pi)
@@ -45,15 +45,12 @@ class LiRA(Attack):
     """LiRA online/offline x per-sample/fixed variance, plus the global threshold baseline."""
 
     name = "lira"
+    label = "LiRA"
     outputs = ("lira_online", "lira_online_fixed", "lira_offline", "lira_offline_fixed", "global_threshold")
 
     def __init__(self, n_shadows: int | None = None) -> None:
         super().__init__()
         self.n_shadows = n_shadows
-        self._few_in: set[int] = set()
-        self._few_out: set[int] = set()
-        self._no_in: set[int] = set()
-        self._no_out: set[int] = set()
 
     def fit(self, data) -> None:
         super().fit(data)
@@ -69,7 +66,10 @@ class LiRA(Attack):
         fixed_in, fixed_out = pooled_std_or_nan(pooled_in)[:, None, :], pooled_std_or_nan(pooled_out)[:, None, :]
         has_in, has_out = (n_in > 0)[..., None], (n_out > 0)[..., None]
         audited = self.data.audit_mask
-        self._track(fb_in & audited, fb_out & audited, (n_in == 0) & audited, (n_out == 0) & audited)
+        self.flag_samples(fb_in & audited, "fewer than 2 IN shadows (or zero spread) for some target: per-sample std replaced by the pooled std")
+        self.flag_samples(fb_out & audited, "fewer than 2 OUT shadows (or zero spread) for some target: per-sample std replaced by the pooled std")
+        self.flag_samples((n_in == 0) & audited, "no IN shadow for some target: no online score there, left out of the metrics")
+        self.flag_samples((n_out == 0) & audited, "no OUT shadow for some target: no online/offline score there, left out of the metrics")
 
         def masked_mean(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
             return np.where(valid, values, np.nan).mean(axis=-1)
@@ -86,21 +86,6 @@ class LiRA(Attack):
             "lira_offline_fixed": masked_mean(offline_fixed, has_out),
             "global_threshold": phi.mean(axis=-1),
         }
-
-    def _track(self, few_in, few_out, no_in, no_out) -> None:
-        for store, flags in ((self._few_in, few_in), (self._few_out, few_out), (self._no_in, no_in), (self._no_out, no_out)):
-            store.update(np.flatnonzero(flags.any(axis=0)).tolist())
-
-    def report_warnings(self) -> None:
-        """Log, once per run, how many samples used the pooled-std fallback or got no online/offline score."""
-        for count, text in (
-            (len(self._few_in), "fewer than 2 IN shadows (or zero spread) for some target: per-sample std replaced by the pooled std"),
-            (len(self._few_out), "fewer than 2 OUT shadows (or zero spread) for some target: per-sample std replaced by the pooled std"),
-            (len(self._no_in), "no IN shadow for some target: no online score there, left out of the metrics"),
-            (len(self._no_out), "no OUT shadow for some target: no online/offline score there, left out of the metrics"),
-        ):
-            if count:
-                log.warning("LiRA: %d samples have %s", count, text)
 
     def params(self) -> dict[str, Any]:
         return {"n_shadows": self.n_shadows}

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mia_lightning.attacks.base import Attack, AttackData, log, register_attack
+from mia_lightning.attacks.base import Attack, AttackData, register_attack
 from mia_lightning.attacks.shadows import left_out_model, shadow_pool
 from mia_lightning.attacks.thresholds import cross_entropy
 
@@ -29,13 +29,13 @@ class ReferenceAttack(Attack):
     """Per-sample percentile of the target's loss among OUT reference losses (exact, ties count half)."""
 
     name = "reference"
+    label = "attack R"
     outputs = ("reference_attack_r",)
     requires_logits = True
 
     def __init__(self, n_shadows: int | None = None) -> None:
         super().__init__()
         self.n_shadows = n_shadows
-        self._no_out: set[int] = set()
 
     def fit(self, data: AttackData) -> None:
         """Losses of every model on every sample, float64 [M, n]."""
@@ -54,18 +54,10 @@ class ReferenceAttack(Attack):
             above = np.count_nonzero(out & (references > target_loss), axis=0)
             tied = np.count_nonzero(out & (references == target_loss), axis=0)
             count = np.count_nonzero(out, axis=0)
-            self._no_out.update(np.flatnonzero(count == 0).tolist())
+            self.flag_samples(count == 0, "no OUT reference model for some target: no score there, left out of the metrics")
             with np.errstate(invalid="ignore", divide="ignore"):
                 scores[row] = np.where(count > 0, (above + 0.5 * tied) / count, np.nan)
         return {"reference_attack_r": scores}
-
-    def report_warnings(self) -> None:
-        """Log, once per run, how many samples had no OUT reference for some target."""
-        if self._no_out:
-            log.warning(
-                "attack R: %d samples have no OUT reference model for some target: no score there, left out of the metrics",
-                len(self._no_out),
-            )
 
     def params(self) -> dict[str, Any]:
         return {"n_shadows": self.n_shadows}

@@ -44,6 +44,7 @@ class RMIA(Attack):
     """RMIA online (all references) and offline (OUT references with the a-correction)."""
 
     name = "rmia"
+    label = "RMIA"
     outputs = ("rmia_online", "rmia_offline")
     requires_logits = True
 
@@ -58,7 +59,6 @@ class RMIA(Attack):
         self.a_tuned = a is None
         self.n_shadows = n_shadows
         self.tuning_auc: dict[str, float] = {}
-        self._no_out: set[int] = set()
 
     def fit(self, data: AttackData) -> None:
         """Sum p over the reference pool (all and OUT only) once, then tune a unless it was given."""
@@ -103,7 +103,7 @@ class RMIA(Attack):
 
     def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:
         online, mean_out = self.references(targets)
-        self._no_out.update(np.flatnonzero(np.isnan(mean_out).any(axis=0)).tolist())
+        self.flag_samples(np.isnan(mean_out), "no OUT reference model for some target: no offline score there, left out of the metrics")
         p_target = self.p[targets]
         return {
             "rmia_online": self.relative_scores(p_target / online, targets),
@@ -132,14 +132,6 @@ class RMIA(Attack):
                 best_a, best_auc = a, auc
         log.debug("RMIA: tuned a=%.1f (offline AUC %.4f on reference model 0)", best_a, best_auc)
         return best_a
-
-    def report_warnings(self) -> None:
-        """Log, once per run, how many samples got no offline score for some target."""
-        if self._no_out:
-            log.warning(
-                "RMIA: %d samples have no OUT reference model for some target: no offline score there, left out of the metrics",
-                len(self._no_out),
-            )
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"gamma": self.gamma, "a": self.a, "a_tuned": self.a_tuned, "n_shadows": self.n_shadows}
