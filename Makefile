@@ -18,15 +18,15 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) train.py farm --config configs/tabular/digits_quickstart.yaml
-	$(PY) attack.py --experiment checkpoints/digits_quickstart --attack all
-	$(PY) attack.py --experiment checkpoints/digits_quickstart --few_shadow --report
+	$(PY) attack.py --experiment checkpoints/digits_quickstart --attack all --few_shadow --report
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/farm_throughput.py
+	$(PY) benchmarks/farm_throughput.py --contention
 	$(PY) benchmarks/attack_scoring.py
+	$(PY) benchmarks/audit_scale.py
 
 clean:
 	rm -rf checkpoints/*/ lightning_logs

@@ -8,12 +8,21 @@ feature map and saved as a CSV. Reports models per minute, the ratio, and the ve
 achieved GFLOP/s (training FLOPs, forward + backward = 3 x 2 x multiply-adds per sample, over its
 whole wall time) against a measured float32 matmul peak. Training and prediction are timed; loading
 the pool and writing files are not (both farms share them).
+Case 3 (``--contention``): the quickstart farm as users run it, ``train.py farm`` in a fresh
+process, wall time measured side by side with and without a competing CPU load (another process
+keeping every core busy with matrix products), and with the runtime defaults of
+``mia_lightning/runtime.py`` (passive OpenMP waiting, heap reuse for large temporaries) switched on
+and off (``MIA_LIGHTNING_RUNTIME=0``).
 Last line: ``speedup: N.Nx`` (vectorised over sequential, case 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +34,8 @@ import yaml
 from mia_lightning.data.plan import PlanSpec, make_lira_plan
 from mia_lightning.data.streams import steps_per_epoch
 from mia_lightning.data.tabular import load_tabular
-from mia_lightning.farm.engine import ComponentSpec, FarmSetup, ModelJob, SequentialEngine, model_seed
+from mia_lightning.components import ComponentSpec
+from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, model_seed
 from mia_lightning.farm.vectorised import VectorisedEngine
 from mia_lightning.logs import configure_logging
 
@@ -61,7 +71,7 @@ def cached_features_csv(folder: Path, width: int = 512) -> str:
 
 
 def jobs_for(n_samples: int, n_models: int, seed: int = 0) -> list[ModelJob]:
-    keep, _ = make_lira_plan(PlanSpec("bench", n_samples, n_models, seed))
+    keep = make_lira_plan(PlanSpec("bench", n_samples, n_models, seed)).keep
     return [ModelJob(i, np.flatnonzero(keep[i]), model_seed(seed, i)) for i in range(n_models)]
 
 
@@ -86,13 +96,59 @@ def compare(name: str, setup: FarmSetup, n_models: int, n_sequential: int, group
     setup.build_datamodule(jobs[0])  # load (and cache) the pool before timing: neither farm pays for parsing it
     sequential_s = timed(SequentialEngine(setup), jobs[:n_sequential]) / n_sequential * n_models
     vectorised_s = timed(VectorisedEngine(setup, group_size=group_size), jobs)
-    gflops = training_flops(setup, jobs, n_features, n_classes) / vectorised_s / 1e9
+    fused = FarmSetup(setup.data, ComponentSpec(setup.model.class_path, {**setup.model.init_args, "fused_optimizer": True}), setup.trainer)
+    fused_s = timed(VectorisedEngine(fused, group_size=group_size), jobs)
+    flops = training_flops(setup, jobs, n_features, n_classes)
+    gflops, fused_gflops = flops / vectorised_s / 1e9, flops / fused_s / 1e9
     print(f"\n{name}")
     print(f"  sequential Lightning farm : {60 * n_models / sequential_s:8.1f} models/min  ({sequential_s:7.1f} s for {n_models}, extrapolated from {n_sequential} timed)")
     print(f"  vectorised farm           : {60 * n_models / vectorised_s:8.1f} models/min  ({vectorised_s:7.1f} s for {n_models}, groups of {group_size})")
     print(f"  vectorised achieved       : {gflops:8.1f} GFLOP/s = {100 * gflops / peak:.1f}% of the measured matmul peak")
+    print(f"  vectorised, fused optimiser: {60 * n_models / fused_s:7.1f} models/min, {fused_gflops:.1f} GFLOP/s = {100 * fused_gflops / peak:.1f}% "
+          "(model.init_args.fused_optimizer: true; not bit-identical to the sequential farm)")
     print(f"  ratio                     : {sequential_s / vectorised_s:8.1f}x")
     return sequential_s / vectorised_s
+
+
+def _burn(stop: "multiprocessing.synchronize.Event") -> None:
+    """A competing job: matrix products on every core until told to stop."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    a = torch.randn(512, 512)
+    while not stop.is_set():
+        a = torch.tanh(a @ a)
+
+
+def timed_farm(root: Path, runtime: bool, contention: bool, models: int) -> float:
+    """Wall seconds of ``train.py farm`` on the quickstart recipe in a fresh process (plan, train, export, write)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "OMP_WAIT_POLICY"))}
+    env["MIA_LIGHTNING_RUNTIME"] = "1" if runtime else "0"
+    name = f"farm_{'runtime' if runtime else 'plain'}_{'busy' if contention else 'idle'}"
+    command = [sys.executable, str(ROOT / "train.py"), "farm", "--config", str(ROOT / "configs/tabular/digits_quickstart.yaml"),
+               "--experiment.root", str(root), "--experiment.name", name, "--plan.n_models", str(models), "--trainer.enable_progress_bar", "false"]
+    context = multiprocessing.get_context("spawn")  # never fork after torch's OpenMP is up
+    stop = context.Event()
+    burner = context.Process(target=_burn, args=(stop,), daemon=True) if contention else None
+    if burner:
+        burner.start()
+        time.sleep(1.0)
+    try:
+        start = time.perf_counter()
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        return time.perf_counter() - start
+    finally:
+        if burner:
+            stop.set()
+            burner.join()
+
+
+def contention_case(models: int) -> None:
+    """Case 3: train.py farm with and without a competing load, runtime defaults on and off."""
+    print(f"\ncase 3: `train.py farm` on the quickstart recipe ({models} models), fresh process, wall time including start-up")
+    with tempfile.TemporaryDirectory() as folder:
+        results = {(runtime, busy): timed_farm(Path(folder), runtime, busy, models) for busy in (False, True) for runtime in (True, False)}
+    for busy in (False, True):
+        on, off = results[(True, busy)], results[(False, busy)]
+        print(f"  {'with a competing load' if busy else 'idle machine         '}: runtime defaults {on:6.1f} s, without {off:6.1f} s  (ratio {off / on:4.2f}x)")
 
 
 def main() -> None:
@@ -103,6 +159,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's max_epochs")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--contention", action="store_true", help="also case 3: train.py farm with and without a competing CPU load")
     args = parser.parse_args()
     configure_logging()
     torch.manual_seed(0)
@@ -127,6 +184,8 @@ def main() -> None:
         )
         compare(f"case 2: {args.heads} linear heads on cached 512-d features of digits, {trainer['max_epochs']} epochs",
                 heads, args.heads, args.sequential_models, args.heads, peak, 1797, 512, 10)
+    if args.contention:
+        contention_case(args.models)
     print(f"\nspeedup: {speedup:.1f}x")
 
 

@@ -1,31 +1,38 @@
-"""Stage 4: run attacks on an experiment directory and write ``attacks/<name>/{results.json,scores.npy,roc.png}``.
+"""Stage 4: run attacks on an experiment directory as one run (see ``runs.py``) and return its results.json records.
 
-Everything is validated and scored before anything is written, so bad input never clobbers
-earlier results.
+Names and parameters are checked and the experiment is validated before anything is written; each
+attack output is scored, measured and written into the staged run one at a time (so memory holds
+one output's scores, not all of them), and the run is published only when every step succeeded.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from mia_lightning.attacks import AttackData, create_attack
+from mia_lightning import __version__
+from mia_lightning.attacks import ATTACKS, AttackData, create_attack
+from mia_lightning.attacks.base import check_params
 from mia_lightning.attacks.module import score_targets
 from mia_lightning.errors import MiaError
 from mia_lightning.experiment import ExperimentDir
 from mia_lightning.io import save_json_atomic, save_npy_atomic
-from mia_lightning.metrics import RocCurve, evaluate_scores
-from mia_lightning.privacy.epsilon import empirical_epsilon
+from mia_lightning.logs import timed
+from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, evaluate_scores
+from mia_lightning.privacy.audit import EpsilonAuditor
 from mia_lightning.report import plot_roc
+from mia_lightning.runs import StagedRun, prune_runs
 
 log = logging.getLogger("mia_lightning")
 
 
-def resolve_targets(n_models: int, targets: Sequence[int] | None, n_targets: int | None) -> np.ndarray:
-    """Target model ids: explicit ``targets``, else the first ``n_targets``, else every model."""
+def resolve_targets(n_models: int, targets: Sequence[int] | None, n_targets: int | None, default: Sequence[int] | None = None) -> np.ndarray:
+    """Target model ids: explicit ``targets``, else the first ``n_targets``, else the plan's targets, else every model."""
     if targets:
         ids = np.asarray(targets, dtype=np.int64)
         bad = ids[(ids < 0) | (ids >= n_models)]
@@ -34,28 +41,103 @@ def resolve_targets(n_models: int, targets: Sequence[int] | None, n_targets: int
         if len(set(ids.tolist())) != ids.size:
             raise MiaError("--targets: each target id may appear once")
         return ids
+    if n_targets is None and default:
+        return np.asarray(default, dtype=np.int64)
     count = n_models if n_targets is None else n_targets
     if not 1 <= count <= n_models:
         raise MiaError(f"--n_targets {count}: must be between 1 and the number of models ({n_models})")
     return np.arange(count, dtype=np.int64)
 
 
-def result_record(name: str, family: str, params: dict, targets: np.ndarray, scores: np.ndarray, members: np.ndarray) -> tuple[dict, RocCurve]:
-    """The results.json payload of one attack output (schema in DESIGN.md / README) and its ROC curve."""
+def resolve_attacks(attacks: Sequence[str], params: Any) -> tuple[list[str], dict[str, dict]]:
+    """Attack families to run (``all`` = every registered one) and their checked parameters; typos are errors."""
+    names = sorted(ATTACKS) if list(attacks) == ["all"] else list(dict.fromkeys(attacks))
+    unknown = [name for name in names if name not in ATTACKS]
+    if unknown:
+        raise MiaError(f"--attack {unknown[0]!r}: unknown attack; available: {', '.join(sorted(ATTACKS))}, or all")
+    if not isinstance(params, dict):
+        raise MiaError(f"--params: expected a JSON object keyed by attack, e.g. '{{\"lira\": {{\"n_shadows\": 8}}}}', got {params!r}")
+    stray = [key for key in params if key not in names]
+    if stray:
+        raise MiaError(f"--params {stray[0]!r}: not an attack of this run ({', '.join(names)}); check the spelling")
+    return names, {name: check_params(name, params.get(name, {})) for name in names}
+
+
+def result_record(name: str, family: str, params: dict, targets: np.ndarray, scores: np.ndarray, members: np.ndarray, bootstrap: int) -> tuple[dict, RocCurve]:
+    """The results.json payload of one attack output (pairs outside the audit are NaN in ``scores``) and its ROC curve."""
     n_missing = int(np.isnan(scores).sum())
-    if n_missing:
-        log.warning("%s: %d (target, sample) pairs have no score and are left out of the metrics", name, n_missing)
-    metrics, curve = evaluate_scores(scores, members)
-    record = {
-        "attack": name,
-        "family": family,
-        "params": params,
-        "targets": targets.tolist(),
-        "n_unscored": n_missing,
-        **metrics,
-        "empirical_epsilon": empirical_epsilon(scores, members),
-    }
+    metrics, curve = evaluate_scores(scores, members, bootstrap=bootstrap)
+    record = {"attack": name, "family": family, "params": params, "targets": targets.tolist(), "n_unscored": n_missing, **metrics}
     return record, curve
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """How thresholded decisions are reported: user-level aggregation and the population FPR budget."""
+
+    user_reduce: str = "mean"
+    fpr_budget: float = 0.1
+    threshold_rule: str = "budget"
+
+    def __post_init__(self) -> None:
+        from mia_lightning.grouping import REDUCTIONS, THRESHOLD_RULES
+
+        if self.user_reduce not in REDUCTIONS:
+            raise MiaError(f"--user_reduce {self.user_reduce!r}: choose one of {', '.join(REDUCTIONS)}")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise MiaError(f"--threshold_rule {self.threshold_rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")
+        if not 0.0 <= self.fpr_budget < 1.0:
+            raise MiaError(f"--fpr_budget {self.fpr_budget}: must be in [0, 1)")
+
+
+def decision_metrics(scores: np.ndarray, audited: np.ndarray, members: np.ndarray, data: AttackData, targets: np.ndarray, bootstrap: int,
+                     decisions: Decisions) -> dict:
+    """User-level metrics (when ``groups.npy`` exists) and precision/recall at a population-chosen threshold (when a population exists).
+
+    ``scores`` are the run's [T, n] scores and ``audited`` its audited pairs; the population (samples
+    or users no model trained on) fixes each target's threshold so that at most ``fpr_budget`` of it is flagged.
+    User-level metrics need every user's samples to share their membership (a user-grouped plan);
+    otherwise they are skipped with the reason.
+    """
+    from mia_lightning.grouping import precision_recall_at_fpr, user_level
+
+    def at_budget(scores: np.ndarray, members: np.ndarray, population: np.ndarray) -> dict:
+        try:
+            return precision_recall_at_fpr(scores, members, population, decisions.fpr_budget, decisions.threshold_rule)
+        except MiaError as err:  # e.g. online LiRA cannot score samples no model trained on
+            return {"skipped": str(err)}
+
+    extra: dict = {}
+    in_population = ~data.audit_mask
+    audited_scores = np.where(audited, scores, np.nan)
+    if in_population.any():
+        extra["precision_recall"] = at_budget(audited_scores, members, scores[:, in_population])
+    if data.groups is None:
+        return extra
+    try:
+        user_scores, user_members, users = user_level(audited_scores, members, data.groups, decisions.user_reduce, targets)
+    except MiaError as err:
+        extra["user_level"] = {"skipped": str(err)}
+        return extra
+    metrics, _ = evaluate_scores(user_scores, user_members, bootstrap=bootstrap)
+    level = {"reduce": decisions.user_reduce, "n_users": int(np.isfinite(user_scores).any(axis=0).sum()), **metrics}
+    if in_population.any():
+        population_scores = user_level(np.where(in_population, scores, np.nan), members, data.groups, decisions.user_reduce, targets)[0]
+        population_users = np.isfinite(population_scores).any(axis=0) & ~np.isfinite(user_scores).any(axis=0)
+        if population_users.any():
+            level["precision_recall"] = at_budget(user_scores, user_members, population_scores[:, population_users])
+    extra["user_level"] = level
+    return extra
+
+
+@dataclass
+class AuditResult:
+    """What one attack run produced: its records (results.json payloads), folder and the attacks it skipped."""
+
+    records: list[dict]
+    folder: Path
+    run_id: str
+    skipped: list[dict] = field(default_factory=list)
 
 
 def run_audit(
@@ -64,29 +146,81 @@ def run_audit(
     targets: Sequence[int] | None = None,
     n_targets: int | None = None,
     params: dict[str, dict[str, Any]] | None = None,
-) -> list[dict]:
-    """Score every requested attack, then write all results; returns the results.json records."""
+    bootstrap: int = BOOTSTRAP_REPLICATES,
+    few_shadow: bool = False,
+    keep_runs: int | None = None,
+    decisions: Decisions = Decisions(),
+) -> AuditResult:
+    """Score every requested attack and publish the outputs as one run; returns the records.
+
+    With several attacks, one that cannot run on this experiment (e.g. it needs logits, or more
+    models) is skipped with its reason; the run fails only when nothing could be scored.
+    """
     experiment = ExperimentDir(Path(experiment_dir))
-    created = [(family, create_attack(family, **(params or {}).get(family, {}))) for family in attacks]  # bad names fail first
-    data = AttackData.from_experiment(experiment)
-    target_ids = resolve_targets(data.n_models, targets, n_targets)
-    members = data.keep[target_ids][:, data.audit_mask]
-    outputs: list[tuple[dict, RocCurve, np.ndarray]] = []
+    names, checked = resolve_attacks(attacks, params or {})
+    created = [(family, create_attack(family, **checked[family])) for family in names]
+    with timed("load and validate outputs"):
+        data = AttackData.from_experiment(experiment)
+    target_ids = resolve_targets(data.n_models, targets, n_targets, experiment.default_targets())
+    members = data.keep[target_ids]
+    audited = data.audit_pairs(target_ids)
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    runnable, skipped = [], []
     for family, attack in created:
-        scored = score_targets(attack, data, target_ids)
-        for name, scores in scored.items():
-            audited = scores[:, data.audit_mask]
+        problem = attack.unmet_requirement(data)
+        if problem:
+            skipped.append({"attack": family, "reason": problem})
+        else:
+            runnable.append((family, attack))
+    if not runnable:
+        raise MiaError(f"{experiment.root}: no requested attack can run: " + "; ".join(f"{s['attack']} {s['reason']}" for s in skipped))
+    stage = StagedRun(experiment)
+    run_meta = {"started": started, "targets": target_ids.tolist(), "attacks": names, "params": checked, "version": __version__,
+                "decisions": vars(decisions)}
+    try:
+        records, curves = [], {}
+        epsilon = EpsilonAuditor(data, experiment.plan.get("kind"))
+        for family, attack in runnable:
             try:
-                record, curve = result_record(name, family, attack.params(), target_ids, audited, members)
-            except ValueError as err:
-                raise MiaError(f"{experiment.root}: attack {name}: {err}; choose targets with both members and non-members") from None
-            outputs.append((record, curve, scores))
-    curves = {}
-    for record, curve, scores in outputs:
-        folder = experiment.attack_dir(record["attack"])
-        curves[record["attack"]] = curve
-        save_npy_atomic(folder / "scores.npy", scores)
-        save_json_atomic(folder / "results.json", record)
-        plot_roc({record["attack"]: curve}, folder / "roc.png", f"{record['attack']} ({experiment.root.name})")
-    plot_roc(curves, experiment.attacks_dir / "roc.png", f"membership inference on {experiment.root.name}")
-    return [record for record, _, _ in outputs]
+                with timed(f"score {family}"):
+                    scored = score_targets(attack, data, target_ids)
+            except MiaError as err:
+                if len(runnable) == 1:
+                    raise
+                skipped.append({"attack": family, "reason": str(err)})
+                continue
+            for name in list(scored):
+                scores = scored.pop(name)  # one output's scores in memory at a time
+                pair_scores = scores if audited.all() else np.where(audited, scores, np.nan)
+                try:
+                    with timed(f"metrics {name}"):
+                        record, curve = result_record(name, family, attack.params(), target_ids, pair_scores, members, bootstrap)
+                except ValueError as err:
+                    raise MiaError(f"{experiment.root}: attack {name}: {err}; choose targets with both members and non-members") from None
+                with timed(f"epsilon {name}"):
+                    record["empirical_epsilon"] = epsilon.bound(family, checked[family], name, pair_scores, members)
+                record |= decision_metrics(scores, audited, members, data, target_ids, bootstrap, decisions)
+                record["run"] = {"id": stage.run_id, "time": started, **{k: run_meta[k] for k in ("targets", "attacks", "params", "version")}}
+                with timed(f"write and plot {name}"):
+                    save_npy_atomic(stage.path(name, "scores.npy"), scores)
+                    save_json_atomic(stage.path(name, "results.json"), record)
+                    plot_roc({name: curve}, stage.path(name, "roc.png"), f"{name} ({experiment.root.name})")
+                records.append(record)
+                curves[name] = curve
+        if not records:
+            raise MiaError(f"{experiment.root}: no attack could score: " + "; ".join(f"{s['attack']}: {s['reason']}" for s in skipped))
+        plot_roc(curves, stage.path("roc.png"), f"membership inference on {experiment.root.name}")
+        if few_shadow:
+            from mia_lightning.analysis.few_shadow import write_few_shadow
+
+            write_few_shadow(data, target_ids, stage.path("few_shadow"), experiment.root.name)
+        run_meta |= {"outputs": [record["attack"] for record in records], "skipped": skipped,
+                     "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        folder = stage.publish(run_meta)
+    except BaseException:
+        stage.discard()
+        raise
+    if keep_runs:
+        prune_runs(experiment, keep_runs)
+    return AuditResult(records, folder, stage.run_id, skipped)
+

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from jsonargparse import ArgumentParser
 from rich.console import Console
+from rich.text import Text
 
 from mia_lightning.errors import MiaError
 from mia_lightning.logs import configure_logging
@@ -29,24 +31,33 @@ def parse(parser: ArgumentParser, argv: list[str]):
         raise MiaError(f"{parser.prog}: {detail} (see `{parser.prog} --help`)") from None
 
 
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, the message printed verbatim (no rich markup: ``[n, Q, C]`` stays)."""
+    Console(stderr=True).print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
+
+
 def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
-    """Turn ``MiaError`` into ``error: <message>`` on stderr and exit code 2 (no traceback)."""
+    """Turn ``MiaError`` (and OS errors such as a read-only folder) into one ``error:`` line and exit code 2, no traceback."""
 
     def wrapper(argv: list[str] | None = None) -> int:
         configure_logging()
         try:
             return main(list(sys.argv[1:] if argv is None else argv))
         except MiaError as err:
-            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            print_error(str(err))
+            return 2
+        except OSError as err:  # permission denied, disk full, ...: name the file, keep what was written
+            where = err.filename or "a file"
+            print_error(f"{where}: {err.strerror or err}; fix the permissions or free space and re-run (finished work is kept)")
             return 2
         except KeyboardInterrupt:
-            Console(stderr=True).print("[yellow]interrupted[/]: finished models are kept; re-run the same command to resume")
+            Console(stderr=True).print(Text("interrupted", style="yellow") + Text(": finished models and results are kept; re-run the same command to resume"), soft_wrap=True)
             return 130
 
     return wrapper
 
 
-def _farm(argv: list[str]) -> int:
+def farm_main(argv: list[str]) -> int:
     import os
 
     from mia_lightning.farm.config import farm_parser, recipe_from_namespace
@@ -89,14 +100,17 @@ def _farm(argv: list[str]) -> int:
     return 0
 
 
-def _export(argv: list[str]) -> int:
+def export_main(argv: list[str]) -> int:
     from mia_lightning.experiment import ExperimentDir
     from mia_lightning.farm.export import export_experiment
 
+    from mia_lightning.components import TRUSTED_MODULES
+
     parser = ArgumentParser(prog="train.py export", description="Re-export every model's logits from its checkpoint.")
     parser.add_argument("--experiment", type=Path, required=True, help="experiment directory")
+    parser.add_argument("--trust", type=str, nargs="+", default=[], help="extra packages whose classes the experiment's checkpoints/config may name")
     cfg = parse(parser, argv)
-    export_experiment(ExperimentDir(cfg.experiment), console)
+    export_experiment(ExperimentDir(cfg.experiment), console, trusted=(*TRUSTED_MODULES, *cfg.trust))
     return 0
 
 
@@ -121,49 +135,72 @@ def _fit_cli(argv: list[str]) -> int:
     return 0
 
 
-TRAIN_USAGE = """usage: train.py {farm,export,fit,validate,test,predict} ...
+TRAIN_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "farm": ("mia_lightning.cli:farm_main", "train every model of an experiment: plan, train (resumable, shardable), export outputs",
+             "python train.py farm --config configs/tabular/digits_quickstart.yaml [--status] [--farm.shard i/n]"),
+    "export": ("mia_lightning.cli:export_main", "re-export every model's outputs from its checkpoint",
+               "python train.py export --experiment checkpoints/<name> [--trust mypackage]"),
+    "study": ("mia_lightning.study:main", "a sweep of experiments (one per setting) with a fitted analysis",
+              "python train.py study --config configs/<workload>/<study>.yaml [--status]"),
+    "unlearning-report": ("mia_lightning.unlearning.report:main", "unlearning tables of the latest attack run: attack vs classic baselines, DegCount/DegRate, U-LiRA, privleak",
+                          "python train.py unlearning-report --experiment checkpoints/unlearning_scratch_single"),
+    "import-scores": ("mia_lightning.importers:main", "import per-sample scores computed elsewhere (e.g. the MLM paper's published losses) as an experiment",
+                      "python train.py import-scores mlm_mia --nonmembers out_samples --experiment checkpoints/mlm_mia_out"),
+}
+"""``train.py <command>`` -> (``module:function`` taking argv, what it does, example); fit/validate/test/predict go to the LightningCLI."""
 
-  farm      train every model of an experiment: plan, train (resumable, shardable), export logits
-            python train.py farm --config configs/tabular/digits_quickstart.yaml [--status] [--farm.shard i/n]
-  export    re-export every model's logits from its checkpoint
-            python train.py export --experiment checkpoints/<name>
-  fit, validate, test, predict
-            one model with the plain LightningCLI
-            python train.py fit --config configs/tabular/mlp_fit.yaml
 
-`python train.py <command> --help` lists a command's options."""
+def train_usage() -> str:
+    lines = ["usage: train.py {" + ",".join([*TRAIN_COMMANDS, "fit", "validate", "test", "predict"]) + "} ...", ""]
+    for name, (_, what, example) in TRAIN_COMMANDS.items():
+        lines += [f"  {name:<9} {what}", f"            {example}"]
+    lines += [
+        "  fit, validate, test, predict",
+        "            one model with the plain LightningCLI",
+        "            python train.py fit --config configs/tabular/mlp_fit.yaml",
+        "",
+        "`python train.py <command> --help` lists a command's options.",
+    ]
+    return "\n".join(lines)
 
 
 @guarded
 def train_main(argv: list[str]) -> int:
-    """``train.py farm|export|fit|validate|test|predict ...``."""
-    commands = {"farm": _farm, "export": _export}
-    if argv and argv[0] in commands:
-        return commands[argv[0]](argv[1:])
+    """``train.py <command> ...`` (see ``TRAIN_COMMANDS``) or the LightningCLI's fit / validate / test / predict."""
+    if argv and argv[0] in TRAIN_COMMANDS:
+        module, _, function = TRAIN_COMMANDS[argv[0]][0].partition(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
-        console.print(TRAIN_USAGE, highlight=False)
+        console.print(train_usage(), highlight=False, markup=False)
         return 0 if argv else 2
     return _fit_cli(argv)
 
 
-def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None, n_targets: int | None, params: dict) -> int:
-    from mia_lightning.attacks import ATTACKS
-    from mia_lightning.audit import run_audit
+def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None, n_targets: int | None, params: dict,
+                 bootstrap: int | None = None, few_shadow: bool = False, keep_runs: int | None = None, decisions: Any = None) -> int:
+    from mia_lightning.audit import Decisions, run_audit
+    from mia_lightning.metrics import BOOTSTRAP_REPLICATES
     from mia_lightning.report import print_results
 
-    names = sorted(ATTACKS) if attacks == ["all"] else attacks
-    records = run_audit(experiment, names, targets=targets, n_targets=n_targets, params=params)
-    print_results(records, f"membership inference audit of {experiment} ({len(records[0]['targets'])} targets)", console)
-    console.print(f"results: {experiment / 'attacks'}/<attack>/results.json, ROC: {experiment / 'attacks' / 'roc.png'}")
+    result = run_audit(experiment, attacks, targets=targets, n_targets=n_targets, params=params,
+                       bootstrap=BOOTSTRAP_REPLICATES if bootstrap is None else bootstrap, few_shadow=few_shadow, keep_runs=keep_runs,
+                       decisions=decisions or Decisions())
+    records = result.records
+    print_results(records, f"membership inference audit of {experiment} ({len(records[0]['targets'])} targets, run {result.run_id})", console)
+    for skipped in result.skipped:
+        console.print(Text(f"skipped {skipped['attack']}: {skipped['reason']}", style="yellow"))
+    if few_shadow:
+        _print_few_shadow(result.folder / "few_shadow" / "few_shadow.json", experiment)
+    console.print(f"results: {experiment / 'attacks'}/<attack>/results.json (run {result.run_id}), ROC: {experiment / 'attacks' / 'roc.png'}")
     return 0
 
 
-def _run_few_shadow(experiment: Path, targets: list[int] | None, n_targets: int | None) -> None:
+def _print_few_shadow(path: Path, experiment: Path) -> None:
     from rich.table import Table
 
-    from mia_lightning.analysis.few_shadow import run_few_shadow
+    from mia_lightning.io import load_json
 
-    rows = run_few_shadow(experiment, targets=targets, n_targets=n_targets)
+    rows = load_json(path)["rows"]
     table = Table(title=f"few-shadow regime on {experiment}: TPR@0.1%FPR (%) / TPR@1%FPR (%) / AUC", title_justify="left")
     names = list(dict.fromkeys(row["attack"] for row in rows))
     table.add_column("shadows", justify="right", style="bold")
@@ -186,21 +223,27 @@ def attack_main(argv: list[str]) -> int:
 
     from mia_lightning.attacks import ATTACKS
 
-    parser = ArgumentParser(prog="attack.py", description="Run membership inference attacks on an experiment directory.")
+    parser = ArgumentParser(prog="attack.py", description="Run membership inference attacks on an experiment directory (one run per call).")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--experiment", type=Path, required=True, help="experiment directory (keep.npy, labels.npy, models/*/logits.npy)")
     parser.add_argument("--attack", type=str, nargs="+", default=None, help=f"one or more of: {', '.join(sorted(ATTACKS))}, or all (default: lira)")
     parser.add_argument("--targets", type=int, nargs="+", default=None, help="target model ids (leave-one-out)")
-    parser.add_argument("--n_targets", type=int | None, default=None, help="use models 0..K-1 as targets (default: all)")
-    parser.add_argument("--params", type=dict, default={}, help='per-attack parameters, e.g. \'{"lira": {"n_shadows": 8}}\'')
-    parser.add_argument("--few_shadow", action="store_true", help="LiRA and RMIA with 1, 2, 4, ..., 64 shadow models: table and plot")
-    parser.add_argument("--report", action="store_true", help="write <experiment>/report.md from the attack results")
+    parser.add_argument("--n_targets", type=int | None, default=None, help="use models 0..K-1 as targets (default: the plan's targets, else all)")
+    parser.add_argument("--params", type=Any, default={}, help='per-attack parameters, e.g. \'{"lira": {"n_shadows": 8}}\'')
+    parser.add_argument("--bootstrap", type=int | None, default=None, help="replicates of the two-way bootstrap interval (0: off; default 100)")
+    parser.add_argument("--few_shadow", action="store_true", help="also LiRA and RMIA with 1, 2, 4, ..., 64 shadow models: table and plot, in this run")
+    parser.add_argument("--report", action="store_true", help="write <experiment>/report.md from the latest run")
+    parser.add_argument("--keep_runs", type=int | None, default=None, help="after this run, keep only the K newest runs under attacks/runs/")
+    parser.add_argument("--user_reduce", type=str, default="mean", help="user-level score from a user's sample scores (groups.npy): mean, median, max, min")
+    parser.add_argument("--fpr_budget", type=float, default=0.1, help="precision/recall at the threshold flagging this fraction of the population")
+    parser.add_argument("--threshold_rule", type=str, default="budget", help="budget (exact FPR budget) or paper (Mireshghallah et al.'s index)")
     cfg = parse(parser, argv)
-    attacks = cfg.attack or ([] if cfg.few_shadow or cfg.report else ["lira"])
+    from mia_lightning.audit import Decisions
+
+    decisions = Decisions(cfg.user_reduce, cfg.fpr_budget, cfg.threshold_rule)
+    attacks = cfg.attack or ([] if cfg.report and not cfg.few_shadow else ["lira"])
     if attacks:
-        _run_attacks(cfg.experiment, list(attacks), cfg.targets, cfg.n_targets, cfg.params)
-    if cfg.few_shadow:
-        _run_few_shadow(cfg.experiment, cfg.targets, cfg.n_targets)
+        _run_attacks(cfg.experiment, list(attacks), cfg.targets, cfg.n_targets, cfg.params, cfg.bootstrap, cfg.few_shadow, cfg.keep_runs, decisions)
     if cfg.report:
         from mia_lightning.report_markdown import write_markdown_report
 

@@ -17,12 +17,15 @@ import numpy as np
 
 from mia_lightning.errors import MiaError
 from mia_lightning.io import load_json, load_npy
+from mia_lightning.model_outputs import LOGITS_FILE, SIGNAL_FILE, ModelOutputs, check_outputs_file
 
-FORMAT_VERSION = 1
-"""Version of the directory layout written into ``plan.json``; attacks refuse other versions."""
+FORMAT_VERSION = 2
+"""Version of the directory layout written into ``plan.json`` (2: recipe identity with trainer and
+data hash, attack runs under ``attacks/runs/``, optional ``groups.npy`` / ``audit.npy``)."""
 
-LOGITS_FILE = "logits.npy"
-SIGNAL_FILE = "signal.npy"
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
+"""Layouts the attack and export stages read (version 1 differs only in files they do not use)."""
+
 
 
 def model_dirname(index: int) -> str:
@@ -57,6 +60,19 @@ class ExperimentDir:
         return self.root / "population.npy"
 
     @property
+    def groups_path(self) -> Path:
+        return self.root / "groups.npy"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.root / "audit.npy"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Inputs shared by all models of the experiment, computed once (e.g. backbone features)."""
+        return self.root / "cache"
+
+    @property
     def models_dir(self) -> Path:
         return self.root / "models"
 
@@ -85,16 +101,16 @@ class ExperimentDir:
             return
         plan = load_json(self.plan_path)
         version = plan.get("version") if isinstance(plan, dict) else None
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise MiaError(
-                f"{self.plan_path}: experiment layout version {version!r}, this mia-lightning reads version "
-                f"{FORMAT_VERSION}; re-export it with a matching version or re-run the farm in a new directory"
+                f"{self.plan_path}: experiment layout version {version!r}, this mia-lightning reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; re-export it with a matching version or re-run the farm in a new directory"
             )
 
     @cached_property
     def keep(self) -> np.ndarray:
         """bool [n_models, n_samples] membership matrix."""
-        keep = load_npy(self.keep_path, "membership matrix", "re-run `python train.py plan` or export keep.npy as bool [n_models, n_samples]")
+        keep = load_npy(self.keep_path, "membership matrix", "re-run `python train.py farm --config <recipe>` (it writes the plan first) or export keep.npy as bool [n_models, n_samples]")
         if keep.ndim != 2 or keep.shape[0] < 1:
             raise MiaError(f"{self.keep_path}: expected a 2-D bool array [n_models, n_samples], got shape {keep.shape}")
         if keep.dtype != np.bool_:
@@ -131,43 +147,70 @@ class ExperimentDir:
             raise MiaError(f"{self.population_path}: some population samples are in a model's training set (keep.npy)")
         return ids.astype(np.int64)
 
-    def load_model_outputs(self, kind: str) -> np.ndarray:
-        """Stack every model's exported outputs: ``kind='logits'`` -> float32 [M, n, Q, C]; ``'signal'`` -> [M, n, Q].
+    @cached_property
+    def groups(self) -> np.ndarray | None:
+        """Optional int64 [n_samples] user (author, patient) id of each sample: user-level metrics group by it."""
+        if not self.groups_path.is_file():
+            return None
+        groups = load_npy(self.groups_path, "user ids", "delete it or save int64 [n_samples] user ids")
+        n = self.keep.shape[1]
+        if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer):
+            raise MiaError(f"{self.groups_path}: expected int64 [{n}] user ids, got shape {groups.shape} dtype {groups.dtype}")
+        return groups.astype(np.int64)
 
-        ``signal.npy`` holds a per-sample scalar confidence (higher = more member-like, e.g. a
-        negative MLM loss) for model families whose outputs are not class logits.
+    @cached_property
+    def audit(self) -> np.ndarray | None:
+        """Optional bool [n_models, n_samples]: which samples count in the metrics when model m is the target."""
+        if not self.audit_path.is_file():
+            return None
+        audit = load_npy(self.audit_path, "audit matrix", "delete it or save bool [n_models, n_samples]")
+        if audit.shape != self.keep.shape or audit.dtype != np.bool_:
+            raise MiaError(f"{self.audit_path}: expected bool {self.keep.shape}, got shape {audit.shape} dtype {audit.dtype}")
+        return audit
+
+    @cached_property
+    def plan(self) -> dict:
+        """plan.json as a dict ({} for a directory exported by another framework without one)."""
+        if not self.plan_path.is_file():
+            return {}
+        plan = load_json(self.plan_path)
+        if not isinstance(plan, dict):
+            raise MiaError(f"{self.plan_path}: expected a JSON object; re-run the farm or delete it")
+        return plan
+
+    def default_targets(self) -> list[int] | None:
+        """Target model ids the plan names (e.g. the targets of a disjoint-shadow plan), else None (every model)."""
+        targets = self.plan.get("info", {}).get("target_models")
+        return None if targets is None else [int(t) for t in targets]
+
+    def load_model_outputs(self, kind: str) -> ModelOutputs:
+        """Every model's exported outputs, validated (shape, dtype, finite) in one pass and then read per model on demand.
+
+        ``kind='logits'``: float32 [M, n, Q, C]; ``'signal'``: [M, n, Q], a per-sample scalar
+        confidence (higher = more member-like, e.g. a negative MLM loss) for model families whose
+        outputs are not class logits. Only one model's array is in memory at a time here.
         """
         filename = LOGITS_FILE if kind == "logits" else SIGNAL_FILE
         expected_ndim = 3 if kind == "logits" else 2
         n_models, n_samples = self.keep.shape
-        stacked = None
-        fix = f"re-run `python train.py export --experiment {self.root}` or write it as float32 [n_samples, n_queries{', n_classes' if kind == 'logits' else ''}]"
-        for index in range(n_models):
-            path = self.model_dir(index) / filename
-            array = load_npy(path, f"model {index} {kind}", fix)
-            if array.ndim != expected_ndim or array.shape[0] != n_samples:
-                raise MiaError(
-                    f"{path}: shape {array.shape}, expected [{n_samples}, n_queries{', n_classes' if kind == 'logits' else ''}] "
-                    f"to match keep.npy's {n_samples} samples; {fix}"
-                )
-            if not np.issubdtype(array.dtype, np.floating):
-                raise MiaError(f"{path}: dtype {array.dtype}, expected floating point; {fix}")
-            if stacked is None:
-                stacked = np.empty((n_models, *array.shape), dtype=np.float32 if kind == "logits" else np.float64)
-            elif array.shape != stacked.shape[1:]:
-                raise MiaError(f"{path}: shape {array.shape} differs from model 0's {stacked.shape[1:]}; all models must be exported alike")
-            bad = ~np.isfinite(array)
-            if bad.any():
-                raise MiaError(
-                    f"{path}: {int(bad.sum())} NaN/inf values (first at index {tuple(int(i) for i in np.argwhere(bad)[0])}); "
-                    "the model diverged or the export is broken, retrain or re-export this model"
-                )
-            stacked[index] = array
-        if kind == "logits":
-            n_classes = stacked.shape[-1]
-            if self.labels.max() >= n_classes:
-                raise MiaError(f"{self.labels_path}: label {int(self.labels.max())} out of range for logits with {n_classes} classes")
-        return stacked
+        what = f"{kind}"
+        fix = (
+            f"finish the farm (`python train.py farm --config <recipe>`; `--status` lists unfinished models), re-run "
+            f"`python train.py export --experiment {self.root}`, or write it as float32 [n_samples, n_queries{', n_classes' if kind == 'logits' else ''}]"
+        )
+        paths = [self.model_dir(index) / filename for index in range(n_models)]
+        shape = None
+        max_label = int(self.labels.max()) if kind == "logits" and self.labels.size else -1
+        for path in paths:
+            array = load_npy(path, what, fix)
+            check_outputs_file(path, array, expected_ndim, n_samples, fix)
+            if shape is None:
+                shape = array.shape[1:]
+            elif array.shape[1:] != shape:
+                raise MiaError(f"{path}: shape {array.shape} differs from model 0's {(n_samples, *shape)}; all models must be exported alike")
+            if kind == "logits" and max_label >= array.shape[-1]:
+                raise MiaError(f"{self.labels_path}: label {max_label} out of range for logits with {array.shape[-1]} classes")
+        return ModelOutputs.from_files(paths, (n_samples, *shape), what, fix)
 
     def output_kind(self) -> str:
         """'logits' when model 0 exported logits, 'signal' when it exported a scalar signal."""

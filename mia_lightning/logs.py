@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import resource
+import sys
+import time
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -14,6 +20,7 @@ def configure_logging() -> None:
     import lightning  # noqa: F401  (Lightning sets its loggers up on import; adjust them afterwards)
 
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+    warnings.filterwarnings("ignore", message=".*predict returned None.*")  # attack scoring writes its scores in predict_step
     ours = logging.getLogger("mia_lightning")
     if not ours.handlers:
         ours.addHandler(RichHandler(console=Console(stderr=True), show_path=False, show_time=False))
@@ -21,3 +28,17 @@ def configure_logging() -> None:
         ours.propagate = False
     for noisy in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def timed(stage: str) -> Iterator[None]:
+    """Log ``timing <stage>: <seconds>`` on stderr when ``MIA_LIGHTNING_TIMING`` is set (the scale benchmark reads it)."""
+    if not os.environ.get("MIA_LIGHTNING_TIMING"):
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        print(f"timing {stage}: {time.perf_counter() - start:.2f} s (peak RSS so far {peak:.2f} GB)", file=sys.stderr, flush=True)

@@ -17,48 +17,107 @@ from mia_lightning.io import write_bytes_atomic  # noqa: E402
 from mia_lightning.metrics import FPR_LEVELS, RocCurve  # noqa: E402
 
 
+PLOT_POINTS = 400
+"""Log-spaced FPR values at which a ROC curve is drawn (a step plot; never millions of vertices)."""
+
+
 def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+def _interval(bounds: list[float] | None, brackets: str) -> str:
+    return "" if not bounds else f" {brackets[0]}{100 * bounds[0]:.2f}, {100 * bounds[1]:.2f}{brackets[1]}"
+
+
+def epsilon_cell(record: dict) -> str:
+    """'1.234 (runs, 32)': the empirical epsilon lower bound, its construction and its number of independent trials."""
+    eps = record.get("empirical_epsilon") or {}
+    if eps.get("epsilon_lower_bound") is None:
+        return "-"
+    method = {"independent_runs": "runs", "one_run": "one run"}.get(eps.get("method"), eps.get("method"))
+    return f"{eps['epsilon_lower_bound']:.3f} ({method}, {eps.get('n_trials', '?')})"
+
+
 def results_table(records: list[dict], title: str) -> Table:
-    """One row per attack: AUC, balanced accuracy, TPR@FPR with 95% CI, members / non-members."""
-    table = Table(title=title, title_justify="left")
+    """One row per attack: AUC, balanced accuracy, TPR@FPR with its two 95% intervals, epsilon bound, counts, resolution."""
+    table = Table(title=title, title_justify="left", caption="[ ] Clopper-Pearson over pairs (too narrow when pairs share models or samples); "
+                  "{ } two-way bootstrap over targets and samples; eps: lower bound (construction, independent trials); "
+                  "min FPR: the smallest FPR the scores resolve (ties)", caption_justify="left")
     table.add_column("attack", style="bold")
     table.add_column("AUC", justify="right")
     table.add_column("bal. acc", justify="right")
     for level in FPR_LEVELS:
-        table.add_column(f"TPR@{100 * level:g}%FPR [95% CI]", justify="right")
-    show_epsilon = any("empirical_epsilon" in record for record in records)
-    if show_epsilon:
-        table.add_column("eps lower bound", justify="right")
+        table.add_column(f"TPR@{100 * level:g}%FPR", justify="right")
+    table.add_column("eps lower bound", justify="right")
     table.add_column("members / non", justify="right")
+    table.add_column("min FPR", justify="right")
     for record in records:
         cells = [record["attack"], f"{record['auc']:.4f}", f"{record['balanced_accuracy']:.4f}"]
+        bootstrap = record.get("tpr_at_fpr_ci_bootstrap") or {}
         for level in FPR_LEVELS:
-            low, high = record["tpr_at_fpr_ci"][str(level)]
-            cells.append(f"{_percent(record['tpr_at_fpr'][str(level)])} [{_percent(low)}, {_percent(high)}]")
-        if show_epsilon:
-            eps = record.get("empirical_epsilon", {}).get("epsilon_lower_bound")
-            cells.append("-" if eps is None else f"{eps:.3f}")
-        cells.append(f"{record['n_members']} / {record['n_nonmembers']}")
-        table.add_row(*cells)
+            key = str(level)
+            cells.append(_percent(record["tpr_at_fpr"][key]) + _interval(record["tpr_at_fpr_ci"][key], "[]") + _interval(bootstrap.get(key), "{}"))
+        min_fpr = record.get("min_resolvable_fpr", 0.0)
+        cells += [epsilon_cell(record), f"{record['n_members']} / {record['n_nonmembers']}",
+                  f"{100 * min_fpr:.3g}%" + (" (!)" if min_fpr > FPR_LEVELS[0] else "")]
+        table.add_row(*cells, style="yellow" if min_fpr > FPR_LEVELS[0] else None)
     return table
 
 
+DECISION_COLUMNS = ("attack", "level", "FPR budget (rule)", "precision", "recall", "FPR on audited", "FPR on population")
+
+
+def decision_rows(records: list[dict]) -> list[list[str]]:
+    """Precision / recall at the population-chosen threshold, one row per attack and level that has them."""
+    rows = []
+    for record in records:
+        for level, block in (("sample", record), ("user", record.get("user_level") or {})):
+            decision = block.get("precision_recall")
+            if decision and "skipped" not in decision:
+                precision = "-" if decision["precision"] is None else _percent(decision["precision"])
+                recall = "-" if decision["recall"] is None else _percent(decision["recall"])
+                rows.append([record["attack"], level, f"{100 * decision['fpr_budget']:g}% ({decision['rule']})", precision, recall,
+                             _percent(decision["fpr"] or 0.0), _percent(decision["population_fpr"])])
+    return rows
+
+
+def user_level_records(records: list[dict]) -> list[dict]:
+    """The user-level metrics of each record, shaped like records (for the same table)."""
+    return [{**record["user_level"], "attack": record["attack"]} for record in records if "auc" in (record.get("user_level") or {})]
+
+
 def print_results(records: list[dict], title: str, console: Console | None = None) -> None:
-    """Print the comparison table to the terminal."""
-    (console or Console()).print(results_table(records, title))
+    """Print the comparison table (and the user-level and decision tables when the run has them) to the terminal."""
+    console = console or Console()
+    console.print(results_table(records, title))
+    users = user_level_records(records)
+    if users:
+        console.print(results_table(users, f"user level: a user's score is the {users[0]['reduce']} of their samples' scores ({users[0]['n_users']} users)"))
+    rows = decision_rows(records)
+    if rows:
+        table = Table(title="decisions at a threshold chosen on the population (known non-members)", title_justify="left")
+        for name in DECISION_COLUMNS:
+            table.add_column(name, justify="left" if name in ("attack", "level") else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
 
 
 def plot_roc(curves: dict[str, RocCurve], path: Path, title: str) -> None:
-    """Log-log ROC of one or more attacks, with the chance line, written atomically as PNG."""
+    """Log-log ROC of one or more attacks with the chance line, as PNG written atomically.
+
+    Each curve is drawn as a step plot at ``PLOT_POINTS`` log-spaced FPRs from the smallest FPR
+    the data can resolve (1 / non-members) to 1, so plotting costs the same for 100 or 10^8 pairs.
+    """
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    floor = 1e-5
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+    floor = min(1.0 / max(curve.n_negatives, 1) for curve in curves.values())
+    grid = np.logspace(np.log10(floor), 0.0, PLOT_POINTS)
+    y_floor = min(1.0 / max(curve.n_positives, 1) for curve in curves.values())
     for name, curve in curves.items():
-        ax.plot(np.maximum(curve.fpr, floor), np.maximum(curve.tpr, floor), label=name, linewidth=1.4)
+        ax.step(grid, np.maximum(curve.tpr_at(grid), y_floor), where="post", label=name, linewidth=1.4)
     ax.plot([floor, 1], [floor, 1], "k--", linewidth=0.8, label="chance")
-    ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1), xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(y_floor, 1), xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(True, which="major", alpha=0.3)
     save_figure(fig, Path(path))

@@ -1,8 +1,8 @@
-"""A Markdown audit report of one experiment, ``<experiment>/report.md``, from the files the attack stage wrote.
+"""A Markdown audit report of one experiment, ``<experiment>/report.md``, built from ONE attack run (the latest).
 
-Sections: the attack comparison (AUC, balanced accuracy, TPR@FPR with Clopper-Pearson 95%
-intervals, empirical epsilon lower bound), the ROC plot, the empirical epsilon, the few-shadow curve
-when ``attacks/few_shadow/`` exists, and the most vulnerable samples. Only reads ``attacks/*``,
+Sections: the attack comparison (AUC, balanced accuracy, TPR@FPR with Clopper-Pearson and two-way
+bootstrap 95% intervals, empirical epsilon lower bound), the ROC plot, the empirical epsilon, the
+few-shadow curve when the run has one, and the most vulnerable samples. Only reads the run's files,
 ``keep.npy``, ``labels.npy`` and ``population.npy``, so it can be re-rendered at any time.
 """
 
@@ -16,6 +16,8 @@ from mia_lightning.errors import MiaError
 from mia_lightning.experiment import ExperimentDir
 from mia_lightning.io import load_json, load_npy, write_bytes_atomic
 from mia_lightning.metrics import FPR_LEVELS
+from mia_lightning.report import DECISION_COLUMNS, decision_rows, epsilon_cell, user_level_records
+from mia_lightning.runs import latest_run
 
 VULNERABILITY_ATTACK = "lira_online"
 """Preferred attack for the per-sample ranking; otherwise the one with the best TPR@0.1%FPR (then AUC)."""
@@ -30,55 +32,82 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def load_records(experiment: ExperimentDir) -> list[dict]:
-    """Every ``attacks/<name>/results.json``, in folder-name order."""
-    paths = sorted(experiment.attacks_dir.glob("*/results.json"))
-    if not paths:
-        raise MiaError(f"{experiment.attacks_dir}: no attack results; run `python attack.py --experiment {experiment.root}` first")
-    return [load_json(path) for path in paths]
+def load_records(run_folder: Path, run: dict) -> list[dict]:
+    """The results.json of every output of one run, in the run's order."""
+    records = [load_json(run_folder / name / "results.json") for name in run.get("outputs", [])]
+    if not records:
+        raise MiaError(f"{run_folder}: the run has no attack results; run `python attack.py --experiment ...` with an attack")
+    return records
 
 
-def _attack_section(records: list[dict], experiment: ExperimentDir) -> list[str]:
-    header = ["attack", "AUC", "bal. acc"] + [f"TPR@{100 * level:g}%FPR [95% CI]" for level in FPR_LEVELS]
-    header += ["eps lower bound", "members / non"]
+def _user_and_decision_sections(records: list[dict]) -> list[str]:
+    """User-level metrics (records with groups) and precision/recall at the population threshold, as Markdown tables."""
+    lines: list[str] = []
+    users = user_level_records(records)
+    if users:
+        rows = [[r["attack"], str(r["n_users"]), f"{r['auc']:.4f}"] + [_pct(r["tpr_at_fpr"][str(level)]) for level in FPR_LEVELS] for r in users]
+        lines += ["## User level", "", f"A user's score is the {users[0]['reduce']} of their samples' scores; metrics count users.", "",
+                  *_table(["attack", "users", "AUC"] + [f"TPR@{100 * level:g}%FPR" for level in FPR_LEVELS], rows), ""]
+    rows = decision_rows(records)
+    if rows:
+        lines += ["## Decisions at a population threshold", "", "The threshold flags at most the FPR budget of known non-members (the population).", "",
+                  *_table(list(DECISION_COLUMNS), rows), ""]
+    return lines
+
+
+def _attack_section(records: list[dict], run_folder: Path, link: str) -> list[str]:
+    header = ["attack", "AUC", "bal. acc"] + [f"TPR@{100 * level:g}%FPR [CP] {{bootstrap}}" for level in FPR_LEVELS]
+    header += ["eps lower bound (construction, trials)", "members / non", "min FPR"]
     rows = []
     for record in records:
         cells = [record["attack"], f"{record['auc']:.4f}", f"{record['balanced_accuracy']:.4f}"]
+        bootstrap = record.get("tpr_at_fpr_ci_bootstrap") or {}
         for level in FPR_LEVELS:
             low, high = record["tpr_at_fpr_ci"][str(level)]
-            cells.append(f"{_pct(record['tpr_at_fpr'][str(level)])} [{_pct(low)}, {_pct(high)}]")
-        eps = record.get("empirical_epsilon", {}).get("epsilon_lower_bound")
-        cells += ["-" if eps is None else f"{eps:.3f}", f"{record['n_members']} / {record['n_nonmembers']}"]
+            cell = f"{_pct(record['tpr_at_fpr'][str(level)])} [{_pct(low)}, {_pct(high)}]"
+            if str(level) in bootstrap:
+                cell += f" {{{_pct(bootstrap[str(level)][0])}, {_pct(bootstrap[str(level)][1])}}}"
+            cells.append(cell)
+        cells += [epsilon_cell(record), f"{record['n_members']} / {record['n_nonmembers']}", f"{100 * record.get('min_resolvable_fpr', 0.0):.3g}%"]
         rows.append(cells)
-    lines = ["## Attacks", "", *_table(header, rows), ""]
-    if (experiment.attacks_dir / "roc.png").is_file():
-        lines += ["![ROC curves of all attacks (log-log)](attacks/roc.png)", ""]
+    lines = ["## Attacks", "", *_table(header, rows), "",
+             "[CP]: Clopper-Pearson 95% over (target, sample) pairs, too narrow when many targets are pooled (pairs share "
+             "models and samples); {bootstrap}: two-way bootstrap 95% over targets and samples, which respects that dependence. "
+             "min FPR: the smallest false positive rate the scores can resolve; below it, ties decide.", ""]
+    if (run_folder / "roc.png").is_file():
+        lines += [f"![ROC curves of all attacks (log-log)]({link}/roc.png)", ""]
     return lines
 
 
 def _epsilon_section(records: list[dict]) -> list[str]:
-    audited = [record for record in records if "empirical_epsilon" in record]
+    audited = [r for r in records if (r.get("empirical_epsilon") or {}).get("epsilon_lower_bound") is not None]
+    lines = ["## Empirical epsilon", ""]
     if not audited:
-        return []
+        reasons = {(r.get("empirical_epsilon") or {}).get("reason") for r in records} - {None}
+        return lines + [f"No valid lower bound could be computed: {'; '.join(sorted(reasons)) or 'no attack output carries one'}.", ""]
     best = max(audited, key=lambda record: record["empirical_epsilon"]["epsilon_lower_bound"])
     eps = best["empirical_epsilon"]
-    counts = ", ".join(f"{key.upper()} {value}" for key, value in eps["counts"].items())
-    lines = [
-        "## Empirical epsilon",
-        "",
+    lines += [
         f"Largest lower bound: **{eps['epsilon_lower_bound']:.3f}** ({best['attack']}; delta = {eps['delta']:g}, "
-        f"one-sided {100 * eps['confidence']:g}% Clopper-Pearson bounds; threshold chosen on a seeded half of the "
-        f"(target, sample) pairs, counts from the other half: {counts}). Each attack's bound holds at "
-        f"{100 * eps['confidence']:g}% on its own; the largest of {len(audited)} holds at a lower joint confidence.",
+        f"confidence {100 * eps['confidence']:g}%, {eps.get('n_trials', '?')} independent trials, method {eps.get('method')}).",
+        "",
+        eps.get("statement", ""),
+        "",
+        f"Each output's bound holds at {100 * eps['confidence']:g}% on its own; the largest of {len(audited)} holds at "
+        f"{100 * (1 - len(audited) * (1 - eps['confidence'])):.0f}% jointly (Bonferroni). Constructions and their assumptions: docs/epsilon.md.",
     ]
-    theoretical = [record["empirical_epsilon"]["theoretical_epsilon"] for record in audited if "theoretical_epsilon" in record["empirical_epsilon"]]
+    theoretical = [r["empirical_epsilon"]["theoretical_epsilon"] for r in audited if "theoretical_epsilon" in r["empirical_epsilon"]]
     if theoretical:
-        lines.append(f"The DP accountant's epsilon of the training run is {theoretical[0]:g}; an empirical bound above it would mean a broken DP implementation.")
+        lines.append(
+            f"The DP accountant's epsilon of the training run is {theoretical[0]:g} (add/remove neighbours). On a plan with equal-size "
+            "training sets the bound above is for replace-one neighbours, which an add/remove (eps, delta) guarantee implies at "
+            "(2 eps, (1 + e^eps) delta); a bound above that would mean a broken DP implementation."
+        )
     return lines + [""]
 
 
-def _few_shadow_section(experiment: ExperimentDir) -> list[str]:
-    folder = experiment.attack_dir("few_shadow")
+def _few_shadow_section(run_folder: Path, link: str) -> list[str]:
+    folder = run_folder / "few_shadow"
     if not (folder / "few_shadow.json").is_file():
         return []
     rows = load_json(folder / "few_shadow.json")["rows"]
@@ -92,14 +121,14 @@ def _few_shadow_section(experiment: ExperimentDir) -> list[str]:
     lines = ["## Few-shadow curve", "", "AUC / TPR@0.1%FPR / TPR@1%FPR with k shadow / reference models (the k lowest ids other than the target).", ""]
     lines += _table(["shadows"] + names, table) + [""]
     if (folder / "few_shadow.png").is_file():
-        lines += ["![Attack success against the number of shadow models](attacks/few_shadow/few_shadow.png)", ""]
+        lines += [f"![Attack success against the number of shadow models]({link}/few_shadow/few_shadow.png)", ""]
     return lines
 
 
-def _vulnerable_section(records: list[dict], experiment: ExperimentDir, top: int) -> list[str]:
+def _vulnerable_section(records: list[dict], experiment: ExperimentDir, run_folder: Path, top: int) -> list[str]:
     by_name = {record["attack"]: record for record in records}
     source = by_name.get(VULNERABILITY_ATTACK) or max(records, key=lambda r: (r["tpr_at_fpr"]["0.001"], r["auc"]))
-    path = experiment.attack_dir(source["attack"]) / "scores.npy"
+    path = run_folder / source["attack"] / "scores.npy"
     if not path.is_file():
         return []
     scores = load_npy(path, "attack scores", "re-run the attack")
@@ -131,18 +160,29 @@ def _vulnerable_section(records: list[dict], experiment: ExperimentDir, top: int
 
 
 def write_markdown_report(experiment_dir: Path, top: int = 20) -> Path:
-    """Render ``<experiment>/report.md`` (atomically) from the attack results; returns its path."""
+    """Render ``<experiment>/report.md`` (atomically) from the latest attack run; returns its path."""
     experiment = ExperimentDir(Path(experiment_dir))
     experiment.check_exists()
-    records = load_records(experiment)
+    run_folder, run = latest_run(experiment)
+    records = load_records(run_folder, run)
+    link = f"attacks/runs/{run_folder.name}"
     n_models, n_samples = experiment.keep.shape
     population = experiment.population
     pool = f"{n_models} models, {n_samples} samples" + ("" if population is None else f" ({population.size} population samples, not audited)")
-    lines = [f"# Membership inference audit: {experiment.root.name}", "", f"{pool}; {len(records[0]['targets'])} target models, scored leave-one-out.", ""]
-    lines += _attack_section(records, experiment)
+    lines = [
+        f"# Membership inference audit: {experiment.root.name}",
+        "",
+        f"{pool}; {len(records[0]['targets'])} target models, scored leave-one-out. Everything below comes from attack run "
+        f"`{run['id']}` (started {run.get('started')}, mia-lightning {run.get('version')}; files in `{link}/`).",
+        "",
+    ]
+    if run.get("skipped"):
+        lines += ["Skipped in this run: " + "; ".join(f"{s['attack']} ({s['reason']})" for s in run["skipped"]), ""]
+    lines += _attack_section(records, run_folder, link)
+    lines += _user_and_decision_sections(records)
     lines += _epsilon_section(records)
-    lines += _few_shadow_section(experiment)
-    lines += _vulnerable_section(records, experiment, top)
+    lines += _few_shadow_section(run_folder, link)
+    lines += _vulnerable_section(records, experiment, run_folder, top)
     path = experiment.root / "report.md"
     write_bytes_atomic(path, "\n".join(lines).encode())
     return path

@@ -61,3 +61,13 @@ def write_synthetic_experiment(root: Path, **kwargs) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "logits.npy", model_logits)
     return root
+
+
+def parent_plan(spec, labels=None, groups=None):
+    """A test plan kind: models 0..N/2-1 on random halves, model N/2 + i continues from model i on the other half."""
+    from mia_lightning.data.plan import Plan, make_lira_plan
+
+    half = spec.n_models // 2
+    keep = make_lira_plan(spec).keep
+    keep[half:] = ~keep[:half]
+    return Plan(keep, parents={half + i: i for i in range(half)}, info={"note": "test plan with parents"})

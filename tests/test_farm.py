@@ -133,7 +133,8 @@ def test_plan_files_follow_the_contract(reference_run):
     plan = json.loads((reference_run / "plan.json").read_text())
     assert keep.dtype == bool and keep.shape == (6, 1797) and (keep.sum(0) == 3).all()
     assert labels.dtype == np.int64 and labels.shape == (1797,)
-    assert plan["n_models"] == 6 and plan["version"] == 1 and plan["dataset"] == "digits"
+    assert plan["n_models"] == 6 and plan["version"] == 2 and plan["dataset"] == "digits" and plan["kind"] == "lira_half"
+    assert plan["recipe"]["model"]["init_args"]["n_features"] == 64 and len(plan["recipe"]["pool_fingerprint"]) == 64
     assert np.load(reference_run / "models/0000/logits.npy").shape == (1797, 1, 10)
     done = json.loads((reference_run / "models/0005/done.json").read_text())
     assert done["n_train"] == int(keep[5].sum())
@@ -153,3 +154,28 @@ def test_bad_recipe_fails_in_one_line_before_writing(tmp_path, capsys, override,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and phrase in err and "Traceback" not in err, err
     assert not (tmp_path / "exp").exists()
+
+
+def test_derived_models_train_after_their_parents_and_start_from_them(tmp_path, monkeypatch):
+    import lightning as L
+
+    from mia_lightning.data.plan import PLAN_KINDS
+    from mia_lightning.experiment import ExperimentDir
+    from mia_lightning.farm.engine import ModelJob, SequentialEngine
+
+    monkeypatch.setitem(PLAN_KINDS, "with_parents", "synthetic:parent_plan")
+    assert train_main(farm_args(tmp_path, 4, 1, "--plan.kind", "with_parents")) == 0
+    exp = tmp_path / "exp"
+    done = {i: json.loads((exp / "models" / f"{i:04d}" / "done.json").read_text()) for i in range(4)}
+    assert [done[i]["parent"] for i in range(4)] == [None, None, 0, 1]
+    assert done[2]["finished_at"] > done[0]["finished_at"] and done[3]["finished_at"] > done[1]["finished_at"]
+    assert json.loads((exp / "plan.json").read_text())["parents"] == {"2": 0, "3": 1}
+    # a derived job that takes no training step reproduces its parent exactly
+    from mia_lightning.farm.config import farm_parser, recipe_from_namespace
+
+    parser = farm_parser()
+    recipe = recipe_from_namespace(parser, parser.parse_args(farm_args(tmp_path, 4, 1)[1:] + ["--trainer.limit_train_batches", "0"]))
+    engine = SequentialEngine(recipe.setup, experiment=ExperimentDir(exp))
+    [result] = list(engine.run([ModelJob(9, np.arange(100), 123, parent=0)]))
+    np.testing.assert_array_equal(result.logits, np.load(exp / "models/0000/logits.npy"))
+    assert isinstance(result.module, L.LightningModule)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from synthetic import synthetic_attack_data, write_synthetic_experiment
 
-from mia_lightning.analysis.few_shadow import CURVE_OUTPUTS, few_shadow_curve, run_few_shadow
+from mia_lightning.analysis.few_shadow import CURVE_OUTPUTS, few_shadow_curve
+from mia_lightning.cli import attack_main
 from mia_lightning.attacks import create_attack
 from mia_lightning.metrics import membership_metrics
 
@@ -44,10 +45,12 @@ def test_rows_equal_the_attack_with_that_many_shadows():
     assert row["auc"] == pytest.approx(expected["auc"]) and row["tpr@0.01"] == pytest.approx(expected["tpr_at_fpr"]["0.01"])
 
 
-def test_run_few_shadow_writes_json_and_plot(tmp_path):
+def test_few_shadow_is_part_of_the_attack_run(tmp_path):
     root = write_synthetic_experiment(tmp_path / "exp", n_models=6, n_samples=30, seed=8)
-    rows = run_few_shadow(root, n_targets=3, shadow_counts=(1, 2, 5, 64))
+    assert attack_main(["--experiment", str(root), "--attack", "lira", "--n_targets", "3", "--few_shadow", "--bootstrap", "0"]) == 0
     saved = json.loads((root / "attacks/few_shadow/few_shadow.json").read_text())
-    assert saved["rows"] == rows and saved["targets"] == [0, 1, 2]
-    assert sorted({row["n_shadows"] for row in rows}) == [1, 2, 5]
+    run = json.loads((root / "attacks/run.json").read_text())
+    assert (root / "attacks/few_shadow").resolve().parent.name == run["id"]  # written inside the published run
+    assert saved["targets"] == [0, 1, 2]
+    assert sorted({row["n_shadows"] for row in saved["rows"]}) == [1, 2, 4, 5]  # 8 .. 64 become n_models - 1 = 5
     assert (root / "attacks/few_shadow/few_shadow.png").read_bytes()[:4] == b"\x89PNG"

@@ -118,3 +118,92 @@ def test_population_samples_do_not_trigger_warnings(caplog):
     with caplog.at_level(logging.WARNING, logger="mia_lightning"):
         score_targets(create_attack("lira"), data, np.arange(8))
     assert "no IN shadow" not in caplog.text
+
+
+def reference_code_scores(data: AttackData, targets) -> dict[str, np.ndarray]:
+    """The public reference implementation's choices (tensorflow/privacy mi_lira_2021), written out as loops.
+
+    Per target: shadows = every other model; each sample keeps its first k IN (OUT) shadows by model
+    id, k the smallest IN (OUT) count over samples; mu = per-sample median; per-sample std (ddof 0);
+    fixed variance = one std over all kept IN values (both online Gaussians) or all kept OUT values
+    (offline); offline score = -log N(phi; mu_out, sd_out) (two-sided).
+    """
+    M, n, Q, _ = data.logits.shape
+    phi = np.array([[[phi_loop(data.logits[m, j, a], data.labels[j]) for a in range(Q)] for j in range(n)] for m in range(M)])
+    names = ("lira_online", "lira_online_fixed", "lira_offline", "lira_offline_fixed", "global_threshold")
+    out = {name: np.full((len(targets), n), np.nan) for name in names}
+    for row, t in enumerate(targets):
+        shadows = [m for m in range(M) if m != t]
+        dat_in = [[m for m in shadows if data.keep[m, j]] for j in range(n)]
+        dat_out = [[m for m in shadows if not data.keep[m, j]] for j in range(n)]
+        k_in, k_out = min(map(len, dat_in)), min(map(len, dat_out))
+        vin = np.array([phi[ms[:k_in], j] for j, ms in enumerate(dat_in)])  # [n, k_in, Q]
+        vout = np.array([phi[ms[:k_out], j] for j, ms in enumerate(dat_out)])
+        mu_in, mu_out = np.median(vin, 1), np.median(vout, 1)
+        sd_in, sd_out = np.std(vin, 1), np.std(vout, 1)
+        fixed_in, fixed_out = np.std(vin), np.std(vout)
+        x = phi[t]
+        out["lira_online"][row] = (norm.logpdf(x, mu_in, sd_in) - norm.logpdf(x, mu_out, sd_out)).mean(1)
+        out["lira_online_fixed"][row] = (norm.logpdf(x, mu_in, fixed_in) - norm.logpdf(x, mu_out, fixed_in)).mean(1)
+        out["lira_offline"][row] = (-norm.logpdf(x, mu_out, sd_out)).mean(1)
+        out["lira_offline_fixed"][row] = (-norm.logpdf(x, mu_out, fixed_out)).mean(1)
+        out["global_threshold"][row] = x.mean(1)
+    return out
+
+
+def test_reference_implementation_choices_reproduce_its_scores():
+    data = make_data(n_models=10, n_samples=25, n_queries=2, seed=6)
+    targets = np.array([0, 3, 9])
+    attack = create_attack("lira", mu="median", offline="two_sided", fixed_std="global", truncate=True)
+    got = score_targets(attack, data, targets, batch_size=2)
+    want = reference_code_scores(data, targets)
+    for name, expected in want.items():
+        np.testing.assert_allclose(got[name], expected, rtol=1e-9, atol=1e-9, err_msg=name)
+    assert attack.params() == {"n_shadows": None, "mu": "median", "offline": "two_sided", "fixed_std": "global", "truncate": True}
+
+
+@pytest.mark.parametrize("options", [{"mu": "median"}, {"truncate": True}, {"offline": "two_sided"}])
+def test_each_reference_choice_changes_the_scores_alone(options):
+    """One switch at a time: the per-target reference path agrees with the default fit where the switch does not apply."""
+    data = make_data(n_models=9, n_samples=20, seed=8)
+    targets = np.arange(9)
+    default = score_targets(create_attack("lira"), data, targets)
+    switched = score_targets(create_attack("lira", **options), data, targets)
+    assert np.array_equal(default["global_threshold"], switched["global_threshold"])
+    changed = [name for name in default if not np.allclose(default[name], switched[name], equal_nan=True)]
+    expected = {"mu": ["lira_online", "lira_online_fixed", "lira_offline", "lira_offline_fixed"],
+                "truncate": ["lira_online", "lira_online_fixed", "lira_offline", "lira_offline_fixed"],
+                "offline": ["lira_offline", "lira_offline_fixed"]}[next(iter(options))]
+    assert changed == expected
+
+
+def test_bad_reference_choice_is_one_line():
+    from mia_lightning.errors import MiaError
+
+    with pytest.raises(MiaError, match="lira.mu='mode': choose one of mean, median"):
+        create_attack("lira", mu="mode")
+
+
+def test_reference_models_of_the_plan_are_not_shadows(tmp_path):
+    """Models a plan trained on other data (plan.json info.reference_models, the last ids) stay out of every shadow pool."""
+    import json
+
+    from synthetic import write_synthetic_experiment
+
+    from mia_lightning.experiment import ExperimentDir
+
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=7, n_samples=30, seed=2)
+    keep = np.load(root / "keep.npy")
+    keep[6] = False  # the reference model trained on public data: never IN
+    np.save(root / "keep.npy", keep)
+    (root / "plan.json").write_text(json.dumps({"version": 2, "info": {"reference_models": [6], "target_models": [0, 1, 2, 3, 4, 5]}}))
+    data = AttackData.from_experiment(ExperimentDir(root))
+    assert data.shadow_candidates == 6
+    without = AttackData(keep=keep[:6], labels=data.labels, logits=data.logits[:6])
+    for family in ("lira", "rmia", "reference"):
+        got = score_targets(create_attack(family), data, np.arange(6))
+        want = score_targets(create_attack(family), without, np.arange(6))
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=1e-12, err_msg=name)
+    as_target = score_targets(create_attack("lira"), data, np.array([6]))  # a reference as target: every candidate is its shadow
+    assert np.isfinite(as_target["lira_offline"]).all()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from mia_lightning.metrics import clopper_pearson, membership_metrics
+from mia_lightning.metrics import clopper_pearson, evaluate_scores, membership_metrics
+from mia_lightning.metrics import roc_curve as exact_roc_curve
 
 
 def test_hand_computed_example():
@@ -49,3 +50,61 @@ def test_clopper_pearson_known_values():
     low, high = clopper_pearson(5, 10)
     assert (low, high) == (pytest.approx(0.18709, abs=1e-5), pytest.approx(0.81291, abs=1e-5))
     assert clopper_pearson(10, 10)[1] == 1.0
+
+
+def test_matches_torchmetrics_on_scores_in_the_unit_interval():
+    """torchmetrics' BinaryROC / BinaryAUROC agree where they apply (scores already in [0, 1], float32-representable)."""
+    import torch
+    from torchmetrics.classification import BinaryAUROC, BinaryROC
+
+    rng = np.random.default_rng(4)
+    members = rng.random(3000) < 0.4
+    scores = np.round(rng.beta(2, 2, members.size) * 0.6 + 0.3 * members, 3)  # in [0, 1], with ties
+    metrics, _ = evaluate_scores(scores, members)
+    target = torch.from_numpy(members.astype(np.int64))
+    fpr, tpr, _ = BinaryROC(thresholds=None)(torch.from_numpy(scores), target)
+    assert metrics["auc"] == pytest.approx(BinaryAUROC(thresholds=None)(torch.from_numpy(scores), target).item(), abs=1e-6)
+    exact = exact_roc_curve(scores, members)
+    np.testing.assert_allclose(exact.fpr, fpr.double().numpy(), atol=1e-6)
+    np.testing.assert_allclose(exact.tpr, tpr.double().numpy(), atol=1e-6)
+
+
+def test_resolution_fields_flag_ties_that_swallow_low_fprs():
+    members = np.arange(2000) < 1000
+    scores = np.where(members, 1.0, 0.0)
+    scores[1000:1100] = 1.0  # 10% of non-members tie with every member at the top
+    metrics, curve = evaluate_scores(scores, members)
+    assert metrics["n_distinct_scores"] == 2 and metrics["min_resolvable_fpr"] == pytest.approx(0.1)
+    assert metrics["tpr_at_fpr"]["0.01"] == 0.0 and metrics["auc"] == pytest.approx(0.95)
+    assert curve.fpr.size <= 1001 and curve.n_negatives == 1000  # the kept curve is plot-sized
+
+
+def simulate_pairs(rng, n_targets: int, n_samples: int, sample_effect: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scores whose member boost varies by sample (shared across targets): pairs sharing a sample are correlated."""
+    members = rng.random((n_targets, n_samples)) < 0.5
+    boost = rng.exponential(sample_effect, n_samples)
+    return rng.normal(size=members.shape) + members * boost + rng.normal(0, 1, (1, n_samples)), members
+
+
+def test_two_way_bootstrap_is_wider_than_clopper_pearson_when_samples_are_shared():
+    rng = np.random.default_rng(7)
+    scores, members = simulate_pairs(rng, 64, 800, 1.5)
+    metrics, _ = evaluate_scores(scores, members, bootstrap=100)
+    boot, exact = metrics["tpr_at_fpr_ci_bootstrap"], metrics["tpr_at_fpr_ci"]
+    assert boot["n_replicates"] == 100
+    for level in ("0.01", "0.1"):
+        assert boot[level][1] - boot[level][0] > 1.5 * (exact[level][1] - exact[level][0]), (level, boot[level], exact[level])
+
+
+def test_two_way_bootstrap_covers_the_population_value():
+    """Across independent re-draws of targets and samples, the bootstrap interval covers the population TPR most of the time."""
+    population_scores, population_members = simulate_pairs(np.random.default_rng(0), 400, 4000, 1.0)
+    truth = evaluate_scores(population_scores, population_members)[0]["tpr_at_fpr"]["0.1"]
+    rng = np.random.default_rng(1)
+    covered = []
+    for _ in range(30):
+        rows = rng.choice(400, 16, replace=False)
+        cols = rng.choice(4000, 300, replace=False)
+        low, high = evaluate_scores(population_scores[np.ix_(rows, cols)], population_members[np.ix_(rows, cols)], bootstrap=60)[0]["tpr_at_fpr_ci_bootstrap"]["0.1"]
+        covered.append(low <= truth <= high)
+    assert np.mean(covered) >= 0.8, np.mean(covered)  # nominal 95%; Clopper-Pearson over pairs covers far less here

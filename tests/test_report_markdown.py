@@ -1,4 +1,4 @@
-"""End to end on a synthetic experiment: the attacks, empirical epsilon in results.json, few-shadow, report.md."""
+"""End to end on a synthetic experiment: one attack run (attacks, empirical epsilon, few-shadow), then report.md from it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from synthetic import write_synthetic_experiment
 
-from mia_lightning.analysis.few_shadow import run_few_shadow
 from mia_lightning.audit import run_audit
 from mia_lightning.errors import MiaError
 from mia_lightning.report_markdown import write_markdown_report
@@ -16,21 +15,24 @@ from mia_lightning.report_markdown import write_markdown_report
 
 def test_audit_then_markdown_report(tmp_path):
     root = write_synthetic_experiment(tmp_path / "exp", n_models=8, n_samples=50, n_population=10, effect=2.0, seed=9)
-    with pytest.raises(MiaError, match="no attack results"):
+    with pytest.raises(MiaError, match="no published attack run"):
         write_markdown_report(root)
-    records = run_audit(root, ["lira", "rmia", "reference"], n_targets=4)  # thresholds: unit-tested; each ROC plot costs ~0.2 s
+    result = run_audit(root, ["lira", "rmia", "reference"], n_targets=4, few_shadow=True)  # thresholds: unit-tested; each ROC plot costs ~0.2 s
+    records = result.records
     assert {"rmia_online", "rmia_offline", "reference_attack_r"} <= {record["attack"] for record in records}
     for record in records:
         eps = record["empirical_epsilon"]
-        n_scored = 4 * 40 - record["n_unscored"]
-        assert eps["epsilon_lower_bound"] >= 0.0 and sum(eps["counts"].values()) == n_scored - n_scored // 2  # evaluation half
+        assert eps["method"] == "independent_runs" and eps["epsilon_lower_bound"] >= 0.0
+        assert eps["n_trials"] == 3  # models 0..3 choose the test; models 5..7 evaluate it (model 4 is a shadow of both)
         assert json.loads((root / "attacks" / record["attack"] / "results.json").read_text()) == record
-    run_few_shadow(root, n_targets=4, shadow_counts=(2, 4))
+        assert record["run"]["id"] == result.run_id and record["run"]["targets"] == [0, 1, 2, 3]
     path = write_markdown_report(root)
     text = path.read_text()
     assert path == root / "report.md"
-    for expected in ("## Attacks", "attacks/roc.png", "## Empirical epsilon", "## Few-shadow curve", "few_shadow.png", "## Most vulnerable samples", "lira_online"):
-        assert expected in text
+    link = f"attacks/runs/{result.run_id}"
+    for expected in (f"run `{result.run_id}`", "## Attacks", f"{link}/roc.png", "## Empirical epsilon", "## Few-shadow curve",
+                     f"{link}/few_shadow/few_shadow.png", "## Most vulnerable samples", "lira_online", "{bootstrap}"):
+        assert expected in text, expected
     table = [line for line in text.split("## Most vulnerable samples")[1].splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(table) == 20
     ids = [int(line.split("|")[2]) for line in table]

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from synthetic import synthetic_attack_data
+from synthetic import synthetic_arrays, synthetic_attack_data
 
 from mia_lightning.attacks import AttackData, create_attack
 from mia_lightning.attacks.module import score_targets
@@ -44,7 +44,7 @@ def test_thresholds_are_finite_for_confident_models():
 def reference_loop(data: AttackData, targets, n_shadows=None) -> tuple[np.ndarray, int]:
     """(fraction of OUT reference losses above the target's, ties counting half; number of ties met)."""
     M, n = data.keep.shape
-    z = data.logits.astype(np.float64)
+    z = data.logits[:].astype(np.float64)
     log_p = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
     loss = -log_p[:, np.arange(n), :, data.labels].mean(-1).T
     out, ties = np.full((len(targets), n), np.nan), 0
@@ -60,9 +60,10 @@ def reference_loop(data: AttackData, targets, n_shadows=None) -> tuple[np.ndarra
 
 @pytest.mark.parametrize("n_shadows", [None, 3])
 def test_attack_r_matches_loop_with_ties(n_shadows):
-    data = synthetic_attack_data(n_models=7, n_samples=40, n_queries=2, seed=4)
+    keep, labels, logits, _ = synthetic_arrays(n_models=7, n_samples=40, n_queries=2, seed=4)
     for copy, source, samples in ((3, 0, slice(0, 20)), (1, 2, slice(20, 40)), (6, 1, slice(0, 10))):
-        data.logits[copy, samples] = data.logits[source, samples]  # tied losses between a target and a reference
+        logits[copy, samples] = logits[source, samples]  # tied losses between a target and a reference
+    data = AttackData(keep=keep, labels=labels, logits=logits)
     targets = np.array([0, 2, 6])
     got = score_targets(create_attack("reference", n_shadows=n_shadows), data, targets, batch_size=2)["reference_attack_r"]
     want, ties = reference_loop(data, targets, n_shadows)

@@ -8,7 +8,8 @@ import torch
 
 from mia_lightning.data.plan import PlanSpec, make_lira_plan
 from mia_lightning.errors import MiaError
-from mia_lightning.farm.engine import ComponentSpec, FarmSetup, ModelJob, SequentialEngine, TrainedModel, model_seed
+from mia_lightning.components import ComponentSpec
+from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, TrainedModel, model_seed
 from mia_lightning.farm.vectorised import VectorisedEngine
 from mia_lightning.models.ensemble import VectorisedMLP
 
@@ -26,7 +27,7 @@ def make_setup(epochs: int = 3, batch_size: int = 32, trainer: dict | None = Non
 
 
 def make_jobs(n_models: int = 4) -> list[ModelJob]:
-    keep, _ = make_lira_plan(PlanSpec("digits", N_DIGITS, n_models, seed=1))
+    keep = make_lira_plan(PlanSpec("digits", N_DIGITS, n_models, seed=1)).keep
     return [ModelJob(i, np.flatnonzero(keep[i]), model_seed(1, i)) for i in range(n_models)]
 
 

@@ -7,7 +7,7 @@ samples have fewer than 2 IN (or OUT) shadows, or none: that is the regime being
 attacks' per-fallback warnings are replaced by one log line per attack run saying how many
 (target, sample) pairs went unscored.
 
-Writes ``attacks/few_shadow/few_shadow.json`` (rows) and ``few_shadow.png`` (metrics vs k, log x).
+Writes ``few_shadow/few_shadow.json`` (rows) and ``few_shadow.png`` (metrics vs k, log x) into an attack run.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from mia_lightning.attacks import AttackData, create_attack
-from mia_lightning.audit import resolve_targets
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
 from mia_lightning.io import save_json_atomic
 from mia_lightning.metrics import membership_metrics
 from mia_lightning.report import save_figure
@@ -35,7 +33,6 @@ CURVE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "rmia": ("rmia_online", "rmia_offline"),
 }
 ROW_METRICS: tuple[str, ...] = ("auc", "tpr@0.001", "tpr@0.01")
-FOLDER = "few_shadow"
 BATCH = 64
 
 
@@ -93,18 +90,10 @@ def plot_few_shadow(rows: list[dict], path: Path, title: str) -> None:
     save_figure(fig, Path(path))
 
 
-def run_few_shadow(
-    experiment_dir: Path,
-    targets: Sequence[int] | None = None,
-    n_targets: int | None = None,
-    shadow_counts: Sequence[int] = SHADOW_COUNTS,
-) -> list[dict]:
-    """Compute the curve on an experiment and write ``attacks/few_shadow/{few_shadow.json,few_shadow.png}``."""
-    experiment = ExperimentDir(Path(experiment_dir))
-    data = AttackData.from_experiment(experiment)
-    target_ids = resolve_targets(data.n_models, targets, n_targets)
-    rows = few_shadow_curve(data, target_ids, shadow_counts)
-    folder = experiment.attack_dir(FOLDER)
-    save_json_atomic(folder / "few_shadow.json", {"targets": target_ids.tolist(), "shadow_counts": list(shadow_counts), "rows": rows})
-    plot_few_shadow(rows, folder / "few_shadow.png", f"few-shadow curve ({experiment.root.name})")
+def write_few_shadow(data: AttackData, targets: np.ndarray, folder: Path, title: str, shadow_counts: Sequence[int] = SHADOW_COUNTS) -> list[dict]:
+    """Compute the curve and write ``few_shadow.json`` and ``few_shadow.png`` into ``folder`` (part of an attack run)."""
+    rows = few_shadow_curve(data, targets, shadow_counts)
+    folder = Path(folder)
+    save_json_atomic(folder / "few_shadow.json", {"targets": np.asarray(targets).tolist(), "shadow_counts": list(shadow_counts), "rows": rows})
+    plot_few_shadow(rows, folder / "few_shadow.png", f"few-shadow curve ({title})")
     return rows

@@ -7,19 +7,30 @@ a float64 array [len(targets), n_samples] where higher means "more likely a memb
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
-from scipy.special import logsumexp, softmax
+from jsonargparse import ArgumentParser
+from scipy.special import softmax
 
 from mia_lightning.errors import MiaError
 from mia_lightning.experiment import ExperimentDir
+from mia_lightning.model_outputs import ModelOutputs
 
 log = logging.getLogger("mia_lightning")
+
+
+STATS_BLOCK_ELEMENTS = 2**23
+"""Logit values converted to float64 at once when computing per-sample statistics (64 MiB)."""
 
 
 def label_index(shape: tuple[int, ...], labels: np.ndarray) -> np.ndarray:
@@ -32,30 +43,61 @@ def true_class_values(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.take_along_axis(values, label_index(values.shape, labels), axis=-1)[..., 0]
 
 
-def logit_scaled_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """LiRA's statistic phi = log p_y - log sum_{k != y} p_k, in float64, from logits [..., n, Q, C].
+def confidence_statistics(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(phi, log p_y), both float64 [..., n, Q], from logits [..., n, Q, C], with one exp pass.
 
-    Softmax normalisation cancels, so phi = z_y - logsumexp_{k != y} z_k: stable for confident models.
+    phi = log p_y - log sum_{k != y} p_k is LiRA's statistic: the softmax normalisation cancels, so
+    phi = z_y - lse_o with lse_o = logsumexp_{k != y} z_k, stable for confident models (never
+    log(1 - p)); log p_y = z_y - logaddexp(z_y, lse_o). The classes are laid out as the leading
+    axis so every reduction is an elementwise operation over all (model, sample, query) rows.
     """
-    z = np.asarray(logits, dtype=np.float64)
-    others = z.copy()
-    np.put_along_axis(others, label_index(z.shape, labels), -np.inf, axis=-1)
-    return true_class_values(z, labels) - logsumexp(others, axis=-1)
+    z = np.asarray(logits)
+    lead, n_classes = z.shape[:-1], z.shape[-1]
+    rows = np.ascontiguousarray(z.reshape(-1, n_classes).T, dtype=np.float64)  # [C, N]
+    y = np.broadcast_to(np.asarray(labels).reshape((1,) * (len(lead) - 2) + (-1, 1)), lead).reshape(-1)
+    flat = y * rows.shape[1] + np.arange(rows.shape[1])  # position of (y_i, i) in rows.ravel(): 1-D takes beat 2-D fancy indexing
+    z_y = np.take(rows.ravel(), flat)
+    np.put(rows.ravel(), flat, -np.inf)
+    top = rows.max(axis=0)
+    np.subtract(rows, top, out=rows)
+    np.exp(rows, out=rows)
+    lse_others = top + np.log(rows.sum(axis=0))
+    phi = z_y - lse_others
+    log_p_y = z_y - np.logaddexp(z_y, lse_others)
+    return phi.reshape(lead), log_p_y.reshape(lead)
+
+
+def logit_scaled_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """LiRA's statistic phi in float64 [..., n, Q] from logits [..., n, Q, C]."""
+    return confidence_statistics(logits, labels)[0]
 
 
 @dataclass
 class AttackData:
-    """Everything an attack sees: membership, labels and the models' outputs on the audit pool."""
+    """Everything an attack sees: membership, labels and the models' outputs on the audit pool.
+
+    ``logits`` / ``signal`` are ``ModelOutputs`` (in-memory arrays are wrapped): index them by model
+    ids to get a new float array; per-sample statistics (``phi``, ``log_true_class``) are computed
+    block by block, so no float64 copy of all logits ever exists. ``audit`` (bool [M, n], optional)
+    says which samples count in the metrics when model m is the target; ``groups`` holds user ids.
+    """
 
     keep: np.ndarray
     labels: np.ndarray
-    logits: np.ndarray | None = None
-    signal: np.ndarray | None = None
+    logits: ModelOutputs | np.ndarray | None = None
+    signal: ModelOutputs | np.ndarray | None = None
     population: np.ndarray | None = None
+    groups: np.ndarray | None = None
+    audit: np.ndarray | None = None
+    experiment: ExperimentDir | None = None
 
     def __post_init__(self) -> None:
         if self.logits is None and self.signal is None:
             raise ValueError("AttackData needs logits [M, n, Q, C] or a signal [M, n, Q]")
+        if self.logits is not None and not isinstance(self.logits, ModelOutputs):
+            self.logits = ModelOutputs.in_memory(self.logits)
+        if self.signal is not None and not isinstance(self.signal, ModelOutputs):
+            self.signal = ModelOutputs.in_memory(self.signal)
         outputs = self.logits if self.logits is not None else self.signal
         if outputs.shape[:2] != self.keep.shape:
             raise MiaError(f"model outputs have shape {outputs.shape[:2]} but keep.npy is {self.keep.shape}")
@@ -73,6 +115,9 @@ class AttackData:
             logits=outputs if kind == "logits" else None,
             signal=outputs if kind == "signal" else None,
             population=experiment.population,
+            groups=experiment.groups,
+            audit=experiment.audit,
+            experiment=experiment,
         )
 
     @property
@@ -83,24 +128,90 @@ class AttackData:
     def n_samples(self) -> int:
         return self.keep.shape[1]
 
+    @property
+    def outputs(self) -> ModelOutputs:
+        """The exported outputs, whichever kind the experiment has."""
+        return self.logits if self.logits is not None else self.signal
+
+    def target_batch_size(self, cap: int = 64) -> int:
+        """Targets per scoring batch so that one float64 array of their outputs stays near 16 MiB (attacks make dozens)."""
+        per_target = int(np.prod(self.outputs.shape[1:]))
+        return int(np.clip(2**21 // max(per_target, 1), 1, cap))
+
+    def _logit_statistic(self, which: int) -> np.ndarray:
+        """float64 [M, n, Q] of ``confidence_statistics``' output ``which`` (0: phi, 1: log p_y), block by block over models.
+
+        Blocks are read and reduced by one thread per core (numpy releases the GIL in its loops);
+        each holds one block of float64 temporaries at a time.
+        """
+        M, n, Q, C = self.logits.shape
+        values = np.empty((M, n, Q))
+        size = max(1, STATS_BLOCK_ELEMENTS // (n * Q * C))
+
+        def fill(start: int) -> None:
+            stop = min(start + size, M)
+            values[start:stop] = confidence_statistics(self.logits[start:stop], self.labels)[which]
+
+        with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 4)) as pool:
+            list(pool.map(fill, range(0, M, size)))
+        return values
+
     @cached_property
     def phi(self) -> np.ndarray:
         """float64 [M, n, Q]: the per-query confidence statistic (LiRA's phi, or the exported signal)."""
-        if self.logits is not None:
-            return logit_scaled_confidence(self.logits, self.labels)
-        return np.asarray(self.signal, dtype=np.float64)
+        if self.logits is None:
+            return np.asarray(self.signal[:], dtype=np.float64)
+        return self._logit_statistic(0)
+
+    @cached_property
+    def log_true_class(self) -> np.ndarray:
+        """float64 [M, n, Q]: log-likelihood of each sample under each model, per query.
+
+        From logits: the log softmax probability of the true label (its own pass over the outputs).
+        From a signal: the signal itself, read as a log-likelihood (e.g. minus an MLM loss, the mean
+        log-probability of the masked tokens), so RMIA's p = exp(signal) and attack R's loss = -signal.
+        """
+        if self.logits is None:
+            values = np.asarray(self.signal[:], dtype=np.float64)
+            if (np.exp(values) == 0).any():
+                raise MiaError(
+                    "exp(signal) underflows to 0 for some samples: RMIA and attack R read a signal as a mean log-likelihood "
+                    "(e.g. minus a per-token loss), not a summed one; export a per-token signal (MaskedLM signal: loss or energy)"
+                )
+            return values
+        return self._logit_statistic(1)
 
     @cached_property
     def true_class_probability(self) -> np.ndarray:
-        """float64 [M, n]: softmax probability of the true label, averaged over queries."""
-        return true_class_values(self.probabilities, self.labels).mean(axis=-1)
+        """float64 [M, n]: softmax probability of the true label (exp of a signal), averaged over queries."""
+        return np.exp(self.log_true_class).mean(axis=-1)
 
     @cached_property
-    def probabilities(self) -> np.ndarray:
-        """float64 [M, n, Q, C] softmax posteriors (needs logits)."""
+    def loss(self) -> np.ndarray:
+        """float64 [M, n]: cross-entropy -log p_y (minus a signal), averaged over queries."""
+        return -self.log_true_class.mean(axis=-1)
+
+    def posteriors(self, models: np.ndarray) -> np.ndarray:
+        """float64 [k, n, Q, C] softmax posteriors of the given models (needs logits)."""
         if self.logits is None:
             raise MiaError("this attack needs class logits (models/*/logits.npy); the experiment only exported signal.npy")
-        return softmax(np.asarray(self.logits, dtype=np.float64), axis=-1)
+        return softmax(np.asarray(self.logits[np.asarray(models)], dtype=np.float64), axis=-1)
+
+    @cached_property
+    def shadow_candidates(self) -> int:
+        """C: models 0..C-1 may serve as shadow / reference models of LiRA, RMIA and attack R.
+
+        Reference models a plan trained on other (public) data, listed in plan.json as
+        ``info.reference_models``, are the last ids and never shadows: they are never IN, so they
+        would bias every OUT fit.
+        """
+        plan = self.experiment.plan if self.experiment is not None else {}
+        references = sorted(int(m) for m in plan.get("info", {}).get("reference_models", []))
+        if references and references == list(range(self.n_models - len(references), self.n_models)):
+            return self.n_models - len(references)
+        if references:
+            log.warning("plan.json lists reference models %s that are not the last model ids; they stay in the shadow pools", references)
+        return self.n_models
 
     @cached_property
     def audit_mask(self) -> np.ndarray:
@@ -109,6 +220,11 @@ class AttackData:
         if self.population is not None:
             mask[self.population] = False
         return mask
+
+    def audit_pairs(self, targets: np.ndarray) -> np.ndarray:
+        """bool [T, n]: the (target, sample) pairs that count in the metrics (``audit.npy`` rows, minus the population)."""
+        rows = np.broadcast_to(self.audit_mask, (len(targets), self.n_samples))
+        return rows & self.audit[np.asarray(targets)] if self.audit is not None else rows.copy()
 
 
 class Attack(ABC):
@@ -121,6 +237,10 @@ class Attack(ABC):
     name: ClassVar[str]
     outputs: ClassVar[tuple[str, ...]]
     requires_logits: ClassVar[bool] = False
+    min_models: ClassVar[int] = 1
+    """Models the experiment needs (2 for attacks that fit shadow / reference models besides the target)."""
+    shadow_free: ClassVar[bool] = False
+    """Whether a target's scores depend on the target model's outputs alone (no shadow or reference models)."""
     label: ClassVar[str | None] = None
     """How warnings name the attack (defaults to ``name``)."""
 
@@ -128,10 +248,20 @@ class Attack(ABC):
         self.data: AttackData | None = None
         self._flagged: dict[str, set[int]] = {}
 
+    @classmethod
+    def unmet_requirement(cls, data: AttackData) -> str | None:
+        """Why this attack cannot run on ``data`` (one phrase), or None; ``--attack all`` skips such attacks with a note."""
+        if cls.requires_logits and data.logits is None:
+            return "needs class logits (models/*/logits.npy) and this experiment exported signal.npy"
+        if data.n_models < cls.min_models:
+            return f"needs at least {cls.min_models} models (a target and shadow/reference models), the experiment has {data.n_models}"
+        return None
+
     def fit(self, data: AttackData) -> None:
         """Remember the data and precompute statistics shared by all targets."""
-        if self.requires_logits and data.logits is None:
-            raise MiaError(f"attack {self.name!r} needs class logits (models/*/logits.npy); this experiment exported signal.npy")
+        problem = self.unmet_requirement(data)
+        if problem:
+            raise MiaError(f"attack {self.name!r} {problem}")
         self.data = data
 
     @abstractmethod
@@ -163,11 +293,30 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
+def check_params(name: str, params: Any) -> dict[str, Any]:
+    """Validate ``--params`` for one attack against its ``__init__`` signature (names and types); returns the typed values."""
+    if not isinstance(params, dict):
+        raise MiaError(f"--params {name}: expected an object of parameters such as {{\"n_shadows\": 8}}, got {params!r}")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(ATTACKS[name])
+    known = [action.dest for action in parser._actions if action.dest not in ("help", "config")]
+    try:
+        parsed = parser.parse_object(params)
+    except argparse.ArgumentError as err:
+        text = " ".join(str(err).split())
+        unknown = re.search(r"Option '([^']+)' is not accepted", text)
+        if unknown:
+            raise MiaError(f"--params {name}.{unknown.group(1)}: unknown parameter; {name} takes {', '.join(known) or 'none'}") from None
+        key = re.search(r'key "([^"]+)"', text)
+        key_name = key.group(1) if key else "?"
+        annotation = inspect.signature(ATTACKS[name].__init__).parameters.get(key_name)
+        expected = annotation.annotation if annotation is not None else "another type"
+        raise MiaError(f"--params {name}.{key_name}={params.get(key_name)!r}: expected {expected}") from None
+    return {key: value for key, value in parsed.as_dict().items() if key in params}
+
+
 def create_attack(name: str, **params: Any) -> Attack:
-    """Instantiate a registered attack by name (like ``timm.create_model``)."""
+    """Instantiate a registered attack by name (like ``timm.create_model``), its parameters checked first."""
     if name not in ATTACKS:
         raise MiaError(f"unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}")
-    try:
-        return ATTACKS[name](**params)
-    except TypeError as err:
-        raise MiaError(f"attack {name!r}: bad parameters {params} ({err})") from None
+    return ATTACKS[name](**check_params(name, params))

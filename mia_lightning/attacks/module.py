@@ -1,6 +1,8 @@
 """The attack as a LightningModule: ``Trainer.predict`` scores batches of target models.
 
-``setup`` fits the attack's shared statistics once; each predict batch is a tensor of target ids.
+``setup`` fits the attack's shared statistics once; each predict batch is a tensor of positions in
+the target list, and ``predict_step`` writes its scores straight into preallocated float64 arrays
+[T, n] per output (Lightning keeps no copy of the predictions, so scores exist once in memory).
 """
 
 from __future__ import annotations
@@ -16,21 +18,28 @@ from mia_lightning.attacks.base import Attack, AttackData
 class AttackModule(L.LightningModule):
     """Wraps an ``Attack`` so Lightning drives scoring over target batches."""
 
-    def __init__(self, attack: Attack, data: AttackData) -> None:
+    def __init__(self, attack: Attack, data: AttackData, targets: np.ndarray) -> None:
         super().__init__()
         self.attack = attack
         self.data = data
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.scores = {name: np.full((len(self.targets), data.n_samples), np.nan) for name in attack.outputs}
 
     def setup(self, stage: str) -> None:
         if self.attack.data is None:
             self.attack.fit(self.data)
 
-    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, np.ndarray]:
-        return self.attack.score(batch.cpu().numpy())
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        rows = batch.cpu().numpy()
+        for name, values in self.attack.score(self.targets[rows]).items():
+            self.scores[name][rows] = values
 
 
-def score_targets(attack: Attack, data: AttackData, targets: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Run ``attack`` on ``targets`` with ``Trainer.predict``; returns float64 [len(targets), n] per output."""
+def score_targets(attack: Attack, data: AttackData, targets: np.ndarray, batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """Run ``attack`` on ``targets`` with ``Trainer.predict``; returns float64 [len(targets), n] per output.
+
+    The default batch keeps one float64 array of a batch's outputs near 16 MiB (``AttackData.target_batch_size``).
+    """
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -39,7 +48,8 @@ def score_targets(attack: Attack, data: AttackData, targets: np.ndarray, batch_s
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    loader = DataLoader(torch.as_tensor(np.asarray(targets, dtype=np.int64)), batch_size=batch_size)
-    batches = trainer.predict(AttackModule(attack, data), loader)
+    module = AttackModule(attack, data, targets)
+    loader = DataLoader(torch.arange(len(module.targets)), batch_size=batch_size or data.target_batch_size())
+    trainer.predict(module, loader, return_predictions=False)
     attack.report_warnings()
-    return {name: np.concatenate([batch[name] for batch in batches]).astype(np.float64) for name in attack.outputs}
+    return module.scores

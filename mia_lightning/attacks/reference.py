@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
-from mia_lightning.attacks.shadows import left_out_model, shadow_pool
-from mia_lightning.attacks.thresholds import cross_entropy
+from mia_lightning.attacks.shadows import NONE_LEFT_OUT, left_out_model, shadow_pool
 
 
 @register_attack
@@ -31,7 +30,7 @@ class ReferenceAttack(Attack):
     name = "reference"
     label = "attack R"
     outputs = ("reference_attack_r",)
-    requires_logits = True
+    min_models = 2
 
     def __init__(self, n_shadows: int | None = None) -> None:
         super().__init__()
@@ -40,16 +39,17 @@ class ReferenceAttack(Attack):
     def fit(self, data: AttackData) -> None:
         """Losses of every model on every sample, float64 [M, n]."""
         super().fit(data)
-        self.pool, self.k = shadow_pool(data.n_models, self.n_shadows)
-        self.loss = cross_entropy(data.logits, data.labels)
+        self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows)
+        self.loss = data.loss
 
     def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:
         """One [pool, n] comparison per target: vectorised over samples and references."""
         references = self.loss[: self.pool]
         scores = np.full((len(targets), self.data.n_samples), np.nan)
-        for row, (target, left) in enumerate(zip(targets, left_out_model(targets, self.k))):
+        for row, (target, left) in enumerate(zip(targets, left_out_model(targets, self.k, self.pool))):
             out = ~self.data.keep[: self.pool]
-            out[left] = False
+            if left != NONE_LEFT_OUT:
+                out[left] = False
             target_loss = self.loss[target]
             above = np.count_nonzero(out & (references > target_loss), axis=0)
             tied = np.count_nonzero(out & (references == target_loss), axis=0)

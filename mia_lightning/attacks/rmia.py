@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mia_lightning.attacks.base import Attack, AttackData, log, register_attack
-from mia_lightning.attacks.shadows import left_out_model, shadow_pool
+from mia_lightning.attacks.shadows import NONE_LEFT_OUT, left_out_model, shadow_pool
 from mia_lightning.errors import MiaError
 from mia_lightning.metrics import rank_auc
 
@@ -46,7 +46,7 @@ class RMIA(Attack):
     name = "rmia"
     label = "RMIA"
     outputs = ("rmia_online", "rmia_offline")
-    requires_logits = True
+    min_models = 2
 
     def __init__(self, gamma: float = 1.0, a: float | None = None, n_shadows: int | None = None) -> None:
         super().__init__()
@@ -63,9 +63,7 @@ class RMIA(Attack):
     def fit(self, data: AttackData) -> None:
         """Sum p over the reference pool (all and OUT only) once, then tune a unless it was given."""
         super().fit(data)
-        if data.n_models < 2:
-            raise MiaError("rmia needs at least 2 models: a target and one reference model")
-        self.pool, self.k = shadow_pool(data.n_models, self.n_shadows)
+        self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows)
         self.p = data.true_class_probability
         out = ~data.keep[: self.pool]
         self.sum_all = self.p[: self.pool].sum(axis=0)
@@ -80,9 +78,11 @@ class RMIA(Attack):
 
     def references(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean p over all references, mean p over OUT references or NaN), both float64 [T, n]."""
-        left = left_out_model(targets, self.k)
-        p_left, left_is_out = self.p[left], ~self.data.keep[left]
-        online = (self.sum_all - p_left) / (self.pool - 1)
+        left = left_out_model(targets, self.k, self.pool)
+        inside = (left != NONE_LEFT_OUT)[:, None]
+        p_left = self.p[np.maximum(left, 0)] * inside
+        left_is_out = ~self.data.keep[np.maximum(left, 0)] & inside
+        online = (self.sum_all - p_left) / (self.pool - inside)
         count = self.count_out - left_is_out
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_out = np.where(count > 0, (self.sum_out - p_left * left_is_out) / count, np.nan)

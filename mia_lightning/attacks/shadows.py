@@ -1,9 +1,11 @@
 """Leave-one-out shadow sets as sums: shadow models of target t are a fixed pool minus one model.
 
-With all M models the pool is 0..M-1 and target t itself is left out. With a reference count k
-(the few-shadow regime) the shadows are the k lowest ids other than t: the pool is 0..k and the
-model left out is t when t <= k, else model k. Sums over the pool are computed once; each target
-subtracts one model, so scoring T targets costs O(T * n) instead of O(T * M * n).
+The candidates are models 0..C-1 (``AttackData.shadow_candidates``: every model, except reference
+models a plan trained on other data, which come last). With all candidates the pool is 0..C-1 and
+target t itself is left out (nothing is left out for a target outside the pool). With a reference
+count k (the few-shadow regime) the shadows are the k lowest ids other than t: the pool is 0..k and
+the model left out is t when t <= k, else model k. Sums over the pool are computed once; each
+target subtracts at most one model, so scoring T targets costs O(T * n) instead of O(T * M * n).
 """
 
 from __future__ import annotations
@@ -13,19 +15,25 @@ import numpy as np
 from mia_lightning.errors import MiaError
 
 
-def shadow_pool(n_models: int, n_shadows: int | None) -> tuple[int, int | None]:
+NONE_LEFT_OUT = -1
+"""``left_out_model``'s answer for a target outside the pool: its shadows are the whole pool."""
+
+
+def shadow_pool(n_candidates: int, n_shadows: int | None) -> tuple[int, int | None]:
     """(pool size, k): the pool is models 0..pool-1; validates the requested shadow count."""
     if n_shadows is None:
-        return n_models, None
-    if not 1 <= n_shadows <= n_models - 1:
-        raise MiaError(f"n_shadows={n_shadows}: must be between 1 and n_models - 1 = {n_models - 1}")
+        return n_candidates, None
+    if not 1 <= n_shadows <= n_candidates - 1:
+        raise MiaError(f"n_shadows={n_shadows}: must be between 1 and {n_candidates - 1} (the models that can serve as shadows, less one)")
     return n_shadows + 1, n_shadows
 
 
-def left_out_model(targets: np.ndarray, k: int | None) -> np.ndarray:
-    """Id of the pool model each target's shadow set leaves out."""
+def left_out_model(targets: np.ndarray, k: int | None, pool: int) -> np.ndarray:
+    """Id of the pool model each target's shadow set leaves out (``NONE_LEFT_OUT`` for a target outside the pool)."""
     targets = np.asarray(targets)
-    return targets if k is None else np.where(targets <= k, targets, k)
+    if k is None:
+        return np.where(targets < pool, targets, NONE_LEFT_OUT)
+    return np.where(targets <= k, targets, k)
 
 
 class ShadowMoments:
@@ -35,15 +43,19 @@ class ShadowMoments:
     by the per-sample mean over the pool to keep the variance numerically exact in float64.
     """
 
-    def __init__(self, values: np.ndarray, member: np.ndarray, n_shadows: int | None = None) -> None:
-        pool, self.k = shadow_pool(values.shape[0], n_shadows)
+    def __init__(self, values: np.ndarray, member: np.ndarray, n_shadows: int | None = None, candidates: int | None = None, block: int = 16) -> None:
+        pool, self.k = shadow_pool(values.shape[0] if candidates is None else candidates, n_shadows)
+        self.pool = pool
         self.values, self.member = values, member
         self.shift = values[:pool].mean(axis=0)
-        centred = values[:pool] - self.shift
-        weights = member[:pool].astype(np.float64)
-        self.count = weights.sum(axis=0)
-        self.sum1 = np.einsum("mn,mnq->nq", weights, centred)
-        self.sum2 = np.einsum("mn,mnq->nq", weights, centred**2)
+        self.count = member[:pool].sum(axis=0).astype(np.float64)
+        self.sum1, self.sum2 = np.zeros_like(self.shift), np.zeros_like(self.shift)
+        for start in range(0, pool, block):  # blocks of models: temporaries stay [block, n, Q]
+            stop = min(start + block, pool)
+            centred = values[start:stop] - self.shift
+            weights = member[start:stop].astype(np.float64)
+            self.sum1 += np.einsum("mn,mnq->nq", weights, centred)
+            self.sum2 += np.einsum("mn,mnq->nq", weights, centred**2)
 
     def leave_out(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(count [T, n], mean [T, n, Q], var [T, n, Q], pooled var [T, Q]) without each target's left-out model.
@@ -51,9 +63,10 @@ class ShadowMoments:
         Mean and var are NaN where the count is 0; pooled var is sum_j sum_m (x - mean_j)^2 / sum_j count_j
         (0 when no sample has two shadows: then no spread can be estimated at all).
         """
-        out = left_out_model(targets, self.k)
-        w = self.member[out].astype(np.float64)
-        d = self.values[out] - self.shift
+        out = left_out_model(targets, self.k, self.pool)
+        inside = (out != NONE_LEFT_OUT)[:, None]
+        w = (self.member[np.maximum(out, 0)] & inside).astype(np.float64)
+        d = self.values[np.maximum(out, 0)] - self.shift
         count = self.count - w
         s1 = self.sum1 - w[..., None] * d
         s2 = self.sum2 - w[..., None] * d**2

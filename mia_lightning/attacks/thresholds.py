@@ -24,11 +24,6 @@ from mia_lightning.attacks.base import Attack, label_index, register_attack, tru
 _TINY = np.finfo(np.float64).tiny
 
 
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Cross-entropy loss -log p_y in float64 [..., n], averaged over queries, from logits [..., n, Q, C]."""
-    return -true_class_values(log_softmax(np.asarray(logits, dtype=np.float64), axis=-1), labels).mean(axis=-1)
-
-
 def posterior_signals(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     """The four threshold statistics (higher = member) in float64 [..., n], averaged over queries."""
     log_p = log_softmax(np.asarray(logits, dtype=np.float64), axis=-1)
@@ -53,6 +48,7 @@ class ThresholdAttacks(Attack):
     name = "thresholds"
     outputs = ("loss", "confidence", "entropy", "modified_entropy")
     requires_logits = True
+    shadow_free = True
 
     def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:
         return posterior_signals(self.data.logits[targets], self.data.labels)

@@ -1,17 +1,39 @@
 """Membership plans: which pool samples each model trains on (``keep.npy`` + ``plan.json``).
 
-The LiRA plan puts every sample IN for exactly half of the models (floor/ceil when N is odd) and
-gives every model as equal a share of the pool as possible; optional population samples are
-reserved for no model. Same arguments, same plan, bit for bit (numpy PCG64 seeded once).
+A plan kind is a function ``(spec, labels, groups) -> Plan`` registered in ``PLAN_KINDS``; the
+recipe picks it with ``plan.kind`` and passes kind-specific ``plan.options``. Every kind is seeded:
+same arguments, same plan, bit for bit (numpy PCG64 seeded once).
+
+- ``lira_half`` (default): every sample is IN for exactly half of the models (floor/ceil when N is
+  odd) and every model gets as equal a share of the pool as possible (Carlini et al. 2022).
+- ``bernoulli``: every (model, sample) membership is an independent fair coin flip, the design the
+  one-run privacy audit needs (Steinke, Nasr and Jagielski 2023).
+
+Both can reserve ``n_population`` samples that no model trains on (RMIA's population).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import importlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
+from mia_lightning.errors import MiaError
 from mia_lightning.experiment import FORMAT_VERSION
+
+PLAN_KINDS: dict[str, str] = {
+    "lira_half": "mia_lightning.data.plan:make_lira_plan",
+    "bernoulli": "mia_lightning.data.plan:make_bernoulli_plan",
+    "user_grouped": "mia_lightning.data.plans_users:make_user_grouped_plan",
+    "unlearning": "mia_lightning.unlearning.plans:make_unlearning_plan",
+    "unlearning_ulira": "mia_lightning.unlearning.plans:make_ulira_plan",
+}
+"""Plan kind -> ``module:function`` building it (workloads register theirs here)."""
+
+INDEPENDENT_KINDS: frozenset[str] = frozenset({"bernoulli"})
+"""Plan kinds whose memberships are independent fair coin flips per (model, sample)."""
 
 
 @dataclass(frozen=True)
@@ -24,9 +46,57 @@ class PlanSpec:
     seed: int = 0
     kind: str = "lira_half"
     n_population: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {**asdict(self), "version": FORMAT_VERSION}
+
+
+@dataclass
+class Plan:
+    """A plan's arrays and extras; the runner writes each into the experiment directory.
+
+    ``audit`` (bool [M, n], optional) says which samples count in the metrics when model m is the
+    target (default: every sample outside ``population``); ``info`` is merged into plan.json;
+    ``files`` are extra JSON contract files (e.g. ``unlearning.json``); ``parents`` maps a model
+    derived from another one (e.g. an unlearned model fine-tuned from its original) to that model.
+    """
+
+    keep: np.ndarray
+    population: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    audit: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Any] = field(default_factory=dict)
+    parents: dict[int, int] = field(default_factory=dict)
+
+
+def plan_kind(kind: str) -> Callable[..., Plan]:
+    """The function registered for ``kind`` (a one-line error naming the known kinds otherwise)."""
+    if kind not in PLAN_KINDS:
+        raise MiaError(f"--plan.kind {kind!r}: unknown plan kind; choose one of {', '.join(sorted(PLAN_KINDS))}")
+    module, _, function = PLAN_KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def make_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
+    """Build the plan of ``spec.kind`` and check its shapes."""
+    if spec.n_models < 2:
+        raise MiaError(f"--plan.n_models {spec.n_models}: a membership plan needs at least 2 models (a target and a shadow)")
+    plan = plan_kind(spec.kind)(spec, labels, groups)
+    if plan.keep.shape != (spec.n_models, spec.n_samples) or plan.keep.dtype != np.bool_:
+        raise MiaError(f"plan kind {spec.kind!r}: built keep {plan.keep.shape} {plan.keep.dtype}, expected bool {(spec.n_models, spec.n_samples)}")
+    return plan
+
+
+def split_population(spec: PlanSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(population ids, audit ids), both sorted int64: ``n_population`` seeded samples no model trains on."""
+    if not 0 <= spec.n_population < spec.n_samples - 1:
+        raise MiaError(
+            f"--plan.n_population {spec.n_population}: must be between 0 and {spec.n_samples - 2} "
+            f"(the pool has {spec.n_samples} samples and at least 2 must be audited)"
+        )
+    order = rng.permutation(spec.n_samples)
+    return np.sort(order[: spec.n_population]).astype(np.int64), np.sort(order[spec.n_population :])
 
 
 def _balance_rows(keep: np.ndarray, rng: np.random.Generator) -> None:
@@ -41,16 +111,10 @@ def _balance_rows(keep: np.ndarray, rng: np.random.Generator) -> None:
         keep[high, column], keep[low, column] = False, True
 
 
-def make_lira_plan(spec: PlanSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(keep bool [n_models, n_samples], population int64 ids) for a LiRA-style random-halves plan."""
-    if spec.n_models < 2:
-        raise ValueError("a membership plan needs at least 2 models")
-    if not 0 <= spec.n_population < spec.n_samples - 1:
-        raise ValueError(f"n_population={spec.n_population} must leave at least 2 audit samples of {spec.n_samples}")
+def make_lira_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
+    """LiRA-style random halves: each audit sample IN for exactly half the models, balanced rows."""
     rng = np.random.default_rng(spec.seed)
-    order = rng.permutation(spec.n_samples)
-    population = np.sort(order[: spec.n_population]).astype(np.int64)
-    audit = np.sort(order[spec.n_population :])
+    population, audit = split_population(spec, rng)
     n_in = np.full(audit.size, spec.n_models // 2)
     if spec.n_models % 2:
         n_in[rng.permutation(audit.size)[: audit.size // 2]] += 1
@@ -59,4 +123,16 @@ def make_lira_plan(spec: PlanSpec) -> tuple[np.ndarray, np.ndarray]:
     _balance_rows(sub, rng)
     keep = np.zeros((spec.n_models, spec.n_samples), dtype=bool)
     keep[:, audit] = sub
-    return keep, population
+    return Plan(keep, population)
+
+
+def make_bernoulli_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
+    """Independent fair coin flips: sample j is in model i's training set with probability 1/2, independently."""
+    rng = np.random.default_rng(spec.seed)
+    population, audit = split_population(spec, rng)
+    keep = np.zeros((spec.n_models, spec.n_samples), dtype=bool)
+    keep[:, audit] = rng.random((spec.n_models, audit.size)) < 0.5
+    empty = np.flatnonzero(~keep.any(axis=1))
+    if empty.size:
+        raise MiaError(f"--plan.kind bernoulli: model {int(empty[0])} drew no training sample; use a larger pool or another --plan.seed")
+    return Plan(keep, population, info={"membership": "independent coin flips, p = 1/2"})

@@ -2,7 +2,10 @@
 
 Both engines write the same file, loadable with ``<ModelClass>.load_from_checkpoint``; the
 ``mia_lightning`` entry records the class and model index so export can rebuild any family and
-refuse a foreign checkpoint.
+refuse a foreign checkpoint. A module adds its own state (e.g. a DP accountant) through Lightning's
+``on_save_checkpoint`` / ``on_load_checkpoint`` hooks. Loading is safe on untrusted files: tensors
+only (``weights_only=True``), and the class named inside must be a LightningModule from a trusted
+package (``mia_lightning.components.resolve_class``) before anything is built.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import lightning as L
 import torch
 
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import FORMAT_VERSION
-from mia_lightning.farm.engine import ComponentSpec
+from mia_lightning.experiment import FORMAT_VERSION, READABLE_VERSIONS
+from mia_lightning.components import TRUSTED_MODULES, ComponentSpec
 from mia_lightning.io import write_bytes_atomic
 
 TAG = "mia_lightning"
@@ -30,13 +33,14 @@ def save_model_checkpoint(module: L.LightningModule, path: Path, index: int, exp
         "pytorch-lightning_version": L.__version__,
         TAG: {"class_path": f"{cls.__module__}.{cls.__qualname__}", "index": index, "experiment": experiment, "version": FORMAT_VERSION},
     }
+    module.on_save_checkpoint(payload)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def load_model_checkpoint(path: Path, index: int) -> L.LightningModule:
-    """Load model ``index``'s checkpoint, checking that it is one of ours and for that index."""
+def load_model_checkpoint(path: Path, index: int, trusted: tuple[str, ...] = TRUSTED_MODULES) -> L.LightningModule:
+    """Load model ``index``'s checkpoint, checking that it is one of ours, for that index, and names a trusted LightningModule."""
     if not path.is_file():
         raise MiaError(f"{path}: missing checkpoint; re-train this model with `python train.py farm --config <recipe>`")
     try:
@@ -46,8 +50,20 @@ def load_model_checkpoint(path: Path, index: int) -> L.LightningModule:
     tag = payload.get(TAG) if isinstance(payload, dict) else None
     if not isinstance(tag, dict) or "class_path" not in tag:
         raise MiaError(f"{path}: not a mia-lightning checkpoint (no '{TAG}' entry); export its logits with the framework that trained it")
-    if tag.get("version") != FORMAT_VERSION or tag.get("index") != index:
+    if tag.get("version") not in READABLE_VERSIONS or tag.get("index") != index:
         raise MiaError(f"{path}: checkpoint of model {tag.get('index')} (layout version {tag.get('version')}), expected model {index} version {FORMAT_VERSION}")
-    module = ComponentSpec(tag["class_path"], payload["hyper_parameters"]).build()
-    module.load_state_dict(payload["state_dict"])
+    hparams, state = payload.get("hyper_parameters"), payload.get("state_dict")
+    if not isinstance(hparams, dict) or not isinstance(state, dict):
+        raise MiaError(f"{path}: checkpoint without hyper_parameters / state_dict dictionaries; delete the model folder and re-train it")
+    spec = ComponentSpec(str(tag["class_path"]), hparams, base=L.LightningModule, trusted=trusted)
+    try:
+        spec.resolve()  # refuses a non-LightningModule or untrusted class before anything is called
+    except MiaError as err:
+        raise MiaError(f"{path}: {err}") from None
+    module = spec.build()
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise MiaError(f"{path}: weights do not fit {tag['class_path']} ({str(err).splitlines()[0]}); the checkpoint is damaged or from other code") from None
+    module.on_load_checkpoint(payload)
     return module.eval()

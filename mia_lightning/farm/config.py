@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from mia_lightning.data.plan import PlanSpec
 from mia_lightning.errors import MiaError
 from mia_lightning.experiment import ExperimentDir
-from mia_lightning.farm.engine import ComponentSpec, FarmSetup
-
-ENGINES = ("vectorised", "sequential")
+from mia_lightning.components import ComponentSpec
+from mia_lightning.farm.engine import ENGINES, FarmSetup
 
 
 @dataclass
@@ -28,11 +28,13 @@ class ExperimentOptions:
 
 @dataclass
 class PlanOptions:
-    """Membership plan: N models on random halves of the pool, seeded; optional reserved population."""
+    """Membership plan: N models, seeded; ``kind`` picks the plan (``data.plan.PLAN_KINDS``) and ``options`` its settings."""
 
     n_models: int = 64
     seed: int = 0
     n_population: int = 0
+    kind: str = "lira_half"
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +64,7 @@ def farm_parser() -> ArgumentParser:
     parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
     parser.add_subclass_arguments(L.LightningModule, "model", required=True)
     parser.add_class_arguments(L.Trainer, "trainer", instantiate=False, skip={"callbacks", "logger", "plugins", "default_root_dir"})
+    parser.add_argument("--trainer.callbacks", type=list[dict], default=[], help="Lightning callbacks as class_path/init_args (e.g. EarlyStopping)")
     parser.add_class_arguments(FarmOptions, "farm")
     parser.add_class_arguments(AuditOptions, "audit")
     parser.add_argument("--status", action="store_true", help="report done / running / stale / missing models and exit")
@@ -69,9 +72,42 @@ def farm_parser() -> ArgumentParser:
     return parser
 
 
+NOT_MODEL_DECIDING = frozenset({
+    "accelerator", "strategy", "devices", "num_nodes", "enable_progress_bar", "enable_model_summary", "enable_checkpointing",
+    "log_every_n_steps", "profiler", "barebones", "detect_anomaly", "inference_mode", "use_distributed_sampler",
+})
+"""Trainer arguments that say where and how verbosely a model trains, not what it becomes (left out of the recipe identity)."""
+
+DATA_ARGS_NOT_MODEL_DECIDING = frozenset({"num_workers", "cache_dir", "pin_memory"})
+
+
+def model_deciding_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
+    """Trainer arguments that change what a model becomes, with precision in Lightning's unified spelling (32 = '32-true', the default)."""
+    from lightning.fabric.connector import _convert_precision_to_unified_args
+
+    args = {key: value for key, value in trainer.items() if key not in NOT_MODEL_DECIDING}
+    if "precision" in args:
+        args["precision"] = _convert_precision_to_unified_args(args["precision"])
+        if args["precision"] == "32-true":
+            del args["precision"]
+    return args
+
+
 def _non_default_trainer_args(trainer: Namespace) -> dict[str, Any]:
     defaults = inspect.signature(L.Trainer.__init__).parameters
-    return {key: value for key, value in trainer.as_dict().items() if defaults[key].default != value}
+    return {key: value for key, value in trainer.as_dict().items() if key != "callbacks" and defaults[key].default != value}
+
+
+def _callback_specs(items: list[dict]) -> tuple[ComponentSpec, ...]:
+    """The recipe's ``trainer.callbacks``, each checked to be a ``lightning.Callback`` subclass."""
+    specs = []
+    for item in items or []:
+        if not isinstance(item, dict) or "class_path" not in item:
+            raise MiaError(f"trainer.callbacks: {item!r} is not a class_path/init_args entry")
+        spec = ComponentSpec(str(item["class_path"]), dict(item.get("init_args") or {}), base=L.Callback)
+        spec.resolve()
+        specs.append(spec)
+    return tuple(specs)
 
 
 @dataclass(frozen=True)
@@ -86,29 +122,57 @@ class Recipe:
     dumped: str
 
     def plan_spec(self, dataset: str, n_samples: int) -> PlanSpec:
-        return PlanSpec(dataset=dataset, n_samples=n_samples, n_models=self.plan.n_models, seed=self.plan.seed, n_population=self.plan.n_population)
+        plan = self.plan
+        return PlanSpec(dataset=dataset, n_samples=n_samples, n_models=plan.n_models, seed=plan.seed, kind=plan.kind,
+                        n_population=plan.n_population, options=dict(plan.options))
 
-    def identity(self) -> dict[str, Any]:
-        """The parts of the recipe that decide the models (must match to resume an experiment)."""
-        return {"plan": vars(self.plan), "data": self.setup.data.__dict__, "model": self.setup.model.__dict__}
+    def resolved_config(self, model_kwargs: dict[str, Any]) -> str:
+        """The recipe as YAML with the model arguments the data decided (e.g. n_features of a CSV), as config.yaml records it."""
+        config = yaml.safe_load(self.dumped)
+        config["model"].setdefault("init_args", {}).update(model_kwargs)
+        return yaml.safe_dump(config, sort_keys=False)
+
+    def identity(self, model_kwargs: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+        """Everything that decides what the models become; every process training into the experiment must match it.
+
+        Plan, data and model arguments (with the values the data decided, e.g. n_features), the trainer
+        settings that change training (not where it runs), the callbacks, and a content hash of the pool.
+        """
+        data_args = {k: v for k, v in self.setup.data.init_args.items() if k not in DATA_ARGS_NOT_MODEL_DECIDING}
+        return {
+            "plan": {"n_models": self.plan.n_models, "seed": self.plan.seed, "n_population": self.plan.n_population,
+                     "kind": self.plan.kind, "options": dict(self.plan.options)},
+            "data": {"class_path": self.setup.data.class_path, "init_args": data_args},
+            "model": {"class_path": self.setup.model.class_path, "init_args": {**self.setup.model.init_args, **model_kwargs}},
+            "trainer": model_deciding_trainer_args(self.setup.trainer),
+            "callbacks": [{"class_path": c.class_path, "init_args": c.init_args} for c in self.setup.callbacks],
+            "pool_fingerprint": fingerprint,
+        }
 
 
-def _component(namespace: Namespace) -> ComponentSpec:
+def _component(namespace: Namespace, base: type) -> ComponentSpec:
     init_args = namespace.init_args.as_dict() if isinstance(namespace.init_args, Namespace) else dict(namespace.init_args or {})
-    return ComponentSpec(namespace.class_path, init_args)
+    return ComponentSpec(namespace.class_path, init_args, base=base)
 
 
 def recipe_from_namespace(parser: ArgumentParser, cfg: Namespace) -> Recipe:
     """Build a ``Recipe`` from parsed arguments."""
     farm = FarmOptions(**cfg.farm.as_dict())
     if farm.engine not in ENGINES:
-        raise MiaError(f"--farm.engine {farm.engine!r}: choose one of {', '.join(ENGINES)}")
+        raise MiaError(f"--farm.engine {farm.engine!r}: choose one of {', '.join(sorted(ENGINES))}")
     experiment = ExperimentOptions(**cfg.experiment.as_dict())
+    directory = ExperimentDir(Path(experiment.root) / experiment.name)
     audit = cfg.audit.as_dict()
     return Recipe(
-        experiment=ExperimentDir(Path(experiment.root) / experiment.name),
+        experiment=directory,
         plan=PlanOptions(**cfg.plan.as_dict()),
-        setup=FarmSetup(data=_component(cfg.data), model=_component(cfg.model), trainer=_non_default_trainer_args(cfg.trainer)),
+        setup=FarmSetup(
+            data=_component(cfg.data, L.LightningDataModule),
+            model=_component(cfg.model, L.LightningModule),
+            trainer=_non_default_trainer_args(cfg.trainer),
+            callbacks=_callback_specs(cfg.trainer.callbacks),
+            cache_dir=str(directory.cache_dir),
+        ),
         farm=farm,
         audit=AuditOptions(attacks=tuple(audit["attacks"]), n_targets=audit["n_targets"]),
         dumped=parser.dump(cfg),

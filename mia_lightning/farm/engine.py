@@ -9,7 +9,6 @@ of models at once (``mia_lightning.farm.vectorised``).
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -17,37 +16,27 @@ import lightning as L
 import numpy as np
 import torch
 
+from mia_lightning.components import ComponentSpec
 from mia_lightning.errors import MiaError
+from mia_lightning.experiment import ExperimentDir
 
 
-@dataclass(frozen=True)
-class ComponentSpec:
-    """A class to build by import path with keyword arguments (LightningCLI's class_path / init_args)."""
-
-    class_path: str
-    init_args: dict[str, Any] = field(default_factory=dict)
-
-    def resolve(self) -> type:
-        module_name, _, class_name = self.class_path.rpartition(".")
-        try:
-            return getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError, ValueError):
-            raise MiaError(f"class_path {self.class_path!r}: cannot import it; check the spelling in the config") from None
-
-    def build(self, **overrides: Any) -> Any:
-        try:
-            return self.resolve()(**{**self.init_args, **overrides})
-        except (TypeError, ValueError) as err:
-            raise MiaError(f"{self.class_path}: bad init_args ({err}); fix the config") from None
+ENGINES: dict[str, str] = {
+    "sequential": "mia_lightning.farm.engine:SequentialEngine",
+    "vectorised": "mia_lightning.farm.vectorised:VectorisedEngine",
+    "unlearning": "mia_lightning.unlearning.engine:UnlearningEngine",
+}
+"""``farm.engine`` name -> ``module:Class``; an engine is built as ``Engine(setup, group_size=, progress=, experiment=)``."""
 
 
 @dataclass(frozen=True)
 class ModelJob:
-    """One model of the farm: its index, its training subset of the pool and its seed."""
+    """One model of the farm: its index, its training subset of the pool, its seed and the model it derives from."""
 
     index: int
     train_indices: np.ndarray
     seed: int
+    parent: int | None = None
 
 
 @dataclass
@@ -67,14 +56,24 @@ class FarmSetup:
     data: ComponentSpec
     model: ComponentSpec
     trainer: dict[str, Any]
+    callbacks: tuple[ComponentSpec, ...] = ()
+    cache_dir: str | None = None
 
-    def build_datamodule(self, job: ModelJob) -> L.LightningDataModule:
-        return self.data.build(train_indices=job.train_indices.tolist(), seed=job.seed)
+    def build_datamodule(self, job: ModelJob | None = None) -> L.LightningDataModule:
+        """The DataModule for ``job`` (the whole pool without one), with the experiment's cache folder when it takes one."""
+        extra = {"cache_dir": self.cache_dir} if self.cache_dir and self.data.accepts("cache_dir") else {}
+        if job is None:
+            return self.data.build(**extra)
+        return self.data.build(train_indices=job.train_indices.tolist(), seed=job.seed, **extra)
 
     def build_model(self, datamodule: L.LightningDataModule, seed: int) -> L.LightningModule:
         """The model for ``datamodule``'s pool, initialised from ``seed`` (so every engine starts from the same weights)."""
         torch.manual_seed(seed)
         return self.model.build(**datamodule.model_kwargs())
+
+    def build_callbacks(self) -> list[L.Callback]:
+        """Fresh instances of the recipe's ``trainer.callbacks`` (one set per Lightning run)."""
+        return [spec.build() for spec in self.callbacks]
 
     def build_trainer(self, **overrides: Any) -> L.Trainer:
         kwargs = {
@@ -93,6 +92,16 @@ def model_seed(plan_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([plan_seed, index]).generate_state(1)[0])
 
 
+def fit(trainer: L.Trainer, module: L.LightningModule, **kwargs: Any) -> None:
+    """``trainer.fit``, with Lightning's Ctrl-C handling (it catches the interrupt and calls ``exit(1)``) turned back into KeyboardInterrupt."""
+    try:
+        trainer.fit(module, **kwargs)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+
+
 def predict_logits(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule) -> np.ndarray:
     """Export: ``Trainer.predict`` on the whole pool -> float32 [n, Q, C]."""
     batches = trainer.predict(module, datamodule=datamodule)
@@ -100,19 +109,44 @@ def predict_logits(trainer: L.Trainer, module: L.LightningModule, datamodule: L.
 
 
 class SequentialEngine:
-    """One Lightning ``fit`` + ``predict`` per model (any LightningModule family)."""
+    """One Lightning ``fit`` + ``predict`` per model (any LightningModule family).
 
-    def __init__(self, setup: FarmSetup, progress: Callable[[], list[L.Callback]] | None = None) -> None:
+    A job with a ``parent`` starts from the parent's trained weights (its checkpoint in the
+    experiment) and continues training on its own subset: fine-tuning, online learning, or an
+    inexact unlearning step.
+    """
+
+    def __init__(
+        self,
+        setup: FarmSetup,
+        group_size: int = 1,
+        progress: Callable[[], list[L.Callback]] | None = None,
+        experiment: ExperimentDir | None = None,
+    ) -> None:
         self.setup = setup
         self.progress = progress
+        self.experiment = experiment
+
+    def warm_start(self, module: L.LightningModule, job: ModelJob) -> None:
+        """Load the parent model's trained state into ``module`` (no-op for a job without parent)."""
+        if job.parent is None:
+            return
+        if self.experiment is None:
+            raise MiaError(f"model {job.index} derives from model {job.parent}, which needs the experiment directory")
+        from mia_lightning.farm.checkpoints import load_model_checkpoint
+
+        parent = load_model_checkpoint(self.experiment.model_dir(job.parent) / "model.ckpt", job.parent)
+        module.load_state_dict(parent.state_dict())
+        module.continues_from_parent = True  # modules keep state fitted on the parent's data (e.g. feature scaling)
 
     def run(self, jobs: list[ModelJob]) -> Iterator[TrainedModel]:
         for job in jobs:
             datamodule = self.setup.build_datamodule(job)
             module = self.setup.build_model(datamodule, job.seed)
-            callbacks = self.progress() if self.progress else []
-            trainer = self.setup.build_trainer(callbacks=callbacks, enable_progress_bar=bool(callbacks))
-            trainer.fit(module, datamodule=datamodule)
+            self.warm_start(module, job)
+            progress = self.progress() if self.progress else []
+            trainer = self.setup.build_trainer(callbacks=[*self.setup.build_callbacks(), *progress], enable_progress_bar=bool(progress))
+            fit(trainer, module, datamodule=datamodule)
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
             predictor = self.setup.build_trainer(enable_progress_bar=False, devices=1)
             yield TrainedModel(job.index, module, predict_logits(predictor, module, datamodule), metrics)

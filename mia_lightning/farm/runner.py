@@ -7,99 +7,201 @@ model or one that is retrained from scratch with the same seed, giving the same 
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 import numpy as np
 from rich.console import Console
 
-from mia_lightning.data.plan import make_lira_plan
+from mia_lightning.data.plan import make_plan
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
+from mia_lightning.experiment import FORMAT_VERSION, ExperimentDir
 from mia_lightning.farm.checkpoints import save_model_checkpoint
 from mia_lightning.farm.config import Recipe
-from mia_lightning.farm.engine import ModelJob, SequentialEngine, TrainedModel, model_seed
+from mia_lightning.farm.engine import ENGINES, ModelJob, TrainedModel, model_seed
+from mia_lightning.model_outputs import checked_outputs, save_model_outputs
 from mia_lightning.farm.locks import Heartbeat, release, try_claim
 from mia_lightning.farm.shards import resolve_shard
 from mia_lightning.io import load_json, load_npy, save_json_atomic, save_npy_atomic, write_bytes_atomic
 
 DONE_FILE = "done.json"
+log = logging.getLogger("mia_lightning")
 
 
 def is_done(experiment: ExperimentDir, index: int) -> bool:
     return (experiment.model_dir(index) / DONE_FILE).is_file()
 
 
-def prepare_experiment(recipe: Recipe) -> np.ndarray:
-    """Write (or check) plan.json, keep.npy, labels.npy, population.npy and config.yaml; returns keep."""
+@dataclass(frozen=True)
+class PlannedFarm:
+    """What the runner needs from the experiment's plan: the keep matrix and which model derives from which."""
+
+    keep: np.ndarray
+    parents: dict[int, int]
+
+
+def pool_fingerprint(pool: L.LightningDataModule, labels: np.ndarray) -> str:
+    """The DataModule's content hash of its pool (features/texts and labels), or the labels' hash with a warning."""
+    if hasattr(pool, "fingerprint"):
+        return str(pool.fingerprint())
+    log.warning("%s has no fingerprint(): an edited data file would go unnoticed; only the labels are hashed", type(pool).__name__)
+    return "labels-only:" + hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {key: leaf for k, v in value.items() for key, leaf in _flatten(v, f"{prefix}{k}.").items()} or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): value}
+
+
+def differing_keys(stored: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between two plan.json payloads, as 'key: stored -> current'."""
+    old, new = _flatten(stored), _flatten(current)
+
+    def shown(values: dict, key: str) -> str:
+        return repr(values[key]) if key in values else "<absent>"
+
+    return [f"{key}: {shown(old, key)} -> {shown(new, key)}" for key in sorted(set(old) | set(new)) if shown(old, key) != shown(new, key)]
+
+
+def validate_training(recipe: Recipe, pool: L.LightningDataModule) -> None:
+    """Refuse a recipe that cannot train before anything is written: bad model arguments, optimiser values, trainer settings."""
+    trainer = recipe.setup.trainer
+    for key in ("max_epochs", "max_steps"):
+        if trainer.get(key) == 0:
+            raise MiaError(f"--trainer.{key} 0: the models would not train at all; give a positive value")
+    module = recipe.setup.build_model(pool, seed=0)
+    try:
+        module.configure_optimizers()
+    except ValueError as err:
+        raise MiaError(f"{recipe.setup.model.class_path}: {err}; fix the optimiser settings in model.init_args") from None
+    except RuntimeError:
+        pass  # an optimiser that needs the Trainer is checked when training starts
+    try:
+        recipe.setup.build_trainer()
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
+        raise MiaError(f"trainer settings: {' '.join(str(err).split())}") from None
+    recipe.setup.build_callbacks()
+
+
+def _writable(folder: Path) -> None:
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise MiaError(f"{existing}: not writable; choose another --experiment.root or fix its permissions")
+
+
+def prepare_experiment(recipe: Recipe) -> PlannedFarm:
+    """Write (or check) plan.json, keep.npy, labels.npy and the optional contract files; returns the plan.
+
+    Everything is validated first (recipe, trainer, plan); an existing experiment must have been
+    planned with exactly the same recipe identity, else the differing keys are named.
+    """
     experiment = recipe.experiment
-    pool = recipe.setup.data.build()
-    recipe.setup.build_model(pool, seed=0)  # a bad model config fails here, before anything is written
+    pool = recipe.setup.build_datamodule()
+    model_kwargs = dict(pool.model_kwargs()) if hasattr(pool, "model_kwargs") else {}
+    validate_training(recipe, pool)
     labels = np.asarray(pool.pool_labels(), dtype=np.int64)
-    spec = recipe.plan_spec(getattr(pool, "dataset_id", recipe.setup.data.class_path), len(labels))
-    plan_json = {**spec.to_json(), "recipe": recipe.identity()}
-    keep, population = make_lira_plan(spec)
+    groups = pool.pool_groups() if hasattr(pool, "pool_groups") else None
+    spec = recipe.plan_spec(str(getattr(pool, "dataset_id", recipe.setup.data.class_path)), len(labels))
+    plan = make_plan(spec, labels, groups)
+    plan_json = {
+        **spec.to_json(),
+        "info": plan.info,
+        "parents": {str(child): parent for child, parent in sorted(plan.parents.items())},
+        "recipe": recipe.identity(model_kwargs, pool_fingerprint(pool, labels)),
+    }
     if experiment.plan_path.is_file():
         stored = load_json(experiment.plan_path)
-        if stored != plan_json:
+        if not isinstance(stored, dict) or stored.get("version") != FORMAT_VERSION:
             raise MiaError(
-                f"{experiment.plan_path}: this experiment was planned with a different recipe (plan, data or model); "
-                "use another --experiment.name or delete the directory"
+                f"{experiment.plan_path}: planned by layout version {stored.get('version') if isinstance(stored, dict) else '?'}; "
+                f"this mia-lightning trains layout {FORMAT_VERSION}: use another --experiment.name (attack.py still reads it)"
+            )
+        changed = differing_keys(stored, plan_json)
+        if changed:
+            raise MiaError(
+                f"{experiment.plan_path}: this experiment was planned with a different recipe ({'; '.join(changed[:6])}"
+                f"{'; ...' if len(changed) > 6 else ''}); use another --experiment.name or delete the directory"
             )
         stored_keep = load_npy(experiment.keep_path, "membership matrix", "delete the experiment directory and re-run the farm")
-        if not np.array_equal(stored_keep, keep):
+        if not np.array_equal(stored_keep, plan.keep):
             raise MiaError(f"{experiment.keep_path}: differs from the plan in plan.json (edited or corrupt); delete the experiment and re-run")
-        return keep
-    save_npy_atomic(experiment.keep_path, keep)
+        return PlannedFarm(plan.keep, plan.parents)
+    _writable(experiment.root)
+    save_npy_atomic(experiment.keep_path, plan.keep)
     save_npy_atomic(experiment.labels_path, labels)
-    if spec.n_population:
-        save_npy_atomic(experiment.population_path, population)
-    write_bytes_atomic(experiment.config_path, recipe.dumped.encode())
-    save_json_atomic(experiment.plan_path, plan_json)
-    return keep
+    if plan.population.size:
+        save_npy_atomic(experiment.population_path, plan.population)
+    if groups is not None:
+        save_npy_atomic(experiment.groups_path, np.asarray(groups, dtype=np.int64))
+    if plan.audit is not None:
+        save_npy_atomic(experiment.audit_path, plan.audit)
+    for name, payload in plan.files.items():
+        save_json_atomic(experiment.root / name, payload)
+    write_bytes_atomic(experiment.config_path, recipe.resolved_config(model_kwargs).encode())
+    save_json_atomic(experiment.plan_path, plan_json)  # last: its presence means the plan is complete
+    return PlannedFarm(plan.keep, plan.parents)
 
 
 def write_model(experiment: ExperimentDir, trained: TrainedModel, job: ModelJob, engine: str) -> None:
-    """Checkpoint, logits, then done.json: the model is complete only once done.json exists."""
+    """Checkpoint, outputs, then done.json: the model is complete only once done.json exists.
+
+    The outputs are checked first: a diverged model (NaN/inf logits) is refused, not marked done.
+    """
+    outputs = checked_outputs(trained.index, trained.logits)
     folder = experiment.model_dir(trained.index)
     save_model_checkpoint(trained.module, folder / "model.ckpt", trained.index, experiment.root.name)
-    save_npy_atomic(folder / "logits.npy", np.asarray(trained.logits, dtype=np.float32))
+    save_model_outputs(folder, outputs)
     save_json_atomic(
         folder / DONE_FILE,
-        {"index": trained.index, "seed": job.seed, "n_train": int(job.train_indices.size), "engine": engine,
+        {"index": trained.index, "seed": job.seed, "n_train": int(job.train_indices.size), "parent": job.parent, "engine": engine,
          "metrics": trained.metrics, "host": socket.gethostname(), "pid": os.getpid(), "finished_at": time.time()},
     )
 
 
 def build_engine(recipe: Recipe, progress_bar: bool):
-    """The engine named by ``farm.engine``, with a rich progress bar per Lightning run when wanted."""
+    """The engine named by ``farm.engine`` (``farm.engine.ENGINES``), with a rich progress bar per Lightning run when wanted."""
     from lightning.pytorch.callbacks import RichProgressBar
 
     progress = (lambda: [RichProgressBar(leave=False)]) if progress_bar else None
-    if recipe.farm.engine == "sequential":
-        return SequentialEngine(recipe.setup, progress=progress)
-    from mia_lightning.farm.vectorised import VectorisedEngine
-
-    return VectorisedEngine(recipe.setup, group_size=recipe.farm.group_size, progress=progress)
+    module, _, name = ENGINES[recipe.farm.engine].partition(":")
+    engine_class = getattr(importlib.import_module(module), name)
+    return engine_class(recipe.setup, group_size=recipe.farm.group_size, progress=progress, experiment=recipe.experiment)
 
 
 class _Claims:
     """The models this process holds: claimed from a queue, kept alive by the heartbeat, released once written."""
 
-    def __init__(self, experiment: ExperimentDir, stale_after_s: float, heartbeat: Heartbeat) -> None:
-        self.experiment, self.stale_after_s, self.heartbeat = experiment, stale_after_s, heartbeat
+    def __init__(self, experiment: ExperimentDir, stale_after_s: float, heartbeat: Heartbeat, parents: dict[int, int]) -> None:
+        self.experiment, self.stale_after_s, self.heartbeat, self.parents = experiment, stale_after_s, heartbeat, parents
         self.held_elsewhere: list[int] = []
+        self.waiting: list[int] = []
 
     def take(self, queue: list[int], count: int) -> list[int]:
-        """Claim up to ``count`` models from the front of ``queue`` that are neither done nor held by a live process."""
+        """Claim up to ``count`` models from the front of ``queue`` that are neither done nor held by a live process.
+
+        A model whose parent is not done yet waits (``self.waiting``) and is queued again after the next group.
+        """
         claimed: list[int] = []
+        queue[:0], self.waiting = self.waiting, []
         while queue and len(claimed) < count:
             index = queue.pop(0)
             folder = self.experiment.model_dir(index)
+            parent = self.parents.get(index)
             if is_done(self.experiment, index):
                 continue
-            if not try_claim(folder, self.stale_after_s):
+            if parent is not None and not is_done(self.experiment, parent):
+                self.waiting.append(index)
+            elif not try_claim(folder, self.stale_after_s):
                 self.held_elsewhere.append(index)
             elif is_done(self.experiment, index):  # finished by another process between the two checks
                 release(folder)
@@ -114,14 +216,23 @@ class _Claims:
         self.heartbeat.paths.discard(folder)
 
 
+def generation(index: int, parents: dict[int, int]) -> int:
+    """How many derivations separate a model from one trained from scratch (parents train first)."""
+    depth = 0
+    while index in parents:
+        index, depth = parents[index], depth + 1
+    return depth
+
+
 def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool = True) -> list[int]:
     """Train every model of this shard that is not done and not claimed by a live process; returns the ids trained."""
     console = console or Console()
     experiment = recipe.experiment
-    keep = prepare_experiment(recipe)
+    planned = prepare_experiment(recipe)
+    keep, parents = planned.keep, planned.parents
     shard = resolve_shard(recipe.farm.shard)
     mine = shard.select(list(range(keep.shape[0])))
-    pending = [i for i in mine if not is_done(experiment, i)]
+    pending = sorted((i for i in mine if not is_done(experiment, i)), key=lambda i: (generation(i, parents), i))
     console.print(
         f"[bold]farm[/] {experiment.root}: {keep.shape[0]} models, shard {shard} has {len(mine)}, "
         f"{len(mine) - len(pending)} already done, engine {recipe.farm.engine}"
@@ -133,21 +244,25 @@ def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool 
     started = time.perf_counter()
     queue = list(pending)
     with Heartbeat() as heartbeat:
-        claims = _Claims(experiment, recipe.farm.stale_after_s, heartbeat)
+        claims = _Claims(experiment, recipe.farm.stale_after_s, heartbeat, parents)
         while claimed := claims.take(queue, group):
-            jobs = {i: ModelJob(i, np.flatnonzero(keep[i]), model_seed(recipe.plan.seed, i)) for i in claimed}
+            jobs = {i: ModelJob(i, np.flatnonzero(keep[i]), model_seed(recipe.plan.seed, i), parents.get(i)) for i in claimed}
             try:
+                rate = None
                 for result in engine.run(list(jobs.values())):
+                    if rate is None:  # a group's models finish training together: rate them when the first arrives
+                        rate = (len(trained) + len(jobs)) / max(time.perf_counter() - started, 1e-9) * 60
                     write_model(experiment, result, jobs[result.index], recipe.farm.engine)
                     claims.release(result.index)
                     trained.append(result.index)
-                    rate = len(trained) / max(time.perf_counter() - started, 1e-9) * 60
                     metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("acc"))
-                    console.print(f"farm: model {result.index:4d} done  {len(trained)}/{len(pending)}  {metrics}  ({rate:.1f} models/min)")
+                    console.print(f"farm: model {result.index:4d} done  {len(trained)}/{len(pending)}  {metrics}  ({rate:.1f} models/min)", highlight=False)
             finally:  # on failure or interrupt, let other processes take the unfinished models
                 for index in claimed:
                     claims.release(index)
     held = [i for i in claims.held_elsewhere if not is_done(experiment, i)]
     if held:
         console.print(f"[yellow]farm[/]: {len(held)} models are being trained by other processes: {held[:10]}{' ...' if len(held) > 10 else ''}")
+    if claims.waiting:
+        console.print(f"[yellow]farm[/]: {len(claims.waiting)} models wait for their parent models (trained by other processes); re-run once those are done")
     return trained

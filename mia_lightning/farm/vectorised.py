@@ -18,10 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mia_lightning.data.streams import StreamBatchSampler, index_stream
+from mia_lightning.data.streams import StreamBatchSampler, index_stream, steps_per_epoch
 from mia_lightning.data.tabular import TabularDataModule
 from mia_lightning.errors import MiaError
-from mia_lightning.farm.engine import FarmSetup, ModelJob, TrainedModel
+from mia_lightning.experiment import ExperimentDir
+from mia_lightning.farm.engine import FarmSetup, ModelJob, TrainedModel, fit
+from mia_lightning.farm.progress import GroupProgress
 from mia_lightning.models.ensemble import VectorisedMLP
 from mia_lightning.models.tabular_mlp import TabularMLP
 
@@ -36,14 +38,22 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> float:
 class VectorisedEngine:
     """Trains tabular MLPs (or linear heads, ``hidden: []``) ``group_size`` at a time."""
 
-    def __init__(self, setup: FarmSetup, group_size: int = 64, progress: Callable[[], list[L.Callback]] | None = None) -> None:
+    def __init__(
+        self,
+        setup: FarmSetup,
+        group_size: int = 64,
+        progress: Callable[[], list[L.Callback]] | None = None,
+        experiment: ExperimentDir | None = None,
+    ) -> None:
         if not issubclass(setup.model.resolve(), TabularMLP) or not issubclass(setup.data.resolve(), TabularDataModule):
             raise MiaError(
                 f"the vectorised engine supports the tabular MLP and linear heads (hidden: []) on tabular data; "
                 f"{setup.model.class_path} on {setup.data.class_path} needs farm.engine: sequential"
             )
         if group_size < 1:
-            raise MiaError(f"farm.group_size={group_size}: must be at least 1")
+            raise MiaError(f"--farm.group_size {group_size}: must be at least 1")
+        if setup.callbacks:
+            raise MiaError("trainer.callbacks act on one Lightning run per model; use farm.engine: sequential with them")
         self.setup = setup
         self.group_size = group_size
         self.progress = progress
@@ -63,6 +73,8 @@ class VectorisedEngine:
     def run(self, jobs: list[ModelJob]) -> Iterator[TrainedModel]:
         groups: dict[tuple[int, int], list[tuple[ModelJob, TabularDataModule]]] = defaultdict(list)
         for job in jobs:
+            if job.parent is not None:
+                raise MiaError(f"model {job.index} continues from model {job.parent}; derived models need farm.engine: sequential")
             datamodule = self.setup.build_datamodule(job)
             sampler = StreamBatchSampler(job.train_indices, datamodule.hparams.batch_size, seed=job.seed)
             groups[(sampler.batch_size, self._total_steps(len(sampler)))].append((job, datamodule))
@@ -79,11 +91,10 @@ class VectorisedEngine:
         pool = members[0][1].pool
         ensemble = VectorisedMLP(models, torch.from_numpy(pool.features), torch.from_numpy(pool.labels))
         streams = torch.stack([index_stream(job.train_indices, batch_size, steps, job.seed) for job, _ in members], dim=1)
-        callbacks = self.progress() if self.progress else []
-        trainer = self.setup.build_trainer(
-            max_epochs=1, max_steps=-1, callbacks=callbacks, enable_progress_bar=bool(callbacks), limit_val_batches=0
-        )
-        trainer.fit(ensemble, train_dataloaders=DataLoader(streams, batch_size=None, shuffle=False))
+        epoch_steps = steps_per_epoch(members[0][0].train_indices.size, batch_size)
+        callbacks = [GroupProgress([job.index for job, _ in members], epoch_steps, steps)] if self.progress else []
+        trainer = self.setup.build_trainer(max_epochs=1, max_steps=-1, callbacks=callbacks, enable_progress_bar=False, limit_val_batches=0)
+        fit(trainer, ensemble, train_dataloaders=DataLoader(streams, batch_size=None, shuffle=False))
         widest = max(pool.n_features, *(w.shape[-1] for w in ensemble.weights))
         predict_batch = max(1, PREDICT_ELEMENTS // (len(members) * widest))
         predictor = self.setup.build_trainer(devices=1, enable_progress_bar=False)

@@ -1,0 +1,82 @@
+"""Building Lightning components named by a class path: the one place where names become classes.
+
+Recipes, checkpoints and stored configs name classes as ``class_path`` + ``init_args`` (LightningCLI
+style). A name read from a file is data: it is imported only from trusted packages and used only if
+it is a subclass of the expected Lightning base, so a crafted checkpoint naming ``os.system`` or
+``subprocess.Popen`` is refused before anything is called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+
+from mia_lightning.errors import MiaError
+
+TRUSTED_MODULES: tuple[str, ...] = ("mia_lightning",)
+"""Packages whose classes a checkpoint or a stored config may name (``--trust`` adds more)."""
+
+
+LIGHTNING_COMPONENTS: tuple[type, ...] = (L.LightningModule, L.LightningDataModule, L.Callback)
+"""What a recipe may name when no narrower base is given."""
+
+
+def _names(base: type | tuple[type, ...]) -> str:
+    return " or ".join(f"{cls.__module__.split('.')[0]}.{cls.__name__}" for cls in (base if isinstance(base, tuple) else (base,)))
+
+
+def resolve_class(class_path: str, base: type | tuple[type, ...], trusted: tuple[str, ...] | None = None, where: str = "class_path") -> type:
+    """Import ``class_path`` and return it only if it is a subclass of ``base``; nothing is called.
+
+    Names read from files (a checkpoint's tag, an experiment's config.yaml) are data: pass
+    ``trusted`` so that only modules inside those packages are imported at all, and the subclass
+    check refuses ``os.system``, ``subprocess.Popen``, ``builtins.eval`` or any non-Lightning class
+    before anything is instantiated.
+    """
+    module_name, _, class_name = str(class_path).rpartition(".")
+    if not module_name or not class_name.isidentifier():
+        raise MiaError(f"{where} {class_path!r}: not a dotted class path such as mia_lightning.models.tabular_mlp.TabularMLP")
+    if trusted is not None and not any(module_name == root or module_name.startswith(root + ".") for root in trusted):
+        raise MiaError(
+            f"{where} {class_path!r}: refusing to import a class from outside {', '.join(trusted)}; "
+            "if you trust this experiment, pass --trust " + module_name.split(".")[0]
+        )
+    try:
+        found = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        raise MiaError(f"{where} {class_path!r}: cannot import it; check the spelling in the config") from None
+    if not (isinstance(found, type) and issubclass(found, base)):
+        raise MiaError(f"{where} {class_path!r}: is not a {_names(base)} subclass; refusing to build it")
+    return found
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A class to build by import path with keyword arguments (LightningCLI's class_path / init_args).
+
+    ``base`` is the Lightning class it must derive from; ``trusted`` limits imports to those packages
+    when the spec was read from a file rather than given by the user.
+    """
+
+    class_path: str
+    init_args: dict[str, Any] = field(default_factory=dict)
+    base: type | tuple[type, ...] = LIGHTNING_COMPONENTS
+    trusted: tuple[str, ...] | None = None
+
+    def resolve(self) -> type:
+        return resolve_class(self.class_path, self.base, self.trusted)
+
+    def accepts(self, name: str) -> bool:
+        """Whether the class's ``__init__`` takes an argument ``name`` (optional protocol arguments such as ``cache_dir``)."""
+        return name in inspect.signature(self.resolve().__init__).parameters
+
+    def build(self, **overrides: Any) -> Any:
+        cls = self.resolve()
+        try:
+            return cls(**{**self.init_args, **overrides})
+        except (TypeError, ValueError) as err:
+            raise MiaError(f"{self.class_path}: bad init_args ({err}); fix the config") from None

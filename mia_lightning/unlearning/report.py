@@ -1,0 +1,215 @@
+"""``train.py unlearning-report``: the unlearning tables of an experiment's latest attack run.
+
+For the ``unlearning`` attack (Chen et al., ACM CCS 2021): AUC with its two-way bootstrap interval
+and TPR@1%FPR with its Clopper-Pearson interval per feature construction, classifier, defence and
+view, beside the classic baselines with the same classifier, and DegCount / DegRate against the
+classic attack on the original model. For ``ulira`` (Hayes et al., SaTML 2025): U-LiRA on exact
+and inexact unlearning, the same test before unlearning, open-unlearning's privleak (from the
+loss attack and from U-LiRA, the exactly unlearned models as the retrained reference) and the
+leakage of the retained samples before and after unlearning. Also the held-out accuracy of the
+original and unlearned versions. Writes ``unlearning_report.json`` and ``unlearning_report.md``
+into the experiment; ``--markdown PATH`` also writes every given experiment's tables into one file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jsonargparse import ArgumentParser
+from scipy.special import softmax
+from rich.console import Console
+from rich.table import Table
+
+from mia_lightning.errors import MiaError
+from mia_lightning.experiment import ExperimentDir
+from mia_lightning.io import load_json, load_npy, save_json_atomic, write_bytes_atomic
+from mia_lightning.runs import latest_run
+from mia_lightning.unlearning.contract import Unlearning, load_unlearning, version_members
+from mia_lightning.unlearning.features import aggregate
+from mia_lightning.unlearning.metrics import auc_interval, degradation, privleak
+
+FPR = "0.01"
+CHEN = re.compile(r"^unlearning_(?P<feature>[a-z0-9_]+?)_(?P<classifier>rf|lr|mlp)(?:__(?P<defence>label_only|temperature|rounding))?(?:__(?P<view>endpoints))?$")
+CLASSIC = re.compile(r"^classic_(?P<side>original|unlearned)_(?P<classifier>rf|lr|mlp)(?:__(?P<defence>label_only|temperature|rounding))?$")
+
+
+def _scores(folder: Path, record: dict, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [T, n], members [T, n]) of one output of the run."""
+    scores = load_npy(folder / record["attack"] / "scores.npy", "attack scores", "re-run attack.py")
+    return scores, keep[np.asarray(record["targets"], dtype=np.int64)]
+
+
+def _metrics(folder: Path, record: dict, keep: np.ndarray) -> dict[str, Any]:
+    scores, members = _scores(folder, record, keep)
+    auc, low, high = auc_interval(scores, members)
+    return {"auc": auc, "auc_ci": [low, high], "tpr@1%fpr": record["tpr_at_fpr"][FPR], "tpr@1%fpr_ci": record["tpr_at_fpr_ci"][FPR],
+            "n_members": record["n_members"], "n_nonmembers": record["n_nonmembers"]}
+
+
+def chen_rows(folder: Path, records: dict[str, dict], keep: np.ndarray) -> list[dict]:
+    """One row per unlearning-attack output: its metrics, the baselines' AUCs and DegCount / DegRate against classic_original."""
+    rows = []
+    for name, record in records.items():
+        match = CHEN.match(name)
+        if not match:
+            continue
+        defence = match["defence"] or "none"
+        suffix = "" if defence == "none" else f"__{defence}"
+        row = {"attack": name, "feature": match["feature"], "classifier": match["classifier"], "defence": defence,
+               "view": match["view"] or "steps", **_metrics(folder, record, keep)}
+        for side in ("original", "unlearned"):
+            baseline = records.get(f"classic_{side}_{match['classifier']}{suffix}")
+            if baseline is not None:
+                row[f"classic_{side}_auc"] = baseline["auc"]
+                row[f"classic_{side}_tpr@1%fpr"] = baseline["tpr_at_fpr"][FPR]
+        classic = records.get(f"classic_original_{match['classifier']}{suffix}")
+        if classic is not None:
+            ours, members = _scores(folder, record, keep)
+            theirs, _ = _scores(folder, classic, keep)
+            row["degcount"], row["degrate"] = degradation(ours, theirs, members)
+        rows.append(row)
+    return rows
+
+
+def classic_rows(folder: Path, records: dict[str, dict], keep: np.ndarray) -> list[dict]:
+    """The classic baselines' metrics (one posterior, same classifiers)."""
+    return [{"attack": name, **_metrics(folder, record, keep)} for name, record in records.items() if CLASSIC.match(name)]
+
+
+def ulira_summary(folder: Path, records: dict[str, dict], keep: np.ndarray) -> dict | None:
+    """U-LiRA, privleak and retained-sample leakage from the ``ulira`` outputs (None when the run has none)."""
+    if "ulira_exact" not in records:
+        return None
+    summary: dict[str, Any] = {name: _metrics(folder, records[name], keep) for name in
+                               ("ulira_exact", "ulira_inexact", "lira_before", "loss_exact", "loss_inexact", "retained_exact", "retained_inexact", "retained_before")
+                               if name in records}
+    summary["inexact_method"] = records["ulira_exact"]["params"].get("inexact_method")
+    for statistic in ("loss", "ulira"):
+        exact, inexact = summary.get(f"{statistic}_exact"), summary.get(f"{statistic}_inexact")
+        if exact and inexact:
+            summary[f"privleak_{statistic}"] = {"inexact": privleak(inexact["auc"], exact["auc"]), "exact_vs_chance": privleak(exact["auc"], 0.5)}
+    return summary
+
+
+def utility(experiment: ExperimentDir, unlearning: Unlearning, method: str) -> dict[str, float]:
+    """Mean held-out accuracy of the target chains' first and last versions (SISA versions answer with their aggregate)."""
+    keep, labels = experiment.keep, experiment.labels
+    outputs = experiment.load_model_outputs("logits")
+    measured: dict[tuple[int, ...], float] = {}
+
+    def held_out_accuracy(version: tuple[int, ...]) -> float:
+        if version not in measured:
+            held_out = ~version_members(keep, version)
+            probs = softmax(np.stack([outputs.model(m)[held_out] for m in version]).astype(np.float64), axis=-1).mean(axis=2)
+            measured[version] = float((aggregate(probs, unlearning.aggregation).argmax(-1) == labels[held_out]).mean())
+        return measured[version]
+
+    targets = [chain for chain in unlearning.chains_of(method) if chain.role == "target"]
+    if not targets:
+        return {}
+    return {"original": float(np.mean([held_out_accuracy(c.versions[0]) for c in targets])),
+            "unlearned": float(np.mean([held_out_accuracy(c.versions[-1]) for c in targets]))}
+
+
+def summarise(experiment_dir: Path) -> dict:
+    """The unlearning report of the experiment's latest attack run, as a JSON-able dict."""
+    experiment = ExperimentDir(Path(experiment_dir))
+    experiment.check_exists()
+    unlearning = load_unlearning(experiment)
+    folder, run = latest_run(experiment)
+    records = {name: load_json(folder / name / "results.json") for name in run.get("outputs", [])}
+    keep = experiment.keep
+    chen = chen_rows(folder, records, keep)
+    if not chen and "ulira_exact" not in records:
+        raise MiaError(f"{folder}: the latest run has no unlearning or ulira outputs; run `python attack.py --experiment {experiment.root} --attack unlearning ulira`")
+    chen_params = next((records[r["attack"]]["params"] for r in chen), {})
+    method = chen_params.get("method", unlearning.methods[0])
+    return {
+        "experiment": str(experiment.root), "run": run.get("id"), "design": unlearning.design, "scenario": unlearning.scenario,
+        "method": method, "evaluate": chen_params.get("evaluate", unlearning.evaluate), "aggregation": unlearning.aggregation,
+        "utility": utility(experiment, unlearning, method), "unlearning_attack": chen, "classic": classic_rows(folder, records, keep),
+        "ulira": ulira_summary(folder, records, keep),
+    }
+
+
+def _ci(values: list[float]) -> str:
+    return f"[{values[0]:.3f}, {values[1]:.3f}]"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of the report's tables."""
+    name = Path(summary["experiment"]).name
+    utility = summary["utility"]
+    where = f"{name}: {summary['scenario']} / {summary['method']} (evaluated: {summary['evaluate']})"
+    if utility:
+        where += f"; held-out accuracy original {_pct(utility.get('original'))}, unlearned {_pct(utility.get('unlearned'))}"
+    out = []
+    if summary["unlearning_attack"]:
+        header = ["feature", "clf", "defence", "view", "AUC [95% CI]", "TPR@1%FPR [95% CI]", "classic original AUC / TPR", "classic unlearned AUC / TPR", "DegCount", "DegRate"]
+        rows = [[r["feature"], r["classifier"], r["defence"], r["view"], f"{r['auc']:.3f} {_ci(r['auc_ci'])}",
+                 f"{_pct(r['tpr@1%fpr'])} [{_pct(r['tpr@1%fpr_ci'][0])}, {_pct(r['tpr@1%fpr_ci'][1])}]",
+                 *(f"{r[f'classic_{side}_auc']:.3f} / {_pct(r[f'classic_{side}_tpr@1%fpr'])}" if f"classic_{side}_auc" in r else "-"
+                   for side in ("original", "unlearned")),
+                 f"{r['degcount']:.3f}" if "degcount" in r else "-", f"{r['degrate']:+.3f}" if "degrate" in r else "-"]
+                for r in summary["unlearning_attack"]]
+        out.append((f"unlearning attack (Chen et al. 2021) on {where}", header, rows))
+    ulira = summary["ulira"]
+    if ulira:
+        header = ["test", "AUC [95% CI]", "TPR@1%FPR [95% CI]", "members / non"]
+        labels = {"ulira_exact": "U-LiRA, exact (scratch)", "ulira_inexact": f"U-LiRA, inexact ({ulira['inexact_method']})",
+                  "lira_before": "same test on the originals (before)", "loss_exact": "loss attack, exact", "loss_inexact": "loss attack, inexact",
+                  "retained_before": "retained samples, originals", "retained_exact": "retained samples, exact", "retained_inexact": "retained samples, inexact"}
+        rows = [[label, f"{ulira[key]['auc']:.3f} {_ci(ulira[key]['auc_ci'])}",
+                 f"{_pct(ulira[key]['tpr@1%fpr'])} [{_pct(ulira[key]['tpr@1%fpr_ci'][0])}, {_pct(ulira[key]['tpr@1%fpr_ci'][1])}]",
+                 f"{ulira[key]['n_members']} / {ulira[key]['n_nonmembers']}"] for key, label in labels.items() if key in ulira]
+        for statistic in ("loss", "ulira"):
+            leak = ulira.get(f"privleak_{statistic}")
+            if leak:
+                rows.append([f"privleak ({statistic}), inexact vs exact", f"{100 * leak['inexact']:+.1f}%", "", ""])
+        out.append((f"U-LiRA (Hayes et al. 2025) on {name}", header, rows))
+    return out
+
+
+def markdown(summary: dict) -> str:
+    lines = []
+    for title, header, rows in tables(summary):
+        lines += [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    for title, header, rows in tables(summary):
+        table = Table(title=title, title_justify="left")
+        for column in header:
+            table.add_column(column, justify="left" if column in ("feature", "clf", "defence", "view", "test") else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
+
+def main(argv: list[str]) -> int:
+    """``train.py unlearning-report --experiment DIR [DIR ...] [--markdown PATH]``."""
+    from mia_lightning.cli import console, parse
+
+    parser = ArgumentParser(prog="train.py unlearning-report", description="Unlearning tables (Chen et al. attack, DegCount/DegRate, U-LiRA, privleak) of the latest attack run.")
+    parser.add_argument("--experiment", type=Path, nargs="+", required=True, help="one or more experiment directories")
+    parser.add_argument("--markdown", type=Path | None, default=None, help="also write every experiment's tables into this Markdown file")
+    cfg = parse(parser, argv)
+    summaries = [summarise(path) for path in cfg.experiment]  # everything computed before anything is written
+    for summary in summaries:
+        root = Path(summary["experiment"])
+        save_json_atomic(root / "unlearning_report.json", summary)
+        write_bytes_atomic(root / "unlearning_report.md", markdown(summary).encode())
+        print_summary(summary, console)
+    if cfg.markdown:
+        write_bytes_atomic(cfg.markdown, "\n".join(markdown(s) for s in summaries).encode())
+    return 0

@@ -1,0 +1,146 @@
+"""Bad options and runs that cannot work: one line, exit 2 (130 for Ctrl-C), nothing written or lost."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from synthetic import write_synthetic_experiment
+
+from mia_lightning.cli import attack_main, train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs/tabular/digits_quickstart.yaml"
+SEQUENTIAL = ROOT / "configs/tabular/digits_sequential.yaml"
+
+
+def farm(root: Path, recipe: Path, *extra: str) -> list[str]:
+    return ["farm", "--config", str(recipe), "--experiment.root", str(root), "--experiment.name", "exp", "--plan.n_models", "4",
+            "--trainer.max_epochs", "1", "--model.init_args.hidden", "[8]", "--trainer.enable_progress_bar", "false", *extra]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+CASES = {
+    "one model": (QUICKSTART, ["--plan.n_models", "1"], "--plan.n_models 1"),
+    "population too large": (QUICKSTART, ["--plan.n_population", "5000"], "--plan.n_population 5000"),
+    "population negative": (QUICKSTART, ["--plan.n_population", "-3"], "--plan.n_population -3"),
+    "zero epochs vectorised": (QUICKSTART, ["--trainer.max_epochs", "0"], "--trainer.max_epochs 0"),
+    "zero epochs sequential": (SEQUENTIAL, ["--trainer.max_epochs", "0"], "--trainer.max_epochs 0"),
+    "negative lr": (QUICKSTART, ["--model.init_args.lr", "-0.1"], "Invalid learning rate"),
+    "zero devices": (SEQUENTIAL, ["--trainer.devices", "0"], "not a valid input"),
+    "unknown plan kind": (QUICKSTART, ["--plan.kind", "halves"], "unknown plan kind"),
+    "callback that is not a callback": (SEQUENTIAL, ["--trainer.callbacks", '[{"class_path": "os.system"}]'], "not a lightning.Callback subclass"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_recipe_is_one_line_and_writes_nothing(case, tmp_path, capsys):
+    recipe, extra, phrase = CASES[case]
+    assert train_main(farm(tmp_path, recipe, *extra)) == 2
+    assert phrase in one_error_line(capsys)
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_accelerator_without_a_gpu(tmp_path, capsys):
+    assert train_main(farm(tmp_path, SEQUENTIAL, "--trainer.accelerator", "gpu")) == 2
+    assert "trainer settings" in one_error_line(capsys)
+    assert not (tmp_path / "exp").exists()
+
+
+def test_a_diverged_model_is_not_marked_done(tmp_path, capsys):
+    assert train_main(farm(tmp_path, SEQUENTIAL, "--model.init_args.lr", "1e6", "--trainer.max_epochs", "3", "--model.init_args.optimizer", "sgd")) == 2
+    assert "NaN/inf" in one_error_line(capsys)
+    assert not list((tmp_path / "exp/models").glob("*/done.json"))
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> Path:
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=6, n_samples=30, seed=2)
+    assert attack_main(["--experiment", str(root), "--attack", "lira", "--bootstrap", "0"]) == 0
+    return root
+
+
+PARAMS = {
+    "string for an int": ('{"lira": {"n_shadows": "eight"}}', "--params lira.n_shadows='eight': expected int | None"),
+    "float for an int": ('{"lira": {"n_shadows": 2.5}}', "--params lira.n_shadows=2.5: expected int | None"),
+    "not an object": ('"eight"', "--params: expected a JSON object"),
+    "attack value not an object": ('{"lira": 3}', "--params lira: expected an object"),
+    "typo in the attack name": ('{"liar": {"n_shadows": 2}}', "--params 'liar': not an attack of this run"),
+    "typo in a parameter": ('{"lira": {"nshadows": 2}}', "--params lira.nshadows: unknown parameter"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARAMS))
+def test_bad_params_are_one_line_and_keep_results(case, experiment, capsys):
+    before = json.loads((experiment / "attacks/run.json").read_text())["id"]
+    capsys.readouterr()
+    text, phrase = PARAMS[case]
+    assert attack_main(["--experiment", str(experiment), "--attack", "lira", "--params", text]) == 2
+    assert phrase in one_error_line(capsys)
+    assert json.loads((experiment / "attacks/run.json").read_text())["id"] == before
+
+
+def test_attack_all_on_a_signal_experiment_runs_what_applies(tmp_path, capsys):
+    root = write_synthetic_experiment(tmp_path / "sig", n_models=6, n_samples=30, seed=4)
+    labels = np.load(root / "labels.npy")
+    for folder in sorted((root / "models").iterdir()):
+        logits = np.load(folder / "logits.npy")
+        np.save(folder / "signal.npy", logits[np.arange(labels.size), :, labels])
+        (folder / "logits.npy").unlink()
+    assert attack_main(["--experiment", str(root), "--attack", "all", "--bootstrap", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped thresholds: needs class logits" in out
+    assert (root / "attacks/lira_online/results.json").is_file() and not (root / "attacks/confidence").exists()
+    assert json.loads((root / "attacks/rmia_online/results.json").read_text())["family"] == "rmia"  # the signal read as a log-likelihood
+
+
+def test_one_model_names_the_real_cause(tmp_path, capsys):
+    root = write_synthetic_experiment(tmp_path / "one", n_models=1, n_samples=30, seed=5)
+    np.save(root / "keep.npy", np.arange(30)[None, :] % 2 == 0)
+    assert attack_main(["--experiment", str(root), "--attack", "all", "--bootstrap", "0"]) == 0  # shadow-free thresholds still run
+    out = capsys.readouterr().out
+    assert "skipped lira: needs at least 2 models" in out and "loss" in out
+    assert attack_main(["--experiment", str(root), "--attack", "lira"]) == 2
+    assert "needs at least 2 models (a target and shadow/reference models), the experiment has 1" in one_error_line(capsys)
+
+
+def test_error_text_keeps_bracketed_spans(experiment, capsys):
+    np.save(experiment / "models/0001/logits.npy", np.zeros((29, 1, 4), dtype=np.float32))
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(experiment), "--attack", "lira"]) == 2
+    err = one_error_line(capsys)
+    assert "[30, n_queries, n_classes]" in err and "[n_samples, n_queries, n_classes]" in err
+
+
+def test_missing_logits_in_an_unfinished_farm_says_finish_the_farm(experiment, capsys):
+    (experiment / "models/0003/logits.npy").unlink()
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(experiment), "--attack", "lira"]) == 2
+    assert "finish the farm" in one_error_line(capsys)
+
+
+def test_ctrl_c_during_vectorised_training_exits_130_with_a_message(tmp_path):
+    args = farm(tmp_path, QUICKSTART, "--trainer.max_epochs", "400", "--plan.n_models", "8")
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "exp/plan.json").is_file():
+        time.sleep(0.1)
+    time.sleep(3.0)  # inside Trainer.fit of the vectorised group
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out[-2000:], err[-2000:])
+    assert "interrupted" in err and "re-run the same command to resume" in err and "Traceback" not in err
+    assert not list((tmp_path / "exp/models").glob("*/claim.json"))

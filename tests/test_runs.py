@@ -1,0 +1,132 @@
+"""An attack run is one unit: published whole or not at all, the report built from one run, earlier runs kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+from synthetic import write_synthetic_experiment
+
+from mia_lightning.audit import run_audit
+from mia_lightning.cli import attack_main
+from mia_lightning.experiment import ExperimentDir
+from mia_lightning.report_markdown import write_markdown_report
+from mia_lightning.runs import latest_run
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> Path:
+    return write_synthetic_experiment(tmp_path / "exp", n_models=8, n_samples=40, seed=3)
+
+
+def published(root: Path) -> dict[str, bytes]:
+    """Every file reachable through attacks/ (links followed), by path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "attacks").glob("**/*")) if p.is_file()}
+
+
+def test_a_narrower_run_replaces_the_whole_set_and_the_old_run_stays_retrievable(experiment):
+    first = run_audit(experiment, ["all"], bootstrap=0)
+    second = run_audit(experiment, ["lira"], targets=[0, 1, 2], bootstrap=0)
+    attacks = experiment / "attacks"
+    outputs = sorted(p.name for p in attacks.iterdir() if (p / "results.json").is_file())
+    assert outputs == sorted(["lira_online", "lira_online_fixed", "lira_offline", "lira_offline_fixed", "global_threshold"])
+    assert not (attacks / "rmia_online").exists()  # no stale result from the earlier run is visible
+    for name in outputs:
+        record = json.loads((attacks / name / "results.json").read_text())
+        assert record["targets"] == [0, 1, 2] and record["run"]["id"] == second.run_id
+    assert sorted(json.loads((attacks / "run.json").read_text())["outputs"]) == outputs
+    older = attacks / "runs" / first.run_id
+    assert json.loads((older / "rmia_online" / "results.json").read_text())["run"]["id"] == first.run_id
+    text = write_markdown_report(experiment).read_text()
+    assert second.run_id in text and "rmia" not in text and "3 target models" in text
+
+
+def test_results_record_the_run(experiment):
+    result = run_audit(experiment, ["lira", "thresholds"], params={"lira": {"n_shadows": 5}}, bootstrap=0)
+    record = json.loads((experiment / "attacks/lira_online/results.json").read_text())
+    run = record["run"]
+    assert run["id"] == result.run_id and run["attacks"] == ["lira", "thresholds"]
+    assert run["params"]["lira"] == {"n_shadows": 5} and run["version"] and run["time"]
+    folder, meta = latest_run(ExperimentDir(experiment))
+    assert meta["id"] == result.run_id and folder.name == result.run_id and "loss" in meta["outputs"]
+
+
+def test_a_failing_run_leaves_the_published_run_untouched(experiment, monkeypatch):
+    run_audit(experiment, ["lira"], bootstrap=0)
+    before = published(experiment)
+    from mia_lightning import audit
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("disk vanished while plotting")
+
+    monkeypatch.setattr(audit, "plot_roc", broken_plot)
+    with pytest.raises(RuntimeError):
+        run_audit(experiment, ["lira", "rmia"], bootstrap=0)
+    assert published(experiment) == before
+    assert not [p for p in (experiment / "attacks/runs").iterdir() if p.name.startswith(".")]  # the staging folder is gone
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """Make ``folder`` unwritable even for root (chattr +i), else by permissions; skip where neither works."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+            pytest.skip("root can write anywhere and chattr +i is not available here")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+
+
+def test_read_only_attacks_folder_is_one_line_and_keeps_everything(experiment, capsys):
+    run_audit(experiment, ["lira"], bootstrap=0)
+    before = published(experiment)
+    capsys.readouterr()
+    with read_only(experiment / "attacks/runs"):
+        assert attack_main(["--experiment", str(experiment), "--attack", "rmia"]) == 2
+    err = capsys.readouterr().err
+    assert "attacks/runs" in err and err.count("error:") == 1 and "Traceback" not in err, err
+    assert published(experiment) == before
+
+
+def test_read_only_experiment_folder_refuses_a_new_farm(tmp_path, capsys):
+    from mia_lightning.cli import train_main
+
+    root = tmp_path / "readonly"
+    root.mkdir()
+    recipe = Path(__file__).resolve().parents[1] / "configs/tabular/digits_sequential.yaml"
+    with read_only(root):
+        code = train_main(["farm", "--config", str(recipe), "--experiment.root", str(root), "--plan.n_models", "2",
+                           "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
+    assert code == 2 and "not writable" in capsys.readouterr().err
+    assert not list(root.iterdir())
+
+
+def test_keep_runs_prunes_the_oldest_but_never_the_latest(experiment):
+    ids = [run_audit(experiment, ["thresholds"], bootstrap=0, keep_runs=2).run_id for _ in range(3)]
+    remaining = sorted(p.name for p in (experiment / "attacks/runs").iterdir())
+    assert remaining == sorted(ids[1:])
+    assert (experiment / "attacks/latest").resolve().name == ids[-1]
+
+
+def test_results_written_by_layout_version_1_move_to_a_legacy_run(experiment):
+    legacy = experiment / "attacks" / "lira_online"
+    legacy.mkdir(parents=True)
+    (legacy / "results.json").write_text("{}")
+    run_audit(experiment, ["thresholds"], bootstrap=0)
+    assert (experiment / "attacks/runs/legacy-v1/lira_online/results.json").read_text() == "{}"
+    assert not (experiment / "attacks/lira_online").exists()
+    assert np.load(experiment / "attacks/loss/scores.npy").shape == (8, 40)

@@ -1,0 +1,28 @@
+"""Runtime defaults for busy machines: set before torch loads, never over a value the user set, and switchable off."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+PROBE = ("from mia_lightning.runtime import apply_runtime_defaults; apply_runtime_defaults(); import os; "
+         "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('MALLOC_MMAP_THRESHOLD_'), os.environ.get('MALLOC_TOP_PAD_'))")
+
+
+def run(env_changes: dict[str, str | None]) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "OMP_WAIT", "MIA_LIGHTNING_RUNTIME"))}
+    env.update({k: v for k, v in env_changes.items() if v is not None})
+    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True).stdout.split()
+
+
+def test_defaults_are_applied_once_and_the_process_continues():
+    assert run({}) == ["PASSIVE", str(2**31), str(2**28)]
+
+
+def test_a_value_the_user_set_is_kept():
+    assert run({"OMP_WAIT_POLICY": "ACTIVE", "MALLOC_TOP_PAD_": "0"})[::2] == ["ACTIVE", "0"]
+
+
+def test_switched_off():
+    assert run({"MIA_LIGHTNING_RUNTIME": "0"}) == ["None", "None", "None"]

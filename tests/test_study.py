@@ -1,0 +1,78 @@
+"""train.py study: one ordinary experiment per setting, resumable, and the analysis over the audited settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mia_lightning import study
+from mia_lightning.cli import train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_study(tmp_path: Path, **changes) -> Path:
+    recipe = tmp_path / "base.yaml"
+    base = yaml.safe_load((ROOT / "configs/tabular/digits_sequential.yaml").read_text())
+    base["plan"]["n_models"] = 4
+    base["trainer"] |= {"max_epochs": 1, "enable_progress_bar": False}
+    base["model"]["init_args"]["hidden"] = [8]
+    recipe.write_text(yaml.safe_dump(base))
+    spec = {"name": "sweep", "root": str(tmp_path / "out"), "recipe": str(recipe), "grid": {"model.init_args.weight_decay": [0.0, 0.1],
+            "trainer.max_epochs": [1, 2]}, "attacks": ["thresholds"], "analysis": "rows"} | changes
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"study": spec}))
+    return path
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """A stand-in analysis that records the rows it gets."""
+    seen: list = []
+
+    def analyse(study_dir: Path, rows: list[dict], **params) -> dict:
+        seen.append(rows)
+        return {"settings": [row["setting"] for row in rows], "auc": [row["results"]["loss"]["auc"] for row in rows]}
+
+    monkeypatch.setitem(study.ANALYSES, "rows", "tests_study_analysis:analyse")
+    module = type(study)("tests_study_analysis")
+    module.analyse = analyse
+    monkeypatch.setitem(__import__("sys").modules, "tests_study_analysis", module)
+    return seen
+
+
+def test_grid_study_trains_audits_and_analyses_each_setting(tmp_path, recorded):
+    path = write_study(tmp_path)
+    assert train_main(["study", "--config", str(path)]) == 0
+    out = tmp_path / "out/sweep"
+    names = ["weight_decay-0.0_max_epochs-1", "weight_decay-0.0_max_epochs-2", "weight_decay-0.1_max_epochs-1", "weight_decay-0.1_max_epochs-2"]
+    assert json.loads((out / "analysis.json").read_text())["settings"] == names
+    config = yaml.safe_load((out / "settings" / names[3] / "config.yaml").read_text())
+    assert config["model"]["init_args"]["weight_decay"] == 0.1 and config["trainer"]["max_epochs"] == 2
+    assert recorded[0][0]["overrides"] == {"model.init_args.weight_decay": 0.0, "trainer.max_epochs": 1}
+    # resume: nothing is trained or audited again
+    runs = {name: json.loads((out / "settings" / name / "setting.json").read_text())["run"] for name in names}
+    assert train_main(["study", "--config", str(path)]) == 0
+    assert runs == {name: json.loads((out / "settings" / name / "setting.json").read_text())["run"] for name in names}
+
+
+def test_a_changed_study_is_refused(tmp_path, recorded, capsys):
+    assert train_main(["study", "--config", str(write_study(tmp_path, grid={"trainer.max_epochs": [1]}))]) == 0
+    capsys.readouterr()
+    assert train_main(["study", "--config", str(write_study(tmp_path, grid={"trainer.max_epochs": [3]}))]) == 2
+    assert "started with other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes,phrase", [
+    ({"analysis": "nonsense"}, "study.analysis 'nonsense': unknown"),
+    ({"grid": {}, "settings": []}, "needs a grid or a list of settings"),
+    ({"settings": [{"name": "a"}, {"name": "a"}], "grid": {}}, "'a' repeats"),
+    ({"recipe": "missing.yaml"}, "no such farm recipe"),
+])
+def test_bad_studies_are_one_line(tmp_path, recorded, capsys, changes, phrase):
+    assert train_main(["study", "--config", str(write_study(tmp_path, **changes))]) == 2
+    assert phrase in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
