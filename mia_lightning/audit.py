@@ -8,7 +8,6 @@ one output's scores, not all of them), and the run is published only when every 
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +27,6 @@ from mia_lightning.privacy.audit import EpsilonAuditor
 from mia_lightning.report import plot_roc
 from mia_lightning.runs import StagedRun, prune_runs
 
-log = logging.getLogger("mia_lightning")
 
 
 def resolve_targets(n_models: int, targets: Sequence[int] | None, n_targets: int | None, default: Sequence[int] | None = None) -> np.ndarray:
