@@ -180,8 +180,14 @@ def run_audit(
         epsilon = EpsilonAuditor(data, experiment.plan.get("kind"))
         for family, attack in runnable:
             try:
+                if not attack.shadow_free:  # its bounds need their own scoring: done first, so both score sets are never held together
+                    with timed(f"epsilon {family}"):
+                        bounds = epsilon.family_bounds(family, checked[family])
                 with timed(f"score {family}"):
                     scored = score_targets(attack, data, target_ids)
+                if attack.shadow_free:
+                    with timed(f"epsilon {family}"):
+                        bounds = epsilon.family_bounds(family, checked[family], scored, target_ids)
             except MiaError as err:
                 if len(runnable) == 1:
                     raise
@@ -195,8 +201,7 @@ def run_audit(
                         record, curve = result_record(name, family, attack.params(), target_ids, pair_scores, members, bootstrap)
                 except ValueError as err:
                     raise MiaError(f"{experiment.root}: attack {name}: {err}; choose targets with both members and non-members") from None
-                with timed(f"epsilon {name}"):
-                    record["empirical_epsilon"] = epsilon.bound(family, checked[family], name, pair_scores, members)
+                record["empirical_epsilon"] = bounds[name] if bounds is not None else epsilon.run_bound(pair_scores, members)
                 record |= decision_metrics(scores, audited, members, data, target_ids, bootstrap, decisions)
                 record["run"] = {"id": stage.run_id, "time": started, **{k: run_meta[k] for k in ("targets", "attacks", "params", "version")}}
                 with timed(f"write and plot {name}"):

@@ -180,15 +180,15 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
                  bootstrap: int | None = None, few_shadow: bool = False, keep_runs: int | None = None, decisions: Any = None) -> int:
     from mia_lightning.audit import Decisions, run_audit
     from mia_lightning.metrics import BOOTSTRAP_REPLICATES
-    from mia_lightning.report import print_results
+    from mia_lightning.report import print_results, skipped_lines
 
     result = run_audit(experiment, attacks, targets=targets, n_targets=n_targets, params=params,
                        bootstrap=BOOTSTRAP_REPLICATES if bootstrap is None else bootstrap, few_shadow=few_shadow, keep_runs=keep_runs,
                        decisions=decisions or Decisions())
     records = result.records
     print_results(records, f"membership inference audit of {experiment} ({len(records[0]['targets'])} targets, run {result.run_id})", console)
-    for skipped in result.skipped:
-        console.print(Text(f"skipped {skipped['attack']}: {skipped['reason']}", style="yellow"))
+    for line in skipped_lines(result.skipped):
+        console.print(Text(f"skipped {line}", style="yellow"))
     if few_shadow:
         _print_few_shadow(result.folder / "few_shadow" / "few_shadow.json", experiment)
     console.print(f"results: {experiment / 'attacks'}/<attack>/results.json (run {result.run_id}), ROC: {experiment / 'attacks' / 'roc.png'}")

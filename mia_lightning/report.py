@@ -86,6 +86,15 @@ def user_level_records(records: list[dict]) -> list[dict]:
     return [{**record["user_level"], "attack": record["attack"]} for record in records if "auc" in (record.get("user_level") or {})]
 
 
+def skipped_lines(skipped: list[dict]) -> list[str]:
+    """'a, b: reason' per distinct reason (attacks that do not apply to this experiment, grouped)."""
+    by_reason: dict[str, list[str]] = {}
+    for entry in skipped:
+        reason = entry["reason"].removeprefix(f"{entry['attack']}: ")
+        by_reason.setdefault(reason, []).append(entry["attack"])
+    return [f"{', '.join(names)}: {reason}" for reason, names in by_reason.items()]
+
+
 def print_results(records: list[dict], title: str, console: Console | None = None) -> None:
     """Print the comparison table (and the user-level and decision tables when the run has them) to the terminal."""
     console = console or Console()

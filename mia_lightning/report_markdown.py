@@ -16,7 +16,7 @@ from mia_lightning.errors import MiaError
 from mia_lightning.experiment import ExperimentDir
 from mia_lightning.io import load_json, load_npy, write_bytes_atomic
 from mia_lightning.metrics import FPR_LEVELS
-from mia_lightning.report import DECISION_COLUMNS, decision_rows, epsilon_cell, user_level_records
+from mia_lightning.report import DECISION_COLUMNS, decision_rows, epsilon_cell, skipped_lines, user_level_records
 from mia_lightning.runs import latest_run
 
 VULNERABILITY_ATTACK = "lira_online"
@@ -177,7 +177,7 @@ def write_markdown_report(experiment_dir: Path, top: int = 20) -> Path:
         "",
     ]
     if run.get("skipped"):
-        lines += ["Skipped in this run: " + "; ".join(f"{s['attack']} ({s['reason']})" for s in run["skipped"]), ""]
+        lines += ["Not applicable to this experiment (skipped): " + "; ".join(skipped_lines(run["skipped"])) + ".", ""]
     lines += _attack_section(records, run_folder, link)
     lines += _user_and_decision_sections(records)
     lines += _epsilon_section(records)

@@ -42,23 +42,35 @@ class _Split:
 
 
 class EpsilonAuditor:
-    """Empirical epsilon of every attack output of one run, with the construction valid for the experiment's plan."""
+    """Empirical epsilon of every attack output of one run, with the construction valid for the experiment's plan.
+
+    Independent-runs bounds need only the selection / evaluation scores, so ``family_bounds`` computes
+    them for all of a family's outputs before the run's own scoring and frees them: the two sets of
+    scores are never in memory together. The one-run bound reads the run's scores (``run_bound``).
+    """
 
     def __init__(self, data: AttackData, plan_kind: str | None) -> None:
         self.data = data
         self.one_run = plan_kind in INDEPENDENT_KINDS
-        self._splits: dict[str, _Split | str] = {}
 
-    def bound(self, family: str, params: dict, name: str, scores: np.ndarray, members: np.ndarray) -> dict:
-        """The bound for output ``name`` of attack ``family`` (``scores``/``members``: the run's [T, n] pairs, NaN = not audited)."""
+    def family_bounds(self, family: str, params: dict, scored: dict[str, np.ndarray] | None = None, targets: np.ndarray | None = None) -> dict[str, dict] | None:
+        """Independent-runs bounds of every output of ``family`` (None under the one-run audit, computed per output later).
+
+        For a shadow-free attack the run's own ``scored`` rows serve when its ``targets`` include every candidate model.
+        """
         if self.one_run:
-            return one_run_epsilon(scores, members)
-        if family not in self._splits:
-            self._splits[family] = self._split(family, params)
-        split = self._splits[family]
+            return None
+        split = self._split(family, params, scored, targets)
         if isinstance(split, str):
-            return {"method": None, "epsilon_lower_bound": None, "reason": split}
-        return independent_runs_epsilon(split.select_scores.pop(name), split.select_members, split.eval_scores.pop(name), split.eval_members)
+            return {name: {"method": None, "epsilon_lower_bound": None, "reason": split} for name in ATTACKS[family].outputs}
+        return {
+            name: independent_runs_epsilon(split.select_scores.pop(name), split.select_members, split.eval_scores.pop(name), split.eval_members)
+            for name in list(split.select_scores)
+        }
+
+    def run_bound(self, scores: np.ndarray, members: np.ndarray) -> dict:
+        """The one-run bound of one output from the run's own [T, n] scores (NaN = not audited)."""
+        return one_run_epsilon(scores, members)
 
     def _scores(self, family: str, params: dict, targets: np.ndarray) -> dict[str, np.ndarray]:
         """The attack's scores on ``targets`` with the audit's pair mask applied; fallback warnings stay quiet (expected with half the shadows)."""
@@ -70,10 +82,12 @@ class EpsilonAuditor:
                 scored = score_targets(create_attack(family, **params), self.data, targets)
         finally:
             ours.setLevel(level)
-        pairs = self.data.audit_pairs(targets)
-        return {name: np.where(pairs, values, np.nan) for name, values in scored.items()}
+        outside = ~self.data.audit_pairs(targets)
+        for values in scored.values():  # these scores are the auditor's own: masked in place, no copies
+            values[outside] = np.nan
+        return scored
 
-    def _split(self, family: str, params: dict) -> _Split | str:
+    def _split(self, family: str, params: dict, scored: dict[str, np.ndarray] | None = None, targets: np.ndarray | None = None) -> _Split | str:
         """Selection and evaluation scores for the independent-runs construction, or why it cannot be built."""
         n_models = self.data.shadow_candidates  # reference models trained on other data are neither shadows nor trials
         if n_models < MIN_MODELS:
@@ -83,7 +97,14 @@ class EpsilonAuditor:
         select = np.arange(k)
         if cls.shadow_free:
             evaluate = np.arange(k, n_models)
-            everything = self._scores(family, params, np.arange(n_models))
+            if scored is not None and targets is not None and np.isin(np.arange(n_models), targets).all():
+                rows = np.searchsorted(targets, np.arange(n_models), sorter=np.argsort(targets))
+                rows = np.argsort(targets)[rows]
+                pairs = self.data.audit_pairs(np.arange(n_models))
+                plain = np.array_equal(rows, np.arange(n_models)) and pairs.all()  # views of the run's scores, no copy
+                everything = {name: values[:n_models] if plain else np.where(pairs, values[rows], np.nan) for name, values in scored.items()}
+            else:
+                everything = self._scores(family, params, np.arange(n_models))
             select_scores = {name: values[:k] for name, values in everything.items()}
             eval_scores = {name: values[k:] for name, values in everything.items()}
         elif "n_shadows" in inspect.signature(cls.__init__).parameters:
