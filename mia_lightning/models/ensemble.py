@@ -28,10 +28,12 @@ class VectorisedMLP(L.LightningModule):
 
     ``pool_features`` / ``pool_labels`` hold the whole audit pool (buffers, so they move to the
     module's device and batches are gathered there); a training batch is an index tensor [K, B]
-    (model k's own minibatch of pool ids), a predict batch a tensor of pool ids [b].
+    (model k's own minibatch of pool ids), a predict batch a tensor of pool ids [b]. With
+    ``pool_views`` [n, Q, d] (features of Q query views, e.g. augmentations of an image) models
+    train on ``pool_features`` and predict every view.
     """
 
-    def __init__(self, models: list[TabularMLP], pool_features: torch.Tensor, pool_labels: torch.Tensor) -> None:
+    def __init__(self, models: list[TabularMLP], pool_features: torch.Tensor, pool_labels: torch.Tensor, pool_views: torch.Tensor | None = None) -> None:
         super().__init__()
         if any(dict(model.hparams) != dict(models[0].hparams) for model in models):
             raise ValueError("VectorisedMLP stacks models with identical hyper-parameters only")
@@ -44,6 +46,7 @@ class VectorisedMLP(L.LightningModule):
         self.register_buffer("feature_std", torch.stack([m.feature_std for m in models]).unsqueeze(1))
         self.register_buffer("pool_features", pool_features.float(), persistent=False)
         self.register_buffer("pool_labels", pool_labels.long(), persistent=False)
+        self.register_buffer("pool_views", None if pool_views is None else pool_views.float(), persistent=False)
         self.dropout = float(models[0].hparams.dropout)
         self._batch: torch.Tensor | None = None
 
@@ -85,7 +88,11 @@ class VectorisedMLP(L.LightningModule):
         return loss
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        """Logits [K, b, 1, C] in float32 of every model on pool ids ``batch``."""
+        """Logits [K, b, Q, C] in float32 of every model on pool ids ``batch`` (Q = 1 without ``pool_views``)."""
+        if self.pool_views is not None:
+            views = self.pool_views[batch]
+            x = views.flatten(0, 1).unsqueeze(0).expand(self.n_models, -1, -1)
+            return self(x).float().view(self.n_models, *views.shape[:2], -1)
         x = self.pool_features[batch].unsqueeze(0).expand(self.n_models, -1, -1)
         return self(x).float().unsqueeze(2)
 

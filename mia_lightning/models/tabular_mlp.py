@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 import torchmetrics
 from torch import nn
+
+from mia_lightning.models.steps import ClassifierSteps
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -41,7 +42,7 @@ def build_mlp(n_features: int, n_classes: int, hidden: list[int], dropout: float
     return nn.Sequential(*layers)
 
 
-class TabularMLP(L.LightningModule):
+class TabularMLP(ClassifierSteps, L.LightningModule):
     """An MLP classifier on tabular features (depth, width, dropout, optimiser and weight decay configurable)."""
 
     def __init__(
@@ -81,20 +82,6 @@ class TabularMLP(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.feature_mean) / self.feature_std)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.train_accuracy(logits, y)
-        self.log("train_loss", loss, prog_bar=True)
-        self.log("train_acc", self.train_accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.val_accuracy(self(x), y)
-        self.log("val_acc", self.val_accuracy, prog_bar=True)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Logits [batch, n_queries=1, n_classes] in float32 (the export format)."""
