@@ -1,9 +1,10 @@
 """The experiment directory: the contract between plan, farm, export and attack stages.
 
-Layout (see README): ``config.yaml``, ``plan.json``, ``keep.npy``, ``labels.npy``, optional
-``population.npy``, ``models/NNNN/{model.ckpt,logits.npy|signal.npy,done.json}`` and
-``attacks/<name>/{results.json,scores.npy,roc.png}``. Only ``keep.npy``, ``labels.npy`` and the
-per-model ``logits.npy`` (or ``signal.npy``) are required by the attacks, so a directory exported
+Layout (see README, "Experiment directory"): ``config.yaml``, ``plan.json``, ``keep.npy``,
+``labels.npy``, optional ``population.npy`` / ``audit.npy`` / ``groups.npy`` / ``unlearning.json`` /
+``cache/``, ``models/NNNN/{model.ckpt,logits.npy|signal.npy,done.json}`` and attack runs under
+``attacks/runs/<id>/`` (``attacks/latest`` = the published one). Only ``keep.npy``, ``labels.npy`` and
+the per-model ``logits.npy`` (or ``signal.npy``) are required by the attacks, so a directory exported
 by any framework can be audited.
 """
 
