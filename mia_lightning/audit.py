@@ -197,6 +197,9 @@ def run_audit(
             for name in list(scored):
                 scores = scored.pop(name)  # one output's scores in memory at a time
                 pair_scores = scores if audited.all() else np.where(audited, scores, np.nan)
+                if not np.isfinite(pair_scores).any():  # e.g. online LiRA when no shadow trained on an audited sample
+                    skipped.append({"attack": name, "reason": "scored no audited pair (it needs shadows that trained on the audited samples)"})
+                    continue
                 try:
                     with timed(f"metrics {name}"):
                         record, curve = result_record(name, family, attack.params(), target_ids, pair_scores, members, bootstrap)

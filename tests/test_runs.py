@@ -130,3 +130,22 @@ def test_results_written_by_layout_version_1_move_to_a_legacy_run(experiment):
     assert (experiment / "attacks/runs/legacy-v1/lira_online/results.json").read_text() == "{}"
     assert not (experiment / "attacks/lira_online").exists()
     assert np.load(experiment / "attacks/loss/scores.npy").shape == (8, 40)
+
+
+def test_outputs_that_score_no_audited_pair_are_skipped_not_fatal(tmp_path):
+    # Shadows (models 1-7) never train on the target's half, the only pairs audited: online LiRA has no
+    # IN shadows anywhere and scores nothing; the offline outputs still run and the run is published.
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=8, n_samples=80, seed=2)
+    keep = np.zeros((8, 80), dtype=bool)
+    rng = np.random.default_rng(0)
+    keep[0, rng.permutation(40)[:20]] = True
+    keep[1:, 40:] = rng.random((7, 40)) < 0.5
+    audit = np.zeros((8, 80), dtype=bool)
+    audit[0, :40] = True
+    np.save(root / "keep.npy", keep)
+    np.save(root / "audit.npy", audit)
+    result = run_audit(root, ["lira"], targets=[0], bootstrap=0)
+    assert {r["attack"] for r in result.records} >= {"lira_offline", "lira_offline_fixed"}
+    skipped = {s["attack"] for s in result.skipped}
+    assert {"lira_online", "lira_online_fixed"} <= skipped
+    assert not (root / "attacks" / "lira_online").exists()
