@@ -33,7 +33,7 @@ from scipy.special import softmax
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
 from mia_lightning.errors import MiaError
 from mia_lightning.unlearning.classifiers import CLASSIFIERS, fit_classifier
-from mia_lightning.unlearning.contract import EVALUATIONS, FILENAME, Chain, Unlearning, has_unlearning, load_unlearning
+from mia_lightning.unlearning.contract import AGGREGATIONS, EVALUATIONS, FILENAME, Chain, Unlearning, load_unlearning, unlearning_problem
 from mia_lightning.unlearning.features import DEFENCES, FEATURES, aggregate, defend, pair_features
 
 VIEWS = ("steps", "endpoints")
@@ -147,6 +147,7 @@ class UnlearningAttack(Attack):
         decimals: int = 1,
         method: str | None = None,
         evaluate: str | None = None,
+        aggregation: str | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -161,6 +162,9 @@ class UnlearningAttack(Attack):
                 raise MiaError(f"--params unlearning.{key} {chosen}: each must be one of {', '.join(allowed)}, once")
         if evaluate is not None and evaluate not in EVALUATIONS:
             raise MiaError(f"--params unlearning.evaluate {evaluate!r}: choose one of {', '.join(EVALUATIONS)}")
+        if aggregation is not None and aggregation not in AGGREGATIONS:
+            raise MiaError(f"--params unlearning.aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+        self.aggregation = aggregation
         if temperature <= 0 or decimals < 0:
             raise MiaError(f"--params unlearning: temperature {temperature} must be > 0 and decimals {decimals} >= 0")
         self.temperature, self.decimals, self.method, self.evaluate, self.seed = temperature, decimals, method, evaluate, seed
@@ -168,9 +172,7 @@ class UnlearningAttack(Attack):
 
     @classmethod
     def unmet_requirement(cls, data: AttackData) -> str | None:
-        if not has_unlearning(data.experiment):
-            return f"needs {FILENAME} (an experiment planned with plan.kind unlearning or unlearning_ulira)"
-        return super().unmet_requirement(data)
+        return unlearning_problem(data.experiment) or super().unmet_requirement(data)
 
     def fit(self, data: AttackData) -> None:
         """Build the shadow and target items, train every classifier on the shadow pairs and score the target items."""
@@ -190,7 +192,8 @@ class UnlearningAttack(Attack):
             samples = set(self.items.sample[self.items.chain == c].tolist())
             for version in chain.versions:
                 needs.setdefault(version, set()).update(samples)
-        self.posteriors = PublishedPosteriors(data, needs, unlearning.aggregation)
+        self.aggregation = self.aggregation or unlearning.aggregation
+        self.posteriors = PublishedPosteriors(data, needs, self.aggregation)
         self.item_scores: dict[str, np.ndarray] = {}
         shadow, target = self.items.subset(~self.items.target), self.items.subset(self.items.target)
         for defence in self.defences:
@@ -267,6 +270,6 @@ class UnlearningAttack(Attack):
         params: dict[str, Any] = {"features": self.features, "classifiers": self.classifiers, "defences": self.defences, "views": self.views,
                                   "temperature": self.temperature, "decimals": self.decimals, "seed": self.seed}
         if self.data is not None and hasattr(self, "items"):
-            params |= {"method": self.method, "evaluate": self.evaluate, "scenario": self.unlearning.scenario, "aggregation": self.unlearning.aggregation,
+            params |= {"method": self.method, "evaluate": self.evaluate, "scenario": self.unlearning.scenario, "aggregation": self.aggregation,
                        "n_shadow_items": int((~self.items.target).sum()), "n_target_items": int(self.items.target.sum())}
         return params

@@ -116,6 +116,9 @@ class SequentialEngine:
     inexact unlearning step.
     """
 
+    trains_groups = False
+    """The runner hands it one job at a time."""
+
     def __init__(
         self,
         setup: FarmSetup,

@@ -239,7 +239,7 @@ def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool 
     )
     show_bar = progress_bar and recipe.setup.trainer.get("enable_progress_bar", True) and not os.environ.get("MIA_FARM_WORKER")
     engine = build_engine(recipe, show_bar)
-    group = recipe.farm.group_size if recipe.farm.engine == "vectorised" else 1
+    group = recipe.farm.group_size if engine.trains_groups else 1
     trained: list[int] = []
     started = time.perf_counter()
     queue = list(pending)

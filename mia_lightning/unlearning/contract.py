@@ -49,7 +49,6 @@ DESIGNS = ("scenarios", "ulira")
 SCENARIOS = ("single", "group", "multi_version", "online", "remaining")
 EVALUATIONS = ("deleted", "added", "remaining")
 METHODS = ("scratch", "sisa", "finetune", "gradient_ascent")
-EXACT_METHODS = frozenset({"scratch", "sisa"})
 AGGREGATIONS = ("mean", "vote")
 ROLES = ("shadow", "target")
 SAMPLE_SETS = ("deleted", "added", "remaining", "negatives")
@@ -227,6 +226,23 @@ def load_unlearning(experiment: ExperimentDir) -> Unlearning:
     return parse_unlearning(load_json(path), experiment.keep, str(path))
 
 
-def has_unlearning(experiment: ExperimentDir | None) -> bool:
-    """Whether the experiment directory has an ``unlearning.json``."""
-    return experiment is not None and (experiment.root / FILENAME).is_file()
+def unlearning_problem(experiment: ExperimentDir | None, design: str | None = None) -> str | None:
+    """Why an attack cannot use the experiment's ``unlearning.json`` (missing, invalid, or of another design), or None.
+
+    Attacks call it in ``unmet_requirement``, which runs before an attack run is staged: a bad file is refused with nothing written.
+    """
+    if experiment is None or not (experiment.root / FILENAME).is_file():
+        return f"needs {FILENAME} (an experiment planned with plan.kind {design or 'unlearning or unlearning_ulira'}; see configs/unlearning/)"
+    try:
+        unlearning = load_unlearning(experiment)
+    except MiaError as err:
+        return str(err)
+    for model, entry in unlearning.training.items():  # another engine would have trained these as plain (or warm-started) models
+        done = experiment.model_dir(model) / "done.json"
+        engine = load_json(done).get("engine") if done.is_file() else "unlearning"
+        if engine != "unlearning":
+            return (f"{done}: model {model} was trained by farm.engine {engine}, but {FILENAME} makes it a {entry['method']} model, which only "
+                    "farm.engine unlearning trains; re-run the farm in a new experiment with farm.engine: unlearning")
+    if design is not None and unlearning.design != design:
+        return f"needs the {FILENAME} of a plan.kind unlearning_{design} farm; {experiment.root / FILENAME} has design {unlearning.design}"
+    return None

@@ -57,6 +57,9 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> float:
 class UnlearningEngine:
     """Trains originals, exact retrains, SISA shard models and inexact unlearned models of one experiment."""
 
+    trains_groups = True
+    """The runner hands it ``farm.group_size`` jobs at a time (exact retrains go to the vectorised engine)."""
+
     def __init__(
         self,
         setup: FarmSetup,

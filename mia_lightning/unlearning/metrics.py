@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from mia_lightning.errors import MiaError
+from mia_lightning.metrics import SortedPairs, auc_from_counts
 
 AUC_REPLICATES = 200
 
@@ -51,33 +52,25 @@ def privleak(auc_forget: float, auc_retain: float) -> float:
     return ((1.0 - auc_forget) - (1.0 - auc_retain)) / (1.0 - auc_retain)
 
 
-def _weighted_auc(weights: np.ndarray, member: np.ndarray, group: np.ndarray, n_groups: int) -> float:
-    """Mann-Whitney AUC of pairs sorted into tie groups (ascending score), each pair weighted; ties count half."""
-    positive = np.bincount(group, weights * member, n_groups)
-    negative = np.bincount(group, weights * ~member, n_groups)
-    total_pos, total_neg = positive.sum(), negative.sum()
-    if total_pos == 0 or total_neg == 0:
-        return float("nan")
-    below = np.cumsum(negative) - negative
-    return float(positive @ (below + 0.5 * negative) / (total_pos * total_neg))
-
-
 def auc_interval(scores: np.ndarray, members: np.ndarray, replicates: int = AUC_REPLICATES, seed: int = 0) -> tuple[float, float, float]:
-    """(AUC, low, high): the AUC over finite (target, sample) pairs of [T, n] scores and its two-way bootstrap 95% interval."""
+    """(AUC, low, high): the AUC over finite (target, sample) pairs of [T, n] scores and its two-way bootstrap 95% interval.
+
+    One sort (the shared ``SortedPairs``); each replicate re-weights the sorted pairs by u[target] x v[sample].
+    """
     scores, members = np.atleast_2d(np.asarray(scores, dtype=np.float64)), np.atleast_2d(np.asarray(members, dtype=bool))
-    target, sample = np.nonzero(np.isfinite(scores))
-    values, member = scores[target, sample], members[target, sample]
-    _, group = np.unique(values, return_inverse=True)
-    n_groups = int(group.max()) + 1 if group.size else 0
-    point = _weighted_auc(np.ones(values.size), member, group, n_groups)
-    if not np.isfinite(point):
+    pairs = SortedPairs.build(scores, members)
+    if pairs.n_members == 0 or pairs.n_nonmembers == 0:
         raise MiaError("AUC interval: the scored pairs need both members and non-members")
+    point = auc_from_counts(*pairs.counts())
+    target, sample = np.divmod(pairs.order, scores.shape[1])
+    ends = np.concatenate([[True], pairs.last_of_tie])
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(replicates):
-        u, v = rng.poisson(1.0, scores.shape[0]), rng.poisson(1.0, scores.shape[1])
-        draw = _weighted_auc((u[target] * v[sample]).astype(np.float64), member, group, n_groups)
-        if np.isfinite(draw):
-            draws.append(draw)
+        weights = rng.poisson(1.0, scores.shape[0])[target] * rng.poisson(1.0, scores.shape[1])[sample]
+        tp = np.concatenate([[0.0], np.cumsum(weights * pairs.member, dtype=np.float64)])
+        fp = np.concatenate([[0.0], np.cumsum(weights * ~pairs.member, dtype=np.float64)])
+        if tp[-1] > 0 and fp[-1] > 0:
+            draws.append(auc_from_counts(tp[ends], fp[ends]))
     spread = 1.959964 * float(np.std(draws, ddof=1)) if len(draws) > 1 else float("nan")
     return point, max(0.0, point - spread), min(1.0, point + spread)

@@ -37,8 +37,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+import yaml
 
-from mia_lightning.data.plan import Plan, PlanSpec, make_lira_plan
+from mia_lightning.data.plan import Plan, PlanSpec
 from mia_lightning.errors import MiaError
 from mia_lightning.unlearning.contract import AGGREGATIONS, METHODS, SCENARIOS, Chain, Step, Unlearning, parse_unlearning
 
@@ -55,6 +56,8 @@ def _options(cls: type, spec: PlanSpec) -> Any:
     values = {}
     for name, value in spec.options.items():
         expected = type(known[name].default)
+        if isinstance(value, str) and expected is not str:  # a command-line override arrives as text
+            value = yaml.safe_load(value)
         allowed = (int,) if expected is int else (int, float) if expected is float else (expected,)
         if isinstance(value, bool) != (expected is bool) or not isinstance(value, allowed):
             raise MiaError(f"--plan.options.{name} {value!r}: expected {expected.__name__}")
@@ -294,9 +297,9 @@ class ULiRAOptions:
     ascent_steps: int = 10
 
     def validate(self, n_samples: int, n_models: int) -> None:
-        if n_models % 3 or n_models < 12:
+        if n_models % 6 or n_models < 18:
             raise MiaError(f"--plan.n_models {n_models}: plan kind unlearning_ulira has 3 models per original (original, exact and inexact "
-                           "unlearned) and U-LiRA needs at least 4 originals; use a multiple of 3, at least 12")
+                           "unlearned) and an even number of originals, at least 6; use a multiple of 6, at least 18")
         if self.inexact not in INEXACT_METHODS:
             raise MiaError(f"--plan.options.inexact {self.inexact!r}: choose one of {', '.join(INEXACT_METHODS)}")
         if not 2 <= self.candidates <= n_samples - 2:
@@ -306,25 +309,33 @@ class ULiRAOptions:
                 raise MiaError(f"--plan.options.{name} {getattr(self, name)}: must be at least 1")
 
 
-def make_ulira_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
-    """M originals (random half of the base + random half of the candidates), each unlearned exactly and inexactly.
+def complementary_halves(ids: np.ndarray, n_pairs: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """2 x ``n_pairs`` subsets of ``ids``: pair i is a random half and its complement, so every id is in exactly one model of each pair."""
+    halves = []
+    for _ in range(n_pairs):
+        order = rng.permutation(ids)
+        halves += [np.sort(order[: ids.size // 2]), np.sort(order[ids.size // 2 :])]
+    return halves
 
-    Models 0..M-1 are the originals, M..2M-1 their exact unlearned versions (retrained from scratch
-    on their base half), 2M..3M-1 the inexact ones (derived from the original). ``n_models`` = 3M.
+
+def make_ulira_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
+    """M originals in complementary pairs (half of the base + half of the candidates each), each unlearned exactly and inexactly.
+
+    Models 0..M-1 are the originals (2i and 2i+1 split the candidates and the base between them),
+    M..2M-1 their exact unlearned versions (retrained from scratch on their base half), 2M..3M-1
+    the inexact ones (derived from the original). ``n_models`` = 3M. U-LiRA leaves a target's pair
+    out of its shadows, so every candidate has as many "forgot" as "never saw" shadows.
     """
     opts = _options(ULiRAOptions, spec)
     opts.validate(spec.n_samples, spec.n_models)
-    n_originals = spec.n_models // 3
     _check_models(spec, spec.n_models, "originals, exact and inexact unlearned models")
+    n_originals = spec.n_models // 3
     rng = np.random.default_rng(spec.seed)
     order = rng.permutation(spec.n_samples)
     candidates, base = np.sort(order[: opts.candidates]), np.sort(order[opts.candidates :])
-    seeds = np.random.SeedSequence(spec.seed).generate_state(2)
-    halves = {name: make_lira_plan(PlanSpec(spec.dataset, ids.size, n_originals, int(seed))).keep
-              for name, ids, seed in (("candidates", candidates, seeds[0]), ("base", base, seeds[1]))}
+    forgotten = complementary_halves(candidates, n_originals // 2, rng)
+    kept = complementary_halves(base, n_originals // 2, rng)
     builder = _Builder(spec.n_samples)
-    forgotten = [candidates[halves["candidates"][o]] for o in range(n_originals)]
-    kept = [base[halves["base"][o]] for o in range(n_originals)]
     originals = [builder.add(np.union1d(kept[o], forgotten[o])) for o in range(n_originals)]
     exact = [builder.add(kept[o]) for o in range(n_originals)]
     if opts.inexact == "finetune":
@@ -333,9 +344,8 @@ def make_ulira_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np
         inexact = [builder.add(kept[o], originals[o], {"method": "gradient_ascent", "forget": forgotten[o].tolist(), "steps": opts.ascent_steps})
                    for o in range(n_originals)]
     for o in range(n_originals):
-        negatives = np.setdiff1d(candidates, forgotten[o])
         remaining = np.sort(rng.choice(kept[o], min(forgotten[o].size, kept[o].size), replace=False))
-        step = Step(forgotten[o], np.zeros(0, dtype=np.int64), remaining, negatives)
+        step = Step(forgotten[o], np.zeros(0, dtype=np.int64), remaining, np.setdiff1d(candidates, forgotten[o]))
         role = "shadow" if o % 2 == 0 else "target"
         for method, models in ((opts.inexact, inexact), ("scratch", exact)):
             builder.chains.append(Chain(method, role, ((originals[o],), (models[o],)), (step,)))

@@ -94,7 +94,7 @@ def ulira_summary(folder: Path, records: dict[str, dict], keep: np.ndarray) -> d
     return summary
 
 
-def utility(experiment: ExperimentDir, unlearning: Unlearning, method: str) -> dict[str, float]:
+def utility(experiment: ExperimentDir, unlearning: Unlearning, method: str, aggregation: str) -> dict[str, float]:
     """Mean held-out accuracy of the target chains' first and last versions (SISA versions answer with their aggregate)."""
     keep, labels = experiment.keep, experiment.labels
     outputs = experiment.load_model_outputs("logits")
@@ -104,7 +104,7 @@ def utility(experiment: ExperimentDir, unlearning: Unlearning, method: str) -> d
         if version not in measured:
             held_out = ~version_members(keep, version)
             probs = softmax(np.stack([outputs.model(m)[held_out] for m in version]).astype(np.float64), axis=-1).mean(axis=2)
-            measured[version] = float((aggregate(probs, unlearning.aggregation).argmax(-1) == labels[held_out]).mean())
+            measured[version] = float((aggregate(probs, aggregation).argmax(-1) == labels[held_out]).mean())
         return measured[version]
 
     targets = [chain for chain in unlearning.chains_of(method) if chain.role == "target"]
@@ -127,10 +127,11 @@ def summarise(experiment_dir: Path) -> dict:
         raise MiaError(f"{folder}: the latest run has no unlearning or ulira outputs; run `python attack.py --experiment {experiment.root} --attack unlearning ulira`")
     chen_params = next((records[r["attack"]]["params"] for r in chen), {})
     method = chen_params.get("method", unlearning.methods[0])
+    aggregation = chen_params.get("aggregation", unlearning.aggregation)
     return {
         "experiment": str(experiment.root), "run": run.get("id"), "design": unlearning.design, "scenario": unlearning.scenario,
-        "method": method, "evaluate": chen_params.get("evaluate", unlearning.evaluate), "aggregation": unlearning.aggregation,
-        "utility": utility(experiment, unlearning, method), "unlearning_attack": chen, "classic": classic_rows(folder, records, keep),
+        "method": method, "evaluate": chen_params.get("evaluate", unlearning.evaluate), "aggregation": aggregation,
+        "utility": utility(experiment, unlearning, method, aggregation), "unlearning_attack": chen, "classic": classic_rows(folder, records, keep),
         "ulira": ulira_summary(folder, records, keep),
     }
 
