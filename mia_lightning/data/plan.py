@@ -30,6 +30,7 @@ PLAN_KINDS: dict[str, str] = {
     "unlearning": "mia_lightning.unlearning.plans:make_unlearning_plan",
     "unlearning_ulira": "mia_lightning.unlearning.plans:make_ulira_plan",
     "few_shot": "mia_lightning.data.images:make_few_shot_plan",
+    "disjoint_shadows": "mia_lightning.attacks.shokri:make_disjoint_shadows_plan",
 }
 """Plan kind -> ``module:function`` building it (workloads register theirs here)."""
 

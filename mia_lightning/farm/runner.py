@@ -90,7 +90,10 @@ def validate_training(recipe: Recipe, pool: L.LightningDataModule) -> None:
         recipe.setup.build_trainer()
     except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
         raise MiaError(f"trainer settings: {' '.join(str(err).split())}") from None
-    recipe.setup.build_callbacks()
+    for callback in recipe.setup.build_callbacks():
+        check = getattr(callback, "check_recipe", None)  # e.g. DP-SGD: an unreachable epsilon is refused here
+        if check is not None:
+            check(pool, module, trainer.get("max_epochs"))
 
 
 def _writable(folder: Path) -> None:

@@ -1,0 +1,233 @@
+"""Defences compared honestly: one row per study setting (baseline and each defence), one table, one plot.
+
+Per setting (an audited farm): test accuracy and train-test gap of the targets (the run's
+``utility.json``, ``mia_lightning.utility``), every requested attack output's AUC with a two-way
+(targets x samples) Poisson bootstrap 95% interval computed here from its ``scores.npy``, TPR at 0.1%
+and 1% FPR with the audit's bootstrap intervals, the empirical epsilon lower bound of the audit
+(``results.json``), and for DP-SGD settings the accountant's epsilon of each target (``done.json``
+metric ``dp_epsilon``, written by ``mia_lightning.privacy.dp_sgd.DPSGD``; the largest over targets).
+
+"helps?" compares the ``attack`` output's TPR at 1% FPR with the baseline's: ``yes`` when the
+setting's bootstrap interval lies entirely below the baseline's, ``worse`` when entirely above, ``no``
+otherwise (no measurable change), followed by the accuracy cost. The privacy-utility plot puts
+test accuracy against that TPR and draws the Pareto front (settings no other setting beats on both).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mia_lightning.errors import MiaError
+from mia_lightning.experiment import ExperimentDir
+from mia_lightning.io import load_json
+
+DEFAULT_OUTPUTS = ("lira_online", "rmia_online", "shokri_per_class", "shokri_shared")
+PLOT_FILE = "privacy_utility.png"
+LEVELS = ("0.001", "0.01")
+
+
+def weighted_auc(member: np.ndarray, group: np.ndarray, weight: np.ndarray) -> float:
+    """Weighted Mann-Whitney AUC of pairs sorted by score: ``group`` numbers the tie groups in increasing score order (ties count one half)."""
+    neg = np.where(member, 0.0, weight)
+    pos = np.where(member, weight, 0.0)
+    neg_per_group = np.bincount(group, neg)
+    below = np.cumsum(neg_per_group) - neg_per_group  # non-member weight strictly below each tie group
+    total_pos, total_neg = pos.sum(), neg.sum()
+    if total_pos == 0 or total_neg == 0:
+        return float("nan")
+    return float((pos * (below[group] + 0.5 * neg_per_group[group])).sum() / (total_pos * total_neg))
+
+
+def sorted_pairs(scores: np.ndarray, members: np.ndarray, audited: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(member, tie group, target, sample) of the audited, finite (target, sample) pairs in increasing score order."""
+    valid = audited & np.isfinite(scores)
+    target, sample = np.nonzero(valid)
+    values, member = scores[valid], members[valid]
+    order = np.argsort(values, kind="stable")
+    values = values[order]
+    group = np.cumsum(np.r_[True, values[1:] != values[:-1]]) - 1
+    return member[order], group, target[order], sample[order]
+
+
+def bootstrap_auc(scores: np.ndarray, members: np.ndarray, audited: np.ndarray, replicates: int, seed: int = 0) -> list[float] | None:
+    """95% percentile interval of the AUC over (target, sample) pairs: two-way Poisson bootstrap (one weight per target, one per sample).
+
+    ``scores`` float [T, n] (NaN = unscored), ``members`` and ``audited`` bool [T, n]; one sort, then
+    ``weighted_auc`` per replicate.
+    """
+    if replicates <= 0:
+        return None
+    member, group, target, sample = sorted_pairs(scores, members, audited)
+    if member.all() or not member.any():
+        return None
+    rng = np.random.default_rng(seed)
+    draws = [weighted_auc(member, group, rng.poisson(1.0, scores.shape[0])[target] * rng.poisson(1.0, scores.shape[1])[sample].astype(np.float64))
+             for _ in range(replicates)]
+    draws = [d for d in draws if np.isfinite(d)]
+    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))] if draws else None
+
+
+def _pairs(experiment: ExperimentDir, targets: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(members, audited) bool [T, n] of the targets: keep rows, audit rows, minus the population."""
+    ids = np.asarray(targets, dtype=np.int64)
+    members = experiment.keep[ids]
+    audited = np.ones_like(members)
+    if experiment.audit is not None:
+        audited &= experiment.audit[ids]
+    if experiment.population is not None:
+        audited[:, experiment.population] = False
+    return members, audited
+
+
+def accountant_epsilon(experiment: ExperimentDir, targets: list[int]) -> float | None:
+    """The largest DP-SGD accountant epsilon over the targets (``done.json`` metric ``dp_epsilon``), or None without DP."""
+    values = []
+    for t in targets:
+        done = experiment.model_dir(t) / "done.json"
+        metrics = load_json(done).get("metrics", {}) if done.is_file() else {}
+        if "dp_epsilon" in metrics:
+            values.append(float(metrics["dp_epsilon"]))
+    return max(values) if values else None
+
+
+def _attack_entry(row: dict, output: str, members: np.ndarray, audited: np.ndarray, bootstrap: int, seed: int) -> dict[str, Any] | None:
+    result = row["results"].get(output)
+    if result is None:
+        return None
+    folder = Path(row["experiment"]) / "attacks" / "latest" / output
+    scores_path = folder / "scores.npy"
+    auc_ci = bootstrap_auc(np.load(scores_path), members, audited, bootstrap, seed) if scores_path.is_file() else None
+    boot = result.get("tpr_at_fpr_ci_bootstrap") or {}
+    return {
+        "auc": result["auc"],
+        "auc_ci": auc_ci,
+        **{f"tpr@{level}": result["tpr_at_fpr"][level] for level in LEVELS},
+        **{f"tpr@{level}_ci": boot.get(level, result["tpr_at_fpr_ci"][level]) for level in LEVELS},
+        "empirical_epsilon": (result.get("empirical_epsilon") or {}).get("epsilon_lower_bound"),
+    }
+
+
+def verdict(setting: dict, baseline: dict, attack: str) -> str:
+    """``yes`` / ``no`` / ``worse`` (TPR@1%FPR intervals of ``attack`` against the baseline's) and the accuracy cost in points."""
+    mine, base = setting["attacks"].get(attack), baseline["attacks"].get(attack)
+    if mine is None or base is None:
+        return f"n/a (no {attack})"
+    low, high = mine["tpr@0.01_ci"]
+    base_low, base_high = base["tpr@0.01_ci"]
+    word = "yes" if high < base_low else "worse" if low > base_high else "no"
+    change = 100 * (mine["tpr@0.01"] - base["tpr@0.01"])
+    cost = 100 * (setting["test_accuracy"] - baseline["test_accuracy"]) if setting["test_accuracy"] is not None and baseline["test_accuracy"] is not None else float("nan")
+    return f"{word} (TPR@1% {change:+.1f} pts, acc {cost:+.1f} pts)"
+
+
+def pareto_front(accuracy: np.ndarray, leakage: np.ndarray) -> np.ndarray:
+    """bool [k]: settings that no other setting beats on both (higher or equal accuracy AND lower or equal leakage, one strictly)."""
+    dominated = np.zeros(len(accuracy), dtype=bool)
+    for i in range(len(accuracy)):
+        better = (accuracy >= accuracy[i]) & (leakage <= leakage[i]) & ((accuracy > accuracy[i]) | (leakage < leakage[i]))
+        dominated[i] = better.any()
+    return ~dominated
+
+
+def _plot(settings: list[dict], attack: str, front: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    xs = np.array([s["test_accuracy"] for s in settings], dtype=float)
+    ys = np.array([100 * s["attacks"][attack]["tpr@0.01"] for s in settings], dtype=float)
+    errors = np.array([[ys[i] - 100 * s["attacks"][attack]["tpr@0.01_ci"][0], 100 * s["attacks"][attack]["tpr@0.01_ci"][1] - ys[i]] for i, s in enumerate(settings)]).T
+    ax.errorbar(100 * xs, ys, yerr=np.clip(errors, 0, None), fmt="o", color="tab:blue", capsize=3)
+    order = np.argsort(xs[front])
+    ax.plot(100 * xs[front][order], ys[front][order], "--", color="tab:red", label="Pareto front")
+    for s, x, y in zip(settings, xs, ys):
+        label = s["setting"] + (f" (eps {s['accountant_epsilon']:.1f})" if s["accountant_epsilon"] is not None else "")
+        ax.annotate(label, (100 * x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_ylabel(f"{attack} TPR at 1% FPR (%)")
+    ax.set_title("privacy-utility trade-off of the defences")
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _print(settings: list[dict], outputs: list[str]) -> None:
+    from rich.table import Table
+
+    from mia_lightning.cli import console
+
+    def pct(value: float | None, ci: list[float] | None = None) -> str:
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+    def short(output: str) -> str:
+        return output.replace("_online", "").replace("_per_class", "/class").replace("_", " ")
+
+    table = Table(title="defences: utility and membership leakage per setting (95% bootstrap intervals; TPR in %)", title_justify="left")
+    for column in ("setting", "test acc %", "gap pts", "DP eps", *[f"{short(o)} AUC" for o in outputs],
+                   *[f"{short(o)} TPR@{float(l) * 100:g}%" for o in outputs if not o.startswith("shokri") for l in LEVELS], "emp. eps", "helps?"):
+        table.add_column(column)
+    for s in settings:
+        cells = [s["setting"], pct(s["test_accuracy"]), pct(s["train_test_gap"]), "-" if s["accountant_epsilon"] is None else f"{s['accountant_epsilon']:.2f}"]
+        for o in outputs:
+            entry = s["attacks"].get(o)
+            cells.append("-" if entry is None else f"{entry['auc']:.3f}" + (f" [{entry['auc_ci'][0]:.3f}, {entry['auc_ci'][1]:.3f}]" if entry["auc_ci"] else ""))
+        for o in outputs:
+            if o.startswith("shokri"):
+                continue
+            entry = s["attacks"].get(o)
+            cells += ["-" if entry is None else pct(entry[f"tpr@{l}"], entry[f"tpr@{l}_ci"]) for l in LEVELS]
+        emp = [e["empirical_epsilon"] for e in s["attacks"].values() if e.get("empirical_epsilon") is not None]
+        cells += ["-" if not emp else f"{max(emp):.2f}", s["helps"]]
+        table.add_row(*cells)
+    console.print(table)
+
+
+def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attack: str = "lira_online",
+            outputs: list[str] | None = None, bootstrap: int = 200, seed: int = 0) -> dict:
+    """The defences table (printed), ``privacy_utility.png`` under ``study_dir``, and the JSON summary (returned)."""
+    outputs = list(outputs or DEFAULT_OUTPUTS)
+    names = [row["setting"] for row in rows]
+    if baseline not in names:
+        raise MiaError(f"study.analysis_params.baseline {baseline!r}: no such setting; settings are {', '.join(names)}")
+    if bootstrap < 0:
+        raise MiaError(f"study.analysis_params.bootstrap {bootstrap}: must be >= 0")
+    settings = []
+    for row in rows:
+        if attack not in row["results"]:
+            raise MiaError(f"study.analysis_params.attack {attack!r}: setting {row['setting']!r} has no such result ({', '.join(sorted(row['results']))}); add its attack to study.attacks")
+        experiment = ExperimentDir(Path(row["experiment"]))
+        targets = row["results"][attack]["targets"]
+        members, audited = _pairs(experiment, targets)
+        utility = row.get("utility") or {}
+        settings.append({
+            "setting": row["setting"],
+            "overrides": row["overrides"],
+            "targets": len(targets),
+            "test_accuracy": utility.get("test_accuracy"),
+            "train_accuracy": utility.get("train_accuracy"),
+            "train_test_gap": utility.get("train_test_gap"),
+            "accountant_epsilon": accountant_epsilon(experiment, targets),
+            "attacks": {o: e for o in outputs if (e := _attack_entry(row, o, members, audited, bootstrap, seed)) is not None},
+        })
+    base = settings[names.index(baseline)]
+    for s in settings:
+        s["helps"] = "baseline" if s is base else verdict(s, base, attack)
+    plotted = [s for s in settings if s["test_accuracy"] is not None]
+    front = pareto_front(np.array([s["test_accuracy"] for s in plotted]), np.array([s["attacks"][attack]["tpr@0.01"] for s in plotted]))
+    for s, on_front in zip(plotted, front):
+        s["pareto"] = bool(on_front)
+    if plotted:
+        _plot(plotted, attack, front, Path(study_dir) / PLOT_FILE)
+    _print(settings, outputs)
+    return {"attack": attack, "baseline": baseline, "bootstrap": bootstrap, "plot": PLOT_FILE,
+            "helps_rule": "yes: the TPR@1%FPR bootstrap interval lies entirely below the baseline's; worse: entirely above; no: they overlap",
+            "settings": settings}

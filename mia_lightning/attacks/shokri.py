@@ -1,0 +1,264 @@
+"""The shadow-model attack of Shokri, Stronati, Song and Shmatikov ("Membership Inference Attacks Against
+Machine Learning Models", IEEE S&P 2017), on exported logits.
+
+Attack training set: every shadow model's posteriors on the samples it trained on (label 1) and on
+those it did not (label 0), optionally followed by the one-hot label (``with_label``). Two attack
+designs, both written:
+
+- ``shokri_per_class``: one attack model per class, trained on the shadows' samples of that class and
+  applied to the target's samples of that class, on the posterior vector in class order (Shokri et
+  al.'s design: the class fixes which entry is the true-class confidence; ``sort_per_class`` sorts it);
+- ``shokri_shared``: one attack model for all classes on the posterior vector sorted in decreasing
+  order, its ``top_k`` largest entries (Salem et al., "ML-Leaks", NDSS 2019).
+
+The score of (target, sample) is the attack model's membership logit (``mlp``, ``logistic``) or
+probability (``random_forest``) on the target's posteriors. Shadows: leave-one-out by default (the
+candidate models ``AttackData.shadow_candidates`` except the target, or the ``n_shadows`` lowest
+ids), so Shokri runs on any farm next to LiRA and RMIA; a plan that lists ``info.shadow_models``
+(``disjoint_shadows``) restricts the shadows to those. A shadow contributes only the samples of its
+``audit.npy`` row (all non-population samples without one): under ``disjoint_shadows`` the shadows'
+half of the pool. The MLP (``classifier: mlp``) is a LightningModule trained with a Lightning
+Trainer; the attack models of a batch of targets train at once as one batched network (each target
+masks out its left-out model's rows), so leave-one-out costs one training per batch, not per target.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+from mia_lightning.attacks.base import Attack, AttackData, register_attack
+from mia_lightning.attacks.shadows import left_out_model, shadow_pool
+from mia_lightning.data.plan import Plan, PlanSpec, make_lira_plan, split_population
+from mia_lightning.errors import MiaError
+
+CLASSIFIERS = ("mlp", "logistic", "random_forest")
+
+
+def attack_features(posteriors: np.ndarray, labels: np.ndarray, top_k: int | None, with_label: bool, sort: bool = True) -> np.ndarray:
+    """float32 [..., n, F]: posteriors [..., n, C] sorted in decreasing order (the ``top_k`` largest) or in class order (``sort=False``), then optionally the one-hot label."""
+    ordered = -np.sort(-posteriors, axis=-1)[..., : top_k or posteriors.shape[-1]] if sort else posteriors
+    if not with_label:
+        return ordered.astype(np.float32)
+    one_hot = np.broadcast_to(np.eye(posteriors.shape[-1])[labels], posteriors.shape)
+    return np.concatenate([ordered, one_hot], axis=-1).astype(np.float32)
+
+
+class BatchedAttackMLP(L.LightningModule):
+    """T x K independent MLPs (T targets, K = classes or 1) in one module: features [B, F] -> membership logits [T, B].
+
+    Row b goes through the MLP of its group ``group[b]`` (its class, or 0 when shared); each target's
+    loss weights rows by ``weight[t, b]`` (0 for its left-out shadow's rows), so target t's attack
+    model sees exactly its own shadows' rows.
+    """
+
+    def __init__(self, n_targets: int, n_groups: int, n_features: int, hidden: int = 64, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        shape = (n_targets, n_groups)
+
+        def uniform(*size: int, fan_in: int) -> nn.Parameter:  # nn.Linear's default initialisation, one draw per MLP
+            return nn.Parameter((torch.rand(*shape, *size) * 2 - 1) / fan_in**0.5)
+
+        self.w1, self.b1 = uniform(n_features, hidden, fan_in=n_features), uniform(hidden, fan_in=n_features)
+        self.w2, self.b2 = uniform(hidden, hidden, fan_in=hidden), uniform(hidden, fan_in=hidden)
+        self.w3, self.b3 = uniform(hidden, fan_in=hidden), uniform(fan_in=hidden)
+
+    def forward(self, features: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """Membership logits [T, B]: the rows of each group go through that group's T MLPs (one batched matmul per layer)."""
+        logits = features.new_empty(self.w1.shape[0], features.shape[0])
+        for g in torch.unique(group).tolist():
+            at = torch.nonzero(group == g).squeeze(1)
+            h = torch.relu(torch.einsum("bf,tfh->tbh", features[at], self.w1[:, g]) + self.b1[:, g, None])
+            h = torch.relu(torch.bmm(h, self.w2[:, g]) + self.b2[:, g, None])
+            logits[:, at] = torch.einsum("tbh,th->tb", h, self.w3[:, g]) + self.b3[:, g, None]
+        return logits
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        features, group, member, weight = batch
+        logits = self(features, group)
+        losses = F.binary_cross_entropy_with_logits(logits, member.expand_as(logits), reduction="none")
+        weight = weight.T  # [T, B]
+        return ((losses * weight).sum(-1) / weight.sum(-1).clamp_min(1.0)).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+@register_attack
+class Shokri(Attack):
+    """Shokri et al.'s shadow-model attack: per-class attack classifiers (class-ordered posteriors) and a shared one (sorted posteriors)."""
+
+    name = "shokri"
+    label = "Shokri"
+    outputs = ("shokri_per_class", "shokri_shared")
+    requires_logits = True
+    min_models = 2
+
+    def __init__(
+        self,
+        classifier: str = "mlp",
+        with_label: bool = False,
+        top_k: int | None = None,
+        sort_per_class: bool = False,
+        n_shadows: int | None = None,
+        hidden: int = 32,
+        steps: int = 500,
+        batch_size: int = 512,
+        lr: float = 2e-3,
+        max_rows: int = 200_000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if classifier not in CLASSIFIERS:
+            raise MiaError(f"--params shokri.classifier={classifier!r}: choose one of {', '.join(CLASSIFIERS)}")
+        for key, value in (("hidden", hidden), ("steps", steps), ("batch_size", batch_size), ("max_rows", max_rows)):
+            if value < 1:
+                raise MiaError(f"--params shokri.{key}={value}: must be at least 1")
+        if top_k is not None and top_k < 1:
+            raise MiaError(f"--params shokri.top_k={top_k}: must be at least 1 (or unset for all classes)")
+        if not lr > 0:
+            raise MiaError(f"--params shokri.lr={lr}: must be positive")
+        self.classifier, self.with_label, self.top_k, self.n_shadows = classifier, with_label, top_k, n_shadows
+        self.sort_per_class = sort_per_class
+        self.hidden, self.steps, self.batch_size, self.lr, self.max_rows, self.seed = hidden, steps, batch_size, lr, max_rows, seed
+
+    def fit(self, data: AttackData) -> None:
+        """Attack training rows of every shadow: posteriors, class, IN/OUT label, shadow id (subsampled to ``max_rows``)."""
+        super().fit(data)
+        listed = (data.experiment.plan.get("info", {}).get("shadow_models") if data.experiment is not None else None)
+        if listed:
+            self.shadows = np.asarray(sorted(int(m) for m in listed), dtype=np.int64)
+            self.pool, self.k = int(self.shadows.size), None
+            self.shadow_source = "plan info.shadow_models (minus the target)"
+        else:
+            self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows)
+            self.shadows = np.arange(self.pool, dtype=np.int64)
+            self.shadow_source = "leave-one-out over the candidate models"
+        usable = data.audit_pairs(self.shadows)  # [S, n]
+        model_row, sample = np.nonzero(usable)
+        if model_row.size > self.max_rows:
+            chosen = np.sort(np.random.default_rng(self.seed).choice(model_row.size, self.max_rows, replace=False))
+            model_row, sample = model_row[chosen], sample[chosen]
+        member = data.keep[self.shadows[model_row], sample]
+        if member.all() or not member.any():
+            raise MiaError("shokri: the shadows' audited samples are all IN or all OUT; the attack needs both (check the plan)")
+        posteriors = np.empty((model_row.size, data.logits.shape[-1]), dtype=np.float32)
+        for row, shadow in enumerate(self.shadows):  # one shadow's posteriors in memory at a time
+            at = np.flatnonzero(model_row == row)
+            if at.size:
+                posteriors[at] = data.posteriors(np.array([shadow]))[0].mean(axis=1)[sample[at]]  # [n, C], averaged over queries
+        self.rows = {"posteriors": posteriors, "group": data.labels[sample], "member": member.astype(np.float32), "shadow": self.shadows[model_row]}
+
+    def _excluded(self, targets: np.ndarray) -> np.ndarray:
+        """Model id each target's attack must not train on (-1 for none): the target itself when it is one of the shadows."""
+        if self.k is None:
+            return np.where(np.isin(targets, self.shadows), targets, -1)
+        return np.asarray(left_out_model(targets, self.k, self.pool))
+
+    def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:
+        data = self.data
+        excluded = self._excluded(np.asarray(targets))
+        weight = (self.rows["shadow"][None, :] != excluded[:, None]).astype(np.float32)  # [T, R]
+        target_posteriors = data.posteriors(np.asarray(targets)).mean(axis=2)  # [T, n, C]
+        rows, n_classes = self.rows, data.logits.shape[-1]
+        scores = {}
+        for name, sort, group, target_group, n_groups in (
+            ("shokri_per_class", self.sort_per_class, rows["group"], data.labels, n_classes),
+            ("shokri_shared", True, np.zeros_like(rows["group"]), np.zeros_like(data.labels), 1),
+        ):
+            features = attack_features(rows["posteriors"], rows["group"], self.top_k, self.with_label, sort)  # [R, F]
+            target_features = attack_features(target_posteriors, data.labels, self.top_k, self.with_label, sort)  # [T, n, F]
+            fit_and_score = self._mlp if self.classifier == "mlp" else self._sklearn
+            scores[name] = fit_and_score(features, weight, group, target_features, target_group, n_groups)
+        return scores
+
+    def _mlp(self, features: np.ndarray, weight: np.ndarray, group: np.ndarray, target_features: np.ndarray, target_group: np.ndarray, n_groups: int) -> np.ndarray:
+        """One batched MLP per (target, group) trained on the weighted shadow rows; the targets' scores [T, n]."""
+        rows = self.rows
+        with torch.inference_mode(False), torch.enable_grad():  # scoring runs inside Trainer.predict
+            torch.manual_seed(self.seed)
+            module = BatchedAttackMLP(weight.shape[0], n_groups, features.shape[1], self.hidden, self.lr)
+            dataset = TensorDataset(torch.from_numpy(features), torch.from_numpy(group), torch.from_numpy(rows["member"]), torch.from_numpy(weight.T.copy()))
+            batches = BatchSampler(RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)), self.batch_size, drop_last=False)
+            loader = DataLoader(dataset, sampler=batches, batch_size=None)  # one tensor index per batch, no per-row collation
+            trainer = L.Trainer(max_steps=self.steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+            trainer.fit(module, loader)
+        module.eval()
+        scores = np.empty(target_features.shape[:2])
+        with torch.no_grad():
+            groups = torch.from_numpy(target_group)
+            for t in range(target_features.shape[0]):
+                scores[t] = module(torch.from_numpy(target_features[t]), groups)[t].double().numpy()
+        return scores
+
+    def _sklearn(self, features: np.ndarray, weight: np.ndarray, group: np.ndarray, target_features: np.ndarray, target_group: np.ndarray, n_groups: int) -> np.ndarray:
+        """One scikit-learn model per (target, group) on the shadow rows it may see; the targets' scores [T, n] (NaN where a group has no IN or no OUT row)."""
+        from sklearn.ensemble import RandomForestClassifier
+        from sklearn.linear_model import LogisticRegression
+
+        rows = self.rows
+        scores = np.full(target_features.shape[:2], np.nan)
+        for t in range(weight.shape[0]):
+            for g in range(n_groups):
+                train = (weight[t] > 0) & (group == g)
+                score_at = target_group == g
+                if not score_at.any():
+                    continue
+                y = rows["member"][train]
+                if y.size == 0 or y.min() == y.max():
+                    self.flag_samples(score_at[None], "no IN or no OUT shadow sample of their class: no per-class Shokri score")
+                    continue
+                if self.classifier == "logistic":
+                    model = LogisticRegression(max_iter=1000).fit(features[train], y)
+                    scores[t, score_at] = model.decision_function(target_features[t, score_at])
+                else:
+                    model = RandomForestClassifier(n_estimators=100, min_samples_leaf=5, random_state=self.seed, n_jobs=1)
+                    model.fit(features[train], y)
+                    scores[t, score_at] = model.predict_proba(target_features[t, score_at])[:, 1]
+        return scores
+
+    def params(self) -> dict[str, Any]:
+        return {"classifier": self.classifier, "with_label": self.with_label, "top_k": self.top_k, "sort_per_class": self.sort_per_class, "n_shadows": self.n_shadows,
+                "shadows": self.shadow_source,
+                "hidden": self.hidden, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "max_rows": self.max_rows, "seed": self.seed}
+
+
+def make_disjoint_shadows_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
+    """Shokri et al.'s threat model: targets train on one half of the pool, shadows on the other, disjoint half.
+
+    ``plan.options.n_targets`` (default 1) targets are models 0..T-1, each on a random half of the
+    target half (LiRA halves when T > 1); the other models are shadows on LiRA halves of the shadow
+    half. ``audit.npy`` restricts each model's audit to its own half (a target's non-members are the
+    target-half samples it did not train on, never shadow data), and ``info`` lists ``target_models``
+    (attack.py's default targets) and ``shadow_models`` (the only shadows Shokri then uses).
+    """
+    n_targets = spec.options.get("n_targets", 1)
+    if not isinstance(n_targets, int) or not 1 <= n_targets <= spec.n_models - 1:
+        raise MiaError(f"--plan.options.n_targets {n_targets!r}: must be an integer between 1 and {spec.n_models - 1} (at least one shadow)")
+    rng = np.random.default_rng(spec.seed)
+    population, audited = split_population(spec, rng)
+    order = rng.permutation(audited)
+    halves = (np.sort(order[: order.size // 2]), np.sort(order[order.size // 2 :]))
+    if min(h.size for h in halves) < 2:
+        raise MiaError(f"plan kind disjoint_shadows: the pool has {audited.size} audited samples; each half needs at least 2")
+    keep = np.zeros((spec.n_models, spec.n_samples), dtype=bool)
+    audit = np.zeros_like(keep)
+    for half, models in zip(halves, (np.arange(n_targets), np.arange(n_targets, spec.n_models))):
+        half_seed = int(np.random.SeedSequence([spec.seed, int(models[0])]).generate_state(1)[0])
+        if models.size == 1:
+            keep[models[0], np.random.default_rng(half_seed).permutation(half)[: half.size // 2]] = True
+        else:
+            keep[np.ix_(models, half)] = make_lira_plan(PlanSpec(spec.dataset, half.size, models.size, seed=half_seed)).keep
+        audit[np.ix_(models, half)] = True
+    info = {"target_models": list(range(n_targets)), "shadow_models": list(range(n_targets, spec.n_models)),
+            "target_half": int(halves[0].size), "shadow_half": int(halves[1].size),
+            "membership": "targets train on one half of the pool, shadows on the other (disjoint) half; each model is audited on its own half"}
+    return Plan(keep, population, audit=audit, info=info)

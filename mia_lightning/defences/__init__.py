@@ -1,0 +1,1 @@
+"""Training-time defences against membership inference that are not plain model or trainer arguments."""

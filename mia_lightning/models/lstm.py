@@ -1,0 +1,152 @@
+"""LSTM text classifier: Embedding -> LSTM layers -> dropout -> Linear, with the defences as arguments.
+
+``lstm="opacus"`` builds the recurrent layers from opacus' ``DPLSTM`` (the same LSTM equations from
+per-sample-gradient-capable linear layers): required under DP-SGD, since opacus rejects ``nn.LSTM``
+and wrapping it by hand silently yields no per-sample gradients. ``lstm="torch"`` uses ``nn.LSTM``
+(several times faster on the CPU) for every other setting. Sequences are padded at the front (see
+``mia_lightning.data.text``), so the final hidden state has read the last real token.
+
+Defences as arguments: ``weight_decay`` (L2, added to the gradient by the optimiser), ``dropout``
+(embedding, between LSTM layers and before the head), ``label_smoothing`` (of the cross-entropy) and
+``adv_reg`` (lambda of Nasr et al.'s adversarial regularisation, ``mia_lightning.defences.adversarial``;
+it needs reference texts: ``data.init_args.n_reference``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from mia_lightning.defences.adversarial import InferenceModel, inference_loss, privacy_penalty
+from mia_lightning.privacy.dp_sgd import PrivacyStateMixin
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+LSTM_IMPLEMENTATIONS = ("torch", "opacus")
+
+
+def build_lstm(implementation: str, input_size: int, hidden_size: int, num_layers: int, dropout: float, bidirectional: bool) -> nn.Module:
+    """``nn.LSTM`` or opacus' ``DPLSTM`` with the same arguments (batch first)."""
+    if implementation not in LSTM_IMPLEMENTATIONS:
+        raise ValueError(f"lstm {implementation!r}: choose one of {', '.join(LSTM_IMPLEMENTATIONS)}")
+    inter_layer = dropout if num_layers > 1 else 0.0
+    if implementation == "opacus":
+        from opacus.layers import DPLSTM
+
+        return DPLSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True, dropout=inter_layer, bidirectional=bidirectional)
+    return nn.LSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True, dropout=inter_layer, bidirectional=bidirectional)
+
+
+class LSTMClassifier(PrivacyStateMixin, L.LightningModule):
+    """Text classifier on token ids [b, L] -> logits [b, C]; ``predict_step`` exports logits [b, 1, C]."""
+
+    def __init__(
+        self,
+        vocab_size: int = 10000,
+        n_classes: int = 2,
+        embedding_dim: int = 64,
+        hidden_size: int = 64,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        label_smoothing: float = 0.0,
+        lstm: str = "torch",
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        adv_reg: float = 0.0,
+        adv_reg_steps: int = 1,
+        adv_reg_lr: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if not 0.0 <= dropout < 1.0 or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"dropout {dropout} and label_smoothing {label_smoothing} must lie in [0, 1)")
+        if adv_reg < 0 or adv_reg_steps < 1:
+            raise ValueError(f"adv_reg {adv_reg} must be >= 0 and adv_reg_steps {adv_reg_steps} >= 1")
+        if vocab_size < 3 or n_classes < 2:
+            raise ValueError(f"vocab_size {vocab_size} must be >= 3 and n_classes {n_classes} >= 2")
+        self.save_hyperparameters()
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.lstm = build_lstm(lstm, embedding_dim, hidden_size, num_layers, dropout, bidirectional)
+        self.head_dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), n_classes)
+        self.adversary = InferenceModel(n_classes) if adv_reg > 0 else None
+        self.automatic_optimization = adv_reg == 0
+        self.train_accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=n_classes)
+        self.val_accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=n_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [b, C] of token ids [b, L] (the final hidden state of the last layer, both directions when bidirectional)."""
+        _, (h_n, _) = self.lstm(self.embedding_dropout(self.embedding(tokens)))
+        directions = 2 if self.hparams.bidirectional else 1
+        final = torch.cat(list(h_n[-directions:]), dim=-1)
+        return self.head(self.head_dropout(final))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training cross-entropy (with the label smoothing); validation reports the plain cross-entropy."""
+        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if self.adversary is not None:
+            return self._adversarial_step(batch)
+        tokens, labels = batch["members"] if isinstance(batch, dict) else batch
+        logits = self(tokens)
+        loss = self.loss(logits, labels)
+        self.train_accuracy(logits, labels)
+        self.log("train_loss", loss, prog_bar=True, batch_size=labels.numel())
+        self.log("train_acc", self.train_accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=labels.numel())
+        return loss
+
+    def _adversarial_step(self, batch: Any) -> None:
+        """Nasr et al.'s Algorithm 1 on one batch: ``adv_reg_steps`` inference-model steps, then one classifier step."""
+        if not isinstance(batch, dict) or "reference" not in batch:
+            raise ValueError("adv_reg needs reference texts from outside the pool: set data.init_args.n_reference")
+        classifier_opt, adversary_opt = self.optimizers()
+        (tokens, labels), (ref_tokens, ref_labels) = batch["members"], batch["reference"]
+        for _ in range(self.hparams.adv_reg_steps):
+            with torch.no_grad():
+                member_logits, reference_logits = self(tokens), self(ref_tokens)
+            gain_loss = inference_loss(self.adversary, member_logits, labels, reference_logits, ref_labels)
+            adversary_opt.zero_grad()
+            self.manual_backward(gain_loss)
+            adversary_opt.step()
+        logits = self(tokens)
+        task_loss = self.loss(logits, labels)
+        loss = task_loss + self.hparams.adv_reg * privacy_penalty(self.adversary, logits, labels)
+        classifier_opt.zero_grad()
+        self.manual_backward(loss)
+        classifier_opt.step()
+        self.adversary.zero_grad(set_to_none=True)  # the classifier step also reached h; h only learns in its own steps
+        self.train_accuracy(logits, labels)
+        self.log("train_loss", task_loss, prog_bar=True, batch_size=labels.numel())
+        self.log("adversary_loss", gain_loss, batch_size=labels.numel())
+        self.log("train_acc", self.train_accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=labels.numel())
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        tokens, labels = batch
+        logits = self(tokens)
+        self.val_accuracy(logits, labels)
+        self.log("val_loss", F.cross_entropy(logits, labels), prog_bar=True, batch_size=labels.numel())
+        self.log("val_acc", self.val_accuracy, prog_bar=True, batch_size=labels.numel())
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Logits [batch, n_queries=1, n_classes] in float32 (the export format)."""
+        return self(batch[0]).float().unsqueeze(1)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        classifier = [p for name, p in self.named_parameters() if not name.startswith("adversary.")]
+        kwargs: dict[str, Any] = {"lr": hp.lr, "weight_decay": hp.weight_decay}
+        if hp.optimizer == "sgd":
+            kwargs["momentum"] = 0.9
+        optimizer = OPTIMIZERS[hp.optimizer](classifier, **kwargs)
+        if self.adversary is None:
+            return optimizer
+        return [optimizer, torch.optim.Adam(self.adversary.parameters(), lr=hp.adv_reg_lr)]

@@ -1,0 +1,87 @@
+"""Defences analysis: the AUC bootstrap against rank AUC, the Pareto front and the helps? rule by hand, the table from audited experiments."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mia_lightning.analysis.defences import analyse, bootstrap_auc, pareto_front, sorted_pairs, verdict, weighted_auc
+from mia_lightning.attacks.module import score_targets
+from mia_lightning.attacks import AttackData, create_attack
+from mia_lightning.errors import MiaError
+from mia_lightning.metrics import evaluate_scores, rank_auc
+from synthetic import synthetic_arrays
+
+
+def test_bootstrap_auc_interval_covers_the_rank_auc_and_shrinks_with_data():
+    rng = np.random.default_rng(0)
+    members = rng.random((8, 400)) < 0.5
+    scores = rng.normal(size=members.shape) + members * 0.8
+    scores[0, :5] = np.round(scores[0, :5])  # some ties
+    audited = np.ones_like(members)
+    low, high = bootstrap_auc(scores, members, audited, replicates=300)
+    point = rank_auc(scores.ravel(), members.ravel())
+    assert low < point < high and high - low < 0.08
+    member, group, _, _ = sorted_pairs(scores, members, audited)
+    assert weighted_auc(member, group, np.ones(member.size)) == pytest.approx(point, abs=1e-12)  # unit weights: the rank AUC
+    small = bootstrap_auc(scores[:2, :50], members[:2, :50], audited[:2, :50], replicates=300)
+    assert small[1] - small[0] > high - low
+    assert bootstrap_auc(scores, members, audited, replicates=0) is None
+
+
+def test_pareto_front_and_verdict_by_hand():
+    accuracy = np.array([0.80, 0.78, 0.70, 0.75, 0.60])
+    leakage = np.array([0.30, 0.10, 0.05, 0.20, 0.05])
+    assert pareto_front(accuracy, leakage).tolist() == [True, True, True, False, False]  # 0.75/0.20 is beaten by 0.78/0.10, 0.60/0.05 by 0.70/0.05
+    base = {"test_accuracy": 0.8, "attacks": {"a": {"tpr@0.01": 0.20, "tpr@0.01_ci": [0.18, 0.22]}}}
+    lower = {"test_accuracy": 0.7, "attacks": {"a": {"tpr@0.01": 0.05, "tpr@0.01_ci": [0.04, 0.06]}}}
+    overlap = {"test_accuracy": 0.8, "attacks": {"a": {"tpr@0.01": 0.19, "tpr@0.01_ci": [0.16, 0.185]}}}
+    higher = {"test_accuracy": 0.8, "attacks": {"a": {"tpr@0.01": 0.30, "tpr@0.01_ci": [0.25, 0.35]}}}
+    assert verdict(lower, base, "a") == "yes (TPR@1% -15.0 pts, acc -10.0 pts)"
+    assert verdict(overlap, base, "a").startswith("no ")
+    assert verdict(higher, base, "a").startswith("worse ")
+
+
+def audited_experiment(root: Path, effect: float, dp_epsilon: float | None = None) -> dict:
+    """A synthetic experiment audited by LiRA, written as a study row: results.json + scores.npy in attacks/latest, done.json metrics, utility."""
+    keep, labels, logits, _ = synthetic_arrays(n_models=8, n_samples=600, n_classes=3, effect=effect, seed=1)
+    np.save(root.mkdir(parents=True) or root / "keep.npy", keep)
+    np.save(root / "labels.npy", labels)
+    (root / "plan.json").write_text(json.dumps({"version": 3, "kind": "lira_half", "info": {}}))
+    for m in range(8):
+        folder = root / "models" / f"{m:04d}"
+        folder.mkdir(parents=True)
+        np.save(folder / "logits.npy", logits[m])
+        (folder / "done.json").write_text(json.dumps({"metrics": {"dp_epsilon": dp_epsilon} if dp_epsilon is not None else {}}))
+    data = AttackData(keep=keep, labels=labels, logits=logits)
+    targets = np.arange(4)
+    results = {}
+    for name, scores in score_targets(create_attack("lira"), data, targets).items():
+        metrics, _ = evaluate_scores(scores, keep[targets], bootstrap=50)
+        folder = root / "attacks" / "latest" / name
+        folder.mkdir(parents=True)
+        np.save(folder / "scores.npy", scores)
+        results[name] = {**metrics, "targets": targets.tolist(), "empirical_epsilon": {"epsilon_lower_bound": 0.5}}
+    accuracy = float((logits[:4, :, 0].argmax(-1) == labels).mean())
+    return {"setting": root.name, "overrides": {}, "experiment": root, "results": results,
+            "utility": {"test_accuracy": accuracy, "train_accuracy": 1.0, "train_test_gap": 1.0 - accuracy}}
+
+
+def test_analysis_table_from_audited_settings(tmp_path, capsys):
+    rows = [audited_experiment(tmp_path / "baseline", effect=6.0), audited_experiment(tmp_path / "dp", effect=0.0, dp_epsilon=7.9)]
+    summary = analyse(tmp_path, rows, outputs=["lira_online", "lira_offline"], bootstrap=100)
+    base, dp = summary["settings"]
+    assert base["helps"] == "baseline" and dp["helps"].startswith("yes")  # no membership effect at all: leakage drops
+    assert dp["accountant_epsilon"] == 7.9 and base["accountant_epsilon"] is None
+    assert base["attacks"]["lira_online"]["auc"] > 0.8 and base["attacks"]["lira_online"]["auc_ci"][0] > 0.75
+    assert abs(dp["attacks"]["lira_online"]["auc"] - 0.5) < 0.1
+    assert (tmp_path / "privacy_utility.png").is_file()
+    out = capsys.readouterr().out
+    assert "helps?" in out and "7.90" in out
+    with pytest.raises(MiaError, match="baseline 'none'"):
+        analyse(tmp_path, rows, baseline="none")
+    with pytest.raises(MiaError, match="no such result"):
+        analyse(tmp_path, rows, attack="rmia_online")
