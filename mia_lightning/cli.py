@@ -132,6 +132,10 @@ def _fit_cli(argv: list[str]) -> int:
         save_config_kwargs={"overwrite": True},
         args=argv,
     )
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # a DDP rank that exits with its gloo group alive can abort in C++ ("terminate called ...")
     return 0
 
 

@@ -135,7 +135,9 @@ def test_missing_logits_in_an_unfinished_farm_says_finish_the_farm(experiment, c
 
 def test_ctrl_c_during_vectorised_training_exits_130_with_a_message(tmp_path):
     args = farm(tmp_path, QUICKSTART, "--trainer.max_epochs", "400", "--plan.n_models", "8")
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell without job control starts background jobs with SIGINT ignored; the child must see it as a terminal would
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "exp/plan.json").is_file():
         time.sleep(0.1)
