@@ -232,7 +232,8 @@ def unlearning_problem(experiment: ExperimentDir | None, design: str | None = No
     Attacks call it in ``unmet_requirement``, which runs before an attack run is staged: a bad file is refused with nothing written.
     """
     if experiment is None or not (experiment.root / FILENAME).is_file():
-        return f"needs {FILENAME} (an experiment planned with plan.kind {design or 'unlearning or unlearning_ulira'}; see configs/unlearning/)"
+        kind = f"unlearning_{design}" if design else "unlearning or unlearning_ulira"
+        return f"needs {FILENAME} (an experiment planned with plan.kind {kind}; see configs/unlearning/)"
     try:
         unlearning = load_unlearning(experiment)
     except MiaError as err:
