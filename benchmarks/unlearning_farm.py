@@ -47,7 +47,7 @@ def main() -> None:
     n_samples = len(setup.build_datamodule().pool_labels())
     options = {**recipe["plan"]["options"], "originals": 1, "updates": args.models}
     plan = make_unlearning_plan(PlanSpec("adult", n_samples, 2 * (1 + args.models), 0, kind="unlearning", options=options))
-    retrains = range(1, 1 + args.models)  # model 0 is the shadow original, 1..models its retrains
+    retrains = range(2, 2 + args.models)  # models 0 and 1 are the shadow and target originals, then the shadow original's retrains
     jobs = [ModelJob(i, np.flatnonzero(plan.keep[i]), model_seed(0, i)) for i in retrains]
     sizes = {job.train_indices.size for job in jobs}
     sequential_s = timed(SequentialEngine(setup), jobs[: args.sequential_models]) * len(jobs) / args.sequential_models
