@@ -34,7 +34,7 @@ import yaml
 from mia_lightning.data.plan import PlanSpec, make_lira_plan
 from mia_lightning.data.streams import steps_per_epoch
 from mia_lightning.data.tabular import load_tabular
-from mia_lightning.components import ComponentSpec
+from mia_lightning.contract.components import ComponentSpec
 from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, model_seed
 from mia_lightning.farm.vectorised import VectorisedEngine
 from mia_lightning.logs import configure_logging

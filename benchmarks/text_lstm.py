@@ -25,7 +25,7 @@ from mia_lightning.attacks.module import score_targets
 from mia_lightning.data.plan import PlanSpec, make_plan
 from mia_lightning.data.text import TextDataModule
 from mia_lightning.models.lstm import LSTMClassifier
-from mia_lightning.privacy.dp_sgd import DPSGD
+from mia_lightning.defences.dp_sgd import DPSGD
 
 
 def epoch_seconds(dm: TextDataModule, size: int, lstm: str, dp: bool) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mia_lightning.components import ComponentSpec
+from mia_lightning.contract.components import ComponentSpec
 from mia_lightning.data.plan import PlanSpec
 from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, model_seed
 from mia_lightning.farm.vectorised import VectorisedEngine

@@ -19,14 +19,14 @@ from mia_lightning.attacks import ATTACKS, AttackData, create_attack
 from mia_lightning.attacks.base import check_params
 from mia_lightning.attacks.module import score_targets
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
-from mia_lightning.io import save_json_atomic, save_npy_atomic
+from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
 from mia_lightning.utility import UTILITY_FILE, utility_report
 from mia_lightning.logs import timed
 from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, evaluate_scores
 from mia_lightning.privacy.audit import EpsilonAuditor
-from mia_lightning.report import plot_roc
-from mia_lightning.runs import StagedRun, prune_runs
+from mia_lightning.report.terminal import plot_roc
+from mia_lightning.contract.runs import StagedRun, prune_runs
 
 
 

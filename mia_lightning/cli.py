@@ -101,10 +101,10 @@ def farm_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    from mia_lightning.experiment import ExperimentDir
+    from mia_lightning.contract.experiment import ExperimentDir
     from mia_lightning.farm.export import export_experiment
 
-    from mia_lightning.components import TRUSTED_MODULES
+    from mia_lightning.contract.components import TRUSTED_MODULES
 
     parser = ArgumentParser(prog="train.py export", description="Re-export every model's logits from its checkpoint.")
     parser.add_argument("--experiment", type=Path, required=True, help="experiment directory")
@@ -188,8 +188,8 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
                  bootstrap: int | None = None, few_shadow: bool = False, keep_runs: int | None = None, decisions: Any = None) -> int:
     from mia_lightning.audit import Decisions, run_audit
     from mia_lightning.metrics import BOOTSTRAP_REPLICATES
-    from mia_lightning.io import load_json
-    from mia_lightning.report import print_results, skipped_lines
+    from mia_lightning.contract.io import load_json
+    from mia_lightning.report.terminal import print_results, skipped_lines
     from mia_lightning.utility import UTILITY_FILE, utility_line
 
     result = run_audit(experiment, attacks, targets=targets, n_targets=n_targets, params=params,
@@ -210,7 +210,7 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
 def _print_few_shadow(path: Path, experiment: Path) -> None:
     from rich.table import Table
 
-    from mia_lightning.io import load_json
+    from mia_lightning.contract.io import load_json
 
     rows = load_json(path)["rows"]
     table = Table(title=f"few-shadow regime on {experiment}: TPR@0.1%FPR (%) / TPR@1%FPR (%) / AUC", title_justify="left")
@@ -257,7 +257,7 @@ def attack_main(argv: list[str]) -> int:
     if attacks:
         _run_attacks(cfg.experiment, list(attacks), cfg.targets, cfg.n_targets, cfg.params, cfg.bootstrap, cfg.few_shadow, cfg.keep_runs, decisions)
     if cfg.report:
-        from mia_lightning.report_markdown import write_markdown_report
+        from mia_lightning.report.markdown import write_markdown_report
 
         console.print(f"report: {write_markdown_report(cfg.experiment)}")
     return 0

@@ -39,9 +39,9 @@ from jsonargparse import ArgumentParser
 
 from mia_lightning.data.mlm import read_csv_columns
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import FORMAT_VERSION, ExperimentDir
-from mia_lightning.io import save_json_atomic, save_npy_atomic
-from mia_lightning.model_outputs import SIGNAL_FILE, non_finite
+from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
+from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
+from mia_lightning.contract.model_outputs import SIGNAL_FILE, non_finite
 
 PUBLISHED_SCORES = Path(__file__).resolve().parent / "resources" / "mlm_mia_loss_values"
 """The paper's score files shipped with the package (see the README in that folder)."""

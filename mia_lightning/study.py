@@ -34,8 +34,8 @@ from rich.console import Console
 from rich.table import Table
 
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import FORMAT_VERSION, ExperimentDir
-from mia_lightning.io import load_json, save_json_atomic
+from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
+from mia_lightning.contract.io import load_json, save_json_atomic
 
 ANALYSES: dict[str, str] = {
     "power_law": "mia_lightning.analysis.power_law:analyse",
@@ -136,7 +136,7 @@ def _check_study_file(study_dir: Path, payload: dict) -> None:
 
 def _row(setting: Setting, experiment: ExperimentDir) -> dict:
     """What the analysis gets about one audited setting: its overrides, folder, results per output and utility."""
-    from mia_lightning.runs import latest_run
+    from mia_lightning.contract.runs import latest_run
 
     folder, run = latest_run(experiment)
     results = {name: load_json(folder / name / "results.json") for name in run.get("outputs", [])}

@@ -63,7 +63,7 @@ def test_bad_decision_options():
 
 
 def test_report_has_user_level_and_decision_sections(tmp_path):
-    from mia_lightning.report_markdown import write_markdown_report
+    from mia_lightning.report.markdown import write_markdown_report
 
     root = write_synthetic_experiment(tmp_path / "exp", n_models=8, n_samples=60, seed=5)
     user_grouped(root, 8, 20, 3, population_users=4)

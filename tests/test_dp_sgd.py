@@ -15,7 +15,7 @@ from mia_lightning.data.text import TextDataModule, encoded_pool, load_texts
 from mia_lightning.errors import MiaError
 from mia_lightning.farm.checkpoints import load_model_checkpoint, save_model_checkpoint
 from mia_lightning.models.lstm import LSTMClassifier
-from mia_lightning.privacy.dp_sgd import DPSGD, PoissonBatchSampler
+from mia_lightning.defences.dp_sgd import DPSGD, PoissonBatchSampler
 from test_text import write_reviews
 
 

@@ -160,7 +160,7 @@ def test_derived_models_train_after_their_parents_and_start_from_them(tmp_path, 
     import lightning as L
 
     from mia_lightning.data.plan import PLAN_KINDS
-    from mia_lightning.experiment import ExperimentDir
+    from mia_lightning.contract.experiment import ExperimentDir
     from mia_lightning.farm.engine import ModelJob, SequentialEngine
 
     monkeypatch.setitem(PLAN_KINDS, "with_parents", "synthetic:parent_plan")

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from mia_lightning.cli import attack_main, train_main
-from mia_lightning.components import ComponentSpec
+from mia_lightning.contract.components import ComponentSpec
 from mia_lightning.data import images
 from mia_lightning.data.images import (
     ImagePool, ImagePreprocess, few_shot_pool, make_few_shot_plan, parse_query, query_view, read_idx,

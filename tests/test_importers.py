@@ -12,7 +12,7 @@ import pytest
 from mia_lightning.attacks import AttackData, create_attack
 from mia_lightning.attacks.module import score_targets
 from mia_lightning.cli import train_main
-from mia_lightning.experiment import ExperimentDir
+from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.grouping import population_thresholds
 from mia_lightning.importers import PUBLISHED_SCORES, import_mlm_mia, published_run, read_score_file
 from mia_lightning.metrics import evaluate_scores, rank_auc

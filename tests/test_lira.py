@@ -190,7 +190,7 @@ def test_reference_models_of_the_plan_are_not_shadows(tmp_path):
 
     from synthetic import write_synthetic_experiment
 
-    from mia_lightning.experiment import ExperimentDir
+    from mia_lightning.contract.experiment import ExperimentDir
 
     root = write_synthetic_experiment(tmp_path / "exp", n_models=7, n_samples=30, seed=2)
     keep = np.load(root / "keep.npy")

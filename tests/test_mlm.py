@@ -18,7 +18,7 @@ from mia_lightning.cli import train_main
 from mia_lightning.data.mlm import MLMTextDataModule, drop_shared_sentences, pack_texts, parse_clinosim_documents, parse_speeches
 from mia_lightning.data.plan import PlanSpec, make_plan
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
+from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.grouping import user_level
 from mia_lightning.metrics import evaluate_scores
 from mia_lightning.models.mlm import MaskedLM

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mia_lightning.data.offline import RegistryFile, registry_file
+from mia_lightning.downloads import RegistryFile, registry_file
 from mia_lightning.errors import MiaError
 
 

@@ -53,7 +53,7 @@ def test_rmia_with_two_references_matches_lira_offline_at_one_percent_fpr(quicks
     """RMIA's claim (Zarifzadeh et al. 2024): with 2 reference models it is at least as strong as offline LiRA."""
     from mia_lightning.analysis.few_shadow import few_shadow_curve
     from mia_lightning.attacks import AttackData
-    from mia_lightning.experiment import ExperimentDir
+    from mia_lightning.contract.experiment import ExperimentDir
 
     data = AttackData.from_experiment(ExperimentDir(quickstart))
     rows = {row["attack"]: row for row in few_shadow_curve(data, np.arange(data.n_models), shadow_counts=(2,))}

@@ -10,7 +10,7 @@ from synthetic import write_synthetic_experiment
 
 from mia_lightning.audit import run_audit
 from mia_lightning.errors import MiaError
-from mia_lightning.report_markdown import write_markdown_report
+from mia_lightning.report.markdown import write_markdown_report
 
 
 def test_audit_then_markdown_report(tmp_path):

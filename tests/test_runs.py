@@ -16,9 +16,9 @@ from synthetic import write_synthetic_experiment
 
 from mia_lightning.audit import run_audit
 from mia_lightning.cli import attack_main
-from mia_lightning.experiment import ExperimentDir
-from mia_lightning.report_markdown import write_markdown_report
-from mia_lightning.runs import latest_run
+from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.report.markdown import write_markdown_report
+from mia_lightning.contract.runs import latest_run
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from synthetic import synthetic_arrays, write_synthetic_experiment
 from mia_lightning.attacks import AttackData, base, create_attack
 from mia_lightning.attacks.module import score_targets
 from mia_lightning.audit import run_audit
-from mia_lightning.experiment import ExperimentDir
+from mia_lightning.contract.experiment import ExperimentDir
 
 
 def straightforward_statistics(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

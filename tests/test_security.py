@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from mia_lightning.cli import train_main
-from mia_lightning.components import ComponentSpec, resolve_class
+from mia_lightning.contract.components import ComponentSpec, resolve_class
 from mia_lightning.errors import MiaError
 
 ROOT = Path(__file__).resolve().parents[1]

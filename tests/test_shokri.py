@@ -12,7 +12,7 @@ from mia_lightning.attacks.module import score_targets
 from mia_lightning.attacks.shokri import attack_features
 from mia_lightning.data.plan import PlanSpec, make_plan
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
+from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.metrics import rank_auc
 
 

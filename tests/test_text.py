@@ -17,7 +17,7 @@ from mia_lightning.cli import train_main
 from mia_lightning.data import text as text_data
 from mia_lightning.data.text import TextDataModule, build_vocabulary, clean_text, deduplicate, encode, load_texts, tokenize
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
+from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.models.lstm import LSTMClassifier
 
 FILLER = "the movie was a story with actors and scenes that i saw on film last week".split()
@@ -191,7 +191,7 @@ def test_unreachable_dp_budget_fails_the_farm_before_anything_is_written(tmp_pat
     recipe_path = write_recipe(source, tmp_path / "run")
     recipe = yaml.safe_load(recipe_path.read_text())
     recipe["model"]["init_args"]["lstm"] = "opacus"
-    recipe["trainer"]["callbacks"] = [{"class_path": "mia_lightning.privacy.dp_sgd.DPSGD", "init_args": {"target_epsilon": 1e-9}}]
+    recipe["trainer"]["callbacks"] = [{"class_path": "mia_lightning.defences.dp_sgd.DPSGD", "init_args": {"target_epsilon": 1e-9}}]
     recipe_path.write_text(yaml.safe_dump(recipe))
     assert train_main(["farm", "--config", str(recipe_path)]) == 2
     err = capsys.readouterr().err

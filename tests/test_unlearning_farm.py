@@ -14,9 +14,9 @@ from sklearn.datasets import make_classification
 from mia_lightning.attacks import AttackData, create_attack
 from mia_lightning.cli import attack_main, train_main
 from mia_lightning.data.streams import steps_per_epoch
-from mia_lightning.experiment import ExperimentDir
-from mia_lightning.io import load_json
-from mia_lightning.runs import latest_run
+from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.contract.io import load_json
+from mia_lightning.contract.runs import latest_run
 from mia_lightning.unlearning.metrics import auc_interval
 
 ROOT = Path(__file__).resolve().parents[1]

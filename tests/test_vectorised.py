@@ -8,7 +8,7 @@ import torch
 
 from mia_lightning.data.plan import PlanSpec, make_lira_plan
 from mia_lightning.errors import MiaError
-from mia_lightning.components import ComponentSpec
+from mia_lightning.contract.components import ComponentSpec
 from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, TrainedModel, model_seed
 from mia_lightning.farm.vectorised import VectorisedEngine
 from mia_lightning.models.ensemble import VectorisedMLP

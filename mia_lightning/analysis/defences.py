@@ -5,7 +5,7 @@ Per setting (an audited farm): test accuracy and train-test gap of the targets (
 (targets x samples) Poisson bootstrap 95% interval computed here from its ``scores.npy``, TPR at 0.1%
 and 1% FPR with the audit's bootstrap intervals, the empirical epsilon lower bound of the audit
 (``results.json``), and for DP-SGD settings the accountant's epsilon of each target (``done.json``
-metric ``dp_epsilon``, written by ``mia_lightning.privacy.dp_sgd.DPSGD``; the largest over targets).
+metric ``dp_epsilon``, written by ``mia_lightning.defences.dp_sgd.DPSGD``; the largest over targets).
 
 "helps?" compares the ``attack`` output's TPR at 1% FPR with the baseline's: ``yes`` when the
 setting's bootstrap interval lies entirely below the baseline's, ``worse`` when entirely above, ``no``
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
-from mia_lightning.io import load_json
+from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.contract.io import load_json
 
 DEFAULT_OUTPUTS = ("lira_online", "rmia_online", "shokri_per_class", "shokri_shared")
 PLOT_FILE = "privacy_utility.png"

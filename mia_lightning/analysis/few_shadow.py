@@ -21,9 +21,9 @@ import numpy as np
 
 from mia_lightning.attacks import AttackData, create_attack
 from mia_lightning.errors import MiaError
-from mia_lightning.io import save_json_atomic
+from mia_lightning.contract.io import save_json_atomic
 from mia_lightning.metrics import membership_metrics
-from mia_lightning.report import save_figure
+from mia_lightning.report.terminal import save_figure
 
 log = logging.getLogger("mia_lightning")
 

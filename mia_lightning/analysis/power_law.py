@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
-from mia_lightning.io import load_json
+from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.contract.io import load_json
 
 log = logging.getLogger("mia_lightning")
 
@@ -161,8 +161,8 @@ def _setting_summary(row: dict, attack: str) -> dict:
 
 def attack_scores(experiment: ExperimentDir, output: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(scores [T, n], members bool [T, n], target ids) of ``output`` in the experiment's latest attack run."""
-    from mia_lightning.io import load_npy
-    from mia_lightning.runs import latest_run
+    from mia_lightning.contract.io import load_npy
+    from mia_lightning.contract.runs import latest_run
 
     folder, _ = latest_run(experiment)
     results = load_json(folder / output / "results.json")

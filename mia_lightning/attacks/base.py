@@ -23,8 +23,8 @@ from jsonargparse import ArgumentParser
 from scipy.special import softmax
 
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
-from mia_lightning.model_outputs import ModelOutputs
+from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.contract.model_outputs import ModelOutputs
 
 log = logging.getLogger("mia_lightning")
 

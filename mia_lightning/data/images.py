@@ -43,12 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from mia_lightning.data.offline import RegistryFile, cache_dir as download_cache, registry_file
+from mia_lightning.downloads import RegistryFile, cache_dir as download_cache, registry_file
 from mia_lightning.data.plan import Plan, PlanSpec, make_lira_plan
 from mia_lightning.data.streams import StreamBatchSampler, balanced_half
 from mia_lightning.data.tabular import TabularDataModule, TabularPool
 from mia_lightning.errors import MiaError
-from mia_lightning.io import save_json_atomic, save_npy_atomic
+from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
 from mia_lightning.models.pretrained import BackboneWeights, check_backbone_name, create_backbone
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")

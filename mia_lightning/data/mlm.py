@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mia_lightning.data.offline import RegistryFile, cache_dir, registry_file
+from mia_lightning.downloads import RegistryFile, cache_dir, registry_file
 from mia_lightning.data.streams import StreamBatchSampler, balanced_half
 from mia_lightning.errors import MiaError
 

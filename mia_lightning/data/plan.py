@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import FORMAT_VERSION
+from mia_lightning.contract.experiment import FORMAT_VERSION
 
 PLAN_KINDS: dict[str, str] = {
     "lira_half": "mia_lightning.data.plan:make_lira_plan",

@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from mia_lightning.data.mlm import hf_columns, read_csv_columns
-from mia_lightning.data.offline import RegistryFile, registry_file
+from mia_lightning.downloads import RegistryFile, registry_file
 from mia_lightning.data.streams import StreamBatchSampler, balanced_half
 from mia_lightning.errors import MiaError
 
@@ -311,7 +311,7 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> Any:
         hp = self.hparams
         if self.poisson_sample_rate is not None:
-            from mia_lightning.privacy.dp_sgd import PoissonBatchSampler
+            from mia_lightning.defences.dp_sgd import PoissonBatchSampler
 
             sampler = PoissonBatchSampler(self.train_indices, self.poisson_sample_rate, seed=hp.seed)
         else:

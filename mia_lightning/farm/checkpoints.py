@@ -5,7 +5,7 @@ Both engines write the same file, loadable with ``<ModelClass>.load_from_checkpo
 refuse a foreign checkpoint. A module adds its own state (e.g. a DP accountant) through Lightning's
 ``on_save_checkpoint`` / ``on_load_checkpoint`` hooks. Loading is safe on untrusted files: tensors
 only (``weights_only=True``), and the class named inside must be a LightningModule from a trusted
-package (``mia_lightning.components.resolve_class``) before anything is built.
+package (``mia_lightning.contract.components.resolve_class``) before anything is built.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import lightning as L
 import torch
 
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import FORMAT_VERSION, READABLE_VERSIONS
-from mia_lightning.components import TRUSTED_MODULES, ComponentSpec
-from mia_lightning.io import write_bytes_atomic
+from mia_lightning.contract.experiment import FORMAT_VERSION, READABLE_VERSIONS
+from mia_lightning.contract.components import TRUSTED_MODULES, ComponentSpec
+from mia_lightning.contract.io import write_bytes_atomic
 
 TAG = "mia_lightning"
 

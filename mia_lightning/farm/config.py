@@ -13,8 +13,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from mia_lightning.data.plan import PlanSpec
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
-from mia_lightning.components import ComponentSpec
+from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.contract.components import ComponentSpec
 from mia_lightning.farm.engine import ENGINES, FarmSetup
 
 

@@ -16,9 +16,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from mia_lightning.components import ComponentSpec
+from mia_lightning.contract.components import ComponentSpec
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
+from mia_lightning.contract.experiment import ExperimentDir
 
 
 ENGINES: dict[str, str] = {

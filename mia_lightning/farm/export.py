@@ -13,12 +13,12 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from mia_lightning.components import TRUSTED_MODULES, ComponentSpec
+from mia_lightning.contract.components import TRUSTED_MODULES, ComponentSpec
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
+from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.farm.checkpoints import load_model_checkpoint
 from mia_lightning.farm.engine import predict_logits
-from mia_lightning.model_outputs import save_model_outputs
+from mia_lightning.contract.model_outputs import save_model_outputs
 
 
 def read_recipe(experiment: ExperimentDir, trusted: tuple[str, ...] = TRUSTED_MODULES) -> tuple[L.LightningDataModule, dict]:

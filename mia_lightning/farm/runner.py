@@ -24,14 +24,14 @@ from rich.console import Console
 
 from mia_lightning.data.plan import make_plan
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import FORMAT_VERSION, ExperimentDir
+from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
 from mia_lightning.farm.checkpoints import save_model_checkpoint
 from mia_lightning.farm.config import Recipe
 from mia_lightning.farm.engine import ENGINES, ModelJob, TrainedModel, model_seed
-from mia_lightning.model_outputs import checked_outputs, save_model_outputs
+from mia_lightning.contract.model_outputs import checked_outputs, save_model_outputs
 from mia_lightning.farm.locks import Heartbeat, release, try_claim
 from mia_lightning.farm.shards import resolve_shard
-from mia_lightning.io import load_json, load_npy, save_json_atomic, save_npy_atomic, write_bytes_atomic
+from mia_lightning.contract.io import load_json, load_npy, save_json_atomic, save_npy_atomic, write_bytes_atomic
 
 DONE_FILE = "done.json"
 log = logging.getLogger("mia_lightning")

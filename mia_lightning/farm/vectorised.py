@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from mia_lightning.data.streams import StreamBatchSampler, index_stream, steps_per_epoch
 from mia_lightning.data.tabular import TabularDataModule
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
+from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.farm.engine import FarmSetup, ModelJob, TrainedModel, fit
 from mia_lightning.farm.progress import GroupProgress
 from mia_lightning.models.ensemble import VectorisedMLP

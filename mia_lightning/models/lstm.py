@@ -23,7 +23,7 @@ import torchmetrics
 from torch import nn
 
 from mia_lightning.defences.adversarial import InferenceModel, inference_loss, privacy_penalty
-from mia_lightning.privacy.dp_sgd import PrivacyStateMixin
+from mia_lightning.defences.dp_sgd import PrivacyStateMixin
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 LSTM_IMPLEMENTATIONS = ("torch", "opacus")

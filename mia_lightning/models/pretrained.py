@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mia_lightning.data.offline import RegistryFile, cache_dir, registry_file
+from mia_lightning.downloads import RegistryFile, cache_dir, registry_file
 from mia_lightning.errors import MiaError
 
 log = logging.getLogger("mia_lightning")

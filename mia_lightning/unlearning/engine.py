@@ -27,7 +27,7 @@ import numpy as np
 
 from mia_lightning.data.tabular import TabularDataModule
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
+from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.farm.checkpoints import load_model_checkpoint, save_model_checkpoint
 from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, TrainedModel, fit, predict_logits
 from mia_lightning.models.tabular_mlp import TabularMLP

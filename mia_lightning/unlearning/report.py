@@ -24,9 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
-from mia_lightning.io import load_json, load_npy, save_json_atomic, write_bytes_atomic
-from mia_lightning.runs import latest_run
+from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.contract.io import load_json, load_npy, save_json_atomic, write_bytes_atomic
+from mia_lightning.contract.runs import latest_run
 from mia_lightning.unlearning.contract import Unlearning, load_unlearning, version_members
 from mia_lightning.unlearning.features import aggregate
 from mia_lightning.unlearning.metrics import auc_interval, degradation, privleak

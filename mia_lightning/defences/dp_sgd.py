@@ -1,6 +1,6 @@
 """DP-SGD as a Lightning callback (Abadi et al., "Deep Learning with Differential Privacy", ACM CCS 2016).
 
-Add ``mia_lightning.privacy.dp_sgd.DPSGD`` to a recipe's ``trainer.callbacks`` and any model family
+Add ``mia_lightning.defences.dp_sgd.DPSGD`` to a recipe's ``trainer.callbacks`` and any model family
 trains with DP-SGD through opacus 1.6 (Yousefpour et al., "Opacus: User-Friendly Differential Privacy
 Library in PyTorch", 2021), without wrapping the module (``opacus.lightning`` does not work with the
 ``lightning.pytorch`` namespace):

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
-from mia_lightning.io import load_json, load_npy, write_bytes_atomic
+from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.contract.io import load_json, load_npy, write_bytes_atomic
 from mia_lightning.metrics import FPR_LEVELS
-from mia_lightning.report import DECISION_COLUMNS, decision_rows, epsilon_cell, skipped_lines, user_level_records
-from mia_lightning.runs import latest_run
+from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, epsilon_cell, skipped_lines, user_level_records
+from mia_lightning.contract.runs import latest_run
 from mia_lightning.utility import UTILITY_FILE, utility_line
 
 VULNERABILITY_ATTACK = "lira_online"

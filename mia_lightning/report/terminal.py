@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from mia_lightning.io import write_bytes_atomic  # noqa: E402
+from mia_lightning.contract.io import write_bytes_atomic  # noqa: E402
 from mia_lightning.metrics import FPR_LEVELS, RocCurve  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from mia_lightning.errors import MiaError
-from mia_lightning.io import load_npy, save_npy_atomic
+from mia_lightning.contract.io import load_npy, save_npy_atomic
 
 LOGITS_FILE = "logits.npy"
 SIGNAL_FILE = "signal.npy"

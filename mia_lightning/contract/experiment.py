@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from mia_lightning.errors import MiaError
-from mia_lightning.io import load_json, load_npy
-from mia_lightning.model_outputs import LOGITS_FILE, SIGNAL_FILE, ModelOutputs, check_outputs_file
+from mia_lightning.contract.io import load_json, load_npy
+from mia_lightning.contract.model_outputs import LOGITS_FILE, SIGNAL_FILE, ModelOutputs, check_outputs_file
 
 FORMAT_VERSION = 2
 """Version of the directory layout written into ``plan.json`` (2: recipe identity with trainer and

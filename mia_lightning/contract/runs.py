@@ -23,8 +23,8 @@ import uuid
 from pathlib import Path
 
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
-from mia_lightning.io import load_json, save_json_atomic
+from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.contract.io import load_json, save_json_atomic
 
 RUN_FILE = "run.json"
 LATEST = "latest"

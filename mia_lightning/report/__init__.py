@@ -1,0 +1,1 @@
+"""Rendering audit records: terminal (rich) tables and plots, the Markdown report."""
