@@ -11,24 +11,9 @@ from jsonargparse import ArgumentParser
 from rich.console import Console
 from rich.text import Text
 
+from mia_lightning.console import console, parse
 from mia_lightning.errors import MiaError
 from mia_lightning.logs import configure_logging
-
-console = Console()
-if not console.is_terminal:
-    console.width = max(console.width, 200)  # keep the results table readable in logs and pipes
-
-
-def parse(parser: ArgumentParser, argv: list[str]):
-    """Parse ``argv``; a bad option or config becomes one ``MiaError`` line instead of the usage dump."""
-    import argparse
-
-    parser.exit_on_error = False
-    try:
-        return parser.parse_args(argv)
-    except argparse.ArgumentError as err:
-        detail = " ".join(str(err).split())
-        raise MiaError(f"{parser.prog}: {detail} (see `{parser.prog} --help`)") from None
 
 
 def print_error(message: str) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from jsonargparse import ArgumentParser
 
-from mia_lightning.data.mlm import read_csv_columns
+from mia_lightning.data.text_sources import read_csv_columns
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
 from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
@@ -270,7 +270,7 @@ def write_imported(imported: ImportedScores, root: Path) -> ExperimentDir:
 
 def main(argv: list[str]) -> int:
     """``train.py import-scores {mlm_mia,table} --experiment DIR ...``: write an experiment directory from score files."""
-    from mia_lightning.cli import console, parse
+    from mia_lightning.console import console, parse
 
     parser = ArgumentParser(prog="train.py import-scores", description="Import per-sample scores computed elsewhere as an experiment directory (no training).")
     parser.add_argument("format", type=str, help="mlm_mia (the published files of Mireshghallah et al. 2022) or table (CSV / .npz / .npy of target, reference, user, member)")

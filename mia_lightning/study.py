@@ -194,7 +194,7 @@ def _print_status(study_dir: Path, settings: list[Setting], console: Console) ->
 
 def main(argv: list[str]) -> int:
     """``train.py study --config <study>.yaml [--status]``."""
-    from mia_lightning.cli import console, parse
+    from mia_lightning.console import console, parse
 
     parser = ArgumentParser(prog="train.py study", description="Run a sweep of experiments and fit the study's analysis.")
     parser.add_argument("--config", action=ActionConfigFile, help="study YAML (see configs/)")

@@ -161,7 +161,7 @@ def _plot(settings: list[dict], attack: str, front: np.ndarray, path: Path) -> N
 def _print(settings: list[dict], outputs: list[str]) -> None:
     from rich.table import Table
 
-    from mia_lightning.cli import console
+    from mia_lightning.console import console
 
     def pct(value: float | None, ci: list[float] | None = None) -> str:
         if value is None:

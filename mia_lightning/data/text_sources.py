@@ -1,0 +1,51 @@
+"""Reading columns of text: a UTF-8 CSV by header name, or a Hugging Face dataset (``hf:<name>``).
+
+Shared by the text classification data (``data/text.py``), the masked-LM texts (``data/mlm.py``)
+and the score importers, so a malformed file gets the same one-line error everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+from mia_lightning.errors import MiaError
+
+
+def read_csv_columns(path: Path, columns: tuple[str, ...] | None = None, min_rows: int = 1) -> dict[str, list[str]]:
+    """Columns of a UTF-8 CSV by header name (all of them, or ``columns``), with one-line errors for a bad file, column or ragged row."""
+    if not path.is_file():
+        raise MiaError(f"{path}: no such CSV file")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = [row for row in csv.reader(handle) if row]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise MiaError(f"{path}: not a readable UTF-8 CSV ({err})") from None
+    if len(rows) < 1 + min_rows:
+        raise MiaError(f"{path}: needs a header row and at least {min_rows} data row{'s' if min_rows > 1 else ''}")
+    header = [name.strip() for name in rows[0]]
+    for column in columns or ():
+        if column not in header:
+            raise MiaError(f"{path}: no column {column!r} in header {header}; set data.init_args.text_column / user_column")
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise MiaError(f"{path}:{number}: {len(row)} fields, header has {len(header)}; fix that row (quote fields that contain commas)")
+    return {name: [row[i] for row in rows[1:]] for i, name in enumerate(header) if columns is None or name in columns}
+
+
+def hf_columns(name: str, columns: tuple[str, ...], split: str) -> dict[str, list[str]]:
+    """Columns of a Hugging Face dataset (``hf:<name>[:<config>]``), downloaded by ``datasets``."""
+    if importlib.util.find_spec("datasets") is None:
+        raise MiaError(f"hf:{name}: the Hugging Face `datasets` package is not installed; pip install datasets")
+    import datasets
+
+    dataset_name, _, config = name.partition(":")
+    try:
+        table = datasets.load_dataset(dataset_name, config or None, split=split)
+    except Exception as err:  # datasets raises many types for a missing dataset, config or network
+        raise MiaError(f"hf:{name}: cannot load split {split!r} ({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
+    missing = [column for column in columns if column not in table.column_names]
+    if missing:
+        raise MiaError(f"hf:{name}: no column {missing[0]!r} (columns: {', '.join(table.column_names)}); set data.init_args.text_column / user_column")
+    return {column: [str(value) for value in table[column]] for column in columns}
