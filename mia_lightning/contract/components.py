@@ -25,6 +25,32 @@ LIGHTNING_COMPONENTS: tuple[type, ...] = (L.LightningModule, L.LightningDataModu
 """What a recipe may name when no narrower base is given."""
 
 
+MOVED_MODULES: dict[str, str] = {
+    "mia_lightning.privacy.dp_sgd": "mia_lightning.defences.dp_sgd",
+}
+"""Old module -> new module of every Lightning component this package has moved (fixed; only ever grows).
+
+Experiments store class paths (config.yaml, plan.json's recipe, checkpoints), so a class path
+written before a move keeps resolving to the class's new home.
+"""
+
+
+def current_class_path(class_path: str) -> str:
+    """``class_path`` with a moved module (``MOVED_MODULES``) replaced by its new location; other paths unchanged."""
+    module_name, dot, class_name = str(class_path).rpartition(".")
+    return f"{MOVED_MODULES[module_name]}{dot}{class_name}" if module_name in MOVED_MODULES else str(class_path)
+
+
+def with_current_class_paths(payload: Any) -> Any:
+    """A copy of a stored recipe (nested dicts and lists) with every ``class_path`` value brought up to date."""
+    if isinstance(payload, dict):
+        return {key: current_class_path(value) if key == "class_path" and isinstance(value, str) else with_current_class_paths(value)
+                for key, value in payload.items()}
+    if isinstance(payload, list):
+        return [with_current_class_paths(value) for value in payload]
+    return payload
+
+
 def _names(base: type | tuple[type, ...]) -> str:
     return " or ".join(f"{cls.__module__.split('.')[0]}.{cls.__name__}" for cls in (base if isinstance(base, tuple) else (base,)))
 
@@ -35,9 +61,11 @@ def resolve_class(class_path: str, base: type | tuple[type, ...], trusted: tuple
     Names read from files (a checkpoint's tag, an experiment's config.yaml) are data: pass
     ``trusted`` so that only modules inside those packages are imported at all, and the subclass
     check refuses ``os.system``, ``subprocess.Popen``, ``builtins.eval`` or any non-Lightning class
-    before anything is instantiated.
+    before anything is instantiated. A path from before a move (``MOVED_MODULES``) resolves to the
+    class's new location.
     """
-    module_name, _, class_name = str(class_path).rpartition(".")
+    current = current_class_path(class_path)
+    module_name, _, class_name = current.rpartition(".")
     if not module_name or not class_name.isidentifier():
         raise MiaError(f"{where} {class_path!r}: not a dotted class path such as mia_lightning.models.tabular_mlp.TabularMLP")
     if trusted is not None and not any(module_name == root or module_name.startswith(root + ".") for root in trusted):
@@ -48,7 +76,8 @@ def resolve_class(class_path: str, base: type | tuple[type, ...], trusted: tuple
     try:
         found = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError):
-        raise MiaError(f"{where} {class_path!r}: cannot import it; check the spelling in the config") from None
+        moved = f" (its module moved: {current})" if current != str(class_path) else ""
+        raise MiaError(f"{where} {class_path!r}{moved}: cannot import it; check the spelling in the config") from None
     if not (isinstance(found, type) and issubclass(found, base)):
         raise MiaError(f"{where} {class_path!r}: is not a {_names(base)} subclass; refusing to build it")
     return found

@@ -25,6 +25,7 @@ from rich.console import Console
 from mia_lightning.data.plan import make_plan
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
+from mia_lightning.contract.components import with_current_class_paths
 from mia_lightning.farm.checkpoints import save_model_checkpoint
 from mia_lightning.farm.config import Recipe
 from mia_lightning.farm.engine import ENGINES, ModelJob, TrainedModel, model_seed
@@ -129,7 +130,7 @@ def prepare_experiment(recipe: Recipe) -> PlannedFarm:
                 f"{experiment.plan_path}: planned by layout version {stored.get('version') if isinstance(stored, dict) else '?'}; "
                 f"this mia-lightning trains layout {FORMAT_VERSION}: use another --experiment.name (attack.py still reads it)"
             )
-        changed = differing_keys(stored, plan_json)
+        changed = differing_keys(with_current_class_paths(stored), plan_json)
         if changed:
             raise MiaError(
                 f"{experiment.plan_path}: this experiment was planned with a different recipe ({'; '.join(changed[:6])}"
