@@ -16,6 +16,7 @@ import numpy as np
 
 from mia_lightning import __version__
 from mia_lightning.attacks import ATTACKS, AttackData, create_attack
+from mia_lightning.attacks.base import unknown_attack_hint
 from mia_lightning.attacks.base import check_params
 from mia_lightning.attacks.module import score_targets
 from mia_lightning.errors import MiaError
@@ -53,7 +54,7 @@ def resolve_attacks(attacks: Sequence[str], params: Any) -> tuple[list[str], dic
     names = sorted(ATTACKS) if list(attacks) == ["all"] else list(dict.fromkeys(attacks))
     unknown = [name for name in names if name not in ATTACKS]
     if unknown:
-        raise MiaError(f"--attack {unknown[0]!r}: unknown attack; available: {', '.join(sorted(ATTACKS))}, or all")
+        raise MiaError(f"--attack {unknown[0]!r}: {unknown_attack_hint(unknown[0], ('all',))}")
     if not isinstance(params, dict):
         raise MiaError(f"--params: expected a JSON object keyed by attack, e.g. '{{\"lira\": {{\"n_shadows\": 8}}}}', got {params!r}")
     stray = [key for key in params if key not in names]

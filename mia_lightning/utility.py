@@ -84,6 +84,8 @@ def utility_report(logits_of: Any, labels: np.ndarray, keep: np.ndarray, targets
 
 def utility_line(utility: dict[str, Any]) -> str:
     """One line for the console and report: test accuracy, train accuracy and the gap."""
-    return (f"utility of the {len(utility['targets'])} targets: test accuracy {100 * utility['test_accuracy']:.2f}% "
-            f"(sd {100 * utility['test_accuracy_std']:.2f}), train {100 * utility['train_accuracy']:.2f}%, "
-            f"gap {100 * utility['train_test_gap']:.2f} points")
+    n = len(utility["targets"])
+    spread = f" (sd {100 * utility['test_accuracy_std']:.2f} over targets)" if n > 1 else ""
+    who = f"the {n} targets" if n > 1 else f"target {utility['targets'][0]}"
+    return (f"utility of {who}: test accuracy {100 * utility['test_accuracy']:.2f}%{spread}, "
+            f"train {100 * utility['train_accuracy']:.2f}%, gap {100 * utility['train_test_gap']:.2f} points")

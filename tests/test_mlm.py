@@ -306,7 +306,7 @@ def test_user_grouped_plan_errors(options, groups, fragment):
 @pytest.mark.parametrize(
     "content, fragment",
     [
-        ("text,author\nhello there,a\nbye now,b\n", "no column 'user'"),
+        ("text,author\nhello there,a\nbye now,b\n", "no column 'user' in header ['text', 'author']; set data.init_args.user_column to one of them"),
         ("text,user\nhello there,a\n   ,b\nbye now,c\n", "1 empty texts"),
         ("text,user\nhello there,a\nbye now,\n", "have no user"),
     ],
@@ -363,3 +363,17 @@ def test_speeches_and_clinical_notes_are_parsed(tmp_path):
     (folder / "doc-ENC-POP-000042-1-01.json").write_text(json.dumps(
         {"encounter_id": "ENC-VAX-POP-000042-1", "narrative": {"text": "", "sections": {"subjective": "Cough.", "plan": "Rest."}}}))
     assert parse_clinosim_documents(tmp_path / "cif") == [("POP-000042", "Cough.\nRest.")]
+
+
+def test_a_bf16_farm_rerun_with_the_same_threads_is_bit_identical(corpus, tmp_path):
+    """Same machine, same thread count, bf16-mixed: a re-run reproduces every signal bit for bit (docs/mlm.md, "Reproducibility")."""
+    signals = []
+    for run in ("first", "second"):
+        recipe = write_recipe(corpus, tmp_path / run)
+        settings = yaml.safe_load(recipe.read_text())
+        settings["plan"]["n_models"] = 3
+        settings["trainer"] |= {"max_epochs": 1, "precision": "bf16-mixed"}
+        recipe.write_text(yaml.safe_dump(settings))
+        assert train_main(["farm", "--config", str(recipe)]) == 0
+        signals.append(np.stack([np.load(tmp_path / run / "tiny" / "models" / f"{i:04d}" / "signal.npy") for i in range(3)]))
+    np.testing.assert_array_equal(signals[0], signals[1])

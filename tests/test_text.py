@@ -170,7 +170,7 @@ def test_farm_with_early_stopping_writes_a_logit_experiment(tmp_path):
 @pytest.mark.parametrize(
     "content, overrides, fragment",
     [
-        ("review,label\nfine,pos\nbad,neg\n", {}, "no column 'text'"),
+        ("review,label\nfine,pos\nbad,neg\n", {}, "no column 'text' in header ['review', 'label']; set data.init_args.text_column to one of them"),
         ("text,label\nfine,pos\n<br />  ,neg\nbad,neg\n", {}, "1 empty texts"),
         ("text,label\nfine,pos\nbad,pos\nmeh,pos\n", {}, "single value"),
         ("text,label\nfine,pos\nbad,neg\nmeh,pos\n", {"vocab_size": 0}, "vocab_size 0"),

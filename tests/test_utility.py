@@ -29,3 +29,12 @@ def test_report_pools_targets_and_handles_empty_classes():
     assert report["per_class"]["precision"] == [0.5, None]        # class 1 never predicted: undefined, not 0
     assert report["per_class"]["recall"] == [1.0, 0.0]
     assert np.isclose(report["per_class"]["f1"][0], 2 / 3)
+
+
+def test_utility_line_reads_well_for_one_target_and_many():
+    from mia_lightning.utility import utility_line
+
+    base = {"test_accuracy": 0.8, "test_accuracy_std": 0.0, "train_accuracy": 1.0, "train_test_gap": 0.2}
+    assert utility_line({**base, "targets": [3]}) == "utility of target 3: test accuracy 80.00%, train 100.00%, gap 20.00 points"
+    assert utility_line({**base, "targets": [0, 1], "test_accuracy_std": 0.015}) == (
+        "utility of the 2 targets: test accuracy 80.00% (sd 1.50 over targets), train 100.00%, gap 20.00 points")

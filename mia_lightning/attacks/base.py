@@ -8,6 +8,7 @@ a float64 array [len(targets), n_samples] where higher means "more likely a memb
 from __future__ import annotations
 
 import argparse
+import difflib
 import inspect
 import logging
 import os
@@ -315,8 +316,19 @@ def check_params(name: str, params: Any) -> dict[str, Any]:
     return {key: value for key, value in parsed.as_dict().items() if key in params}
 
 
+def unknown_attack_hint(name: str, extra_choices: tuple[str, ...] = ()) -> str:
+    """Why ``name`` is not an attack and what to type instead: the family an output name belongs to, or the nearest names."""
+    families = [family for family, cls in ATTACKS.items() if name in (getattr(cls, "outputs", None) or ())]
+    if families:
+        return f"{name!r} is an output of the {families[0]!r} attack (it writes {', '.join(ATTACKS[families[0]].outputs)}); use --attack {families[0]}"
+    choices = [*sorted(ATTACKS), *extra_choices]
+    close = difflib.get_close_matches(name, choices, n=2, cutoff=0.6)
+    suggestion = f"did you mean {' or '.join(close)}? " if close else ""
+    return f"unknown attack {name!r}; {suggestion}available: {', '.join(choices)}"
+
+
 def create_attack(name: str, **params: Any) -> Attack:
     """Instantiate a registered attack by name (like ``timm.create_model``), its parameters checked first."""
     if name not in ATTACKS:
-        raise MiaError(f"unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}")
+        raise MiaError(unknown_attack_hint(name))
     return ATTACKS[name](**check_params(name, params))

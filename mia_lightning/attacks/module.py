@@ -7,12 +7,15 @@ the target list, and ``predict_step`` writes its scores straight into preallocat
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from mia_lightning.attacks.base import Attack, AttackData
+from mia_lightning.phases import Phase
 
 
 class AttackModule(L.LightningModule):
@@ -35,21 +38,27 @@ class AttackModule(L.LightningModule):
             self.scores[name][rows] = values
 
 
-def score_targets(attack: Attack, data: AttackData, targets: np.ndarray, batch_size: int | None = None) -> dict[str, np.ndarray]:
+class PhaseProgress(L.Callback):
+    """Counts predict batches (target batches) into a ``Phase`` so a long scoring run shows progress and an ETA."""
+
+    def __init__(self, phase: Phase) -> None:
+        self.phase = phase
+
+    def on_predict_batch_end(self, *args: Any) -> None:
+        self.phase.advance()
+
+
+def score_targets(attack: Attack, data: AttackData, targets: np.ndarray, batch_size: int | None = None, purpose: str = "scoring") -> dict[str, np.ndarray]:
     """Run ``attack`` on ``targets`` with ``Trainer.predict``; returns float64 [len(targets), n] per output.
 
     The default batch keeps one float64 array of a batch's outputs near 16 MiB (``AttackData.target_batch_size``).
+    ``purpose`` names the phase the user sees while it runs (fitting the attack, then one step per target batch).
     """
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     module = AttackModule(attack, data, targets)
     loader = DataLoader(torch.arange(len(module.targets)), batch_size=batch_size or data.target_batch_size())
-    trainer.predict(module, loader, return_predictions=False)
+    with Phase(f"{attack.name}: fitting and {purpose} {len(module.targets)} targets", total=len(loader)) as phase:
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[PhaseProgress(phase)])
+        trainer.predict(module, loader, return_predictions=False)
     attack.report_warnings()
     return module.scores

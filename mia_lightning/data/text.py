@@ -93,7 +93,7 @@ def deduplicate(texts: list[str], labels: list[str]) -> tuple[list[str], list[st
 
 
 def _imdb_rows() -> tuple[list[str], list[str]]:
-    columns = read_csv_columns(registry_file(IMDB), ("review", "sentiment"))
+    columns = read_csv_columns(registry_file(IMDB), {"review": "", "sentiment": ""})
     return columns["review"], columns["sentiment"]
 
 
@@ -120,10 +120,11 @@ def _raw_rows(source: str, text_column: str, label_column: str, hf_split: str) -
         return _imdb_rows()
     if source == "pang_lee":
         return _pang_lee_rows()
+    wanted = {text_column: "data.init_args.text_column", label_column: "data.init_args.label_column"}
     if source.startswith("hf:"):
-        columns = hf_columns(source[3:], (text_column, label_column), hf_split)
+        columns = hf_columns(source[3:], wanted, hf_split)
     else:
-        columns = read_csv_columns(Path(source), (text_column, label_column), min_rows=2)
+        columns = read_csv_columns(Path(source), wanted, min_rows=2)
     return columns[text_column], columns[label_column]
 
 

@@ -13,8 +13,12 @@ from pathlib import Path
 from mia_lightning.errors import MiaError
 
 
-def read_csv_columns(path: Path, columns: tuple[str, ...] | None = None, min_rows: int = 1) -> dict[str, list[str]]:
-    """Columns of a UTF-8 CSV by header name (all of them, or ``columns``), with one-line errors for a bad file, column or ragged row."""
+def read_csv_columns(path: Path, columns: dict[str, str] | None = None, min_rows: int = 1) -> dict[str, list[str]]:
+    """Columns of a UTF-8 CSV by header name, with one-line errors for a bad file, column or ragged row.
+
+    ``columns`` maps each wanted header name to the recipe option that chose it (``""`` when the loader
+    fixes the name), so a missing column's error names the option to change; ``None`` reads every column.
+    """
     if not path.is_file():
         raise MiaError(f"{path}: no such CSV file")
     try:
@@ -25,17 +29,22 @@ def read_csv_columns(path: Path, columns: tuple[str, ...] | None = None, min_row
     if len(rows) < 1 + min_rows:
         raise MiaError(f"{path}: needs a header row and at least {min_rows} data row{'s' if min_rows > 1 else ''}")
     header = [name.strip() for name in rows[0]]
-    for column in columns or ():
+    for column, option in (columns or {}).items():
         if column not in header:
-            raise MiaError(f"{path}: no column {column!r} in header {header}; set data.init_args.text_column / user_column")
+            raise MiaError(f"{path}: no column {column!r} in header {header}; {_column_fix(option)}")
     for number, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise MiaError(f"{path}:{number}: {len(row)} fields, header has {len(header)}; fix that row (quote fields that contain commas)")
     return {name: [row[i] for row in rows[1:]] for i, name in enumerate(header) if columns is None or name in columns}
 
 
-def hf_columns(name: str, columns: tuple[str, ...], split: str) -> dict[str, list[str]]:
-    """Columns of a Hugging Face dataset (``hf:<name>[:<config>]``), downloaded by ``datasets``."""
+def _column_fix(option: str) -> str:
+    """What to do about a missing column: set the option that named it, or (a name the loader fixes) use the expected file."""
+    return f"set {option} to one of them" if option else "this is not the file this loader expects"
+
+
+def hf_columns(name: str, columns: dict[str, str], split: str) -> dict[str, list[str]]:
+    """Columns of a Hugging Face dataset (``hf:<name>[:<config>]``), downloaded by ``datasets``; ``columns`` as for ``read_csv_columns``."""
     if importlib.util.find_spec("datasets") is None:
         raise MiaError(f"hf:{name}: the Hugging Face `datasets` package is not installed; pip install datasets")
     import datasets
@@ -47,5 +56,5 @@ def hf_columns(name: str, columns: tuple[str, ...], split: str) -> dict[str, lis
         raise MiaError(f"hf:{name}: cannot load split {split!r} ({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
     missing = [column for column in columns if column not in table.column_names]
     if missing:
-        raise MiaError(f"hf:{name}: no column {missing[0]!r} (columns: {', '.join(table.column_names)}); set data.init_args.text_column / user_column")
+        raise MiaError(f"hf:{name}: no column {missing[0]!r} (columns: {', '.join(table.column_names)}); {_column_fix(columns[missing[0]])}")
     return {column: [str(value) for value in table[column]] for column in columns}

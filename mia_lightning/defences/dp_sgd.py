@@ -29,6 +29,7 @@ the model (``PrivacyStateMixin`` saves them in the checkpoint) and into the logg
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterator
 
 import lightning as L
@@ -90,8 +91,10 @@ def noise_for_budget(target_epsilon: float, target_delta: float, sample_rate: fl
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
-                                          steps=steps, accountant=accountant, epsilon_tolerance=0.01))
+        with warnings.catch_warnings():  # the search probes orders past the accountant's range; its warning is noise beside the answer
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
+                                              steps=steps, accountant=accountant, epsilon_tolerance=0.01))
     except (ValueError, RuntimeError, OverflowError) as err:
         raise MiaError(
             f"DPSGD target_epsilon {target_epsilon} (delta {target_delta:g}) cannot be reached in {steps} steps at sample rate "

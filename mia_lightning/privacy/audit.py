@@ -79,7 +79,7 @@ class EpsilonAuditor:
         ours.setLevel(logging.ERROR)
         try:
             with np.errstate(divide="ignore", invalid="ignore"):
-                scored = score_targets(create_attack(family, **params), self.data, targets)
+                scored = score_targets(create_attack(family, **params), self.data, targets, purpose="epsilon trials on")
         finally:
             ours.setLevel(level)
         outside = ~self.data.audit_pairs(targets)

@@ -1,0 +1,60 @@
+"""Hints name the real cause: an attack output given as an attack, a study root given as an experiment, DP-SGD errors without library noise."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+from synthetic import write_synthetic_experiment
+
+from mia_lightning.cli import attack_main
+from mia_lightning.errors import MiaError
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> Path:
+    return write_synthetic_experiment(tmp_path / "exp", n_models=4, n_samples=20, seed=3)
+
+
+@pytest.mark.parametrize(
+    "name, phrase",
+    [
+        ("lira_online", "'lira_online' is an output of the 'lira' attack (it writes lira_online, lira_online_fixed, lira_offline, "
+                        "lira_offline_fixed, global_threshold); use --attack lira"),
+        ("rmia_offline", "'rmia_offline' is an output of the 'rmia' attack (it writes rmia_online, rmia_offline); use --attack rmia"),
+        ("lirra", "unknown attack 'lirra'; did you mean lira or ulira? available:"),
+        ("entropy", "'entropy' is an output of the 'thresholds' attack"),
+        ("nothing_like_it", "unknown attack 'nothing_like_it'; available:"),
+    ],
+)
+def test_an_unknown_attack_name_says_what_to_type(experiment, capsys, name, phrase):
+    assert attack_main(["--experiment", str(experiment), "--attack", name]) == 2
+    assert phrase in one_error_line(capsys)
+    assert not (experiment / "attacks").exists()
+
+
+def test_a_study_root_points_at_its_settings(tmp_path, capsys):
+    study = tmp_path / "study"
+    write_synthetic_experiment(study / "settings" / "S2_C5", n_models=4, n_samples=20, seed=1)
+    (study / "study.json").write_text(json.dumps({"grid": {}}))
+    assert attack_main(["--experiment", str(study), "--attack", "thresholds"]) == 2
+    err = one_error_line(capsys)
+    assert "this is a study (study.json), not one experiment; its 1 experiments are under settings/<setting>/" in err
+    assert str(study / "settings" / "S2_C5") in err and "keep.npy" not in err
+
+
+def test_an_unreachable_dp_budget_says_so_without_accountant_warnings():
+    from mia_lightning.defences.dp_sgd import noise_for_budget
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning the accountant emits fails the test
+        with pytest.raises(MiaError, match="cannot be reached in 100000 steps"):
+            noise_for_budget(0.1, 1e-5, 0.5, 100_000, "rdp")
