@@ -126,7 +126,7 @@ def _check_study_file(study_dir: Path, payload: dict) -> None:
     if path.is_file():
         stored = load_json(path)
         if stored != payload:
-            from mia_lightning.farm.runner import differing_keys
+            from mia_lightning.identity import differing_keys
 
             changed = differing_keys(stored if isinstance(stored, dict) else {}, payload)
             raise MiaError(f"{path}: this study was started with other settings ({'; '.join(changed[:4])}); use another study.name")
