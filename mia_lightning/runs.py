@@ -80,7 +80,11 @@ class StagedRun:
         with publishing_lock(experiment):
             remove_dead_stagings(experiment)
             self.folder.mkdir()
-            write_owner(self.folder)
+            try:
+                write_owner(self.folder)
+            except BaseException:  # e.g. a full disk: leave no ownerless folder behind
+                shutil.rmtree(self.folder, ignore_errors=True)
+                raise
 
     def path(self, *parts: str) -> Path:
         """A path inside the staged run (parent folders are created)."""

@@ -35,6 +35,7 @@ from rich.table import Table
 
 from mia_lightning.errors import MiaError
 from mia_lightning.experiment import FORMAT_VERSION, ExperimentDir
+from mia_lightning.confine import confined
 from mia_lightning.io import load_json, save_json_atomic
 
 ANALYSES: dict[str, str] = {
@@ -163,7 +164,7 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
     _check_study_file(study_dir, payload)
     rows = []
     for number, setting in enumerate(settings, start=1):
-        experiment = ExperimentDir(study_dir / "settings" / setting.name)
+        experiment = ExperimentDir(confined(study_dir, study_dir / "settings" / setting.name))
         marker = experiment.root / SETTING_FILE
         if not marker.is_file():
             console.rule(f"study {options.name}: setting {number}/{len(settings)} {setting.name}")

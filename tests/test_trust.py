@@ -255,7 +255,7 @@ def test_concurrent_runs_with_slow_file_system_all_publish(synthetic):
     assert attack_main(["--experiment", str(synthetic), "--attack", "lira", "--bootstrap", "0"]) == 0  # a published run to replace
     procs = [subprocess.Popen([sys.executable, "-c", SLOW_RUNNER, "--experiment", str(synthetic), "--attack", *attacks, "--bootstrap", "0"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for attacks in (["lira"], ["rmia"], ["lira", "rmia"], ["threshold"])]
+             for attacks in (["lira"], ["rmia"], ["lira", "rmia"], ["thresholds"])]
     results = [proc.communicate(timeout=600) for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * len(procs), [err[-400:] for _, err in results]
     attacks = synthetic / "attacks"
@@ -427,7 +427,7 @@ def test_degenerate_outputs_are_one_line(case, synthetic, capsys):
     capsys.readouterr()
     assert attack_main(["--experiment", str(synthetic), "--attack", "all", "--bootstrap", "0"]) == 2
     err = one_line_error(capsys)
-    assert {"zero queries": "no queries", "one class": "one class", "labels beyond int64": "labels.npy"}[case] in err, err
+    assert {"zero queries": "no queries", "one class": "logits for 1 class", "labels beyond int64": "labels.npy"}[case] in err, err
 
 
 def test_attack_all_on_two_models_skips_what_cannot_score(tmp_path, capsys):

@@ -31,6 +31,7 @@ from mia_lightning.farm.engine import ENGINES, ModelJob, TrainedModel, model_see
 from mia_lightning.model_outputs import checked_outputs, save_model_outputs
 from mia_lightning.farm.locks import Heartbeat, release, try_claim
 from mia_lightning.farm.shards import resolve_shard
+from mia_lightning.confine import confined_all
 from mia_lightning.identity import DONE_FILE, RECIPE_KEY, check_model_identities, differing_keys
 from mia_lightning.io import load_json, load_npy, save_json_atomic, save_npy_atomic, write_bytes_atomic
 
@@ -94,6 +95,8 @@ def prepare_experiment(recipe: Recipe) -> PlannedFarm:
     planned with exactly the same recipe identity, else the differing keys are named.
     """
     experiment = recipe.experiment
+    folders = [experiment.cache_dir, experiment.models_dir, *(experiment.model_dir(i) for i in range(recipe.plan.n_models))]
+    confined_all(experiment.root, folders)  # no symlink leads a model, a claim or the cache out of the experiment
     pool = recipe.setup.build_datamodule()
     model_kwargs = dict(pool.model_kwargs()) if hasattr(pool, "model_kwargs") else {}
     validate_training(recipe, pool)
