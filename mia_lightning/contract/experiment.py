@@ -140,6 +140,8 @@ class ExperimentDir:
             )
         if (labels < 0).any():
             raise MiaError(f"{self.labels_path}: negative labels; labels must be class indices 0..C-1")
+        if labels.size and int(labels.max()) > np.iinfo(np.int64).max:
+            raise MiaError(f"{self.labels_path}: label {int(labels.max())} is beyond the int64 range; labels must be class indices 0..C-1")
         return labels.astype(np.int64)
 
     @cached_property
@@ -188,8 +190,18 @@ class ExperimentDir:
 
     def default_targets(self) -> list[int] | None:
         """Target model ids the plan names (e.g. the targets of a disjoint-shadow plan), else None (every model)."""
-        targets = self.plan.get("info", {}).get("target_models")
-        return None if targets is None else [int(t) for t in targets]
+        info = self.plan.get("info", {})
+        targets = info.get("target_models") if isinstance(info, dict) else None
+        if targets is None:
+            return None
+        n_models = self.keep.shape[0]
+        valid = isinstance(targets, list) and targets and all(type(t) is int and 0 <= t < n_models for t in targets)
+        if not valid or len(set(targets)) != len(targets):
+            raise MiaError(
+                f"{self.plan_path}: info.target_models {str(targets)[:80]}: expected distinct model ids in 0..{n_models - 1}, "
+                "as --targets takes them; fix the file or pass --targets"
+            )
+        return list(targets)
 
     def load_model_outputs(self, kind: str) -> ModelOutputs:
         """Every model's exported outputs, validated (shape, dtype, finite) in one pass and then read per model on demand.

@@ -83,6 +83,10 @@ def check_outputs_file(path: Path, array: np.ndarray, expected_ndim: int, n_samp
         raise MiaError(f"{path}: shape {array.shape}, expected {shape_text} to match keep.npy's {n_samples} samples; {fix}")
     if not np.issubdtype(array.dtype, np.floating):
         raise MiaError(f"{path}: dtype {array.dtype}, expected floating point; {fix}")
+    if array.shape[1] == 0:
+        raise MiaError(f"{path}: shape {array.shape} has no queries; every sample needs at least one output; {fix}")
+    if expected_ndim == 3 and array.shape[2] < 2:
+        raise MiaError(f"{path}: shape {array.shape} has logits for {array.shape[2]} class; membership needs at least two classes; {fix}")
     problem = non_finite(array)
     if problem:
         raise MiaError(f"{path}: {problem}; the model diverged or the export is broken, retrain or re-export this model")

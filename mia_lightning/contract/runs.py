@@ -12,6 +12,12 @@ A run is written into ``runs/.staging-<id>/`` and renamed into place only when e
 succeeded; publishing swaps the ``latest`` link with one ``rename``, so a reader sees the previous
 run or the new one, never a mix, and a failed or interrupted run leaves the published one
 untouched. Earlier runs stay under ``runs/`` (``--keep_runs`` prunes the oldest).
+
+Concurrent runs: publishing (rename, ``latest`` swap, links, migration) and pruning hold an
+exclusive lock on ``attacks/.lock``, so two runs never interleave those steps. A staging folder
+records its owner process; a later run removes the staging folders of runs whose process is gone
+(killed with kill -9), never one of a live run. Every path is checked to lie inside the
+experiment (``mia_lightning.contract.confine``) before anything is written, renamed or deleted.
 """
 
 from __future__ import annotations
@@ -22,12 +28,16 @@ import shutil
 import uuid
 from pathlib import Path
 
+from mia_lightning.contract.confine import confined, confined_all
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json, save_json_atomic
+from mia_lightning.contract.owners import OWNER_FILE, exclusive_lock, owner_gone, write_owner
 
 RUN_FILE = "run.json"
 LATEST = "latest"
+LOCK_FILE = ".lock"
+STAGING_PREFIX = ".staging-"
 
 
 def new_run_id() -> str:
@@ -39,6 +49,21 @@ def runs_dir(experiment: ExperimentDir) -> Path:
     return experiment.attacks_dir / "runs"
 
 
+def publishing_lock(experiment: ExperimentDir):
+    """Exclusive lock on ``attacks/.lock``: held while runs are published or pruned."""
+    return exclusive_lock(confined(experiment.root, experiment.attacks_dir / LOCK_FILE))
+
+
+def remove_dead_stagings(experiment: ExperimentDir) -> list[str]:
+    """Delete the staging folders of runs whose process is gone (call under the publishing lock); returns their names."""
+    removed = []
+    for folder in sorted(runs_dir(experiment).glob(STAGING_PREFIX + "*")):
+        if folder.is_dir() and not folder.is_symlink() and owner_gone(folder):
+            shutil.rmtree(confined(experiment.root, folder))
+            removed.append(folder.name)
+    return removed
+
+
 class StagedRun:
     """A run being written: files go to a hidden staging folder until ``publish``."""
 
@@ -46,16 +71,24 @@ class StagedRun:
         self.experiment = experiment
         self.run_id = run_id or new_run_id()
         parent = runs_dir(experiment)
+        confined_all(experiment.root, [experiment.attacks_dir, parent, *_entries(experiment)])
         existing = next(p for p in (parent, *parent.parents) if p.exists())
         if not os.access(existing, os.W_OK):
             raise MiaError(f"{existing}: not writable; the attack results cannot be saved (fix its permissions or copy the experiment)")
         parent.mkdir(parents=True, exist_ok=True)
-        self.folder = parent / f".staging-{self.run_id}"
-        self.folder.mkdir()
+        self.folder = parent / f"{STAGING_PREFIX}{self.run_id}"
+        with publishing_lock(experiment):
+            remove_dead_stagings(experiment)
+            self.folder.mkdir()
+            try:
+                write_owner(self.folder)
+            except BaseException:  # e.g. a full disk: leave no ownerless folder behind
+                shutil.rmtree(self.folder, ignore_errors=True)
+                raise
 
     def path(self, *parts: str) -> Path:
         """A path inside the staged run (parent folders are created)."""
-        target = self.folder.joinpath(*parts)
+        target = confined(self.experiment.root, self.folder.joinpath(*parts))
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
 
@@ -64,16 +97,26 @@ class StagedRun:
 
     def publish(self, meta: dict) -> Path:
         """Write run.json, move the run into place and make it the latest; returns the run folder."""
-        save_json_atomic(self.folder / RUN_FILE, {**meta, "id": self.run_id})
-        final = runs_dir(self.experiment) / self.run_id
-        os.rename(self.folder, final)
-        _migrate_unversioned(self.experiment)
-        link = self.experiment.attacks_dir / LATEST
-        staged_link = self.experiment.attacks_dir / f".{LATEST}-{self.run_id}"
-        os.symlink(Path("runs") / self.run_id, staged_link)
-        os.replace(staged_link, link)
-        _refresh_entry_links(self.experiment, final)
+        save_json_atomic(self.path(RUN_FILE), {**meta, "id": self.run_id})
+        (self.folder / OWNER_FILE).unlink(missing_ok=True)
+        root = self.experiment.root
+        final = confined(root, runs_dir(self.experiment) / self.run_id)
+        with publishing_lock(self.experiment):
+            confined_all(root, [self.experiment.attacks_dir, runs_dir(self.experiment), *_entries(self.experiment)])
+            os.rename(self.folder, final)
+            _migrate_unversioned(self.experiment)
+            link = confined(root, self.experiment.attacks_dir / LATEST)
+            staged_link = confined(root, self.experiment.attacks_dir / f".{LATEST}-{self.run_id}")
+            os.symlink(Path("runs") / self.run_id, staged_link)
+            os.replace(staged_link, link)
+            _refresh_entry_links(self.experiment, final)
         return final
+
+
+def _entries(experiment: ExperimentDir) -> list[Path]:
+    """Everything directly under attacks/ and attacks/runs/ (checked before a run writes, renames or deletes any of it)."""
+    folders = [experiment.attacks_dir, runs_dir(experiment)]
+    return [entry for folder in folders if folder.is_dir() and not folder.is_symlink() for entry in folder.iterdir()]
 
 
 def _migrate_unversioned(experiment: ExperimentDir) -> None:
@@ -82,10 +125,10 @@ def _migrate_unversioned(experiment: ExperimentDir) -> None:
     legacy = [p for p in attacks.iterdir() if not p.is_symlink() and p.name not in ("runs",) and not p.name.startswith(".")]
     if not legacy:
         return
-    target = runs_dir(experiment) / "legacy-v1"
+    target = confined(experiment.root, runs_dir(experiment) / "legacy-v1")
     target.mkdir(parents=True, exist_ok=True)
     for entry in legacy:
-        os.rename(entry, target / entry.name)
+        os.rename(confined(experiment.root, entry), target / entry.name)
 
 
 def _refresh_entry_links(experiment: ExperimentDir, run_folder: Path) -> None:
@@ -114,9 +157,11 @@ def prune_runs(experiment: ExperimentDir, keep: int) -> list[str]:
     """Delete all but the ``keep`` newest runs (never the latest); returns the removed ids."""
     if keep < 1:
         raise MiaError(f"--keep_runs {keep}: keep at least the latest run")
-    latest = (experiment.attacks_dir / LATEST).resolve().name
-    runs = sorted(p for p in runs_dir(experiment).iterdir() if p.is_dir() and not p.name.startswith("."))
-    doomed = [p for p in runs[:-keep] if p.name != latest]
-    for folder in doomed:
-        shutil.rmtree(folder)
+    with publishing_lock(experiment):
+        latest = (experiment.attacks_dir / LATEST).resolve().name
+        runs = sorted(p for p in runs_dir(experiment).iterdir() if p.is_dir() and not p.name.startswith("."))
+        doomed = [p for p in runs[:-keep] if p.name != latest]
+        confined_all(experiment.root, doomed)
+        for folder in doomed:
+            shutil.rmtree(folder)
     return [p.name for p in doomed]

@@ -478,6 +478,9 @@ class ImageDataModule(L.LightningDataModule):
     held-out pool images.
     """
 
+    NAME_ARGS = {"weights": ("random", "timm", "offline")}
+    """Arguments that name weights to load (checked by ``mia_lightning.names`` when a file names this class)."""
+
     def __init__(
         self,
         source: str = "fashion_mnist",
@@ -563,6 +566,9 @@ class ImageFeatureDataModule(TabularDataModule):
     (``pool.features``) and predict every view (``pool_views`` [n, Q, d]). Feature scaling is fitted
     per model on its own training subset, as for any tabular head.
     """
+
+    NAME_ARGS = {"weights": ("random", "timm", "offline")}
+    """Arguments that name weights to load (checked by ``mia_lightning.names`` when a file names this class)."""
 
     def __init__(
         self,

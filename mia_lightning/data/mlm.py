@@ -279,11 +279,12 @@ def load_tokenizer(spec: str, texts: list[str]):
         return word_level_tokenizer(texts)
     from transformers import AutoTokenizer
 
+    from mia_lightning.hub import from_pretrained
     from mia_lightning.models.mlm import pretrained_location, quiet_transformers
 
     quiet_transformers()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_location(spec))
+        tokenizer = from_pretrained(AutoTokenizer, pretrained_location(spec, "data.init_args.tokenizer"), "data.init_args.tokenizer")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise MiaError(f"data.init_args.tokenizer {spec!r}: cannot load a tokenizer ({' '.join(str(err).split())[:120]}); give the model's hub name or folder, or pool") from None
     if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
@@ -337,6 +338,9 @@ class MLMTextDataModule(L.LightningDataModule):
     stream as every farm (``StreamBatchSampler``); validation is a fixed seeded subset of
     ``val_size`` held-out pool texts.
     """
+
+    NAME_ARGS = {"tokenizer": ("pool",)}
+    """Arguments that name a tokenizer to load (checked by ``mia_lightning.names`` when a file names this class)."""
 
     def __init__(
         self,

@@ -16,18 +16,11 @@ import time
 import uuid
 from pathlib import Path
 
+from mia_lightning.contract.io import save_json_atomic
+from mia_lightning.contract.owners import pid_alive
+
 CLAIM_FILE = "claim.json"
 HEARTBEAT_S = 20.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def claim_state(model_dir: Path, stale_after_s: float) -> str:
@@ -40,7 +33,7 @@ def claim_state(model_dir: Path, stale_after_s: float) -> str:
         return "free"
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         return "stale"
-    if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
+    if info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", -1))):
         return "stale"
     return "stale" if age > stale_after_s else "running"
 
@@ -71,7 +64,7 @@ def try_claim(model_dir: Path, stale_after_s: float) -> bool:
     # write the claim's content first, then hard-link it into place: the link either fails (someone
     # holds the model) or publishes a complete file, so no reader ever sees an empty claim
     staged = model_dir / f".claim-{uuid.uuid4().hex}"
-    staged.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
+    save_json_atomic(staged, {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
     try:
         os.link(staged, model_dir / CLAIM_FILE)
     except FileExistsError:

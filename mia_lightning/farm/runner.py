@@ -32,9 +32,10 @@ from mia_lightning.farm.engine import ENGINES, ModelJob, TrainedModel, model_see
 from mia_lightning.contract.model_outputs import checked_outputs, save_model_outputs
 from mia_lightning.farm.locks import Heartbeat, release, try_claim
 from mia_lightning.farm.shards import resolve_shard
+from mia_lightning.contract.confine import confined_all
+from mia_lightning.contract.identity import DONE_FILE, RECIPE_KEY, check_model_identities, differing_keys
 from mia_lightning.contract.io import load_json, load_npy, save_json_atomic, save_npy_atomic, write_bytes_atomic
 
-DONE_FILE = "done.json"
 log = logging.getLogger("mia_lightning")
 
 
@@ -48,6 +49,7 @@ class PlannedFarm:
 
     keep: np.ndarray
     parents: dict[int, int]
+    identity: dict
 
 
 def pool_fingerprint(pool: L.LightningDataModule, labels: np.ndarray) -> str:
@@ -56,22 +58,6 @@ def pool_fingerprint(pool: L.LightningDataModule, labels: np.ndarray) -> str:
         return str(pool.fingerprint())
     log.warning("%s has no fingerprint(): an edited data file would go unnoticed; only the labels are hashed", type(pool).__name__)
     return "labels-only:" + hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest()
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        return {key: leaf for k, v in value.items() for key, leaf in _flatten(v, f"{prefix}{k}.").items()} or {prefix.rstrip("."): {}}
-    return {prefix.rstrip("."): value}
-
-
-def differing_keys(stored: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ between two plan.json payloads, as 'key: stored -> current'."""
-    old, new = _flatten(stored), _flatten(current)
-
-    def shown(values: dict, key: str) -> str:
-        return repr(values[key]) if key in values else "<absent>"
-
-    return [f"{key}: {shown(old, key)} -> {shown(new, key)}" for key in sorted(set(old) | set(new)) if shown(old, key) != shown(new, key)]
 
 
 def validate_training(recipe: Recipe, pool: L.LightningDataModule) -> None:
@@ -110,6 +96,8 @@ def prepare_experiment(recipe: Recipe) -> PlannedFarm:
     planned with exactly the same recipe identity, else the differing keys are named.
     """
     experiment = recipe.experiment
+    folders = [experiment.cache_dir, experiment.models_dir, *(experiment.model_dir(i) for i in range(recipe.plan.n_models))]
+    confined_all(experiment.root, folders)  # no symlink leads a model, a claim or the cache out of the experiment
     pool = recipe.setup.build_datamodule()
     model_kwargs = dict(pool.model_kwargs()) if hasattr(pool, "model_kwargs") else {}
     validate_training(recipe, pool)
@@ -139,7 +127,7 @@ def prepare_experiment(recipe: Recipe) -> PlannedFarm:
         stored_keep = load_npy(experiment.keep_path, "membership matrix", "delete the experiment directory and re-run the farm")
         if not np.array_equal(stored_keep, plan.keep):
             raise MiaError(f"{experiment.keep_path}: differs from the plan in plan.json (edited or corrupt); delete the experiment and re-run")
-        return PlannedFarm(plan.keep, plan.parents)
+        return PlannedFarm(plan.keep, plan.parents, plan_json["recipe"])
     _writable(experiment.root)
     save_npy_atomic(experiment.keep_path, plan.keep)
     save_npy_atomic(experiment.labels_path, labels)
@@ -153,11 +141,11 @@ def prepare_experiment(recipe: Recipe) -> PlannedFarm:
         save_json_atomic(experiment.root / name, payload)
     write_bytes_atomic(experiment.config_path, recipe.resolved_config(model_kwargs).encode())
     save_json_atomic(experiment.plan_path, plan_json)  # last: its presence means the plan is complete
-    return PlannedFarm(plan.keep, plan.parents)
+    return PlannedFarm(plan.keep, plan.parents, plan_json["recipe"])
 
 
-def write_model(experiment: ExperimentDir, trained: TrainedModel, job: ModelJob, engine: str) -> None:
-    """Checkpoint, outputs, then done.json: the model is complete only once done.json exists.
+def write_model(experiment: ExperimentDir, trained: TrainedModel, job: ModelJob, engine: str, identity: dict) -> None:
+    """Checkpoint, outputs, then done.json (with the recipe ``identity``): the model is complete only once done.json exists.
 
     The outputs are checked first: a diverged model (NaN/inf logits) is refused, not marked done.
     """
@@ -168,7 +156,7 @@ def write_model(experiment: ExperimentDir, trained: TrainedModel, job: ModelJob,
     save_json_atomic(
         folder / DONE_FILE,
         {"index": trained.index, "seed": job.seed, "n_train": int(job.train_indices.size), "parent": job.parent, "engine": engine,
-         "metrics": trained.metrics, "host": socket.gethostname(), "pid": os.getpid(), "finished_at": time.time()},
+         "metrics": trained.metrics, "host": socket.gethostname(), "pid": os.getpid(), "finished_at": time.time(), RECIPE_KEY: identity},
     )
 
 
@@ -236,6 +224,7 @@ def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool 
     keep, parents = planned.keep, planned.parents
     shard = resolve_shard(recipe.farm.shard)
     mine = shard.select(list(range(keep.shape[0])))
+    check_model_identities(experiment)  # a merged-in model trained with other settings is named before anything trains
     pending = sorted((i for i in mine if not is_done(experiment, i)), key=lambda i: (generation(i, parents), i))
     console.print(
         f"[bold]farm[/] {experiment.root}: {keep.shape[0]} models, shard {shard} has {len(mine)}, "
@@ -256,7 +245,7 @@ def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool 
                 for result in engine.run(list(jobs.values())):
                     if rate is None:  # a group's models finish training together: rate them when the first arrives
                         rate = (len(trained) + len(jobs)) / max(time.perf_counter() - started, 1e-9) * 60
-                    write_model(experiment, result, jobs[result.index], recipe.farm.engine)
+                    write_model(experiment, result, jobs[result.index], recipe.farm.engine, planned.identity)
                     claims.release(result.index)
                     trained.append(result.index)
                     metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("acc"))

@@ -3,6 +3,9 @@
 Each worker gets a sub-shard of this process's shard and one device (``CUDA_VISIBLE_DEVICES`` on
 GPUs, a share of the CPU threads on CPU); the claim files keep them from colliding. The workers
 are ordinary ``train.py farm`` processes, so SLURM or torchrun can start the same command instead.
+Workers import the same ``mia_lightning`` as this process (its folder first on ``PYTHONPATH``, the
+working directory never on ``sys.path``), so a file or folder named like the package in the folder
+the farm was started from (a received experiment, a download folder) is never run.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +50,27 @@ def launch_device_workers(argv: list[str], n_workers: int, shard: Shard, gpu_ids
         if use_gpu:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu_ids[part] if gpu_ids else part)
         sub = shard.split(n_workers, part)
-        command = [sys.executable, "-m", "mia_lightning", "farm", *argv, "--farm.shard", str(sub), "--trainer.devices", "1"]
-        procs.append(subprocess.Popen(command, env=env))
+        command = [*package_command(), "farm", *argv, "--farm.shard", str(sub), "--trainer.devices", "1"]
+        procs.append(subprocess.Popen(command, env=package_env(env)))
     return max(proc.wait() for proc in procs)
+
+
+PACKAGE_MAIN = "import sys, runpy; del sys.path[0]; runpy.run_module('mia_lightning', run_name='__main__', alter_sys=True)"
+"""``python -m mia_lightning`` without the working directory on ``sys.path`` (``-c`` puts it first; ``-P`` needs Python 3.11)."""
+
+
+def package_command() -> list[str]:
+    """The command prefix that runs this process's ``mia_lightning`` package (``...`` + its arguments), never one in the working directory."""
+    return [sys.executable, "-c", PACKAGE_MAIN]
+
+
+def package_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``PYTHONPATH`` = the folder holding the package this process imported, then the absolute entries already there.
+
+    Relative entries (``""``, ``.``) would mean the worker's current directory, so they are dropped.
+    """
+    import mia_lightning
+
+    home = str(Path(mia_lightning.__file__).resolve().parent.parent)
+    kept = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry and os.path.isabs(entry) and entry != home]
+    return {**env, "PYTHONPATH": os.pathsep.join([home, *kept])}

@@ -50,6 +50,9 @@ class ImageClassifier(ClassifierSteps, L.LightningModule):
     (e.g. ``drop_rate``).
     """
 
+    NAME_ARGS = {"weights": ("random", "timm", "offline")}
+    """Arguments that name weights to load (checked by ``mia_lightning.names`` when a file names this class)."""
+
     def __init__(
         self,
         backbone: str = "resnet18",

