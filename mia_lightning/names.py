@@ -104,9 +104,10 @@ def is_hub_name(value: str) -> bool:
 def check_file_named(value: Any, where: str) -> None:
     """Refuse a model / tokenizer / weights name read from an experiment's files unless it is harmless.
 
-    Accepted: None, the words in ``allowed`` of the class (``pool``, ``random``, ...), a registry spec
-    of a known package, or a hub-shaped name that is not an existing local path. Refused with one
-    line: anything path-shaped (``/x``, ``./x``, ``~``, ``..``), option-shaped (``-r``), or unknown.
+    Accepted: None, a registry spec of a known package, or a hub-shaped name that is not an existing
+    local path (the fixed words a class accepts, such as ``pool``, are let through by
+    ``check_named_args``). Refused with one line: anything path-shaped (``/x``, ``./x``, ``~``,
+    ``..``, ``a/b/c``) or option-shaped (``-r``).
     """
     if value is None:
         return
@@ -138,10 +139,24 @@ def names_from_files() -> bool:
     return _FROM_FILES.get()
 
 
+def _strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """(where, string) for ``value`` itself or every string inside a dict / list of arguments (e.g. timm ``model_args``)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item, where)
+    elif isinstance(value, str):
+        yield where, value
+
+
 def check_named_args(cls: type, init_args: dict[str, Any], where: str) -> None:
-    """Check every argument ``cls`` declares in ``NAME_ARGS`` (name -> words it accepts as is) with ``check_file_named``."""
+    """Check every argument ``cls`` declares in ``NAME_ARGS`` (name -> words it accepts as is) with ``check_file_named``.
+
+    An argument holding a dict of further arguments (timm's ``model_args``) has each string inside checked.
+    """
     for name, words in getattr(cls, "NAME_ARGS", {}).items():
-        value = init_args.get(name)
-        if value is None or value in words:
-            continue
-        check_file_named(value, f"{where} {name}")
+        for place, value in _strings(init_args.get(name), f"{where} {name}"):
+            if value not in words:
+                check_file_named(value, place)

@@ -120,6 +120,17 @@ def test_registry_grammar_and_table():
     check_file_named("google/bert_uncased_L-2_H-128_A-2", "model.pretrained")  # a hub name is fine (loaded offline)
 
 
+def test_strings_inside_argument_dicts_are_checked_too():
+    from mia_lightning.models.image import ImageClassifier
+    from mia_lightning.names import check_named_args
+
+    check_named_args(ImageClassifier, {"weights": "offline", "model_args": {"drop_rate": 0.1, "global_pool": "avg"}}, "ImageClassifier:")
+    with pytest.raises(MiaError, match=r"model_args.pretrained_cfg_overlay.file '/etc/passwd': .*not a local path"):
+        check_named_args(ImageClassifier, {"model_args": {"pretrained_cfg_overlay": {"file": "/etc/passwd"}}}, "ImageClassifier:")
+    with pytest.raises(MiaError, match="weights '/tmp/w.pth'"):
+        check_named_args(ImageClassifier, {"weights": "/tmp/w.pth"}, "ImageClassifier:")
+
+
 def test_download_commands_pin_the_hash_and_end_options(monkeypatch, tmp_path):
     """pip gets only a requirements file this project wrote (pinned version and hash); apt-get gets ``--`` before the package."""
     from mia_lightning import downloads
@@ -355,7 +366,11 @@ def test_a_merged_model_with_another_recipe_is_named(stage, copy, capsys):
     assert snapshot(copy) == before
 
 
-@pytest.mark.parametrize("case", ["gpu", "precision", "yaml tag", "constructor raises"])
+class Pickled:
+    """A class a pickled checkpoint would import: ``weights_only`` loading refuses it."""
+
+
+@pytest.mark.parametrize("case", ["gpu", "precision", "yaml tag", "constructor raises", "pickled weights"])
 def test_export_problems_are_one_line(case, copy, tmp_path, capsys):
     config = (copy / "config.yaml").read_text()
     if case == "gpu":
@@ -366,7 +381,10 @@ def test_export_problems_are_one_line(case, copy, tmp_path, capsys):
         config = config.replace("source: digits", f"source: !!python/object/apply:os.system ['touch {tmp_path / 'pwned'}']")
     else:
         payload = torch.load(copy / "models/0001/model.ckpt", weights_only=True)
-        payload["hyper_parameters"]["hidden"] = [-3]  # torch raises RuntimeError deep inside the constructor
+        if case == "pickled weights":
+            payload["state_dict"]["extra"] = Pickled()
+        else:
+            payload["hyper_parameters"]["hidden"] = [-3]  # torch raises RuntimeError deep inside the constructor
         torch.save(payload, copy / "models/0001/model.ckpt")
     (copy / "config.yaml").write_text(config)
     before = snapshot(copy / "models")
@@ -374,7 +392,7 @@ def test_export_problems_are_one_line(case, copy, tmp_path, capsys):
     assert train_main(["export", "--experiment", str(copy)]) == 2
     err = one_line_error(capsys)
     assert {"gpu": "trainer.accelerator", "precision": "trainer.precision '99-bogus'", "yaml tag": "config.yaml: no usable data section",
-            "constructor raises": "TabularMLP"}[case] in err, err
+            "constructor raises": "TabularMLP", "pickled weights": "models/0001/model.ckpt: not a readable PyTorch checkpoint"}[case] in err, err
     assert snapshot(copy / "models") == before and not (tmp_path / "pwned").exists()
 
 

@@ -98,11 +98,11 @@ class StagedRun:
     def publish(self, meta: dict) -> Path:
         """Write run.json, move the run into place and make it the latest; returns the run folder."""
         save_json_atomic(self.path(RUN_FILE), {**meta, "id": self.run_id})
-        (self.folder / OWNER_FILE).unlink(missing_ok=True)
         root = self.experiment.root
         final = confined(root, runs_dir(self.experiment) / self.run_id)
-        with publishing_lock(self.experiment):
+        with publishing_lock(self.experiment):  # the owner record goes under the lock: no other run judges this folder meanwhile
             confined_all(root, [self.experiment.attacks_dir, runs_dir(self.experiment), *_entries(self.experiment)])
+            (self.folder / OWNER_FILE).unlink(missing_ok=True)
             os.rename(self.folder, final)
             _migrate_unversioned(self.experiment)
             link = confined(root, self.experiment.attacks_dir / LATEST)

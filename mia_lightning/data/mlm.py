@@ -92,6 +92,8 @@ def clinosim_notes(population: int = 2000, seed: int = 0, end: str = "2025-12-31
     A note's text is its narrative sections joined by newlines (its free text when it has no
     sections). The simulation date range is fixed (``end``) so the corpus is the same on every day.
     """
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", end):  # it reaches a subprocess's arguments: a date and nothing else
+        raise MiaError(f"data source clinosim: end {end!r} is not a date YYYY-MM-DD; fix source_options.end")
     cached = cache_dir() / "clinosim" / f"v{CLINOSIM_VERSION}-p{population}-s{seed}-e{end}" / "notes.json"
     if cached.is_file():
         return [tuple(pair) for pair in json.loads(cached.read_text())]
@@ -102,7 +104,7 @@ def clinosim_notes(population: int = 2000, seed: int = 0, end: str = "2025-12-31
     work = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".simulate-"))
     try:
         command = [sys.executable, "-c", "import sys; from clinosim.simulator.cli import main; sys.argv[0] = 'clinosim'; sys.exit(main())",
-                   "simulate", "-p", str(population), "-s", str(seed), "--end", end, "--format", "cif", "-o", str(work / "out")]
+                   "simulate", "-p", str(int(population)), "-s", str(int(seed)), "--end", end, "--format", "cif", "-o", str(work / "out")]
         with Phase(f"simulating {population} patients' clinical notes with clinosim (seed {seed}; once, then cached)"):
             proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:

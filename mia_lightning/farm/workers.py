@@ -55,7 +55,7 @@ def launch_device_workers(argv: list[str], n_workers: int, shard: Shard, gpu_ids
     return max(proc.wait() for proc in procs)
 
 
-PACKAGE_MAIN = "import sys, runpy; del sys.path[0]; runpy.run_module('mia_lightning', run_name='__main__', alter_sys=True)"
+PACKAGE_MAIN = "import sys, runpy; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; runpy.run_module('mia_lightning', run_name='__main__', alter_sys=True)"
 """``python -m mia_lightning`` without the working directory on ``sys.path`` (``-c`` puts it first; ``-P`` needs Python 3.11)."""
 
 

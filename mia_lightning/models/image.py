@@ -50,7 +50,7 @@ class ImageClassifier(ClassifierSteps, L.LightningModule):
     (e.g. ``drop_rate``).
     """
 
-    NAME_ARGS = {"weights": ("random", "timm", "offline")}
+    NAME_ARGS = {"weights": ("random", "timm", "offline"), "model_args": ()}
     """Arguments that name weights to load (checked by ``mia_lightning.names`` when a file names this class)."""
 
     def __init__(
