@@ -32,8 +32,9 @@ from mia_lightning.unlearning.features import aggregate
 from mia_lightning.unlearning.metrics import auc_interval, degradation, privleak
 
 FPR = "0.01"
-CHEN = re.compile(r"^unlearning_(?P<feature>[a-z0-9_]+?)_(?P<classifier>rf|lr|mlp)(?:__(?P<defence>label_only|temperature|rounding))?(?:__(?P<view>endpoints))?$")
-CLASSIC = re.compile(r"^classic_(?P<side>original|unlearned)_(?P<classifier>rf|lr|mlp)(?:__(?P<defence>label_only|temperature|rounding))?$")
+CLASSIFIER = r"(?P<classifier>random_forest|logistic|mlp|rf|lr)"  # rf / lr: the names of runs made before the classifiers merged
+CHEN = re.compile(r"^unlearning_(?P<feature>[a-z0-9_]+?)_" + CLASSIFIER + r"(?:__(?P<defence>label_only|temperature|rounding))?(?:__(?P<view>endpoints))?$")
+CLASSIC = re.compile(r"^classic_(?P<side>original|unlearned)_" + CLASSIFIER + r"(?:__(?P<defence>label_only|temperature|rounding))?$")
 
 
 def _scores(folder: Path, record: dict, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
