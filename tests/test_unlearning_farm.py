@@ -54,24 +54,24 @@ def scratch_farm(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("scratch")
     options = {"scenario": "single", "method": "scratch", "originals": 5, "updates": 30, "train_size": 150}
     assert train_main(farm(root, "exp", noisy_csv(root / "data.csv", 600, 0), "--plan.n_models", "310", "--plan.options", json.dumps(options))) == 0
-    params = {"unlearning": {"classifiers": ["lr", "rf"], "features": ["sorted_diff", "sorted_concat"]}}
+    params = {"unlearning": {"classifiers": ["logistic", "random_forest"], "features": ["sorted_diff", "sorted_concat"]}}
     assert attack_main(["--experiment", str(root / "exp"), "--attack", "unlearning", "--bootstrap", "0", "--params", json.dumps(params)]) == 0
     return root / "exp"
 
 
 def test_unlearning_attack_beats_the_classic_attack_on_an_overfit_scratch_farm(scratch_farm: Path) -> None:
     results = outputs_of_latest_run(scratch_farm)
-    assert results["unlearning_sorted_concat_rf"]["auc"] > results["classic_original_rf"]["auc"] + 0.05
-    assert results["unlearning_sorted_diff_lr"]["auc"] > results["classic_original_lr"]["auc"] + 0.05
-    assert results["unlearning_sorted_diff_lr"]["n_members"] == 5 * 30  # each target original's 30 deleted samples vs 30 negatives
+    assert results["unlearning_sorted_concat_random_forest"]["auc"] > results["classic_original_random_forest"]["auc"] + 0.05
+    assert results["unlearning_sorted_diff_logistic"]["auc"] > results["classic_original_logistic"]["auc"] + 0.05
+    assert results["unlearning_sorted_diff_logistic"]["n_members"] == 5 * 30  # each target original's 30 deleted samples vs 30 negatives
 
 
 def test_unlearning_report_writes_degcount_and_the_baselines(scratch_farm: Path) -> None:
     assert train_main(["unlearning-report", "--experiment", str(scratch_farm)]) == 0
     report = load_json(scratch_farm / "unlearning_report.json")
-    row = next(r for r in report["unlearning_attack"] if r["attack"] == "unlearning_sorted_concat_rf")
+    row = next(r for r in report["unlearning_attack"] if r["attack"] == "unlearning_sorted_concat_random_forest")
     assert 0.0 <= row["degcount"] <= 1.0 and row["classic_original_auc"] < row["auc"]
-    assert "| sorted_concat | rf |" in (scratch_farm / "unlearning_report.md").read_text()
+    assert "| sorted_concat | random_forest |" in (scratch_farm / "unlearning_report.md").read_text()
 
 
 def test_sisa_retrains_only_the_affected_shard_from_the_affected_slice(tmp_path: Path) -> None:

@@ -20,9 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from mia_lightning.console import console
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json
+from mia_lightning.report.table import TableRecord
+from mia_lightning.report.terminal import print_tables
 
 DEFAULT_OUTPUTS = ("lira_online", "rmia_online", "shokri_per_class", "shokri_shared")
 PLOT_FILE = "privacy_utility.png"
@@ -158,10 +161,8 @@ def _plot(settings: list[dict], attack: str, front: np.ndarray, path: Path) -> N
     plt.close(fig)
 
 
-def _print(settings: list[dict], outputs: list[str]) -> None:
-    from rich.table import Table
-
-    from mia_lightning.console import console
+def defence_table(settings: list[dict], outputs: list[str]) -> TableRecord:
+    """The defences table: one row per setting (utility, each output's AUC and TPRs with intervals, epsilon, verdict)."""
 
     def pct(value: float | None, ci: list[float] | None = None) -> str:
         if value is None:
@@ -171,10 +172,9 @@ def _print(settings: list[dict], outputs: list[str]) -> None:
     def short(output: str) -> str:
         return output.replace("_online", "").replace("_per_class", "/class").replace("_", " ")
 
-    table = Table(title="defences: utility and membership leakage per setting (95% bootstrap intervals; TPR in %)", title_justify="left")
-    for column in ("setting", "test acc %", "gap pts", "DP eps", *[f"{short(o)} AUC" for o in outputs],
-                   *[f"{short(o)} TPR@{float(l) * 100:g}%" for o in outputs if not o.startswith("shokri") for l in LEVELS], "emp. eps", "helps?"):
-        table.add_column(column)
+    header = ["setting", "test acc %", "gap pts", "DP eps", *[f"{short(o)} AUC" for o in outputs],
+              *[f"{short(o)} TPR@{float(l) * 100:g}%" for o in outputs if not o.startswith("shokri") for l in LEVELS], "emp. eps", "helps?"]
+    rows = []
     for s in settings:
         cells = [s["setting"], pct(s["test_accuracy"]), pct(s["train_test_gap"]), "-" if s["accountant_epsilon"] is None else f"{s['accountant_epsilon']:.2f}"]
         for o in outputs:
@@ -187,8 +187,8 @@ def _print(settings: list[dict], outputs: list[str]) -> None:
             cells += ["-" if entry is None else pct(entry[f"tpr@{l}"], entry[f"tpr@{l}_ci"]) for l in LEVELS]
         emp = [e["empirical_epsilon"] for e in s["attacks"].values() if e.get("empirical_epsilon") is not None]
         cells += ["-" if not emp else f"{max(emp):.2f}", s["helps"]]
-        table.add_row(*cells)
-    console.print(table)
+        rows.append(cells)
+    return TableRecord("defences: utility and membership leakage per setting (95% bootstrap intervals; TPR in %)", header, rows, left=tuple(header))
 
 
 def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attack: str = "lira_online",
@@ -227,7 +227,7 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
         s["pareto"] = bool(on_front)
     if plotted:
         _plot(plotted, attack, front, Path(study_dir) / PLOT_FILE)
-    _print(settings, outputs)
+    print_tables([defence_table(settings, outputs)], console)
     return {"attack": attack, "baseline": baseline, "bootstrap": bootstrap, "plot": PLOT_FILE,
             "helps_rule": "yes: the TPR@1%FPR bootstrap interval lies entirely below the baseline's; worse: entirely above; no: they overlap",
             "settings": settings}

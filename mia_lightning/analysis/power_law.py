@@ -30,9 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from mia_lightning.console import console
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json
+from mia_lightning.report.table import TableRecord
+from mia_lightning.report.terminal import print_tables
 
 log = logging.getLogger("mia_lightning")
 
@@ -370,25 +373,19 @@ def plot_per_sample(path: Path, samples: dict[str, dict]) -> None:
 # ------------------------------------------------------------------------------------------ analysis
 
 
-def _print(settings: list[dict], fits: list[dict], per_sample: dict, pooled: dict, dp: dict | None, attack: str) -> None:
-    from rich.table import Table
-
-    from mia_lightning.console import console
-
-    table = Table(title=f"power-law study: {attack} per setting (TPR with Clopper-Pearson 95%)", title_justify="left")
-    for column in ("setting", "S", "C", "val acc", "AUC", *(f"TPR@{level:g}" for level in FPR_LEVELS)):
-        table.add_column(column, justify="right")
+def power_law_tables(settings: list[dict], fits: list[dict], per_sample: dict, pooled: dict, attack: str) -> list[TableRecord]:
+    """The study's tables: TPR per setting, the fitted power laws, and (when computed) the per-sample correlations."""
+    rows = []
     for s in settings:
         cells = [f"{100 * s['tpr_at_fpr'][str(level)]:.2f}% [{100 * s['tpr_at_fpr_ci'][str(level)][0]:.2f}, {100 * s['tpr_at_fpr_ci'][str(level)][1]:.2f}]"
                  if str(level) in s["tpr_at_fpr"] else "-" for level in FPR_LEVELS]
-        table.add_row(s["setting"], str(s["shots"]), str(s["n_classes"]), "-" if s["val_acc"] is None else f"{s['val_acc']:.3f}", f"{s['auc']:.3f}", *cells)
-    console.print(table)
-    fit_table = Table(title="log10 TPR = b_S log10 S + b_C log10 C + b_0 (95% bootstrap over settings)", title_justify="left")
-    for column in ("FPR", "b_S", "b_C", "b_0", "R² fit", "R² leave-one-out", "R² held-out C", "settings"):
-        fit_table.add_column(column, justify="right")
+        rows.append([s["setting"], str(s["shots"]), str(s["n_classes"]), "-" if s["val_acc"] is None else f"{s['val_acc']:.3f}", f"{s['auc']:.3f}", *cells])
+    out = [TableRecord(f"power-law study: {attack} per setting (TPR with Clopper-Pearson 95%)",
+                       ["setting", "S", "C", "val acc", "AUC", *(f"TPR@{level:g}" for level in FPR_LEVELS)], rows)]
+    fit_rows = []
     for fit in fits:
         if "coefficients" not in fit:
-            fit_table.add_row(f"{fit['fpr']:g}", fit.get("error", "-"), "", "", "", "", "", str(fit["n_settings"]))
+            fit_rows.append([f"{fit['fpr']:g}", fit.get("error", "-"), "", "", "", "", "", str(fit["n_settings"])])
             continue
         c, ci = fit["coefficients"], fit["ci95_bootstrap"]
 
@@ -397,21 +394,25 @@ def _print(settings: list[dict], fits: list[dict], per_sample: dict, pooled: dic
 
         held = fit.get("r2_held_out") or {}
         held_text = "-" if held.get("value") is None else f"{held['value']:.3f} (C={','.join(map(str, held['classes']))}, {held['n_settings']})"
-        fit_table.add_row(f"{fit['fpr']:g}", show("b_S"), show("b_C"), show("b_0"), f"{fit['r2_fit']:.3f}", f"{fit['r2_leave_one_out']:.3f}", held_text,
-                          f"{fit['n_settings']} (+{len(fit['excluded'])} excluded)")
-    console.print(fit_table)
+        fit_rows.append([f"{fit['fpr']:g}", show("b_S"), show("b_C"), show("b_0"), f"{fit['r2_fit']:.3f}", f"{fit['r2_leave_one_out']:.3f}", held_text,
+                         f"{fit['n_settings']} (+{len(fit['excluded'])} excluded)"])
+    out.append(TableRecord("log10 TPR = b_S log10 S + b_C log10 C + b_0 (95% bootstrap over settings)",
+                           ["FPR", "b_S", "b_C", "b_0", "R² fit", "R² leave-one-out", "R² held-out C", "settings"], fit_rows))
     if per_sample:
-        sample_table = Table(title="per sample: Spearman rho (p-value) of the LiRA member score with ...", title_justify="left")
-        for column in ("setting", "gradient norm", "nearest-neighbour distance", "samples"):
-            sample_table.add_column(column, justify="right")
+        sample_rows = []
         for name, result in {**per_sample, "pooled (within-setting percentiles)": pooled}.items():
             g, d = result["gradient_norm_correlation"], result["nn_distance_correlation"]
-            sample_table.add_row(name, _rho(g), _rho(d), str(g["n"]))
-        console.print(sample_table)
-    if dp:
-        lines = [_bound_text(b) for b in dp["bounds"]]
-        console.print(f"(eps, delta)-DP regions vs the ROC of {dp['setting']} (vertices with 0 < FPR, TPR < 1): " + "; ".join(lines)
-                      + f"; smallest eps containing the curve: {', '.join(f'{e:.2f} (delta {d})' for d, e in dp['curve_epsilon'].items())}")
+            sample_rows.append([name, _rho(g), _rho(d), str(g["n"])])
+        out.append(TableRecord("per sample: Spearman rho (p-value) of the LiRA member score with ...",
+                               ["setting", "gradient norm", "nearest-neighbour distance", "samples"], sample_rows))
+    return out
+
+
+def dp_line(dp: dict) -> str:
+    """One line: which (eps, delta)-DP regions contain the ROC of the compared setting, and the smallest eps that does."""
+    lines = [_bound_text(b) for b in dp["bounds"]]
+    return (f"(eps, delta)-DP regions vs the ROC of {dp['setting']} (vertices with 0 < FPR, TPR < 1): " + "; ".join(lines)
+            + f"; smallest eps containing the curve: {', '.join(f'{e:.2f} (delta {d})' for d, e in dp['curve_epsilon'].items())}")
 
 
 def _bound_text(bound: dict) -> str:
@@ -463,7 +464,8 @@ def analyse(
     dp, curve = dp_comparison(ExperimentDir(Path(by_name[name]["experiment"])), attack, bounds)
     dp["setting"] = name
     plot_dp_bound(study_dir / "dp_bound.png", curve, bounds, f"{attack} on {name}")
-    _print(settings, fits, samples, pooled, dp, attack)
+    print_tables(power_law_tables(settings, fits, samples, pooled, attack), console)
+    console.print(dp_line(dp))
     return {
         "attack": attack,
         "settings": settings,

@@ -11,34 +11,28 @@ designs, both written:
 - ``shokri_shared``: one attack model for all classes on the posterior vector sorted in decreasing
   order, its ``top_k`` largest entries (Salem et al., "ML-Leaks", NDSS 2019).
 
-The score of (target, sample) is the attack model's membership logit (``mlp``, ``logistic``) or
-probability (``random_forest``) on the target's posteriors. Shadows: leave-one-out by default (the
+The score of (target, sample) is the attack model's membership probability on the target's
+posteriors (``attacks/classifiers.py``: ``mlp``, ``logistic`` or ``random_forest``). Shadows: leave-one-out by default (the
 candidate models ``AttackData.shadow_candidates`` except the target, or the ``n_shadows`` lowest
 ids), so Shokri runs on any farm next to LiRA and RMIA; a plan that lists ``info.shadow_models``
 (``disjoint_shadows``) restricts the shadows to those. A shadow contributes only the samples of its
 ``audit.npy`` row (all non-population samples without one): under ``disjoint_shadows`` the shadows'
-half of the pool. The MLP (``classifier: mlp``) is a LightningModule trained with a Lightning
-Trainer; the attack models of a batch of targets train at once as one batched network (each target
-masks out its left-out model's rows), so leave-one-out costs one training per batch, not per target.
+half of the pool. The attack models of a batch of targets train at once (``mlp``: one batched
+LightningModule; each target masks out its left-out model's rows), so leave-one-out costs one
+training per batch, not per target.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
+from mia_lightning.attacks.classifiers import MLPSettings, attack_scores, check_classifier
 from mia_lightning.attacks.shadows import left_out_model, shadow_pool
 from mia_lightning.data.plan import Plan, PlanSpec, make_lira_plan, split_population
 from mia_lightning.errors import MiaError
-
-CLASSIFIERS = ("mlp", "logistic", "random_forest")
 
 
 def attack_features(posteriors: np.ndarray, labels: np.ndarray, top_k: int | None, with_label: bool, sort: bool = True) -> np.ndarray:
@@ -48,47 +42,6 @@ def attack_features(posteriors: np.ndarray, labels: np.ndarray, top_k: int | Non
         return ordered.astype(np.float32)
     one_hot = np.broadcast_to(np.eye(posteriors.shape[-1])[labels], posteriors.shape)
     return np.concatenate([ordered, one_hot], axis=-1).astype(np.float32)
-
-
-class BatchedAttackMLP(L.LightningModule):
-    """T x K independent MLPs (T targets, K = classes or 1) in one module: features [B, F] -> membership logits [T, B].
-
-    Row b goes through the MLP of its group ``group[b]`` (its class, or 0 when shared); each target's
-    loss weights rows by ``weight[t, b]`` (0 for its left-out shadow's rows), so target t's attack
-    model sees exactly its own shadows' rows.
-    """
-
-    def __init__(self, n_targets: int, n_groups: int, n_features: int, hidden: int = 64, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        shape = (n_targets, n_groups)
-
-        def uniform(*size: int, fan_in: int) -> nn.Parameter:  # nn.Linear's default initialisation, one draw per MLP
-            return nn.Parameter((torch.rand(*shape, *size) * 2 - 1) / fan_in**0.5)
-
-        self.w1, self.b1 = uniform(n_features, hidden, fan_in=n_features), uniform(hidden, fan_in=n_features)
-        self.w2, self.b2 = uniform(hidden, hidden, fan_in=hidden), uniform(hidden, fan_in=hidden)
-        self.w3, self.b3 = uniform(hidden, fan_in=hidden), uniform(fan_in=hidden)
-
-    def forward(self, features: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        """Membership logits [T, B]: the rows of each group go through that group's T MLPs (one batched matmul per layer)."""
-        logits = features.new_empty(self.w1.shape[0], features.shape[0])
-        for g in torch.unique(group).tolist():
-            at = torch.nonzero(group == g).squeeze(1)
-            h = torch.relu(torch.einsum("bf,tfh->tbh", features[at], self.w1[:, g]) + self.b1[:, g, None])
-            h = torch.relu(torch.bmm(h, self.w2[:, g]) + self.b2[:, g, None])
-            logits[:, at] = torch.einsum("tbh,th->tb", h, self.w3[:, g]) + self.b3[:, g, None]
-        return logits
-
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        features, group, member, weight = batch
-        logits = self(features, group)
-        losses = F.binary_cross_entropy_with_logits(logits, member.expand_as(logits), reduction="none")
-        weight = weight.T  # [T, B]
-        return ((losses * weight).sum(-1) / weight.sum(-1).clamp_min(1.0)).sum()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
 @register_attack
@@ -116,8 +69,7 @@ class Shokri(Attack):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if classifier not in CLASSIFIERS:
-            raise MiaError(f"--params shokri.classifier={classifier!r}: choose one of {', '.join(CLASSIFIERS)}")
+        check_classifier(classifier, "--params shokri.classifier")
         for key, value in (("hidden", hidden), ("steps", steps), ("batch_size", batch_size), ("max_rows", max_rows)):
             if value < 1:
                 raise MiaError(f"--params shokri.{key}={value}: must be at least 1")
@@ -128,6 +80,7 @@ class Shokri(Attack):
         self.classifier, self.with_label, self.top_k, self.n_shadows = classifier, with_label, top_k, n_shadows
         self.sort_per_class = sort_per_class
         self.hidden, self.steps, self.batch_size, self.lr, self.max_rows, self.seed = hidden, steps, batch_size, lr, max_rows, seed
+        self.mlp = MLPSettings(hidden=hidden, steps=steps, batch_size=batch_size, lr=lr)
 
     def fit(self, data: AttackData) -> None:
         """Attack training rows of every shadow: posteriors, class, IN/OUT label, shadow id (subsampled to ``max_rows``)."""
@@ -175,54 +128,9 @@ class Shokri(Attack):
         ):
             features = attack_features(rows["posteriors"], rows["group"], self.top_k, self.with_label, sort)  # [R, F]
             target_features = attack_features(target_posteriors, data.labels, self.top_k, self.with_label, sort)  # [T, n, F]
-            fit_and_score = self._mlp if self.classifier == "mlp" else self._sklearn
-            scores[name] = fit_and_score(features, weight, group, target_features, target_group, n_groups)
-        return scores
-
-    def _mlp(self, features: np.ndarray, weight: np.ndarray, group: np.ndarray, target_features: np.ndarray, target_group: np.ndarray, n_groups: int) -> np.ndarray:
-        """One batched MLP per (target, group) trained on the weighted shadow rows; the targets' scores [T, n]."""
-        rows = self.rows
-        with torch.inference_mode(False), torch.enable_grad():  # scoring runs inside Trainer.predict
-            torch.manual_seed(self.seed)
-            module = BatchedAttackMLP(weight.shape[0], n_groups, features.shape[1], self.hidden, self.lr)
-            dataset = TensorDataset(torch.from_numpy(features), torch.from_numpy(group), torch.from_numpy(rows["member"]), torch.from_numpy(weight.T.copy()))
-            batches = BatchSampler(RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)), self.batch_size, drop_last=False)
-            loader = DataLoader(dataset, sampler=batches, batch_size=None)  # one tensor index per batch, no per-row collation
-            trainer = L.Trainer(max_steps=self.steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-            trainer.fit(module, loader)
-        module.eval()
-        scores = np.empty(target_features.shape[:2])
-        with torch.no_grad():
-            groups = torch.from_numpy(target_group)
-            for t in range(target_features.shape[0]):
-                scores[t] = module(torch.from_numpy(target_features[t]), groups)[t].double().numpy()
-        return scores
-
-    def _sklearn(self, features: np.ndarray, weight: np.ndarray, group: np.ndarray, target_features: np.ndarray, target_group: np.ndarray, n_groups: int) -> np.ndarray:
-        """One scikit-learn model per (target, group) on the shadow rows it may see; the targets' scores [T, n] (NaN where a group has no IN or no OUT row)."""
-        from sklearn.ensemble import RandomForestClassifier
-        from sklearn.linear_model import LogisticRegression
-
-        rows = self.rows
-        scores = np.full(target_features.shape[:2], np.nan)
-        for t in range(weight.shape[0]):
-            for g in range(n_groups):
-                train = (weight[t] > 0) & (group == g)
-                score_at = target_group == g
-                if not score_at.any():
-                    continue
-                y = rows["member"][train]
-                if y.size == 0 or y.min() == y.max():
-                    self.flag_samples(score_at[None], "no IN or no OUT shadow sample of their class: no per-class Shokri score")
-                    continue
-                if self.classifier == "logistic":
-                    model = LogisticRegression(max_iter=1000).fit(features[train], y)
-                    scores[t, score_at] = model.decision_function(target_features[t, score_at])
-                else:
-                    model = RandomForestClassifier(n_estimators=100, min_samples_leaf=5, random_state=self.seed, n_jobs=1)
-                    model.fit(features[train], y)
-                    scores[t, score_at] = model.predict_proba(target_features[t, score_at])[:, 1]
+            scores[name] = attack_scores(self.classifier, features, rows["member"], target_features, weight=weight, group=group,
+                                         target_group=target_group, n_groups=n_groups, seed=self.seed, mlp=self.mlp)
+            self.flag_samples(np.isnan(scores[name]), "no IN or no OUT shadow sample of their class: no per-class Shokri score")
         return scores
 
     def params(self) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 The attacker queries an original model and its unlearned version on a target sample and builds a
 feature from the two posteriors (``unlearning.features``: direct / sorted difference, L2 distance,
-direct / sorted concatenation). An attack classifier (random forest, logistic regression or an MLP
-LightningModule) is trained on the shadow chains of ``unlearning.json`` (positives: samples the
+direct / sorted concatenation). An attack classifier (``attacks/classifiers.py``: ``random_forest``,
+``logistic`` or ``mlp``, the batched classifier of Shokri's attack with one target and one group) is trained on the shadow chains of ``unlearning.json`` (positives: samples the
 step deleted, or added, or kept for the remaining-samples scenario; negatives: samples in no
 version) and tested on the target chains. Baselines, as in the paper: the classical attack, the
 same classifier on one posterior, of the original model (``classic_original_*``) and of the latest
@@ -31,8 +31,8 @@ import numpy as np
 from scipy.special import softmax
 
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
+from mia_lightning.attacks.classifiers import CLASSIFIERS, MLPSettings, attack_scores, check_classifier
 from mia_lightning.errors import MiaError
-from mia_lightning.unlearning.classifiers import CLASSIFIERS, fit_classifier
 from mia_lightning.unlearning.contract import AGGREGATIONS, EVALUATIONS, FILENAME, Chain, Unlearning, load_unlearning, unlearning_problem
 from mia_lightning.unlearning.features import DEFENCES, FEATURES, aggregate, defend, pair_features
 
@@ -155,6 +155,8 @@ class UnlearningAttack(Attack):
         self.classifiers = list(classifiers or CLASSIFIERS)
         self.defences = list(defences or ["none"])
         self.views = list(views or ["steps"])
+        for classifier in self.classifiers:
+            check_classifier(classifier, "--params unlearning.classifiers")
         for key, chosen, allowed in (("features", self.features, FEATURES), ("classifiers", self.classifiers, CLASSIFIERS),
                                      ("defences", self.defences, DEFENCES), ("views", self.views, VIEWS)):
             bad = [value for value in chosen if value not in allowed]
@@ -207,16 +209,23 @@ class UnlearningAttack(Attack):
                     x_train = pair_features(published(train_pairs[0], train_pairs[2]), published(train_pairs[1], train_pairs[2]), feature)
                     x_test = pair_features(published(test_pairs[0], test_pairs[2]), published(test_pairs[1], test_pairs[2]), feature)
                     for classifier in self.classifiers:
-                        predict = fit_classifier(classifier, x_train, shadow.label, self.seed)
                         scores = np.full(len(target), -np.inf)
-                        np.maximum.at(scores, owner, predict(x_test))  # an item seen through several pairs keeps its most suspicious one
+                        np.maximum.at(scores, owner, self._classify(classifier, x_train, shadow.label, x_test))  # an item seen through several pairs keeps its most suspicious one
                         self.item_scores[f"unlearning_{feature}_{classifier}{tail}"] = scores
             for side, pick in (("original", 0), ("unlearned", -1)):
                 x_train = published([self.chains[c].versions[pick] for c in shadow.chain], shadow.sample)
                 x_test = published([self.chains[c].versions[pick] for c in target.chain], target.sample)
                 for classifier in self.classifiers:
-                    self.item_scores[f"classic_{side}_{classifier}{suffix}"] = fit_classifier(classifier, x_train, shadow.label, self.seed)(x_test)
+                    self.item_scores[f"classic_{side}_{classifier}{suffix}"] = self._classify(classifier, x_train, shadow.label, x_test)
         self.target_items = target
+
+    def _classify(self, classifier: str, x_train: np.ndarray, label: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+        """P(positive) [n] of the target rows from ``classifier`` fitted on the shadow rows (one target, one group).
+
+        The MLP trains 100 epochs of batches of 64 rows (hidden 64, Adam 1e-3, weight decay 1e-4).
+        """
+        mlp = MLPSettings(hidden=64, steps=100 * -(-len(x_train) // 64), batch_size=64, lr=1e-3, weight_decay=1e-4)
+        return attack_scores(classifier, x_train, label, x_test[None], seed=self.seed, mlp=mlp)[0]
 
     def _published(self, defence: str):
         """A function (versions per row, samples) -> published posteriors [N, C] under ``defence``."""

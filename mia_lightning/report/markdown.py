@@ -17,6 +17,7 @@ from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json, load_npy, write_bytes_atomic
 from mia_lightning.contract.confine import confined
 from mia_lightning.metrics import FPR_LEVELS
+from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, epsilon_cell, skipped_lines, user_level_records
 from mia_lightning.contract.runs import latest_run
 from mia_lightning.utility import UTILITY_FILE, utility_line
@@ -32,6 +33,11 @@ def _pct(value: float | None) -> str:
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def markdown_table(record: TableRecord) -> str:
+    """A ``TableRecord`` as Markdown: the title in bold, the table, a blank line."""
+    return "\n".join([f"**{record.title}**", "", *_table(record.header, record.rows), ""])
 
 
 def load_records(run_folder: Path, run: dict) -> list[dict]:

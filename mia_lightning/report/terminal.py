@@ -15,6 +15,7 @@ from rich.table import Table  # noqa: E402
 
 from mia_lightning.contract.io import write_bytes_atomic  # noqa: E402
 from mia_lightning.metrics import FPR_LEVELS, RocCurve  # noqa: E402
+from mia_lightning.report.table import TableRecord  # noqa: E402
 
 
 PLOT_POINTS = 400
@@ -110,6 +111,21 @@ def print_results(records: list[dict], title: str, console: Console | None = Non
         for row in rows:
             table.add_row(*row)
         console.print(table)
+
+
+def rich_table(record: TableRecord) -> Table:
+    """A ``TableRecord`` as a rich table (title at the left, the record's left-justified columns, the others right)."""
+    table = Table(title=record.title, title_justify="left")
+    for column in record.header:
+        table.add_column(column, justify="left" if column in record.left else "right")
+    for row in record.rows:
+        table.add_row(*row)
+    return table
+
+
+def print_tables(records: list[TableRecord], console: Console) -> None:
+    for record in records:
+        console.print(rich_table(record))
 
 
 def plot_roc(curves: dict[str, RocCurve], path: Path, title: str) -> None:

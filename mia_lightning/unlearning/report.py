@@ -20,21 +20,23 @@ from typing import Any
 import numpy as np
 from jsonargparse import ArgumentParser
 from scipy.special import softmax
-from rich.console import Console
-from rich.table import Table
 
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json, load_npy, save_json_atomic, write_bytes_atomic
 from mia_lightning.contract.runs import latest_run
 from mia_lightning.contract.confine import confined_all
+from mia_lightning.report.markdown import markdown_table
+from mia_lightning.report.table import TableRecord
+from mia_lightning.report.terminal import print_tables
 from mia_lightning.unlearning.contract import Unlearning, load_unlearning, version_members
 from mia_lightning.unlearning.features import aggregate
 from mia_lightning.unlearning.metrics import auc_interval, degradation, privleak
 
 FPR = "0.01"
-CHEN = re.compile(r"^unlearning_(?P<feature>[a-z0-9_]+?)_(?P<classifier>rf|lr|mlp)(?:__(?P<defence>label_only|temperature|rounding))?(?:__(?P<view>endpoints))?$")
-CLASSIC = re.compile(r"^classic_(?P<side>original|unlearned)_(?P<classifier>rf|lr|mlp)(?:__(?P<defence>label_only|temperature|rounding))?$")
+CLASSIFIER = r"(?P<classifier>random_forest|logistic|mlp|rf|lr)"  # rf / lr: the names of runs made before the classifiers merged
+CHEN = re.compile(r"^unlearning_(?P<feature>[a-z0-9_]+?)_" + CLASSIFIER + r"(?:__(?P<defence>label_only|temperature|rounding))?(?:__(?P<view>endpoints))?$")
+CLASSIC = re.compile(r"^classic_(?P<side>original|unlearned)_" + CLASSIFIER + r"(?:__(?P<defence>label_only|temperature|rounding))?$")
 
 
 def _scores(folder: Path, record: dict, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -145,8 +147,11 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) of the report's tables."""
+LEFT = ("feature", "clf", "defence", "view", "test")
+
+
+def tables(summary: dict) -> list[TableRecord]:
+    """The report's tables, for the renderers of ``mia_lightning.report``."""
     name = Path(summary["experiment"]).name
     utility = summary["utility"]
     where = f"{name}: {summary['scenario']} / {summary['method']} (evaluated: {summary['evaluate']})"
@@ -161,7 +166,7 @@ def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                    for side in ("original", "unlearned")),
                  f"{r['degcount']:.3f}" if "degcount" in r else "-", f"{r['degrate']:+.3f}" if "degrate" in r else "-"]
                 for r in summary["unlearning_attack"]]
-        out.append((f"unlearning attack (Chen et al. 2021) on {where}", header, rows))
+        out.append(TableRecord(f"unlearning attack (Chen et al. 2021) on {where}", header, rows, LEFT))
     ulira = summary["ulira"]
     if ulira:
         header = ["test", "AUC [95% CI]", "TPR@1%FPR [95% CI]", "members / non"]
@@ -175,27 +180,12 @@ def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             leak = ulira.get(f"privleak_{statistic}")
             if leak:
                 rows.append([f"privleak ({statistic}), inexact vs exact", f"{100 * leak['inexact']:+.1f}%", "", ""])
-        out.append((f"U-LiRA (Hayes et al. 2025) on {name}", header, rows))
+        out.append(TableRecord(f"U-LiRA (Hayes et al. 2025) on {name}", header, rows, LEFT))
     return out
 
 
 def markdown(summary: dict) -> str:
-    lines = []
-    for title, header, rows in tables(summary):
-        lines += [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def print_summary(summary: dict, console: Console) -> None:
-    for title, header, rows in tables(summary):
-        table = Table(title=title, title_justify="left")
-        for column in header:
-            table.add_column(column, justify="left" if column in ("feature", "clf", "defence", "view", "test") else "right")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+    return "\n".join(markdown_table(record) for record in tables(summary))
 
 
 def main(argv: list[str]) -> int:
@@ -214,7 +204,7 @@ def main(argv: list[str]) -> int:
         root = Path(summary["experiment"])
         save_json_atomic(root / "unlearning_report.json", summary)
         write_bytes_atomic(root / "unlearning_report.md", markdown(summary).encode())
-        print_summary(summary, console)
+        print_tables(tables(summary), console)
     if cfg.markdown:
         write_bytes_atomic(cfg.markdown, "\n".join(markdown(s) for s in summaries).encode())
     return 0

@@ -1,0 +1,66 @@
+"""The one batched attack classifier: per (target, group) fits, target isolation by weights, one vocabulary."""
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from mia_lightning.attacks import create_attack
+from mia_lightning.attacks.classifiers import CLASSIFIERS, MLPSettings, attack_scores, check_classifier
+from mia_lightning.errors import MiaError
+from mia_lightning.metrics import rank_auc
+
+
+def _rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features [n, 3], member [n] (member iff x0 > 0 in group 0, x1 > 0 in group 1), group [n]."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3))
+    group = rng.integers(0, 2, n)
+    member = np.where(group == 0, x[:, 0] > 0, x[:, 1] > 0)
+    return x, member, group
+
+
+def test_logistic_equals_one_scikit_learn_fit_per_target_and_group():
+    x, member, group = _rows(400, 0)
+    weight = np.ones((2, 400))
+    weight[1, :100] = 0  # target 1 must not train on the first 100 rows
+    test_x, _, test_group = _rows(50, 1)
+    scores = attack_scores("logistic", x, member, np.stack([test_x, test_x]), weight=weight, group=group, target_group=test_group, n_groups=2)
+    for t in range(2):
+        for g in range(2):
+            train = (weight[t] > 0) & (group == g)
+            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x[train], member[train].astype(np.float32))
+            np.testing.assert_allclose(scores[t, test_group == g], model.predict_proba(test_x[test_group == g])[:, 1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", CLASSIFIERS)
+def test_a_target_group_without_both_classes_gets_nan_and_the_others_probabilities(kind):
+    x, member, group = _rows(600, 2)
+    member = member & (group == 1) | (group == 0) & (x[:, 2] > 5)  # group 0: no member row at all
+    test_x, _, test_group = _rows(40, 3)
+    scores = attack_scores(kind, x, member, test_x[None], group=group, target_group=test_group, n_groups=2,
+                           mlp=MLPSettings(hidden=8, steps=20, batch_size=64))
+    assert np.isnan(scores[0, test_group == 0]).all()
+    assert ((scores[0, test_group == 1] >= 0) & (scores[0, test_group == 1] <= 1)).all()
+
+
+def test_the_batched_mlp_trains_each_target_only_on_its_weighted_rows():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2000, 2)).astype(np.float32)
+    half = np.arange(2000) < 1000
+    member = np.where(half, x[:, 0] > 0, x[:, 1] > 0)  # first half: member iff x0 > 0; second half: iff x1 > 0
+    weight = np.stack([half, ~half]).astype(np.float32)  # target 0 sees the first half, target 1 the second
+    test = rng.normal(size=(500, 2)).astype(np.float32)
+    scores = attack_scores("mlp", x, member, np.stack([test, test]), weight=weight, mlp=MLPSettings(hidden=16, steps=300, batch_size=128, lr=1e-2))
+    by_x0, by_x1 = test[:, 0] > 0, test[:, 1] > 0
+    assert rank_auc(scores[0], by_x0) > 0.95 and abs(rank_auc(scores[0], by_x1) - 0.5) < 0.1
+    assert rank_auc(scores[1], by_x1) > 0.95 and abs(rank_auc(scores[1], by_x0) - 0.5) < 0.1
+
+
+def test_old_option_names_are_refused_naming_the_new_one():
+    assert check_classifier("random_forest", "x") == "random_forest"
+    with pytest.raises(MiaError, match=r"--params unlearning.classifiers='lr': renamed; use 'logistic'"):
+        create_attack("unlearning", classifiers=["lr"])
+    with pytest.raises(MiaError, match=r"--params shokri.classifier='rf': renamed; use 'random_forest'"):
+        create_attack("shokri", classifier="rf")
