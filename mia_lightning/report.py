@@ -29,6 +29,12 @@ def _interval(bounds: list[float] | None, brackets: str) -> str:
     return "" if not bounds else f" {brackets[0]}{100 * bounds[0]:.2f}, {100 * bounds[1]:.2f}{brackets[1]}"
 
 
+def auc_cell(record: dict) -> str:
+    """'0.6573 {0.6401, 0.6745}': the AUC and its two-way bootstrap 95% interval when the run has one."""
+    bounds = record.get("auc_ci_bootstrap")
+    return f"{record['auc']:.4f}" + ("" if not bounds else f" {{{bounds[0]:.4f}, {bounds[1]:.4f}}}")
+
+
 def epsilon_cell(record: dict) -> str:
     """'1.234 (runs, 32)': the empirical epsilon lower bound, its construction and its number of independent trials."""
     eps = record.get("empirical_epsilon") or {}
@@ -52,7 +58,7 @@ def results_table(records: list[dict], title: str) -> Table:
     table.add_column("members / non", justify="right")
     table.add_column("min FPR", justify="right")
     for record in records:
-        cells = [record["attack"], f"{record['auc']:.4f}", f"{record['balanced_accuracy']:.4f}"]
+        cells = [record["attack"], auc_cell(record), f"{record['balanced_accuracy']:.4f}"]
         bootstrap = record.get("tpr_at_fpr_ci_bootstrap") or {}
         for level in FPR_LEVELS:
             key = str(level)

@@ -16,7 +16,7 @@ from mia_lightning.errors import MiaError
 from mia_lightning.experiment import ExperimentDir
 from mia_lightning.io import load_json, load_npy, write_bytes_atomic
 from mia_lightning.metrics import FPR_LEVELS
-from mia_lightning.report import DECISION_COLUMNS, decision_rows, epsilon_cell, skipped_lines, user_level_records
+from mia_lightning.report import DECISION_COLUMNS, auc_cell, decision_rows, epsilon_cell, skipped_lines, user_level_records
 from mia_lightning.runs import latest_run
 from mia_lightning.utility import UTILITY_FILE, utility_line
 
@@ -57,11 +57,11 @@ def _user_and_decision_sections(records: list[dict]) -> list[str]:
 
 
 def _attack_section(records: list[dict], run_folder: Path, link: str) -> list[str]:
-    header = ["attack", "AUC", "bal. acc"] + [f"TPR@{100 * level:g}%FPR [CP] {{bootstrap}}" for level in FPR_LEVELS]
+    header = ["attack", "AUC {bootstrap}", "bal. acc"] + [f"TPR@{100 * level:g}%FPR [CP] {{bootstrap}}" for level in FPR_LEVELS]
     header += ["eps lower bound (construction, trials)", "members / non", "min FPR"]
     rows = []
     for record in records:
-        cells = [record["attack"], f"{record['auc']:.4f}", f"{record['balanced_accuracy']:.4f}"]
+        cells = [record["attack"], auc_cell(record), f"{record['balanced_accuracy']:.4f}"]
         bootstrap = record.get("tpr_at_fpr_ci_bootstrap") or {}
         for level in FPR_LEVELS:
             low, high = record["tpr_at_fpr_ci"][str(level)]
