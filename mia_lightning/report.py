@@ -125,7 +125,7 @@ def plot_roc(curves: dict[str, RocCurve], path: Path, title: str) -> None:
     the data can resolve (1 / non-members) to 1, so plotting costs the same for 100 or 10^8 pairs.
     """
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors, linestyle=["-", "--", "-.", ":"] * 5)  # colour and line style both tell outputs apart
     floor = min(1.0 / max(curve.n_negatives, 1) for curve in curves.values())
     grid = np.logspace(np.log10(floor), 0.0, PLOT_POINTS)
     y_floor = min(1.0 / max(curve.n_positives, 1) for curve in curves.values())
