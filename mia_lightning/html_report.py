@@ -28,13 +28,13 @@ from mia_lightning.runs import latest_run
 from mia_lightning.utility import UTILITY_FILE, utility_line
 
 STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1250px; margin: 2em auto; padding: 0 1em; color: #1d1d1f; line-height: 1.45; }
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #1d1d1f; line-height: 1.45; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 .verdict { border-left: 6px solid #b3261e; background: #fdf3f2; padding: 0.8em 1.1em; margin: 1.2em 0; }
 .verdict.clear { border-color: #2e7d32; background: #f1f8f1; }
 .verdict p { margin: 0.35em 0; } .big { font-size: 1.15em; font-weight: 600; }
-table { border-collapse: collapse; font-size: 0.86em; margin: 0.6em 0; } th, td { border: 1px solid #d0d0d0; padding: 0.25em 0.55em; }
-th { background: #f3f3f3; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.wide { overflow-x: auto; } table { border-collapse: collapse; font-size: 0.82em; margin: 0.6em 0; } th, td { border: 1px solid #d0d0d0; padding: 0.25em 0.55em; }
+th { background: #f3f3f3; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.flag td { background: #fff6d6; } .note { color: #555; font-size: 0.88em; } img { max-width: 100%; border: 1px solid #eee; }
 code { background: #f3f3f3; padding: 0 0.25em; border-radius: 3px; }
 """
@@ -53,11 +53,12 @@ def _table(header: list[str], rows: list[list[str]], flagged: list[bool] | None 
     head = "".join(f"<th>{_esc(name)}</th>" for name in header)
     body = []
     for index, row in enumerate(rows):
-        cells = "".join(f"<td class=\"num\">{_esc(cell)}</td>" if i >= numeric_from else f"<td>{_esc(cell)}</td>" for i, cell in enumerate(row))
+        cells = "".join(f"<td class=\"num\">{_esc(cell).replace(', ', ',&nbsp;')}</td>" if i >= numeric_from else f"<td>{_esc(cell)}</td>"
+                        for i, cell in enumerate(row))  # a number's interval never breaks; value, [CP] and {bootstrap} may
         flag = " class=\"flag\"" if flagged and flagged[index] else ""
         body.append(f"<tr{flag}>{cells}</tr>")
     ident = f" id=\"{table_id}\"" if table_id else ""
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<div class=\"wide\"><table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
 def _image(path: Path, alt: str) -> str:
@@ -89,33 +90,32 @@ def result_rows(records: list[dict]) -> list[list[str]]:
 
 
 def verdict(records: list[dict]) -> tuple[str, bool]:
-    """(HTML paragraphs, leaks): the strongest output at the lowest FPR level its scores resolve, with its interval.
+    """(HTML paragraphs, leaks): how much the strongest output finds, at the lowest FPR where leakage is shown.
 
-    The strongest output is the one whose TPR at the lowest resolved level has the largest lower
-    bootstrap bound (Clopper-Pearson when the run had no bootstrap). It leaks when that bound is
-    above the FPR (the attack beats guessing at that FPR with the targets and samples drawn).
+    A (output, FPR level) pair counts only where the output's scores resolve the level. Leakage is
+    shown at a level when the lower 95% bound of an output's TPR there (two-way bootstrap; Clopper-Pearson
+    when the run had no bootstrap) exceeds the FPR, i.e. the attack beats guessing. The verdict names
+    the lowest such level and the output with the largest lower bound there; without one, the
+    output with the largest lower bound at the lowest resolved level, as "no leakage detected".
     """
-    def resolved_level(record: dict) -> float | None:
-        return next((level for level in FPR_LEVELS if level >= record.get("min_resolvable_fpr", 0.0)), None)
+    def bounds(record: dict, level: float) -> tuple[list[float], str]:
+        boot = (record.get("tpr_at_fpr_ci_bootstrap") or {}).get(str(level))
+        return (boot, "two-way bootstrap 95%") if boot else (record["tpr_at_fpr_ci"][str(level)], "Clopper-Pearson 95% over pairs")
 
-    def lower(record: dict, level: float) -> float:
-        bounds = (record.get("tpr_at_fpr_ci_bootstrap") or {}).get(str(level)) or record["tpr_at_fpr_ci"][str(level)]
-        return bounds[0]
-
-    candidates = [(record, resolved_level(record)) for record in records if resolved_level(record) is not None]
-    if not candidates:
+    pairs = [(record, level) for level in FPR_LEVELS for record in records if level >= record.get("min_resolvable_fpr", 0.0)]
+    if not pairs:
         return "<p class=\"big\">No output's scores resolve an FPR of 10% or less: ties decide every reported level.</p>", False
-    best, level = max(candidates, key=lambda item: (-item[1], lower(*item), item[0]["tpr_at_fpr"][str(item[1])]))
-    key = str(level)
-    boot = (best.get("tpr_at_fpr_ci_bootstrap") or {}).get(key)
-    bounds, kind = (boot, "two-way bootstrap 95%") if boot else (best["tpr_at_fpr_ci"][key], "Clopper-Pearson 95% over pairs")
-    leaks = bounds[0] > level
-    tpr = best["tpr_at_fpr"][key]
+    shown = [(record, level) for record, level in pairs if bounds(record, level)[0][0] > level]
+    pool = shown or [pair for pair in pairs if pair[1] == min(level for _, level in pairs)]
+    best, level = max(pool, key=lambda pair: (-pair[1], bounds(*pair)[0][0], pair[0]["tpr_at_fpr"][str(pair[1])]))
+    (low, high), kind = bounds(best, level)
+    leaks = bool(shown)
     paragraphs = [
-        f"<p class=\"big\">{'Leaks' if leaks else 'No leakage detected'}: <code>{_esc(best['attack'])}</code> finds {_pct(tpr)} of the "
-        f"members at {100 * level:g}% FPR ({kind} {_pct(bounds[0])} to {_pct(bounds[1])}; chance is {100 * level:g}%).</p>",
-        f"<p>AUC {_esc(auc_cell(best))} (AUC {{two-way bootstrap 95%}}); {best['n_members']} member and {best['n_nonmembers']} "
-        f"non-member (target, sample) pairs over {len(best['targets'])} target models.</p>",
+        f"<p class=\"big\">{'Leaks' if leaks else 'No leakage detected'}: <code>{_esc(best['attack'])}</code> finds "
+        f"{_pct(best['tpr_at_fpr'][str(level)])} of the members at {100 * level:g}% FPR ({kind}: {_pct(low)} to {_pct(high)}; "
+        f"guessing finds {100 * level:g}%).</p>",
+        f"<p>Its AUC is {_esc(auc_cell(best))} (AUC {{two-way bootstrap 95%}}), over {best['n_members']} member and {best['n_nonmembers']} "
+        f"non-member (target, sample) pairs of {len(best['targets'])} target models.</p>",
     ]
     if not leaks:
         paragraphs.append("<p>Not evidence of privacy: a stronger attack, more shadow models or more targets can find leakage this audit did not.</p>")

@@ -6,13 +6,14 @@ hyper-parameters (run id, attacks, targets, parameters) and, per output, ``<outp
 bootstrap interval, balanced accuracy, TPR@FPR with both intervals, the resolution and the empirical
 epsilon bound, all at step 0. The ROC figure goes where each tracker keeps images: TensorBoard
 ``add_image``, an MLflow artifact, or ``roc.png`` beside the CSV logger's ``metrics.csv``. Logs of a
-named logger are written under ``<experiment>/logs/`` (MLflow: a file store ``<experiment>/logs/mlruns``),
-version = the run id. TensorBoard and MLflow are optional extras; a missing one is one line naming it.
+named logger are written under ``<experiment>/logs/``, version = the run id (MLflow: the server in
+``MLFLOW_TRACKING_URI`` when set, else a file store ``<experiment>/logs/mlruns``). TensorBoard and MLflow are optional extras; a missing one is one line naming it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,11 @@ def make_logger(logger: Any, experiment_root: Path, run_id: str) -> Any:
         return loggers.CSVLogger(save_dir, name="audit", version=run_id)
     if logger == "tensorboard":
         return loggers.TensorBoardLogger(save_dir, name="audit", version=run_id, default_hp_metric=False)
-    return loggers.MLFlowLogger(experiment_name="audit", run_name=run_id, tracking_uri=(save_dir / "mlruns").resolve().as_uri())
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")  # the user's tracking server, as MLflow itself reads it
+    if not tracking_uri:  # else a local file store in the experiment (MLflow 3 wants an explicit opt-in for one)
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        tracking_uri = (save_dir / "mlruns").resolve().as_uri()
+    return loggers.MLFlowLogger(experiment_name="audit", run_name=run_id, tracking_uri=tracking_uri)
 
 
 def record_metrics(record: dict) -> dict[str, float]:
