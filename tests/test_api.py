@@ -113,3 +113,21 @@ def test_bad_input_gives_the_cli_line_and_writes_nothing(audited, capsys, call, 
     assert attack_main(["--experiment", str(root), *argv]) == 2
     assert capsys.readouterr().err.strip() == f"error: {raised.value}"
     assert listing(audited[0]) == before
+
+
+def test_train_from_a_dict_recipe_and_a_typo_in_one(tmp_path):
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/tabular/digits_quickstart.yaml").read_text())
+    recipe["experiment"] = {"name": "dict_farm", "root": str(tmp_path)}
+    recipe["plan"]["n_models"], recipe["trainer"]["max_epochs"], recipe["farm"]["group_size"] = 4, 2, 4
+    recipe["model"]["init_args"]["hidden"] = [16]
+    experiment = mia.train(recipe, "--trainer.enable_progress_bar", "false")
+    assert experiment.root == tmp_path / "dict_farm"
+    assert json.loads((experiment.root / "plan.json").read_text())["n_models"] == 4
+    assert all((experiment.root / "models" / f"{i:04d}" / "done.json").is_file() for i in range(4))
+    before = listing(experiment.root)
+    recipe["plan"]["n_modles"] = 3
+    with pytest.raises(mia.MiaError, match="n_modles"):
+        mia.train(recipe)
+    assert listing(experiment.root) == before
