@@ -47,7 +47,7 @@ def epsilon_cell(record: dict) -> str:
 def results_table(records: list[dict], title: str) -> Table:
     """One row per attack: AUC, balanced accuracy, TPR@FPR with its two 95% intervals, epsilon bound, counts, resolution."""
     table = Table(title=title, title_justify="left", caption="[ ] Clopper-Pearson over pairs (too narrow when pairs share models or samples); "
-                  "{ } two-way bootstrap over targets and samples; eps: lower bound (construction, independent trials); "
+                  "{ } two-way bootstrap over targets and samples (AUC too); eps: lower bound (construction, independent trials); "
                   "min FPR: the smallest FPR the scores resolve (ties)", caption_justify="left")
     table.add_column("attack", style="bold")
     table.add_column("AUC", justify="right")
