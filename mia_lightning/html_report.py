@@ -53,7 +53,7 @@ def _table(header: list[str], rows: list[list[str]], flagged: list[bool] | None 
     head = "".join(f"<th>{_esc(name)}</th>" for name in header)
     body = []
     for index, row in enumerate(rows):
-        cells = "".join(f"<td class=\"num\">{_esc(cell).replace(', ', ',&nbsp;')}</td>" if i >= numeric_from else f"<td>{_esc(cell)}</td>"
+        cells = "".join(f"<td class=\"num\">{_esc(cell).replace(', ', ',&nbsp;').replace(' / ', '&nbsp;/&nbsp;')}</td>" if i >= numeric_from else f"<td>{_esc(cell)}</td>"
                         for i, cell in enumerate(row))  # a number's interval never breaks; value, [CP] and {bootstrap} may
         flag = " class=\"flag\"" if flagged and flagged[index] else ""
         body.append(f"<tr{flag}>{cells}</tr>")
@@ -140,13 +140,31 @@ def _few_shadow(run_folder: Path) -> str:
             + _table(["shadows", *names], table, table_id="few-shadow-table") + _image(folder / "few_shadow.png", "attack success against the number of shadow models"))
 
 
+PER_CLASS_LIMIT = 20
+"""Per-class utility rows are shown up to this many classes (the confusion matrix stays in utility.json)."""
+
+
+def utility_rows(utility: dict) -> list[list[str]]:
+    """Test and train accuracy over the target models: mean (sd), min, max; and the mean train-test gap."""
+    rows = []
+    for name, key in (("test accuracy", "test_accuracy"), ("train accuracy", "train_accuracy")):
+        values = [m[key] for m in utility["per_model"]]
+        rows.append([name, f"{_pct(utility[key])} (sd {100 * utility[key + '_std']:.2f})", _pct(min(values)), _pct(max(values))])
+    return rows + [["train - test gap", f"{100 * utility['train_test_gap']:.2f} points", "", ""]]
+
+
 def _utility(run_folder: Path) -> str:
     if not (run_folder / UTILITY_FILE).is_file():
         return ""
     utility = load_json(run_folder / UTILITY_FILE)
-    rows = [[str(m["model"]), _pct(m["test_accuracy"]), _pct(m["train_accuracy"]), str(m["n_train"]), str(m["n_test"])] for m in utility["per_model"]]
-    return (f"<h2 id=\"utility\">Utility</h2><p>{_esc(utility_line(utility))}. Held-out = pool samples a model did not train on.</p>"
-            + _table(["target model", "test accuracy", "train accuracy", "train samples", "held-out samples"], rows, table_id="utility-table"))
+    parts = [f"<h2 id=\"utility\">Utility</h2><p>{_esc(utility_line(utility))}. Held-out = pool samples a model did not train on; "
+             "per-model values in utility.json.</p>",
+             _table(["over the target models", "mean", "min", "max"], utility_rows(utility), table_id="utility-table")]
+    per_class = utility["per_class"]
+    if len(per_class["precision"]) <= PER_CLASS_LIMIT:
+        rows = [[str(c), _pct(p), _pct(r), _pct(f)] for c, (p, r, f) in enumerate(zip(per_class["precision"], per_class["recall"], per_class["f1"]))]
+        parts.append(_table(["class", "precision", "recall", "F1"], rows, table_id="per-class-table"))
+    return "".join(parts)
 
 
 def _users_and_decisions(records: list[dict]) -> str:

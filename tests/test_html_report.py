@@ -101,8 +101,12 @@ def test_every_number_in_the_results_table_equals_results_json(page):
 def test_utility_and_provenance_equal_the_run_files(page):
     root, parsed, records = page
     utility = json.loads((root / "attacks" / "utility.json").read_text())
-    rows = parsed.tables["utility-table"][1:]
-    assert [[int(r[0]), r[1], r[2]] for r in rows] == [[m["model"], pct(m["test_accuracy"]), pct(m["train_accuracy"])] for m in utility["per_model"]]
+    test = [m["test_accuracy"] for m in utility["per_model"]]
+    assert parsed.tables["utility-table"][1] == ["test accuracy", f"{pct(utility['test_accuracy'])} (sd {100 * utility['test_accuracy_std']:.2f})",
+                                                 pct(min(test)), pct(max(test))]
+    assert parsed.tables["utility-table"][3][1] == f"{100 * utility['train_test_gap']:.2f} points"
+    f1 = [row[3] for row in parsed.tables["per-class-table"][1:]]
+    assert f1 == ["-" if value is None else pct(value) for value in utility["per_class"]["f1"]]
     provenance = dict(parsed.tables["provenance-table"][1:])
     assert provenance["attack run"].startswith(records[0]["run"]["id"]) and records[0]["run"]["version"] in provenance["mia-lightning"]
 
