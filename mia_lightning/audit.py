@@ -14,21 +14,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mia_lightning import __version__
+from mia_lightning.version import __version__
 from mia_lightning.attacks import ATTACKS, AttackData, create_attack
 from mia_lightning.attacks.base import unknown_attack_hint
 from mia_lightning.attacks.base import check_params
-from mia_lightning.attacks.module import score_targets
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
-from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
-from mia_lightning.utility import UTILITY_FILE, utility_report
-from mia_lightning.logs import timed
-from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, evaluate_scores
-from mia_lightning.privacy.audit import EpsilonAuditor
-from mia_lightning.report.terminal import plot_roc
-from mia_lightning.contract.runs import StagedRun, prune_runs
 from mia_lightning.contract.identity import check_model_identities
+from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
+from mia_lightning.contract.runs import StagedRun, prune_runs
+from mia_lightning.logs import quiet_lightning, timed
+from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, evaluate_scores
 
 
 
@@ -151,14 +147,27 @@ def run_audit(
     few_shadow: bool = False,
     keep_runs: int | None = None,
     decisions: Decisions = Decisions(),
+    logger: Any = None,
 ) -> AuditResult:
     """Score every requested attack and publish the outputs as one run; returns the records.
 
     With several attacks, one that cannot run on this experiment (e.g. it needs logits, or more
-    models) is skipped with its reason; the run fails only when nothing could be scored.
+    models) is skipped with its reason; the run fails only when nothing could be scored. ``logger``
+    (``csv`` / ``tensorboard`` / ``mlflow`` or a Lightning logger) receives the published run's
+    metrics and ROC figure (``report/loggers.py``).
     """
+    from mia_lightning.report.loggers import check_logger, log_audit, make_logger
+
     experiment = ExperimentDir(Path(experiment_dir))
+    experiment.check_exists()
     names, checked = resolve_attacks(attacks, params or {})
+    check_logger(logger)
+    quiet_lightning()  # torch / Lightning load from here on, once the request is valid
+    from mia_lightning.attacks.module import score_targets
+    from mia_lightning.privacy.audit import EpsilonAuditor
+    from mia_lightning.report.terminal import plot_roc
+    from mia_lightning.utility import UTILITY_FILE, utility_report
+
     created = [(family, create_attack(family, **checked[family])) for family in names]
     with timed("load and validate outputs"):
         data = AttackData.from_experiment(experiment)
@@ -238,5 +247,7 @@ def run_audit(
         raise
     if keep_runs:
         prune_runs(experiment, keep_runs)
+    if logger is not None:
+        log_audit(make_logger(logger, experiment.root, stage.run_id), records, folder, {**run_meta, "id": stage.run_id})
     return AuditResult(records, folder, stage.run_id, skipped)
 

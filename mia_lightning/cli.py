@@ -13,7 +13,8 @@ from rich.text import Text
 
 from mia_lightning.console import console, parse
 from mia_lightning.errors import MiaError
-from mia_lightning.logs import configure_logging
+from mia_lightning.logs import configure_logging, quiet_lightning
+from mia_lightning.recipe_files import expand_recipe_args
 
 
 def print_error(message: str) -> None:
@@ -25,7 +26,7 @@ def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], in
     """Turn ``MiaError`` (and OS errors such as a read-only folder) into one ``error:`` line and exit code 2, no traceback."""
 
     def wrapper(argv: list[str] | None = None) -> int:
-        configure_logging()
+        configure_logging(lightning=False)  # options are checked before torch / Lightning load
         try:
             return main(list(sys.argv[1:] if argv is None else argv))
         except MiaError as err:
@@ -43,6 +44,12 @@ def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], in
 
 
 def farm_main(argv: list[str]) -> int:
+    """``train.py farm ...``: train (or with ``--status`` report on) every model of a recipe's experiment."""
+    return train_farm(argv)[0]
+
+
+def train_farm(argv: list[str]) -> tuple[int, Path]:
+    """The farm command (also ``mia_lightning.train``): (exit code, experiment directory)."""
     import os
 
     from mia_lightning.farm.config import farm_parser, recipe_from_namespace
@@ -56,7 +63,7 @@ def farm_main(argv: list[str]) -> int:
         from mia_lightning.farm.status import farm_status, print_status
 
         print_status(farm_status(recipe.experiment, recipe.plan.n_models, recipe.farm.stale_after_s), console)
-        return 0
+        return 0, recipe.experiment.root
     accelerator = str(recipe.setup.trainer.get("accelerator", "auto"))
     if "LOCAL_RANK" in os.environ and uses_gpu(accelerator):  # torchrun / srun: one rank per local GPU
         recipe.setup.trainer["devices"] = [int(os.environ["LOCAL_RANK"])]
@@ -69,7 +76,7 @@ def farm_main(argv: list[str]) -> int:
         console.print(f"[bold]farm[/]: {n_workers} workers, one per {'GPU' if use_gpu else 'CPU worker'}")
         code = launch_device_workers(argv, n_workers, resolve_shard(recipe.farm.shard), gpu_ids, use_gpu)
         if code:
-            return code
+            return code, recipe.experiment.root
     else:
         from mia_lightning.farm.runner import run_farm
 
@@ -80,9 +87,9 @@ def farm_main(argv: list[str]) -> int:
         missing = [i for i in range(recipe.plan.n_models) if not is_done(recipe.experiment, i)]
         if missing:
             console.print(f"audit skipped: {len(missing)} models are not done yet (other shards); run attack.py once they are")
-            return 0
-        return _run_attacks(recipe.experiment.root, list(recipe.audit.attacks), None, recipe.audit.n_targets, {})
-    return 0
+            return 0, recipe.experiment.root
+        return _run_attacks(recipe.experiment.root, list(recipe.audit.attacks), None, recipe.audit.n_targets, {}), recipe.experiment.root
+    return 0, recipe.experiment.root
 
 
 def export_main(argv: list[str]) -> int:
@@ -137,12 +144,16 @@ TRAIN_COMMANDS: dict[str, tuple[str, str, str]] = {
                       "python train.py import-scores mlm_mia --nonmembers out_samples --experiment checkpoints/mlm_mia_out"),
     "convert-weights": ("mia_lightning.models.pretrained:main", "write the ImageNet weights shipped in registry packages as timm files; classify sample photos",
                         "python train.py convert-weights [--backbone mobilenetv2_100 efficientnet_lite0]"),
+    "recipes": ("mia_lightning.recipe_files:main", "list the recipes shipped with the package (use one as --config recipe:<name>)",
+                "python train.py recipes"),
 }
 """``train.py <command>`` -> (``module:function`` taking argv, what it does, example); fit/validate/test/predict go to the LightningCLI."""
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
 
 def train_usage() -> str:
-    lines = ["usage: train.py {" + ",".join([*TRAIN_COMMANDS, "fit", "validate", "test", "predict"]) + "} ...", ""]
+    lines = ["usage: train.py {" + ",".join([*TRAIN_COMMANDS, *LIGHTNING_COMMANDS]) + "} ...", ""]
     width = max(map(len, TRAIN_COMMANDS))
     indent = " " * (width + 3)
     for name, (_, what, example) in TRAIN_COMMANDS.items():
@@ -160,26 +171,34 @@ def train_usage() -> str:
 @guarded
 def train_main(argv: list[str]) -> int:
     """``train.py <command> ...`` (see ``TRAIN_COMMANDS``) or the LightningCLI's fit / validate / test / predict."""
+    argv = expand_recipe_args(argv)
     if argv and argv[0] in TRAIN_COMMANDS:
         module, _, function = TRAIN_COMMANDS[argv[0]][0].partition(":")
+        if argv[0] != "recipes":
+            quiet_lightning()
         return getattr(importlib.import_module(module), function)(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         console.print(train_usage(), highlight=False, markup=False)
         return 0 if argv else 2
+    if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+        raise MiaError(f"train.py {argv[0]}: unknown command; choose one of {', '.join([*TRAIN_COMMANDS, *LIGHTNING_COMMANDS])} (see `train.py --help`)")
+    quiet_lightning()
     return _fit_cli(argv)
 
 
 def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None, n_targets: int | None, params: dict,
-                 bootstrap: int | None = None, few_shadow: bool = False, keep_runs: int | None = None, decisions: Any = None) -> int:
+                 bootstrap: int | None = None, few_shadow: bool = False, keep_runs: int | None = None, decisions: Any = None,
+                 logger: str | None = None) -> int:
     from mia_lightning.audit import Decisions, run_audit
     from mia_lightning.metrics import BOOTSTRAP_REPLICATES
+
+    result = run_audit(experiment, attacks, targets=targets, n_targets=n_targets, params=params,
+                       bootstrap=BOOTSTRAP_REPLICATES if bootstrap is None else bootstrap, few_shadow=few_shadow, keep_runs=keep_runs,
+                       decisions=decisions or Decisions(), logger=logger)
     from mia_lightning.contract.io import load_json
     from mia_lightning.report.terminal import print_results, skipped_lines
     from mia_lightning.utility import UTILITY_FILE, utility_line
 
-    result = run_audit(experiment, attacks, targets=targets, n_targets=n_targets, params=params,
-                       bootstrap=BOOTSTRAP_REPLICATES if bootstrap is None else bootstrap, few_shadow=few_shadow, keep_runs=keep_runs,
-                       decisions=decisions or Decisions())
     records = result.records
     print_results(records, f"membership inference audit of {experiment} ({len(records[0]['targets'])} targets, run {result.run_id})", console)
     for line in skipped_lines(result.skipped):
@@ -229,20 +248,52 @@ def attack_main(argv: list[str]) -> int:
     parser.add_argument("--params", type=Any, default={}, help='per-attack parameters, e.g. \'{"lira": {"n_shadows": 8}}\'')
     parser.add_argument("--bootstrap", type=int | None, default=None, help="replicates of the two-way bootstrap interval (0: off; default 100)")
     parser.add_argument("--few_shadow", action="store_true", help="also LiRA and RMIA with 1, 2, 4, ..., 64 shadow models: table and plot, in this run")
-    parser.add_argument("--report", action="store_true", help="write <experiment>/report.md from the latest run")
+    parser.add_argument("--report", action="store_true", help="write <experiment>/report.md and the self-contained report.html from the latest run")
     parser.add_argument("--keep_runs", type=int | None, default=None, help="after this run, keep only the K newest runs under attacks/runs/")
     parser.add_argument("--user_reduce", type=str, default="mean", help="user-level score from a user's sample scores (groups.npy): mean, median, max, min")
     parser.add_argument("--fpr_budget", type=float, default=0.1, help="precision/recall at the threshold flagging this fraction of the population")
+    parser.add_argument("--logger", type=str | None, default=None, help="also log every output's metrics and the ROC figure to a Lightning logger: csv, tensorboard or mlflow (under <experiment>/logs/)")
     parser.add_argument("--threshold_rule", type=str, default="budget", help="budget (exact FPR budget) or paper (Mireshghallah et al.'s index)")
-    cfg = parse(parser, argv)
+    cfg = parse(parser, expand_recipe_args(argv))
     from mia_lightning.audit import Decisions
 
     decisions = Decisions(cfg.user_reduce, cfg.fpr_budget, cfg.threshold_rule)
     attacks = cfg.attack or ([] if cfg.report and not cfg.few_shadow else ["lira"])
     if attacks:
-        _run_attacks(cfg.experiment, list(attacks), cfg.targets, cfg.n_targets, cfg.params, cfg.bootstrap, cfg.few_shadow, cfg.keep_runs, decisions)
+        _run_attacks(cfg.experiment, list(attacks), cfg.targets, cfg.n_targets, cfg.params, cfg.bootstrap, cfg.few_shadow, cfg.keep_runs, decisions, cfg.logger)
     if cfg.report:
-        from mia_lightning.report.markdown import write_markdown_report
+        from mia_lightning.report.files import write_reports
 
-        console.print(f"report: {write_markdown_report(cfg.experiment)}")
+        for path in write_reports(cfg.experiment).values():
+            console.print(f"report: {path}")
     return 0
+
+
+ENTRY_COMMANDS = {"train": "train.py: farm, study, export, ... (`mia-lightning train --help`)",
+                  "attack": "attack.py: audit an experiment (`mia-lightning attack --help`)",
+                  "recipes": "list the shipped recipes (`--config recipe:<name>`)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The installed ``mia-lightning`` command: ``train ...`` is ``train.py ...``, ``attack ...`` is ``attack.py ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        return train_main(argv[1:])
+    if argv and argv[0] == "attack":
+        return attack_main(argv[1:])
+    if argv and argv[0] == "recipes":
+        return train_main(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        console.print("usage: mia-lightning {train,attack,recipes} ...\n\n" + "\n".join(f"  {name:<8} {what}" for name, what in ENTRY_COMMANDS.items()),
+                      highlight=False, markup=False)
+        return 0 if argv else 2
+    print_error(f"mia-lightning {argv[0]}: unknown command; choose one of {', '.join(ENTRY_COMMANDS)} (see `mia-lightning --help`)")
+    return 2
+
+
+def console_main() -> None:
+    """Console-script entry point: the runtime defaults of ``train.py`` / ``attack.py``, then ``main``."""
+    from mia_lightning.runtime import apply_runtime_defaults
+
+    apply_runtime_defaults()
+    sys.exit(main())

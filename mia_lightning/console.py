@@ -14,7 +14,7 @@ from mia_lightning.errors import MiaError
 
 console = Console()
 if not console.is_terminal:
-    console.width = max(console.width, 200)  # keep the results table readable in logs and pipes
+    console.width = max(console.width, 240)  # keep the results table (with its intervals) on one line per output in logs and pipes
 
 
 def parse(parser: ArgumentParser, argv: list[str]):

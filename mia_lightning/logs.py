@@ -15,10 +15,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 
-def configure_logging() -> None:
-    """mia_lightning warnings through rich on stderr; Lightning's per-run banners and tips silenced (a farm starts hundreds of runs)."""
-    import lightning  # noqa: F401  (Lightning sets its loggers up on import; adjust them afterwards)
+def configure_logging(lightning: bool = True) -> None:
+    """mia_lightning warnings through rich on stderr; with ``lightning``, Lightning's per-run banners and tips silenced too.
 
+    ``lightning=False`` leaves Lightning alone (and unimported), so option checks answer before torch
+    loads; the command lines call ``quiet_lightning`` once the options are valid and real work starts.
+    """
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     warnings.filterwarnings("ignore", message=".*predict returned None.*")  # attack scoring writes its scores in predict_step
     ours = logging.getLogger("mia_lightning")
@@ -26,6 +28,14 @@ def configure_logging() -> None:
         ours.addHandler(RichHandler(console=Console(stderr=True), show_path=False, show_time=False))
         ours.setLevel(logging.INFO)
         ours.propagate = False
+    if lightning:
+        quiet_lightning()
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's per-run banners and tips (a farm starts hundreds of runs); imports Lightning."""
+    import lightning  # noqa: F401  (Lightning sets its loggers up on import; adjust them afterwards)
+
     for noisy in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -14,6 +14,10 @@ Two intervals for TPR@FPR:
   bootstrap", Annals of Applied Statistics 2007): each replicate gives target t a Poisson(1) weight
   u_t and sample j a weight v_j, pair (t, j) the weight u_t v_j, and recomputes the weighted ROC on
   the same sorted order; the interval is TPR +- 1.96 x the replicates' standard deviation.
+
+The AUC gets the same two-way bootstrap (``auc_ci_bootstrap``; the replicates' weighted Mann-Whitney
+statistic over the whole sorted order, ``auc_bootstrap_replicates`` of them: at most
+``BOOTSTRAP_WORK`` / pairs, never fewer than ``BOOTSTRAP_MIN``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import beta
 
 FPR_LEVELS: tuple[float, ...] = (0.001, 0.01, 0.1)
 BOOTSTRAP_REPLICATES = 100
@@ -34,6 +37,8 @@ BOOTSTRAP_MIN = 30
 
 def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
     """Exact two-sided binomial interval for ``successes`` out of ``trials``."""
+    from scipy.stats import beta  # scipy.stats takes ~0.5 s to import: not before the options are checked
+
     if trials == 0:
         return (0.0, 1.0)
     alpha = 1.0 - confidence
@@ -140,22 +145,32 @@ def _weighted_counts(u: np.ndarray, v: np.ndarray, target: np.ndarray, sample: n
     return tp, fp, ends
 
 
-def bootstrap_tpr_intervals(
+def _auc_of_weighted(tp: np.ndarray, fp: np.ndarray, ends: np.ndarray | None) -> float:
+    """Weighted AUC (ties half) from cumulative weighted counts over the WHOLE sorted order."""
+    if ends is not None:
+        tp, fp = tp[ends], fp[ends]
+    return auc_from_counts(np.concatenate([[0.0], tp]), np.concatenate([[0.0], fp]))
+
+
+def bootstrap_intervals(
     pairs: SortedPairs,
     members: np.ndarray,
     point: np.ndarray,
     levels: tuple[float, ...],
     replicates: int = BOOTSTRAP_REPLICATES,
     seed: int = 0,
+    auc: float | None = None,
 ) -> dict:
-    """Two-way (targets x samples) Poisson bootstrap 95% intervals of TPR@FPR for each level.
+    """Two-way (targets x samples) Poisson bootstrap 95% intervals of TPR@FPR for each level, and of the AUC.
 
     ``members`` is the bool [n_targets, n_samples] matrix the pairs came from and ``point`` the
     measured TPR at each level (the interval's centre). Every replicate
     reuses the one sort and re-weights only the prefix of the sorted order that reaches 1.5 x the
     largest FPR level (a replicate that needs more uses the whole order); large audits use fewer
-    replicates (``BOOTSTRAP_WORK``). Returns {level: [low, high]} (TPR +- 1.96 x the replicates'
-    standard deviation, clipped to [0, 1]) and ``n_replicates``.
+    replicates (``BOOTSTRAP_WORK``). The AUC (centre ``auc``, when given) needs the whole order, so
+    only the first ``BOOTSTRAP_WORK / pairs`` replicates (at least ``BOOTSTRAP_MIN``) measure it.
+    Returns ``{"tpr": {level: [low, high], ..., "n_replicates": B}, "auc": [low, high], "auc_replicates": B'}``
+    (point +- 1.96 x the replicates' standard deviation, clipped to [0, 1]); ``{}`` when off.
     """
     if replicates <= 0 or pairs.order.size == 0:
         return {}
@@ -177,16 +192,21 @@ def bootstrap_tpr_intervals(
 
     short, full = slices(prefix), None
     replicates = min(replicates, max(BOOTSTRAP_MIN, BOOTSTRAP_WORK // prefix))
+    auc_replicates = 0 if auc is None else min(replicates, max(BOOTSTRAP_MIN, BOOTSTRAP_WORK // pairs.member.size))
     draws = np.full((replicates, len(levels)), np.nan)
+    auc_draws = np.full(auc_replicates, np.nan)
     for b in range(replicates):
         u, v = rng.poisson(1.0, n_targets).astype(np.float32), rng.poisson(1.0, n_samples).astype(np.float32)
         n_pos, n_neg = float(u @ pos_matrix @ v), float(u @ neg_matrix @ v)
         if n_pos == 0 or n_neg == 0:
             continue
+        whole = b < auc_replicates
         tp, fp, ends = _weighted_counts(u, v, *short)
-        if fp[-1] < levels_arr.max() * n_neg and prefix < pairs.member.size:  # this replicate reaches further down the order
+        if (whole or fp[-1] < levels_arr.max() * n_neg) and prefix < pairs.member.size:  # this replicate reaches further down the order
             full = full or slices(pairs.member.size)
             tp, fp, ends = _weighted_counts(u, v, *full)
+        if whole:
+            auc_draws[b] = _auc_of_weighted(tp, fp, ends)
         tp_at_ends, fp_at_ends = (tp, fp) if ends is None else (tp[ends], fp[ends])
         last = np.searchsorted(fp_at_ends, levels_arr * n_neg, side="right") - 1  # last tie-group end with FPR <= level
         reached = last >= 0  # otherwise only the threshold above every score (TPR 0) qualifies
@@ -194,7 +214,12 @@ def bootstrap_tpr_intervals(
         draws[b, reached] = tp_at_ends[last[reached]] / n_pos
     spread = 1.959964 * np.nanstd(draws, axis=0, ddof=1)
     intervals = {str(level): [float(max(0.0, p - s)), float(min(1.0, p + s))] for level, p, s in zip(levels, point, spread)}
-    return {**intervals, "n_replicates": int(np.isfinite(draws[:, 0]).sum())}
+    result: dict = {"tpr": {**intervals, "n_replicates": int(np.isfinite(draws[:, 0]).sum())}}
+    if auc is not None:
+        auc_spread = 1.959964 * float(np.nanstd(auc_draws, ddof=1))
+        result |= {"auc": [float(max(0.0, auc - auc_spread)), float(min(1.0, auc + auc_spread))],
+                   "auc_replicates": int(np.isfinite(auc_draws).sum())}
+    return result
 
 
 def evaluate_scores(
@@ -207,7 +232,7 @@ def evaluate_scores(
     """(metrics dict, ROC curve) of ``scores`` against ``members`` (same shape, e.g. [n_targets, n_samples]).
 
     Pairs whose score is not finite are left out (the caller warns about them). ``bootstrap`` > 0
-    adds the two-way bootstrap intervals (needs 2-D scores: targets x samples).
+    adds the two-way bootstrap intervals of TPR@FPR and AUC (needs 2-D scores: targets x samples).
     """
     scores = np.asarray(scores, dtype=np.float64)
     pairs = SortedPairs.build(scores, members)
@@ -232,7 +257,9 @@ def evaluate_scores(
     }
     del full, tp, fp
     if bootstrap and scores.ndim == 2:
-        metrics["tpr_at_fpr_ci_bootstrap"] = bootstrap_tpr_intervals(pairs, np.asarray(members, dtype=bool), at, fpr_levels, bootstrap, seed)
+        boot = bootstrap_intervals(pairs, np.asarray(members, dtype=bool), at, fpr_levels, bootstrap, seed, auc=metrics["auc"])
+        if boot:
+            metrics |= {"tpr_at_fpr_ci_bootstrap": boot["tpr"], "auc_ci_bootstrap": boot["auc"], "auc_bootstrap_replicates": boot["auc_replicates"]}
     return metrics, curve
 
 

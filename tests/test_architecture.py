@@ -13,7 +13,7 @@ from pathlib import Path
 import mia_lightning
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("ground", ("mia_lightning", "mia_lightning.errors", "mia_lightning.runtime", "mia_lightning.logs", "mia_lightning.console", "mia_lightning.phases", "mia_lightning.names", "mia_lightning.hub", "mia_lightning.downloads")),
+    ("ground", ("mia_lightning.version", "mia_lightning.errors", "mia_lightning.runtime", "mia_lightning.logs", "mia_lightning.console", "mia_lightning.phases", "mia_lightning.names", "mia_lightning.hub", "mia_lightning.downloads", "mia_lightning.recipe_files")),
     ("contract", ("mia_lightning.contract",)),
     ("statistics", ("mia_lightning.metrics", "mia_lightning.grouping", "mia_lightning.utility")),
     ("report", ("mia_lightning.report",)),
@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("analyses", ("mia_lightning.privacy", "mia_lightning.analysis")),
     ("audit", ("mia_lightning.audit",)),
     ("commands", ("mia_lightning.cli", "mia_lightning.study", "mia_lightning.importers", "mia_lightning.__main__")),
+    ("api", ("mia_lightning", "mia_lightning.api")),
 )
 """Bottom to top; the same order, with each layer's job, is in docs/architecture.md."""
 

@@ -34,3 +34,12 @@ def test_farm_on_your_csv(tmp_path):
     run(["bash", "examples/farm_on_your_csv.sh", "--plan.n_models", "4", "--trainer.max_epochs", "5"], PY=sys.executable, OUT=str(tmp_path), NAME="csv")
     plan = json.loads((tmp_path / "csv/plan.json").read_text())
     assert plan["recipe"]["model"]["init_args"]["n_features"] == 30
+
+
+def test_python_api_example(tmp_path):
+    proc = run([sys.executable, "examples/python_api.py", "--out", str(tmp_path), "--models", "4", "--epochs", "3"])
+    root = tmp_path / "api_demo"
+    assert "refused: --attack 'lirra': unknown attack" in proc.stdout
+    assert (root / "report.html").is_file() and (root / "report.md").is_file()
+    run_id = json.loads((root / "attacks/latest/run.json").read_text())["id"]
+    assert (root / "logs/audit" / run_id / "metrics.csv").is_file()

@@ -108,3 +108,36 @@ def test_two_way_bootstrap_covers_the_population_value():
         low, high = evaluate_scores(population_scores[np.ix_(rows, cols)], population_members[np.ix_(rows, cols)], bootstrap=60)[0]["tpr_at_fpr_ci_bootstrap"]["0.1"]
         covered.append(low <= truth <= high)
     assert np.mean(covered) >= 0.8, np.mean(covered)  # nominal 95%; Clopper-Pearson over pairs covers far less here
+
+
+def straightforward_bootstrap_auc(scores: np.ndarray, members: np.ndarray, replicates: int, seed: int) -> list[float]:
+    """The two-way Poisson bootstrap of the AUC written out pair by pair: every (member pair, non-member pair) comparison weighted."""
+    rng = np.random.default_rng(seed)
+    n_targets, n_samples = members.shape
+    flat_scores, flat_members = scores.ravel(), members.ravel()
+    pos, neg = flat_scores[flat_members], flat_scores[~flat_members]
+    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    draws = []
+    for _ in range(replicates):
+        u, v = rng.poisson(1.0, n_targets), rng.poisson(1.0, n_samples)
+        weights = (u[:, None] * v[None, :]).ravel().astype(np.float64)
+        w_pos, w_neg = weights[flat_members], weights[~flat_members]
+        if w_pos.sum() == 0 or w_neg.sum() == 0:
+            continue
+        draws.append(w_pos @ wins @ w_neg / (w_pos.sum() * w_neg.sum()))
+    auc = roc_auc_score(flat_members, flat_scores)
+    spread = 1.959964 * np.std(draws, ddof=1)
+    return [max(0.0, auc - spread), min(1.0, auc + spread)]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_auc_bootstrap_interval_equals_a_straightforward_two_way_bootstrap(ties):
+    rng = np.random.default_rng(3)
+    scores, members = simulate_pairs(rng, 6, 40, 1.0)
+    if ties:
+        scores = np.round(scores)  # many tied scores: ties count half in both implementations
+    metrics, _ = evaluate_scores(scores, members, bootstrap=50, seed=11)
+    expected = straightforward_bootstrap_auc(scores, members, 50, seed=11)
+    assert metrics["auc_bootstrap_replicates"] == 50
+    assert metrics["auc_ci_bootstrap"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["auc_ci_bootstrap"][0] < metrics["auc"] < metrics["auc_ci_bootstrap"][1]

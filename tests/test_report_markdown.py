@@ -26,12 +26,14 @@ def test_audit_then_markdown_report(tmp_path):
         assert eps["n_trials"] == 3  # models 0..3 choose the test; models 5..7 evaluate it (model 4 is a shadow of both)
         assert json.loads((root / "attacks" / record["attack"] / "results.json").read_text()) == record
         assert record["run"]["id"] == result.run_id and record["run"]["targets"] == [0, 1, 2, 3]
+        low, high = record["auc_ci_bootstrap"]  # every results.json carries the AUC's two-way bootstrap interval
+        assert low <= record["auc"] <= high and record["auc_bootstrap_replicates"] > 0
     path = write_markdown_report(root)
     text = path.read_text()
     assert path == root / "report.md"
     link = f"attacks/runs/{result.run_id}"
     for expected in (f"run `{result.run_id}`", "## Attacks", f"{link}/roc.png", "## Empirical epsilon", "## Few-shadow curve",
-                     f"{link}/few_shadow/few_shadow.png", "## Most vulnerable samples", "lira_online", "{bootstrap}"):
+                     f"{link}/few_shadow/few_shadow.png", "## Most vulnerable samples", "lira_online", "{bootstrap}", f"{records[0]['auc']:.4f} {{{records[0]['auc_ci_bootstrap'][0]:.4f}"):
         assert expected in text, expected
     table = [line for line in text.split("## Most vulnerable samples")[1].splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(table) == 20

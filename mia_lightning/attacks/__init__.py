@@ -1,6 +1,5 @@
-"""Membership inference attacks: importing this package registers every attack."""
+"""Membership inference attacks: ``ATTACKS`` names every attack; an attack's module is imported when its class is first used."""
 
 from mia_lightning.attacks.base import ATTACKS, Attack, AttackData, create_attack, register_attack
-from mia_lightning.attacks import lira, mlm, reference, rmia, shokri, thresholds, ulira, unlearning  # noqa: F401  (register the attacks)
 
 __all__ = ["ATTACKS", "Attack", "AttackData", "create_attack", "register_attack"]

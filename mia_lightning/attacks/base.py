@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import inspect
 import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -285,12 +287,45 @@ class Attack(ABC):
                 log.warning("%s: %d samples have %s", self.label or self.name, len(ids), reason)
 
 
-ATTACKS: dict[str, type[Attack]] = {}
+BUILT_IN_ATTACKS: dict[str, str] = {
+    "lira": "lira", "rmia": "rmia", "likelihood_ratio": "mlm", "loss_baseline": "mlm", "blind_baseline": "mlm",
+    "reference": "reference", "shokri": "shokri", "thresholds": "thresholds", "ulira": "ulira", "unlearning": "unlearning",
+}
+"""Built-in attack name -> the module of ``mia_lightning.attacks`` that registers it. Modules are imported on
+first use, so attack names, ``--help`` and typos are answered without importing torch (Shokri's module needs it)."""
+
+
+class AttackRegistry(Mapping):
+    """Attack name -> class: the built-in attacks (imported lazily) and any class registered with ``register_attack``."""
+
+    def __init__(self, modules: dict[str, str]) -> None:
+        self._modules = dict(modules)
+        self._classes: dict[str, type[Attack]] = {}
+
+    def register(self, cls: type[Attack]) -> None:
+        self._classes[cls.name] = cls
+
+    def __getitem__(self, name: str) -> type[Attack]:
+        if name not in self._classes and name in self._modules:
+            importlib.import_module(f"mia_lightning.attacks.{self._modules[name]}")
+        return self._classes[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._modules or name in self._classes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys([*self._modules, *self._classes]))
+
+    def __len__(self) -> int:
+        return len(dict.fromkeys([*self._modules, *self._classes]))
+
+
+ATTACKS = AttackRegistry(BUILT_IN_ATTACKS)
 
 
 def register_attack(cls: type[Attack]) -> type[Attack]:
     """Class decorator: make an attack available as ``attack.py --attack <cls.name>``."""
-    ATTACKS[cls.name] = cls
+    ATTACKS.register(cls)
     return cls
 
 

@@ -69,8 +69,6 @@ def package_env(env: dict[str, str]) -> dict[str, str]:
 
     Relative entries (``""``, ``.``) would mean the worker's current directory, so they are dropped.
     """
-    import mia_lightning
-
-    home = str(Path(mia_lightning.__file__).resolve().parent.parent)
+    home = str(Path(__file__).resolve().parents[2])  # the folder holding this process's mia_lightning/
     kept = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry and os.path.isabs(entry) and entry != home]
     return {**env, "PYTHONPATH": os.pathsep.join([home, *kept])}

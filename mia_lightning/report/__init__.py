@@ -1,1 +1,1 @@
-"""Rendering audit records: terminal (rich) tables and plots, the Markdown report."""
+"""Rendering audit records: terminal (rich) tables and plots, the Markdown and HTML reports, Lightning loggers."""

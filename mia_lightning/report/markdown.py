@@ -18,7 +18,7 @@ from mia_lightning.contract.io import load_json, load_npy, write_bytes_atomic
 from mia_lightning.contract.confine import confined
 from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report.table import TableRecord
-from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, epsilon_cell, skipped_lines, user_level_records
+from mia_lightning.report.terminal import DECISION_COLUMNS, auc_cell, decision_rows, epsilon_cell, skipped_lines, user_level_records
 from mia_lightning.contract.runs import latest_run
 from mia_lightning.utility import UTILITY_FILE, utility_line
 
@@ -64,11 +64,11 @@ def _user_and_decision_sections(records: list[dict]) -> list[str]:
 
 
 def _attack_section(records: list[dict], run_folder: Path, link: str) -> list[str]:
-    header = ["attack", "AUC", "bal. acc"] + [f"TPR@{100 * level:g}%FPR [CP] {{bootstrap}}" for level in FPR_LEVELS]
+    header = ["attack", "AUC {bootstrap}", "bal. acc"] + [f"TPR@{100 * level:g}%FPR [CP] {{bootstrap}}" for level in FPR_LEVELS]
     header += ["eps lower bound (construction, trials)", "members / non", "min FPR"]
     rows = []
     for record in records:
-        cells = [record["attack"], f"{record['auc']:.4f}", f"{record['balanced_accuracy']:.4f}"]
+        cells = [record["attack"], auc_cell(record), f"{record['balanced_accuracy']:.4f}"]
         bootstrap = record.get("tpr_at_fpr_ci_bootstrap") or {}
         for level in FPR_LEVELS:
             low, high = record["tpr_at_fpr_ci"][str(level)]
@@ -87,31 +87,36 @@ def _attack_section(records: list[dict], run_folder: Path, link: str) -> list[st
     return lines
 
 
-def _epsilon_section(records: list[dict]) -> list[str]:
+def epsilon_paragraphs(records: list[dict]) -> list[str]:
+    """What the empirical epsilon of a run says, as plain sentences (the largest bound, its statement, joint confidence, the accountant's epsilon)."""
     audited = [r for r in records if (r.get("empirical_epsilon") or {}).get("epsilon_lower_bound") is not None]
-    lines = ["## Empirical epsilon", ""]
     if not audited:
         reasons = {(r.get("empirical_epsilon") or {}).get("reason") for r in records} - {None}
-        return lines + [f"No valid lower bound could be computed: {'; '.join(sorted(reasons)) or 'no attack output carries one'}.", ""]
+        return [f"No valid lower bound could be computed: {'; '.join(sorted(reasons)) or 'no attack output carries one'}."]
     best = max(audited, key=lambda record: record["empirical_epsilon"]["epsilon_lower_bound"])
     eps = best["empirical_epsilon"]
-    lines += [
-        f"Largest lower bound: **{eps['epsilon_lower_bound']:.3f}** ({best['attack']}; delta = {eps['delta']:g}, "
+    paragraphs = [
+        f"Largest lower bound: {eps['epsilon_lower_bound']:.3f} ({best['attack']}; delta = {eps['delta']:g}, "
         f"confidence {100 * eps['confidence']:g}%, {eps.get('n_trials', '?')} independent trials, method {eps.get('method')}).",
-        "",
         eps.get("statement", ""),
-        "",
         f"Each output's bound holds at {100 * eps['confidence']:g}% on its own; the largest of {len(audited)} holds at "
         f"{100 * (1 - len(audited) * (1 - eps['confidence'])):.0f}% jointly (Bonferroni). Constructions and their assumptions: docs/epsilon.md.",
     ]
     theoretical = [r["empirical_epsilon"]["theoretical_epsilon"] for r in audited if "theoretical_epsilon" in r["empirical_epsilon"]]
     if theoretical:
-        lines.append(
+        paragraphs.append(
             f"The DP accountant's epsilon of the training run is {theoretical[0]:g} (add/remove neighbours). On a plan with equal-size "
             "training sets the bound above is for replace-one neighbours, which an add/remove (eps, delta) guarantee implies at "
             "(2 eps, (1 + e^eps) delta); a bound above that would mean a broken DP implementation."
         )
-    return lines + [""]
+    return [paragraph for paragraph in paragraphs if paragraph]
+
+
+def _epsilon_section(records: list[dict]) -> list[str]:
+    lines = ["## Empirical epsilon", ""]
+    for paragraph in epsilon_paragraphs(records):
+        lines += [paragraph, ""]
+    return lines
 
 
 def _few_shadow_section(run_folder: Path, link: str) -> list[str]:
@@ -133,12 +138,17 @@ def _few_shadow_section(run_folder: Path, link: str) -> list[str]:
     return lines
 
 
-def _vulnerable_section(records: list[dict], experiment: ExperimentDir, run_folder: Path, top: int) -> list[str]:
+def vulnerable_samples(records: list[dict], experiment: ExperimentDir, run_folder: Path, top: int) -> tuple[str, list[list[str]]]:
+    """(attack output used, rows of rank, sample, label, mean score as member (targets), mean as non-member (targets)).
+
+    Samples are ranked by their mean score over the target models that trained on them; population
+    samples (reference data no model trains on) are never ranked. No rows when the run kept no scores.
+    """
     by_name = {record["attack"]: record for record in records}
     source = by_name.get(VULNERABILITY_ATTACK) or max(records, key=lambda r: (r["tpr_at_fpr"]["0.001"], r["auc"]))
     path = run_folder / source["attack"] / "scores.npy"
     if not path.is_file():
-        return []
+        return source["attack"], []
     scores = load_npy(path, "attack scores", "re-run the attack")
     member = experiment.keep[source["targets"]]
     scored = np.isfinite(scores)
@@ -152,17 +162,26 @@ def _vulnerable_section(records: list[dict], experiment: ExperimentDir, run_fold
     ids = np.flatnonzero(candidates)
     ids = ids[np.argsort(-member_mean[ids], kind="stable")][:top]
     labels = experiment.labels
-    rows = [
+    return source["attack"], [
         [str(rank), str(j), str(labels[j]), f"{member_mean[j]:.4g} ({as_member[:, j].sum()})", f"{nonmember_mean[j]:.4g} ({as_nonmember[:, j].sum()})"]
         for rank, j in enumerate(ids, start=1)
     ]
+
+
+VULNERABLE_COLUMNS = ["rank", "sample", "label", "mean score as member", "mean score as non-member"]
+
+
+def _vulnerable_section(records: list[dict], experiment: ExperimentDir, run_folder: Path, top: int) -> list[str]:
+    source, rows = vulnerable_samples(records, experiment, run_folder, top)
+    if not rows:
+        return []
     return [
         "## Most vulnerable samples",
         "",
-        f"Top {len(ids)} by the mean {source['attack']} score over the target models that trained on the sample "
+        f"Top {len(rows)} by the mean {source} score over the target models that trained on the sample "
         "(number of such targets in brackets), beside the mean over the targets that did not.",
         "",
-        *_table(["rank", "sample", "label", "mean score as member", "mean score as non-member"], rows),
+        *_table(VULNERABLE_COLUMNS, rows),
         "",
     ]
 

@@ -30,6 +30,12 @@ def _interval(bounds: list[float] | None, brackets: str) -> str:
     return "" if not bounds else f" {brackets[0]}{100 * bounds[0]:.2f}, {100 * bounds[1]:.2f}{brackets[1]}"
 
 
+def auc_cell(record: dict) -> str:
+    """'0.6573 {0.6401, 0.6745}': the AUC and its two-way bootstrap 95% interval when the run has one."""
+    bounds = record.get("auc_ci_bootstrap")
+    return f"{record['auc']:.4f}" + ("" if not bounds else f" {{{bounds[0]:.4f}, {bounds[1]:.4f}}}")
+
+
 def epsilon_cell(record: dict) -> str:
     """'1.234 (runs, 32)': the empirical epsilon lower bound, its construction and its number of independent trials."""
     eps = record.get("empirical_epsilon") or {}
@@ -42,7 +48,7 @@ def epsilon_cell(record: dict) -> str:
 def results_table(records: list[dict], title: str) -> Table:
     """One row per attack: AUC, balanced accuracy, TPR@FPR with its two 95% intervals, epsilon bound, counts, resolution."""
     table = Table(title=title, title_justify="left", caption="[ ] Clopper-Pearson over pairs (too narrow when pairs share models or samples); "
-                  "{ } two-way bootstrap over targets and samples; eps: lower bound (construction, independent trials); "
+                  "{ } two-way bootstrap over targets and samples (AUC too); eps: lower bound (construction, independent trials); "
                   "min FPR: the smallest FPR the scores resolve (ties)", caption_justify="left")
     table.add_column("attack", style="bold")
     table.add_column("AUC", justify="right")
@@ -53,7 +59,7 @@ def results_table(records: list[dict], title: str) -> Table:
     table.add_column("members / non", justify="right")
     table.add_column("min FPR", justify="right")
     for record in records:
-        cells = [record["attack"], f"{record['auc']:.4f}", f"{record['balanced_accuracy']:.4f}"]
+        cells = [record["attack"], auc_cell(record), f"{record['balanced_accuracy']:.4f}"]
         bootstrap = record.get("tpr_at_fpr_ci_bootstrap") or {}
         for level in FPR_LEVELS:
             key = str(level)
@@ -135,7 +141,7 @@ def plot_roc(curves: dict[str, RocCurve], path: Path, title: str) -> None:
     the data can resolve (1 / non-members) to 1, so plotting costs the same for 100 or 10^8 pairs.
     """
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors, linestyle=["-", "--", "-.", ":"] * 5)  # colour and line style both tell outputs apart
     floor = min(1.0 / max(curve.n_negatives, 1) for curve in curves.values())
     grid = np.logspace(np.log10(floor), 0.0, PLOT_POINTS)
     y_floor = min(1.0 / max(curve.n_positives, 1) for curve in curves.values())

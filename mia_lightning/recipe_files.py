@@ -1,0 +1,50 @@
+"""The recipes shipped with the package (``configs/``, installed as ``mia_lightning/recipes/``) and ``recipe:<name>`` references.
+
+``--config recipe:tabular/digits_quickstart`` names ``<recipes>/tabular/digits_quickstart.yaml`` in a
+checkout and in an installed wheel alike, so a recipe can be run without the repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mia_lightning.errors import MiaError
+
+PREFIX = "recipe:"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+"""A link to the repository's ``configs/`` in a checkout; a real folder in an installed wheel."""
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes (``<workload>/<recipe>``), sorted."""
+    return sorted(path.relative_to(RECIPES_DIR).with_suffix("").as_posix() for path in RECIPES_DIR.rglob("*.yaml"))
+
+
+def recipe_path(reference: str) -> Path:
+    """The file a ``recipe:<name>`` reference names; a one-line error listing the recipes when there is none."""
+    name = reference.removeprefix(PREFIX).removesuffix(".yaml")
+    path = RECIPES_DIR / f"{name}.yaml"
+    if ".." in Path(name).parts or not path.is_file():
+        raise MiaError(f"--config {reference}: no such shipped recipe; `mia-lightning recipes` lists them ({', '.join(list_recipes()[:3])}, ...)")
+    return path
+
+
+def expand_recipe_args(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config recipe:<name>`` (or ``--config=recipe:<name>``) replaced by the recipe's path."""
+    expanded = []
+    for index, arg in enumerate(argv):
+        if arg.startswith(f"--config={PREFIX}"):
+            arg = f"--config={recipe_path(arg.partition('=')[2])}"
+        elif arg.startswith(PREFIX) and index and argv[index - 1] == "--config":
+            arg = str(recipe_path(arg))
+        expanded.append(arg)
+    return expanded
+
+
+def main(argv: list[str]) -> int:
+    """``mia-lightning recipes``: print the shipped recipes, one ``recipe:<name>`` a line."""
+    if argv:
+        raise MiaError(f"recipes: takes no arguments, got {' '.join(argv)}")
+    for name in list_recipes():
+        print(f"{PREFIX}{name}")
+    return 0

@@ -1,0 +1,13 @@
+"""The report files of an experiment's published run, written together: ``report.md`` and ``report.html``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_reports(experiment_dir: Path) -> dict[str, Path]:
+    """``report.md`` and ``report.html`` of the published run (``attack.py --report``); returns their paths by format."""
+    from mia_lightning.report.html import write_html_report
+    from mia_lightning.report.markdown import write_markdown_report
+
+    return {"markdown": write_markdown_report(experiment_dir), "html": write_html_report(experiment_dir)}

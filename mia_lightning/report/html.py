@@ -1,0 +1,258 @@
+"""``<experiment>/report.html``: the audit of ONE attack run (the latest) as a single self-contained page.
+
+Plots are inline (base64 PNG), styles inline, no script and no network, so the file can be mailed,
+attached to a model release review or opened offline. Order: the verdict (strongest output, its
+TPR at the lowest FPR the scores resolve, with the two-way bootstrap interval and the resolution
+caveat), the results table, the log-log ROC of every output, utility, user-level and decision tables
+where the run has them, the empirical epsilon and what it can certify, the few-shadow curve, the most
+vulnerable samples, and the provenance (run id, recipe identity, package version). Every number is
+read from the run's files (results.json, utility.json, few_shadow.json, run.json), formatted by the
+same helpers as the console table, so the page and results.json agree.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+from pathlib import Path
+
+from mia_lightning.version import __version__
+from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.contract.io import load_json, write_bytes_atomic
+from mia_lightning.metrics import FPR_LEVELS
+from mia_lightning.report.terminal import DECISION_COLUMNS, auc_cell, decision_rows, epsilon_cell, skipped_lines, user_level_records
+from mia_lightning.report.markdown import VULNERABLE_COLUMNS, epsilon_paragraphs, load_records, vulnerable_samples
+from mia_lightning.contract.runs import latest_run
+from mia_lightning.utility import UTILITY_FILE, utility_line
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #1d1d1f; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+.verdict { border-left: 6px solid #b3261e; background: #fdf3f2; padding: 0.8em 1.1em; margin: 1.2em 0; }
+.verdict.clear { border-color: #2e7d32; background: #f1f8f1; }
+.verdict p { margin: 0.35em 0; } .big { font-size: 1.15em; font-weight: 600; }
+.wide { overflow-x: auto; } table { border-collapse: collapse; font-size: 0.82em; margin: 0.6em 0; } th, td { border: 1px solid #d0d0d0; padding: 0.25em 0.55em; }
+th { background: #f3f3f3; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.flag td { background: #fff6d6; } .note { color: #555; font-size: 0.88em; } img { max-width: 100%; border: 1px solid #eee; }
+code { background: #f3f3f3; padding: 0 0.25em; border-radius: 3px; }
+"""
+
+
+def _esc(text: object) -> str:
+    return html.escape(str(text))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _table(header: list[str], rows: list[list[str]], flagged: list[bool] | None = None, numeric_from: int = 1, table_id: str = "") -> str:
+    """An HTML table; cells from column ``numeric_from`` on are right-aligned numbers; ``flagged`` rows are highlighted."""
+    head = "".join(f"<th>{_esc(name)}</th>" for name in header)
+    body = []
+    for index, row in enumerate(rows):
+        cells = "".join(f"<td class=\"num\">{_esc(cell).replace(', ', ',&nbsp;').replace(' / ', '&nbsp;/&nbsp;')}</td>" if i >= numeric_from else f"<td>{_esc(cell)}</td>"
+                        for i, cell in enumerate(row))  # a number's interval never breaks; value, [CP] and {bootstrap} may
+        flag = " class=\"flag\"" if flagged and flagged[index] else ""
+        body.append(f"<tr{flag}>{cells}</tr>")
+    ident = f" id=\"{table_id}\"" if table_id else ""
+    return f"<div class=\"wide\"><table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+
+
+def _image(path: Path, alt: str) -> str:
+    """The PNG at ``path`` inline as a data URI (empty when the run has none)."""
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f"<p><img alt=\"{_esc(alt)}\" src=\"data:image/png;base64,{data}\"></p>"
+
+
+def tpr_cell(record: dict, level: float) -> str:
+    """'4.58% [4.41, 4.75] {3.61, 5.55}': TPR@level, Clopper-Pearson over pairs [ ], two-way bootstrap { }."""
+    key = str(level)
+    low, high = record["tpr_at_fpr_ci"][key]
+    cell = f"{_pct(record['tpr_at_fpr'][key])} [{100 * low:.2f}, {100 * high:.2f}]"
+    boot = (record.get("tpr_at_fpr_ci_bootstrap") or {}).get(key)
+    return cell + (f" {{{100 * boot[0]:.2f}, {100 * boot[1]:.2f}}}" if boot else "")
+
+
+RESULT_COLUMNS = ["attack", "AUC {bootstrap}", "bal. acc", *(f"TPR@{100 * level:g}%FPR [CP] {{bootstrap}}" for level in FPR_LEVELS),
+                  "eps lower bound (construction, trials)", "members / non", "min FPR"]
+
+
+def result_rows(records: list[dict]) -> list[list[str]]:
+    """The results table: one row per attack output (same formatting as the console table)."""
+    return [[record["attack"], auc_cell(record), f"{record['balanced_accuracy']:.4f}", *(tpr_cell(record, level) for level in FPR_LEVELS),
+             epsilon_cell(record), f"{record['n_members']} / {record['n_nonmembers']}", f"{100 * record.get('min_resolvable_fpr', 0.0):.3g}%"]
+            for record in records]
+
+
+def verdict(records: list[dict]) -> tuple[str, bool]:
+    """(HTML paragraphs, leaks): how much the strongest output finds, at the lowest FPR where leakage is shown.
+
+    A (output, FPR level) pair counts only where the output's scores resolve the level. Leakage is
+    shown at a level when the lower 95% bound of an output's TPR there (two-way bootstrap; Clopper-Pearson
+    when the run had no bootstrap) exceeds the FPR, i.e. the attack beats guessing. The verdict names
+    the lowest such level and the output with the largest lower bound there; without one, the
+    output with the largest lower bound at the lowest resolved level, as "no leakage detected".
+    """
+    def bounds(record: dict, level: float) -> tuple[list[float], str]:
+        boot = (record.get("tpr_at_fpr_ci_bootstrap") or {}).get(str(level))
+        return (boot, "two-way bootstrap 95%") if boot else (record["tpr_at_fpr_ci"][str(level)], "Clopper-Pearson 95% over pairs")
+
+    pairs = [(record, level) for level in FPR_LEVELS for record in records if level >= record.get("min_resolvable_fpr", 0.0)]
+    if not pairs:
+        return "<p class=\"big\">No output's scores resolve an FPR of 10% or less: ties decide every reported level.</p>", False
+    shown = [(record, level) for record, level in pairs if bounds(record, level)[0][0] > level]
+    pool = shown or [pair for pair in pairs if pair[1] == min(level for _, level in pairs)]
+    best, level = max(pool, key=lambda pair: (-pair[1], bounds(*pair)[0][0], pair[0]["tpr_at_fpr"][str(pair[1])]))
+    (low, high), kind = bounds(best, level)
+    leaks = bool(shown)
+    paragraphs = [
+        f"<p class=\"big\">{'Leaks' if leaks else 'No leakage detected'}: <code>{_esc(best['attack'])}</code> finds "
+        f"{_pct(best['tpr_at_fpr'][str(level)])} of the members at {100 * level:g}% FPR ({kind}: {_pct(low)} to {_pct(high)}; "
+        f"guessing finds {100 * level:g}%).</p>",
+        f"<p>Its AUC is {_esc(auc_cell(best))} (AUC {{two-way bootstrap 95%}}), over {best['n_members']} member and {best['n_nonmembers']} "
+        f"non-member (target, sample) pairs of {len(best['targets'])} target models.</p>",
+    ]
+    if not leaks:
+        paragraphs.append("<p>Not evidence of privacy: a stronger attack, more shadow models or more targets can find leakage this audit did not.</p>")
+    unresolved = [record["attack"] for record in records if record.get("min_resolvable_fpr", 0.0) > FPR_LEVELS[0]]
+    if unresolved:
+        paragraphs.append(f"<p>Resolution: {_esc(', '.join(unresolved))} cannot resolve {100 * FPR_LEVELS[0]:g}% FPR (ties; highlighted "
+                          "rows): their TPR there is 0 by construction, not evidence of safety.</p>")
+    return "".join(paragraphs), leaks
+
+
+def _few_shadow(run_folder: Path) -> str:
+    folder = run_folder / "few_shadow"
+    if not (folder / "few_shadow.json").is_file():
+        return ""
+    rows = load_json(folder / "few_shadow.json")["rows"]
+    names = list(dict.fromkeys(row["attack"] for row in rows))
+    cell = {(row["n_shadows"], row["attack"]): row for row in rows}
+    table = [[str(k)] + ["-" if cell.get((k, n)) is None or cell[(k, n)]["auc"] is None
+                         else f"{cell[(k, n)]['auc']:.3f} / {_pct(cell[(k, n)]['tpr@0.001'])} / {_pct(cell[(k, n)]['tpr@0.01'])}" for n in names]
+             for k in sorted({row["n_shadows"] for row in rows})]
+    return ("<h2 id=\"few-shadow\">Few-shadow curve</h2><p>AUC / TPR@0.1%FPR / TPR@1%FPR with k shadow / reference models.</p>"
+            + _table(["shadows", *names], table, table_id="few-shadow-table") + _image(folder / "few_shadow.png", "attack success against the number of shadow models"))
+
+
+PER_CLASS_LIMIT = 20
+"""Per-class utility rows are shown up to this many classes (the confusion matrix stays in utility.json)."""
+
+
+def utility_rows(utility: dict) -> list[list[str]]:
+    """Test and train accuracy over the target models: mean (sd), min, max; and the mean train-test gap."""
+    rows = []
+    for name, key in (("test accuracy", "test_accuracy"), ("train accuracy", "train_accuracy")):
+        values = [m[key] for m in utility["per_model"]]
+        rows.append([name, f"{_pct(utility[key])} (sd {100 * utility[key + '_std']:.2f})", _pct(min(values)), _pct(max(values))])
+    return rows + [["train - test gap", f"{100 * utility['train_test_gap']:.2f} points", "", ""]]
+
+
+def _utility(run_folder: Path) -> str:
+    if not (run_folder / UTILITY_FILE).is_file():
+        return ""
+    utility = load_json(run_folder / UTILITY_FILE)
+    parts = [f"<h2 id=\"utility\">Utility</h2><p>{_esc(utility_line(utility))}. Held-out = pool samples a model did not train on; "
+             "per-model values in utility.json.</p>",
+             _table(["over the target models", "mean", "min", "max"], utility_rows(utility), table_id="utility-table")]
+    per_class = utility["per_class"]
+    if len(per_class["precision"]) <= PER_CLASS_LIMIT:
+        rows = [[str(c), _pct(p), _pct(r), _pct(f)] for c, (p, r, f) in enumerate(zip(per_class["precision"], per_class["recall"], per_class["f1"]))]
+        parts.append(_table(["class", "precision", "recall", "F1"], rows, table_id="per-class-table"))
+    return "".join(parts)
+
+
+def _users_and_decisions(records: list[dict]) -> str:
+    parts = []
+    users = user_level_records(records)
+    if users:
+        rows = [[r["attack"], str(r["n_users"]), auc_cell(r), *(tpr_cell(r, level) for level in FPR_LEVELS)] for r in users]
+        parts.append(f"<h2 id=\"users\">User level</h2><p>A user's score is the {_esc(users[0]['reduce'])} of their samples' scores; metrics count users.</p>"
+                     + _table(["attack", "users", "AUC {bootstrap}", *RESULT_COLUMNS[3:3 + len(FPR_LEVELS)]], rows, table_id="user-table"))
+    rows = decision_rows(records)
+    if rows:
+        parts.append("<h2 id=\"decisions\">Decisions at a population threshold</h2><p>The threshold flags at most the FPR budget of known non-members.</p>"
+                     + _table(list(DECISION_COLUMNS), rows, numeric_from=2, table_id="decision-table"))
+    return "".join(parts)
+
+
+def _epsilon(records: list[dict]) -> str:
+    paragraphs = "".join(f"<p>{_esc(text)}</p>" for text in epsilon_paragraphs(records))
+    caps = [(r["attack"], r["empirical_epsilon"]["max_possible"]) for r in records if (r.get("empirical_epsilon") or {}).get("max_possible") is not None]
+    if caps:
+        attack, cap = max(caps, key=lambda item: item[1])
+        paragraphs += (f"<p>What it can certify: with this many independent trials no attack could certify more than {cap:.3f} "
+                       f"(even a perfect attack; {_esc(attack)}), so a small bound here is not evidence of privacy.</p>")
+    return f"<h2 id=\"epsilon\">Empirical epsilon</h2>{paragraphs}"
+
+
+def recipe_identity(experiment: ExperimentDir) -> str:
+    """First 12 hex digits of the SHA-256 of plan.json's recipe identity (what decides the models), or '-' without one."""
+    recipe = experiment.plan.get("recipe")
+    if not recipe:
+        return "-"
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _provenance(experiment: ExperimentDir, run: dict) -> str:
+    recipe = experiment.plan.get("recipe") or {}
+    rows = [
+        ["experiment", str(experiment.root)],
+        ["attack run", f"{run['id']} (started {run.get('started')}, finished {run.get('finished')})"],
+        ["attacks / targets", f"{', '.join(run.get('attacks', []))} / {len(run.get('targets', []))} target models"],
+        ["recipe identity", f"{recipe_identity(experiment)} (sha256 of plan.json's recipe)"],
+        ["model", (recipe.get("model") or {}).get("class_path", "-")],
+        ["data", f"{(recipe.get('data') or {}).get('class_path', '-')} (pool fingerprint {recipe.get('pool_fingerprint', '-')})"],
+        ["plan", f"{experiment.plan.get('kind', '-')}, {experiment.keep.shape[0]} models x {experiment.keep.shape[1]} samples"],
+        ["mia-lightning", f"{run.get('version')} wrote the run; {__version__} wrote this page"],
+    ]
+    return "<h2 id=\"provenance\">Provenance</h2>" + _table(["", ""], rows, numeric_from=99, table_id="provenance-table")
+
+
+def render_html(experiment: ExperimentDir, run_folder: Path, run: dict, records: list[dict], top: int = 20) -> str:
+    """The whole page for one run."""
+    verdict_html, leaks = verdict(records)
+    flagged = [record.get("min_resolvable_fpr", 0.0) > FPR_LEVELS[0] for record in records]
+    source, vulnerable = vulnerable_samples(records, experiment, run_folder, top)
+    skipped = "".join(f"<p class=\"note\">Skipped (not applicable): {_esc(line)}</p>" for line in skipped_lines(run.get("skipped") or []))
+    sections = [
+        f"<h1>Membership inference audit: {_esc(experiment.root.name)}</h1>",
+        f"<p class=\"note\">Attack run <code>{_esc(run['id'])}</code> of <code>{_esc(experiment.root)}</code>; "
+        f"{len(records[0]['targets'])} target models, scored leave-one-out.</p>",
+        f"<div class=\"verdict{'' if leaks else ' clear'}\" id=\"verdict\">{verdict_html}</div>",
+        "<h2 id=\"results\">Results</h2>",
+        _table(RESULT_COLUMNS, result_rows(records), flagged, table_id="results-table"),
+        "<p class=\"note\">[CP]: Clopper-Pearson 95% over (target, sample) pairs, too narrow when pairs share models or samples; "
+        "{bootstrap}: two-way bootstrap 95% over targets and samples, the interval to quote. min FPR: the smallest false positive rate "
+        "the scores resolve; highlighted rows cannot resolve 0.1%.</p>" + skipped,
+        "<h2 id=\"roc\">ROC curves (log-log)</h2>",
+        _image(run_folder / "roc.png", "ROC curves of every attack output, log-log"),
+        _utility(run_folder),
+        _users_and_decisions(records),
+        _epsilon(records),
+        _few_shadow(run_folder),
+    ]
+    if vulnerable:
+        sections.append(f"<h2 id=\"vulnerable\">Most vulnerable samples</h2><p>Top {len(vulnerable)} by the mean {_esc(source)} score over the "
+                        "target models that trained on the sample (targets in brackets), beside the mean over those that did not.</p>"
+                        + _table(VULNERABLE_COLUMNS, vulnerable, table_id="vulnerable-table"))
+    sections.append(_provenance(experiment, run))
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>MIA audit: {_esc(experiment.root.name)}</title><style>{STYLE}</style></head><body>\n"
+            + "\n".join(section for section in sections if section) + "\n</body></html>\n")
+
+
+def write_html_report(experiment_dir: Path, top: int = 20) -> Path:
+    """Render ``<experiment>/report.html`` (atomically) from the latest attack run; returns its path."""
+    experiment = ExperimentDir(Path(experiment_dir))
+    experiment.check_exists()
+    run_folder, run = latest_run(experiment)
+    records = load_records(run_folder, run)
+    path = experiment.root / "report.html"
+    write_bytes_atomic(path, render_html(experiment, run_folder, run, records, top).encode())
+    return path

@@ -1,0 +1,66 @@
+"""Help and option / name errors answer before torch, Lightning, timm or transformers are imported (not a timed test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from synthetic import write_synthetic_experiment
+
+from mia_lightning.attacks.base import ATTACKS, BUILT_IN_ATTACKS
+
+HEAVY = ("torch", "lightning", "timm", "transformers", "matplotlib")
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import contextlib, io, json, sys
+from mia_lightning.cli import attack_main, train_main
+codes = []
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    for main, argv in json.loads(sys.argv[1]):
+        try:
+            codes.append({"attack": attack_main, "train": train_main}[main](argv))
+        except SystemExit as done:  # --help prints and exits
+            codes.append(done.code)
+print(json.dumps({"codes": codes, "loaded": [name for name in %r if name in sys.modules]}))
+""" % (HEAVY,)
+
+
+def probe(calls: list[tuple[str, list[str]]]) -> dict:
+    """Run the command lines in a fresh interpreter; their exit codes and which heavy modules they imported."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MIA_LIGHTNING_RUNTIME": "0"}
+    out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(calls)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_help_and_bad_requests_are_answered_before_torch_loads(tmp_path):
+    experiment = write_synthetic_experiment(tmp_path / "exp", n_models=4, n_samples=20, seed=1)
+    calls = [
+        ("attack", ["--help"]),
+        ("train", ["--help"]),
+        ("train", ["farn"]),  # unknown command
+        ("train", ["recipes"]),
+        ("attack", ["--experiment", str(tmp_path / "missing")]),  # no such experiment
+        ("attack", ["--experiment", str(experiment), "--attack", "lirra"]),  # typo in an attack name
+        ("attack", ["--experiment", str(experiment), "--atack", "lira"]),  # typo in an option
+        ("attack", ["--experiment", str(experiment), "--params", '{"lira": {"n_shadow": 3}}']),  # typo in a parameter
+        ("attack", ["--experiment", str(experiment), "--config", "recipe:tabular/no_such_recipe"]),
+        ("attack", ["--experiment", str(experiment), "--user_reduce", "mode"]),
+    ]
+    result = probe(calls)
+    assert result["codes"] == [0, 0, 2, 0, 2, 2, 2, 2, 2, 2]
+    assert result["loaded"] == [], f"imported before the request was checked: {result['loaded']}"
+
+
+def test_every_built_in_attack_is_registered_by_the_module_the_lazy_table_names():
+    for name, module in BUILT_IN_ATTACKS.items():
+        cls = ATTACKS[name]
+        assert cls.name == name and cls.__module__ == f"mia_lightning.attacks.{module}"
+    registered = {cls.__module__ for cls in (ATTACKS[name] for name in ATTACKS)}
+    modules = {f"mia_lightning.attacks.{path.stem}" for path in (ROOT / "mia_lightning" / "attacks").glob("*.py")
+               if "@register_attack" in path.read_text()}
+    assert modules <= registered, f"modules that register attacks missing from BUILT_IN_ATTACKS: {modules - registered}"
