@@ -79,7 +79,9 @@ class AttackData:
     ``logits`` / ``signal`` are ``ModelOutputs`` (in-memory arrays are wrapped): index them by model
     ids to get a new float array; per-sample statistics (``phi``, ``log_true_class``) are computed
     block by block, so no float64 copy of all logits ever exists. ``audit`` (bool [M, n], optional)
-    says which samples count in the metrics when model m is the target; ``groups`` holds user ids.
+    says which samples count in the metrics when model m is the target; ``groups`` holds user ids;
+    ``features`` (float [n, F], optional) the samples' inputs for attacks that model them (quantile
+    regression; read from the experiment's DataModule when not given).
     """
 
     keep: np.ndarray
@@ -90,6 +92,7 @@ class AttackData:
     groups: np.ndarray | None = None
     audit: np.ndarray | None = None
     experiment: ExperimentDir | None = None
+    features: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.logits is None and self.signal is None:
@@ -270,6 +273,10 @@ class Attack(ABC):
 
     def params(self) -> dict[str, Any]:
         """Parameters recorded in results.json (after ``fit``, including tuned ones)."""
+        return {}
+
+    def decision_record(self, name: str, scores: np.ndarray, members: np.ndarray, bootstrap: int) -> dict:
+        """Extra results.json entries for output ``name`` from its audited [T, n] scores (NaN = not audited), e.g. an attack's own decision rule."""
         return {}
 
     def flag_samples(self, flags: np.ndarray, reason: str) -> None:

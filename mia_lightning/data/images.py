@@ -614,10 +614,6 @@ class ImageFeatureDataModule(TabularDataModule):
     def model_kwargs(self) -> dict[str, int]:
         return {"n_features": self.n_features, "n_classes": self.images.n_classes}
 
-    def pool_features(self) -> np.ndarray:
-        """float32 [n, d]: identity-view features (per-sample analysis)."""
-        return self.pool.features
-
     def predict_dataloader(self) -> DataLoader:
         """The whole pool in pool order: (features of every view [b, Q, d], labels)."""
         dataset = torch.utils.data.TensorDataset(torch.from_numpy(self.pool_views), torch.from_numpy(self.images.labels))
