@@ -22,7 +22,7 @@ def test_agreement_counts_hand_computed():
 
 
 def loop_label_only_lira(counts: np.ndarray, keep: np.ndarray, target: int, n_queries: int) -> np.ndarray:
-    """Straightforward: per sample, the other models' counts split by membership, Laplace-smoothed frequencies."""
+    """Straightforward: per sample, the other models' counts split by membership, frequencies smoothed towards the pooled one."""
     scores = np.full(keep.shape[1], np.nan)
     for j in range(keep.shape[1]):
         others = [m for m in range(keep.shape[0]) if m != target]
@@ -30,9 +30,10 @@ def loop_label_only_lira(counts: np.ndarray, keep: np.ndarray, target: int, n_qu
         outs = [counts[m, j] for m in others if not keep[m, j]]
         if ins and outs:
             c = counts[target, j]
-            p_in = (ins.count(c) + 1) / (len(ins) + n_queries + 1)
-            p_out = (outs.count(c) + 1) / (len(outs) + n_queries + 1)
-            scores[j] = np.log(p_in) - np.log(p_out)
+            pooled = (ins.count(c) + outs.count(c)) / (len(ins) + len(outs))
+            p_in = (ins.count(c) + pooled) / (len(ins) + 1)
+            p_out = (outs.count(c) + pooled) / (len(outs) + 1)
+            scores[j] = 0.0 if pooled == 0 else np.log(p_in) - np.log(p_out)
     return scores
 
 
@@ -54,6 +55,20 @@ def test_label_only_with_few_shadows_uses_the_lowest_ids():
     scores = score_targets(create_attack("label_only", n_shadows=3), data, np.array([6]))["label_only_lira"][0]
     sub = np.array([0, 1, 2, 6])  # target 6 with shadows 0, 1, 2
     np.testing.assert_allclose(scores, loop_label_only_lira(counts[sub], data.keep[sub], 3, 2), atol=1e-12, equal_nan=True)
+
+
+def test_a_sample_every_shadow_labels_alike_scores_zero():
+    """Leave-one-out shifts |IN| by the target's own membership; the smoothing must not turn that into a score."""
+    keep = np.array([[True], [True], [False], [False], [False]])
+    counts = np.ones((5, 1), dtype=np.int64)
+    for target in range(5):
+        assert loop_label_only_lira(counts, keep, target, 1)[0] == 0.0
+    data = synthetic_attack_data(n_models=5, n_samples=1)
+    data.keep = keep
+    logits = np.zeros((5, 1, 1, 4), dtype=np.float32)
+    logits[..., data.labels[0]] = 1.0
+    data.logits = type(data.logits).in_memory(logits)
+    assert np.all(score_targets(create_attack("label_only"), data, np.arange(5))["label_only_lira"] == 0.0)
 
 
 def test_cli_runs_label_only_and_all_includes_it(tmp_path):

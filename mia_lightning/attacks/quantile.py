@@ -121,10 +121,16 @@ def load_pool_features(data: AttackData) -> np.ndarray | str:
         return "needs the samples' input features (config.yaml naming a DataModule with pool_features(), e.g. tabular or image features)"
     from mia_lightning.farm.export import read_recipe
 
-    datamodule, _ = read_recipe(data.experiment)
+    try:
+        datamodule, _ = read_recipe(data.experiment)
+    except MiaError as err:
+        return f"needs the samples' input features and the recipe's DataModule cannot be rebuilt ({err})"
     if not hasattr(datamodule, "pool_features"):
         return f"needs the samples' input features and {type(datamodule).__name__} (config.yaml) has no pool_features()"
-    return np.asarray(datamodule.pool_features())
+    if not np.array_equal(np.asarray(datamodule.pool_labels()), data.labels):
+        return f"needs the samples' input features and the pool that {data.experiment.config_path} builds no longer matches labels.npy (the data changed)"
+    data.features = np.asarray(datamodule.pool_features())  # kept: the check and the fit read it once
+    return data.features
 
 
 def conformal_fpr_interval(n_calibration: int, alpha: float, confidence: float = 0.95) -> list[float]:
