@@ -10,7 +10,7 @@ from pathlib import Path
 
 from synthetic import write_synthetic_experiment
 
-from mia_lightning.attacks.base import ATTACKS, BUILT_IN_ATTACKS
+from mia_lightning.attacks.base import ATTACKS, BUILT_IN_ATTACKS, BUILT_IN_OUTPUTS
 
 HEAVY = ("torch", "lightning", "timm", "transformers", "matplotlib")
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,13 +46,14 @@ def test_help_and_bad_requests_are_answered_before_torch_loads(tmp_path):
         ("train", ["recipes"]),
         ("attack", ["--experiment", str(tmp_path / "missing")]),  # no such experiment
         ("attack", ["--experiment", str(experiment), "--attack", "lirra"]),  # typo in an attack name
+        ("attack", ["--experiment", str(experiment), "--attack", "lira_online"]),  # an output given as an attack
         ("attack", ["--experiment", str(experiment), "--atack", "lira"]),  # typo in an option
         ("attack", ["--experiment", str(experiment), "--params", '{"lira": {"n_shadow": 3}}']),  # typo in a parameter
         ("attack", ["--experiment", str(experiment), "--config", "recipe:tabular/no_such_recipe"]),
         ("attack", ["--experiment", str(experiment), "--user_reduce", "mode"]),
     ]
     result = probe(calls)
-    assert result["codes"] == [0, 0, 2, 0, 2, 2, 2, 2, 2, 2]
+    assert result["codes"] == [0, 0, 2, 0, 2, 2, 2, 2, 2, 2, 2]
     assert result["loaded"] == [], f"imported before the request was checked: {result['loaded']}"
 
 
@@ -60,6 +61,8 @@ def test_every_built_in_attack_is_registered_by_the_module_the_lazy_table_names(
     for name, module in BUILT_IN_ATTACKS.items():
         cls = ATTACKS[name]
         assert cls.name == name and cls.__module__ == f"mia_lightning.attacks.{module}"
+        if isinstance(getattr(cls, "outputs", None), tuple):  # the unlearning attack's outputs depend on its parameters
+            assert BUILT_IN_OUTPUTS[name] == cls.outputs, name
     registered = {cls.__module__ for cls in (ATTACKS[name] for name in ATTACKS)}
     modules = {f"mia_lightning.attacks.{path.stem}" for path in (ROOT / "mia_lightning" / "attacks").glob("*.py")
                if "@register_attack" in path.read_text()}

@@ -132,8 +132,15 @@ def test_few_shot_pool_and_plan_give_every_model_s_examples_per_class():
     assert plan.info["shots"] == 5 and plan.info["n_classes"] == 4
     with pytest.raises(MiaError, match="needs 2 x 26 = 52 examples of every class"):
         few_shot_pool(source, shots=26, n_classes=2, classes=None, seed=0, max_samples=None)
-    with pytest.raises(MiaError, match="n_population"):
-        make_few_shot_plan(PlanSpec("x", 40, 8, n_population=4), pool.labels)
+    with pytest.raises(MiaError, match="n_population 6: .* multiple of 4"):
+        make_few_shot_plan(PlanSpec("x", 40, 8, n_population=6), pool.labels)
+    with pytest.raises(MiaError, match="even number of examples"):
+        make_few_shot_plan(PlanSpec("x", 40, 8, n_population=4), pool.labels)  # 10 - 1 per class is odd
+    public = make_few_shot_plan(PlanSpec("x", 40, 8, seed=1, n_population=8), pool.labels)
+    assert np.bincount(pool.labels[public.population]).tolist() == [2, 2, 2, 2] and not public.keep[:, public.population].any()
+    for c in range(4):
+        assert (public.keep[:, pool.labels == c].sum(axis=1) == 4).all()  # S = 10 / 2 - 8 / (2 * 4) = 4 per class per model
+    assert public.info["shots"] == 4 and public.info["population_per_class"] == 2
 
 
 # ---------------------------------------------------------------------------- fine-tuning modes

@@ -82,7 +82,9 @@ class AttackData:
     ``logits`` / ``signal`` are ``ModelOutputs`` (in-memory arrays are wrapped): index them by model
     ids to get a new float array; per-sample statistics (``phi``, ``log_true_class``) are computed
     block by block, so no float64 copy of all logits ever exists. ``audit`` (bool [M, n], optional)
-    says which samples count in the metrics when model m is the target; ``groups`` holds user ids.
+    says which samples count in the metrics when model m is the target; ``groups`` holds user ids;
+    ``features`` (float [n, F], optional) the samples' inputs for attacks that model them (quantile
+    regression; read from the experiment's DataModule when not given).
     """
 
     keep: np.ndarray
@@ -93,6 +95,7 @@ class AttackData:
     groups: np.ndarray | None = None
     audit: np.ndarray | None = None
     experiment: ExperimentDir | None = None
+    features: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.logits is None and self.signal is None:
@@ -275,6 +278,10 @@ class Attack(ABC):
         """Parameters recorded in results.json (after ``fit``, including tuned ones)."""
         return {}
 
+    def decision_record(self, name: str, scores: np.ndarray, members: np.ndarray, bootstrap: int) -> dict:
+        """Extra results.json entries for output ``name`` from its audited [T, n] scores (NaN = not audited), e.g. an attack's own decision rule."""
+        return {}
+
     def flag_samples(self, flags: np.ndarray, reason: str) -> None:
         """Remember the samples (last axis of ``flags``) for which ``reason`` held for some target."""
         ids = np.flatnonzero(np.asarray(flags).reshape(-1, flags.shape[-1]).any(axis=0))
@@ -290,9 +297,21 @@ class Attack(ABC):
 BUILT_IN_ATTACKS: dict[str, str] = {
     "lira": "lira", "rmia": "rmia", "likelihood_ratio": "mlm", "loss_baseline": "mlm", "blind_baseline": "mlm",
     "reference": "reference", "shokri": "shokri", "thresholds": "thresholds", "ulira": "ulira", "unlearning": "unlearning",
+    "quantile": "quantile", "label_only": "label_only",
 }
 """Built-in attack name -> the module of ``mia_lightning.attacks`` that registers it. Modules are imported on
 first use, so attack names, ``--help`` and typos are answered without importing torch (Shokri's module needs it)."""
+
+BUILT_IN_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "lira": ("lira_online", "lira_online_fixed", "lira_offline", "lira_offline_fixed", "global_threshold"),
+    "rmia": ("rmia_online", "rmia_offline"), "likelihood_ratio": ("likelihood_ratio", "reference_only"),
+    "loss_baseline": ("loss_baseline",), "blind_baseline": ("blind_baseline",), "reference": ("reference_attack_r",),
+    "shokri": ("shokri_per_class", "shokri_shared"), "thresholds": ("loss", "confidence", "entropy", "modified_entropy"),
+    "ulira": ("ulira_exact", "ulira_inexact", "lira_before", "loss_exact", "loss_inexact", "retained_exact", "retained_inexact", "retained_before"),
+    "quantile": ("quantile_regression",), "label_only": ("label_only_agreement", "label_only_lira"),
+}
+"""The outputs each built-in attack writes (its class's ``outputs``; the unlearning attack's depend on its parameters),
+so an output name typed as an attack is answered with its family without importing the attack modules."""
 
 
 class AttackRegistry(Mapping):
@@ -304,6 +323,11 @@ class AttackRegistry(Mapping):
 
     def register(self, cls: type[Attack]) -> None:
         self._classes[cls.name] = cls
+
+    def outputs(self) -> dict[str, tuple[str, ...]]:
+        """Attack name -> the outputs it writes, without importing any attack module (built-ins from ``BUILT_IN_OUTPUTS``)."""
+        registered = {name: tuple(getattr(cls, "outputs", None) or ()) for name, cls in self._classes.items() if isinstance(getattr(cls, "outputs", None), tuple)}
+        return {**BUILT_IN_OUTPUTS, **registered}
 
     def __getitem__(self, name: str) -> type[Attack]:
         if name not in self._classes and name in self._modules:
@@ -353,9 +377,10 @@ def check_params(name: str, params: Any) -> dict[str, Any]:
 
 def unknown_attack_hint(name: str, extra_choices: tuple[str, ...] = ()) -> str:
     """Why ``name`` is not an attack and what to type instead: the family an output name belongs to, or the nearest names."""
-    families = [family for family, cls in ATTACKS.items() if name in (getattr(cls, "outputs", None) or ())]
+    families = [(family, outputs) for family, outputs in ATTACKS.outputs().items() if name in outputs]
     if families:
-        return f"{name!r} is an output of the {families[0]!r} attack (it writes {', '.join(ATTACKS[families[0]].outputs)}); use --attack {families[0]}"
+        family, outputs = families[0]
+        return f"{name!r} is an output of the {family!r} attack (it writes {', '.join(outputs)}); use --attack {family}"
     choices = [*sorted(ATTACKS), *extra_choices]
     close = difflib.get_close_matches(name, choices, n=2, cutoff=0.6)
     suggestion = f"did you mean {' or '.join(close)}? " if close else ""

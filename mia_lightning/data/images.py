@@ -624,10 +624,6 @@ class ImageFeatureDataModule(TabularDataModule):
     def model_kwargs(self) -> dict[str, int]:
         return {"n_features": self.n_features, "n_classes": self.images.n_classes}
 
-    def pool_features(self) -> np.ndarray:
-        """float32 [n, d]: identity-view features (per-sample analysis)."""
-        return self.pool.features
-
     def predict_dataloader(self) -> DataLoader:
         """The whole pool in pool order: (features of every view [b, Q, d], labels)."""
         dataset = torch.utils.data.TensorDataset(torch.from_numpy(self.pool_views), torch.from_numpy(self.images.labels))
@@ -647,20 +643,33 @@ def make_few_shot_plan(spec: PlanSpec, labels: np.ndarray | None, groups: np.nda
     Each class's 2S columns get their own ``lira_half`` plan (seeded per class), so every example is IN
     for half of the models and, with an even number of models, every model sees S examples per class
     (Tobaben et al.'s S-shot C-way setting). The pool must hold the same even count of every class
-    (``data.init_args.shots`` draws it). ``plan.json`` records ``shots`` and ``n_classes``.
+    (``data.init_args.shots`` draws it). ``plan.json`` records ``shots`` and ``n_classes``. With
+    ``n_population`` (a multiple of C), each class first reserves n_population / C seeded examples
+    that no model trains on (public data for RMIA and quantile regression); the data's ``shots`` then
+    sizes the whole pool, so S = shots - n_population / (2C).
     """
     if labels is None:
         raise MiaError("plan kind few_shot: needs the pool's labels")
-    if spec.n_population:
-        raise MiaError(f"--plan.n_population {spec.n_population}: the few_shot plan trains on the whole few-shot pool; RMIA uses each target's non-members as its population (set it to 0)")
     classes, counts = np.unique(labels, return_counts=True)
-    if len(set(counts.tolist())) != 1 or counts[0] % 2:
-        raise MiaError(f"plan kind few_shot: every class needs the same even number of examples (2 x shots), the pool has {dict(zip(classes.tolist(), counts.tolist()))}; set data.init_args.shots")
+    if spec.n_population % classes.size:
+        raise MiaError(f"--plan.n_population {spec.n_population}: the few_shot plan reserves the same number of every class's examples; use a multiple of {classes.size}")
+    per_class = spec.n_population // classes.size
+    remaining = counts - per_class
+    if len(set(counts.tolist())) != 1 or remaining[0] % 2 or remaining[0] < 2:
+        raise MiaError(f"plan kind few_shot: every class needs the same even number of examples (2 x shots) after {per_class} population examples, "
+                       f"the pool has {dict(zip(classes.tolist(), counts.tolist()))}; set data.init_args.shots")
     keep = np.zeros((spec.n_models, spec.n_samples), dtype=bool)
+    population = []
     for c in classes:
         ids = np.flatnonzero(labels == c)
         class_seed = int(np.random.SeedSequence([spec.seed, int(c)]).generate_state(1)[0])
+        if per_class:  # seeded per class, drawn before the halves so the plan without a population is unchanged
+            order = np.random.default_rng([class_seed, 1]).permutation(ids)
+            population.append(order[:per_class])
+            ids = np.sort(order[per_class:])
         keep[:, ids] = make_lira_plan(PlanSpec(spec.dataset, ids.size, spec.n_models, seed=class_seed)).keep
-    shots = int(counts[0] // 2)
-    return Plan(keep, info={"shots": shots, "n_classes": int(classes.size), "examples_per_class": int(counts[0]),
-                            "membership": "class-stratified random halves: each model trains on S of the 2S examples of every class"})
+    info = {"shots": int(remaining[0] // 2), "n_classes": int(classes.size), "examples_per_class": int(remaining[0]),
+            "membership": "class-stratified random halves: each model trains on S of the 2S examples of every class"}
+    if not population:
+        return Plan(keep, info=info)
+    return Plan(keep, np.sort(np.concatenate(population)).astype(np.int64), info=info | {"population_per_class": per_class})

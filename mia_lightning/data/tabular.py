@@ -194,6 +194,10 @@ class TabularDataModule(L.LightningDataModule):
         """int64 [n] labels of the audit pool (written as labels.npy)."""
         return self.pool.labels
 
+    def pool_features(self) -> np.ndarray:
+        """float32 [n, d]: every pool sample's features in pool order (what input-modelling attacks such as quantile regression read)."""
+        return self.pool.features
+
     def train_feature_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the features over this model's training subset only (no leakage from the pool)."""
         x = self.pool.features[self.train_indices].astype(np.float64)

@@ -102,6 +102,19 @@ def skipped_lines(skipped: list[dict]) -> list[str]:
     return [f"{', '.join(names)}: {reason}" for reason, names in by_reason.items()]
 
 
+def fpr_control_lines(records: list[dict]) -> list[str]:
+    """One line per output that carries its own decision rule (``fpr_control``): the FPR it was built for against the FPR measured."""
+    lines = []
+    for record in records:
+        control = record.get("fpr_control")
+        if control:
+            low, high = control.get("fpr_ci_bootstrap", control["fpr_ci"])
+            lines.append(f"{record['attack']}: built for FPR {_percent(control['alpha'])} (calibration range {_percent(control['alpha_interval'][0])}-"
+                         f"{_percent(control['alpha_interval'][1])}); measured FPR {_percent(control['fpr'])} {{{_percent(low)}, {_percent(high)}}}, "
+                         f"TPR {_percent(control['tpr'])} on the audited pairs: {'consistent' if control['fpr_consistent'] else 'NOT consistent'}")
+    return lines
+
+
 def print_results(records: list[dict], title: str, console: Console | None = None) -> None:
     """Print the comparison table (and the user-level and decision tables when the run has them) to the terminal."""
     console = console or Console()
@@ -117,6 +130,8 @@ def print_results(records: list[dict], title: str, console: Console | None = Non
         for row in rows:
             table.add_row(*row)
         console.print(table)
+    for line in fpr_control_lines(records):
+        console.print(line, highlight=False, markup=False)
 
 
 def rich_table(record: TableRecord) -> Table:
