@@ -77,5 +77,12 @@ class _StackedLSTM(torch.autograd.Function):
 
 
 def stacked_lstm(xp: torch.Tensor, w_hh: torch.Tensor) -> torch.Tensor:
-    """Hidden states [K, T, B, H] of K LSTMs from input projections ``xp`` [K, T, B, 4H] (biases included) and ``w_hh`` [K, H, 4H]; zero initial state."""
-    return _StackedLSTM.apply(xp, w_hh)
+    """Hidden states [K, T, B, H] of K LSTMs from input projections ``xp`` [K, T, B, 4H] (biases included) and ``w_hh`` [K, H, 4H]; zero initial state.
+
+    Under mixed precision the recurrence still runs in float32 (as cuDNN keeps its cell state):
+    half-precision states drift over long sequences.
+    """
+    if xp.dtype in (torch.float16, torch.bfloat16) or w_hh.dtype in (torch.float16, torch.bfloat16):
+        xp, w_hh = xp.float(), w_hh.float()
+    with torch.autocast(xp.device.type, enabled=False):
+        return _StackedLSTM.apply(xp, w_hh)
