@@ -129,3 +129,14 @@ def test_cli_farm_vectorised_writes_what_the_sequential_farm_writes(tmp_path):
         assert sorted(p.name for p in vec.model_dir(index).iterdir()) == sorted(p.name for p in seq.model_dir(index).iterdir())
         np.testing.assert_allclose(np.load(vec.model_dir(index) / "logits.npy"), np.load(seq.model_dir(index) / "logits.npy"), rtol=1e-4, atol=1e-4)
         assert yaml.safe_load((vec.model_dir(index) / "done.json").read_text())["engine"] == "vectorised"
+
+
+def test_a_family_that_does_not_stack_is_refused_in_one_line():
+    setup = FarmSetup(
+        data=ComponentSpec("mia_lightning.data.tabular.TabularDataModule", {"source": "digits"}),
+        model=ComponentSpec("mia_lightning.models.lstm.LSTMClassifier", {}),
+        trainer={"max_epochs": 1},
+    )
+    with pytest.raises(MiaError, match="LSTMClassifier on TextDataModule") as err:
+        VectorisedEngine(setup)
+    assert "needs farm.engine: sequential" in str(err.value) and "\n" not in str(err.value)
