@@ -8,6 +8,10 @@ feature map and saved as a CSV. Reports models per minute, the ratio, and the ve
 achieved GFLOP/s (training FLOPs, forward + backward = 3 x 2 x multiply-adds per sample, over its
 whole wall time) against a measured float32 matmul peak. Training and prediction are timed; loading
 the pool and writing files are not (both farms share them).
+Case 4, the LSTM recipe (configs/text/imdb_lstm.yaml): 16 LSTM classifiers on the 5,000-review IMDB
+pool (``--lstm_epochs`` overrides its 8 epochs), sequential farm vs the LSTM ensemble
+(``models.lstm_ensemble``), GFLOP/s counted as 3 x 2 x the multiply-adds of the input and recurrent
+projections of every token plus the head.
 Case 3 (``--contention``): the quickstart farm as users run it, ``train.py farm`` in a fresh
 process, wall time measured side by side with and without a competing CPU load (another process
 keeping every core busy with matrix products), and with the runtime defaults of
@@ -91,23 +95,49 @@ def training_flops(setup: FarmSetup, jobs: list[ModelJob], n_features: int, n_cl
     return sum(6 * macs * min(batch, j.train_indices.size) * epochs * steps_per_epoch(j.train_indices.size, min(batch, j.train_indices.size)) for j in jobs)
 
 
-def compare(name: str, setup: FarmSetup, n_models: int, n_sequential: int, group_size: int, peak: float, n_samples: int, n_features: int, n_classes: int) -> float:
-    jobs = jobs_for(n_samples, n_models)
+def lstm_training_flops(setup: FarmSetup, jobs: list[ModelJob], steps: int) -> float:
+    """Forward + backward FLOPs of training every LSTM job: 3 x 2 x multiply-adds per token (input and recurrent projections) and per sample (head)."""
+    model, data = setup.model.init_args, setup.data.init_args
+    hidden, layers, directions = model["hidden_size"], model.get("num_layers", 1), 2 if model.get("bidirectional") else 1
+    macs = 0
+    for layer in range(layers):
+        width = model["embedding_dim"] if layer == 0 else hidden * directions
+        macs += directions * data["max_len"] * (width + hidden) * 4 * hidden
+    macs += hidden * directions * 2
+    return 6 * macs * data["batch_size"] * steps * len(jobs)
+
+
+def compare(name: str, setup: FarmSetup, jobs: list[ModelJob], n_sequential: int, group_size: int, peak: float, flops: float, fused: bool = True) -> float:
+    n_models = len(jobs)
     setup.build_datamodule(jobs[0])  # load (and cache) the pool before timing: neither farm pays for parsing it
     sequential_s = timed(SequentialEngine(setup), jobs[:n_sequential]) / n_sequential * n_models
     vectorised_s = timed(VectorisedEngine(setup, group_size=group_size), jobs)
-    fused = FarmSetup(setup.data, ComponentSpec(setup.model.class_path, {**setup.model.init_args, "fused_optimizer": True}), setup.trainer)
-    fused_s = timed(VectorisedEngine(fused, group_size=group_size), jobs)
-    flops = training_flops(setup, jobs, n_features, n_classes)
-    gflops, fused_gflops = flops / vectorised_s / 1e9, flops / fused_s / 1e9
+    gflops, sequential_gflops = flops / vectorised_s / 1e9, flops / sequential_s / 1e9
     print(f"\n{name}")
-    print(f"  sequential Lightning farm : {60 * n_models / sequential_s:8.1f} models/min  ({sequential_s:7.1f} s for {n_models}, extrapolated from {n_sequential} timed)")
+    print(f"  sequential Lightning farm : {60 * n_models / sequential_s:8.1f} models/min  ({sequential_s:7.1f} s for {n_models}, extrapolated from {n_sequential} timed), "
+          f"{sequential_gflops:.1f} GFLOP/s = {100 * sequential_gflops / peak:.1f}% of peak")
     print(f"  vectorised farm           : {60 * n_models / vectorised_s:8.1f} models/min  ({vectorised_s:7.1f} s for {n_models}, groups of {group_size})")
     print(f"  vectorised achieved       : {gflops:8.1f} GFLOP/s = {100 * gflops / peak:.1f}% of the measured matmul peak")
-    print(f"  vectorised, fused optimiser: {60 * n_models / fused_s:7.1f} models/min, {fused_gflops:.1f} GFLOP/s = {100 * fused_gflops / peak:.1f}% "
-          "(model.init_args.fused_optimizer: true; not bit-identical to the sequential farm)")
-    print(f"  ratio                     : {sequential_s / vectorised_s:8.1f}x")
+    if fused:
+        fused_setup = FarmSetup(setup.data, ComponentSpec(setup.model.class_path, {**setup.model.init_args, "fused_optimizer": True}), setup.trainer)
+        fused_s = timed(VectorisedEngine(fused_setup, group_size=group_size), jobs)
+        fused_gflops = flops / fused_s / 1e9
+        print(f"  vectorised, fused optimiser: {60 * n_models / fused_s:7.1f} models/min, {fused_gflops:.1f} GFLOP/s = {100 * fused_gflops / peak:.1f}% "
+              "(model.init_args.fused_optimizer: true; not bit-identical to the sequential farm)")
+    print(f"  ratio                     : {sequential_s / vectorised_s:8.2f}x")
     return sequential_s / vectorised_s
+
+
+def lstm_case(trainer: dict, args: argparse.Namespace, peak: float) -> None:
+    """Case 4: the imdb_lstm recipe's LSTMs, sequential farm vs LSTM ensemble."""
+    recipe = yaml.safe_load((ROOT / "configs/text/imdb_lstm.yaml").read_text())
+    lstm_trainer = {**trainer, "max_epochs": args.lstm_epochs or recipe["trainer"]["max_epochs"]}
+    setup = FarmSetup(ComponentSpec(recipe["data"]["class_path"], recipe["data"]["init_args"]), ComponentSpec(recipe["model"]["class_path"], recipe["model"]["init_args"]), lstm_trainer)
+    jobs = jobs_for(recipe["data"]["init_args"]["n_rows"], args.lstm_models, recipe["plan"]["seed"])
+    steps = lstm_trainer["max_epochs"] * steps_per_epoch(jobs[0].train_indices.size, recipe["data"]["init_args"]["batch_size"])
+    for group in args.lstm_groups:
+        compare(f"case 4: {args.lstm_models} LSTMs of configs/text/imdb_lstm.yaml, {lstm_trainer['max_epochs']} epochs, groups of {group}",
+                setup, jobs, args.sequential_models, group, peak, lstm_training_flops(setup, jobs, steps), fused=False)
 
 
 def _burn(stop: "multiprocessing.synchronize.Event") -> None:
@@ -159,6 +189,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's max_epochs")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--families", nargs="+", choices=("mlp", "lstm"), default=["mlp", "lstm"], help="which cases to run (mlp: cases 1-3, lstm: case 4)")
+    parser.add_argument("--lstm_models", type=int, default=16)
+    parser.add_argument("--lstm_epochs", type=int, default=None, help="override the LSTM recipe's 8 epochs")
+    parser.add_argument("--lstm_groups", type=int, nargs="+", default=[16], help="farm.group_size values to time the LSTM ensemble with")
     parser.add_argument("--contention", action="store_true", help="also case 3: train.py farm with and without a competing CPU load")
     args = parser.parse_args()
     configure_logging()
@@ -173,8 +207,13 @@ def main() -> None:
     print(f"measured float32 matmul peak: {peak:.1f} GFLOP/s")
 
     mlp = FarmSetup(ComponentSpec(recipe["data"]["class_path"], recipe["data"]["init_args"]), ComponentSpec(recipe["model"]["class_path"], recipe["model"]["init_args"]), trainer)
+    if "lstm" in args.families:
+        lstm_case(trainer, args, peak)
+    if "mlp" not in args.families:
+        return
+    jobs = jobs_for(1797, args.models)
     speedup = compare(f"case 1: {args.models} MLPs {recipe['model']['init_args']['hidden']} on digits, {trainer['max_epochs']} epochs (quickstart recipe)",
-                      mlp, args.models, args.sequential_models, args.models, peak, 1797, 64, 10)
+                      mlp, jobs, args.sequential_models, args.models, peak, training_flops(mlp, jobs, 64, 10))
     with tempfile.TemporaryDirectory() as folder:
         features = cached_features_csv(Path(folder))
         heads = FarmSetup(
@@ -182,8 +221,9 @@ def main() -> None:
             ComponentSpec("mia_lightning.models.tabular_mlp.TabularMLP", {**recipe["model"]["init_args"], "hidden": []}),
             trainer,
         )
+        head_jobs = jobs_for(1797, args.heads)
         compare(f"case 2: {args.heads} linear heads on cached 512-d features of digits, {trainer['max_epochs']} epochs",
-                heads, args.heads, args.sequential_models, args.heads, peak, 1797, 512, 10)
+                heads, head_jobs, args.sequential_models, args.heads, peak, training_flops(heads, head_jobs, 512, 10))
     if args.contention:
         contention_case(args.models)
     print(f"\nspeedup: {speedup:.1f}x")

@@ -27,6 +27,19 @@ def on_gpu(setup: FarmSetup, precision: str = "32-true") -> FarmSetup:
     return FarmSetup(setup.data, setup.model, {**setup.trainer, "accelerator": "gpu", "devices": 1, "precision": precision})
 
 
+def test_lstm_ensemble_on_cuda_matches_cpu(tmp_path):
+    """The stacked LSTM recurrence on CUDA (float32 and bf16-mixed) against the CPU ensemble."""
+    from test_lstm_ensemble import text_jobs, text_setup, write_reviews
+
+    setup, jobs = text_setup(write_reviews(tmp_path / "r.csv", n=60)), text_jobs(3)
+    cpu = {r.index: r for r in VectorisedEngine(setup, group_size=3).run(jobs)}
+    gpu = {r.index: r for r in VectorisedEngine(on_gpu(setup), group_size=3).run(jobs)}
+    mixed = {r.index: r for r in VectorisedEngine(on_gpu(setup, "bf16-mixed"), group_size=3).run(jobs)}
+    for index in cpu:
+        np.testing.assert_allclose(gpu[index].logits, cpu[index].logits, rtol=1e-3, atol=1e-3)
+        assert np.isfinite(mixed[index].logits).all() and abs(mixed[index].metrics["train_acc"] - cpu[index].metrics["train_acc"]) < 0.1
+
+
 def test_vectorised_on_cuda_matches_cpu():
     setup, jobs = make_setup(batch_size=32), make_jobs(4)
     cpu = {r.index: r for r in VectorisedEngine(setup).run(jobs)}

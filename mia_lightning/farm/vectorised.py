@@ -1,16 +1,19 @@
-"""The vectorised farm engine: groups of up to ``group_size`` tabular MLPs trained by one Lightning run.
+"""The vectorised farm engine: groups of up to ``group_size`` models trained by one Lightning run.
 
+Families that stack (``FAMILIES``): tabular MLPs and linear heads on tabular or cached features
+(``models.ensemble.VectorisedMLP``) and LSTM text classifiers (``models.lstm_ensemble.VectorisedLSTM``).
 Each model keeps its own seed, initialisation (built exactly as the sequential engine builds it),
 feature scaling and minibatch stream (``data.streams.index_stream``: the concatenation of the epoch
 slices ``StreamBatchSampler`` yields the sequential farm), so for the same seeds the vectorised and
 sequential farms make the same updates. Models in one group must take the same number of steps with
 the same batch size, so jobs are grouped by (batch size, steps) first; a plan of random halves gives
-one or two groups.
+one or two groups. ``group_size`` bounds memory: activations grow linearly with it.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import lightning as L
@@ -20,11 +23,14 @@ from torch.utils.data import DataLoader
 
 from mia_lightning.data.streams import StreamBatchSampler, index_stream, steps_per_epoch
 from mia_lightning.data.tabular import TabularDataModule
+from mia_lightning.data.text import TextDataModule
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.farm.engine import FarmSetup, ModelJob, TrainedModel, fit
 from mia_lightning.farm.progress import GroupProgress
 from mia_lightning.models.ensemble import VectorisedMLP
+from mia_lightning.models.lstm import LSTMClassifier
+from mia_lightning.models.lstm_ensemble import VectorisedLSTM, stackable
 from mia_lightning.models.tabular_mlp import TabularMLP
 
 PREDICT_ELEMENTS = 2**25
@@ -35,8 +41,55 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> float:
     return float((logits[ids, 0].argmax(-1) == labels[ids]).mean()) if ids.size else float("nan")
 
 
+def _mlp_ensemble(models: list[TabularMLP], datamodule: TabularDataModule) -> tuple[VectorisedMLP, int]:
+    """The MLP ensemble on the pool's features (and query views, image DataModules); activations per predicted sample and model."""
+    pool = datamodule.pool
+    views = getattr(datamodule, "pool_views", None)
+    ensemble = VectorisedMLP(models, torch.from_numpy(pool.features), torch.from_numpy(pool.labels), None if views is None else torch.from_numpy(views))
+    widest = max(pool.n_features, *(w.shape[-1] for w in ensemble.weights))
+    return ensemble, widest * (1 if views is None else views.shape[1])
+
+
+def _lstm_ensemble(models: list[LSTMClassifier], datamodule: TextDataModule) -> tuple[VectorisedLSTM, int]:
+    """The LSTM ensemble on the pool's token ids; activations per predicted sample and model (T steps x 4H gates, every layer and direction)."""
+    reason = stackable(models)
+    if reason:
+        raise MiaError(f"the vectorised engine cannot stack these LSTMs: {reason}; use farm.engine: sequential")
+    ensemble = VectorisedLSTM(models, torch.from_numpy(datamodule.tokens), torch.from_numpy(datamodule.pool_labels()))
+    hp = ensemble.hparams
+    return ensemble, datamodule.tokens.shape[1] * 5 * hp.hidden_size * hp.num_layers * (2 if hp.bidirectional else 1)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family the engine stacks: its model and data classes, and how a group becomes one ensemble module."""
+
+    model: type
+    data: type
+    stack: Callable[[list, L.LightningDataModule], tuple[L.LightningModule, int]]
+    prepare: Callable[[L.LightningModule, L.LightningDataModule], None] = lambda model, datamodule: None
+
+
+FAMILIES = (
+    Family(TabularMLP, TabularDataModule, _mlp_ensemble, lambda model, datamodule: model.fit_standardizer(*datamodule.train_feature_stats())),
+    Family(LSTMClassifier, TextDataModule, _lstm_ensemble),
+)
+"""Families in lookup order: the first whose model and data classes the recipe's classes derive from."""
+
+
+def family_of(setup: FarmSetup) -> Family:
+    """The stacking family of the recipe's model and data, or a one-line error naming what is supported."""
+    model, data = setup.model.resolve(), setup.data.resolve()
+    for family in FAMILIES:
+        if issubclass(model, family.model) and issubclass(data, family.data):
+            return family
+    supported = "; ".join(f"{f.model.__name__} on {f.data.__name__}" for f in FAMILIES)
+    raise MiaError(f"the vectorised engine stacks {supported} (tabular MLPs include linear heads, hidden: []); "
+                   f"{setup.model.class_path} on {setup.data.class_path} needs farm.engine: sequential")
+
+
 class VectorisedEngine:
-    """Trains tabular MLPs (or linear heads, ``hidden: []``) ``group_size`` at a time."""
+    """Trains the models of a stacking family (``FAMILIES``) ``group_size`` at a time."""
 
     trains_groups = True
     """The runner hands it ``farm.group_size`` jobs at a time."""
@@ -48,11 +101,7 @@ class VectorisedEngine:
         progress: Callable[[], list[L.Callback]] | None = None,
         experiment: ExperimentDir | None = None,
     ) -> None:
-        if not issubclass(setup.model.resolve(), TabularMLP) or not issubclass(setup.data.resolve(), TabularDataModule):
-            raise MiaError(
-                f"the vectorised engine supports the tabular MLP and linear heads (hidden: []) on tabular data; "
-                f"{setup.model.class_path} on {setup.data.class_path} needs farm.engine: sequential"
-            )
+        self.family = family_of(setup)
         if group_size < 1:
             raise MiaError(f"--farm.group_size {group_size}: must be at least 1")
         if setup.callbacks:
@@ -74,38 +123,37 @@ class VectorisedEngine:
         return min(limits)
 
     def run(self, jobs: list[ModelJob]) -> Iterator[TrainedModel]:
-        groups: dict[tuple[int, int], list[tuple[ModelJob, TabularDataModule]]] = defaultdict(list)
+        groups: dict[tuple[int, int], list[tuple[ModelJob, L.LightningDataModule]]] = defaultdict(list)
         for job in jobs:
             if job.parent is not None:
                 raise MiaError(f"model {job.index} continues from model {job.parent}; derived models need farm.engine: sequential")
             datamodule = self.setup.build_datamodule(job)
-            sampler = StreamBatchSampler(job.train_indices, datamodule.hparams.batch_size, seed=job.seed)
+            sampler = StreamBatchSampler(datamodule.train_indices, datamodule.hparams.batch_size, seed=job.seed)
             groups[(sampler.batch_size, self._total_steps(len(sampler)))].append((job, datamodule))
         for (batch_size, steps), members in groups.items():
             for start in range(0, len(members), self.group_size):
                 yield from self._train_group(members[start : start + self.group_size], batch_size, steps)
 
-    def _train_group(self, members: list[tuple[ModelJob, TabularDataModule]], batch_size: int, steps: int) -> Iterator[TrainedModel]:
+    def _train_group(self, members: list[tuple[ModelJob, L.LightningDataModule]], batch_size: int, steps: int) -> Iterator[TrainedModel]:
         models = []
         for job, datamodule in members:
             model = self.setup.build_model(datamodule, job.seed)
-            model.fit_standardizer(*datamodule.train_feature_stats())
+            self.family.prepare(model, datamodule)
             models.append(model)
-        pool = members[0][1].pool
-        views = getattr(members[0][1], "pool_views", None)  # features of several query views (image DataModules)
-        ensemble = VectorisedMLP(models, torch.from_numpy(pool.features), torch.from_numpy(pool.labels), None if views is None else torch.from_numpy(views))
-        streams = torch.stack([index_stream(job.train_indices, batch_size, steps, job.seed) for job, _ in members], dim=1)
-        epoch_steps = steps_per_epoch(members[0][0].train_indices.size, batch_size)
+        first = members[0][1]
+        ensemble, width = self.family.stack(models, first)
+        streams = torch.stack([index_stream(datamodule.train_indices, batch_size, steps, job.seed) for job, datamodule in members], dim=1)
+        epoch_steps = steps_per_epoch(first.train_indices.size, batch_size)
         callbacks = [GroupProgress([job.index for job, _ in members], epoch_steps, steps)] if self.progress else []
         trainer = self.setup.build_trainer(max_epochs=1, max_steps=-1, callbacks=callbacks, enable_progress_bar=False, limit_val_batches=0)
         fit(trainer, ensemble, train_dataloaders=DataLoader(streams, batch_size=None, shuffle=False))
-        widest = max(pool.n_features, *(w.shape[-1] for w in ensemble.weights))
-        predict_batch = max(1, PREDICT_ELEMENTS // (len(members) * widest * (1 if views is None else views.shape[1])))
+        labels = first.pool_labels()
+        predict_batch = max(1, PREDICT_ELEMENTS // (len(members) * width))
         predictor = self.setup.build_trainer(devices=1, enable_progress_bar=False)
-        batches = predictor.predict(ensemble, DataLoader(torch.arange(len(pool.labels)), batch_size=predict_batch))
+        batches = predictor.predict(ensemble, DataLoader(torch.arange(len(labels)), batch_size=predict_batch))
         logits = torch.cat([b.cpu() for b in batches], dim=1).numpy()
-        everyone = np.arange(len(pool.labels))
-        for k, ((job, _), model) in enumerate(zip(members, ensemble.unstack())):
+        everyone = np.arange(len(labels))
+        for k, ((job, datamodule), model) in enumerate(zip(members, ensemble.unstack())):
             held_out = np.setdiff1d(everyone, job.train_indices)
-            metrics = {"train_acc": _accuracy(logits[k], pool.labels, job.train_indices), "val_acc": _accuracy(logits[k], pool.labels, held_out)}
+            metrics = {"train_acc": _accuracy(logits[k], labels, datamodule.train_indices), "val_acc": _accuracy(logits[k], labels, held_out)}
             yield TrainedModel(job.index, model, logits[k], metrics)

@@ -23,7 +23,21 @@ def _linears(model: TabularMLP) -> list[nn.Linear]:
     return [layer for layer in model.net if isinstance(layer, nn.Linear)]
 
 
-class VectorisedMLP(L.LightningModule):
+class PerModelClipping:
+    """Mixin for an ensemble LightningModule whose every parameter is stacked along dim 0 (one slice per model)."""
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by norm per model (as ``Trainer(gradient_clip_val=...)`` clips each sequential model); by value is elementwise already."""
+        if not gradient_clip_val or gradient_clip_algorithm == "value":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]), dim=0)
+        scale = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
+        for grad in grads:
+            grad.mul_(scale.view(-1, *[1] * (grad.dim() - 1)))
+
+
+class VectorisedMLP(PerModelClipping, L.LightningModule):
     """An ensemble of K ``TabularMLP``s with identical architecture and hyper-parameters.
 
     ``pool_features`` / ``pool_labels`` hold the whole audit pool (buffers, so they move to the
@@ -99,16 +113,6 @@ class VectorisedMLP(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
         return make_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.fused_optimizer)
-
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
-        """Clip by norm per model (as ``Trainer(gradient_clip_val=...)`` clips each sequential model); by value is elementwise already."""
-        if not gradient_clip_val or gradient_clip_algorithm == "value":
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]), dim=0)
-        scale = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
-        for grad in grads:
-            grad.mul_(scale.view(-1, *[1] * (grad.dim() - 1)))
 
     def unstack(self) -> list[TabularMLP]:
         """K single models carrying the trained weights and scaling (checkpoints identical in format to the sequential farm)."""

@@ -41,6 +41,14 @@ def build_lstm(implementation: str, input_size: int, hidden_size: int, num_layer
     return nn.LSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True, dropout=inter_layer, bidirectional=bidirectional)
 
 
+def make_optimizer(parameters: Any, hparams: Any) -> torch.optim.Optimizer:
+    """The classifier's optimiser from its hyper-parameters (shared by the single model and ``VectorisedLSTM``; SGD with momentum 0.9)."""
+    kwargs: dict[str, Any] = {"lr": hparams.lr, "weight_decay": hparams.weight_decay}
+    if hparams.optimizer == "sgd":
+        kwargs["momentum"] = 0.9
+    return OPTIMIZERS[hparams.optimizer](parameters, **kwargs)
+
+
 class LSTMClassifier(PrivacyStateMixin, L.LightningModule):
     """Text classifier on token ids [b, L] -> logits [b, C]; ``predict_step`` exports logits [b, 1, C]."""
 
@@ -143,10 +151,7 @@ class LSTMClassifier(PrivacyStateMixin, L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         classifier = [p for name, p in self.named_parameters() if not name.startswith("adversary.")]
-        kwargs: dict[str, Any] = {"lr": hp.lr, "weight_decay": hp.weight_decay}
-        if hp.optimizer == "sgd":
-            kwargs["momentum"] = 0.9
-        optimizer = OPTIMIZERS[hp.optimizer](classifier, **kwargs)
+        optimizer = make_optimizer(classifier, hp)
         if self.adversary is None:
             return optimizer
         return [optimizer, torch.optim.Adam(self.adversary.parameters(), lr=hp.adv_reg_lr)]

@@ -1,0 +1,116 @@
+"""The most that stacking K models can gain on this device, per model family: one model's training step at batch B, K times, vs one step at batch K x B.
+
+A stacked ensemble runs K models' minibatches through the same layer sequence at once. Its frozen
+parts (FiLM's backbone convolutions, a frozen encoder) are literally one layer call on K x B samples,
+and its trainable per-model layers are batched matmuls / grouped convolutions, which are at best as
+efficient as one layer over K x B samples. So the per-sample cost of one model at batch K x B bounds
+the ensemble's per-sample cost from below, and ``time(K steps at B) / time(1 step at K x B)`` is the
+ceiling of the ensemble's speedup over training the models one after another (the sequential farm
+pays Lightning's per-run overhead on top, which this leaves out). A ceiling at or below 1 means
+stacking cannot pay on this device whatever the implementation.
+
+Families (random weights: only shapes matter for time): ``lstm`` (configs/text/imdb_lstm.yaml:
+Embedding 3000x64 -> LSTM 64, 100 tokens, B = 64), ``film`` and ``full`` (configs/images/fmnist_film.yaml:
+MobileNetV2 at 96 px, B = 20 = the few-shot subset; film: eval-mode backbone, only BatchNorm affine
+and head trainable), ``mlm`` (configs/mlm/clinosim_bert_tiny.yaml: BERT 2 layers x 128, 128 tokens,
+B = 32, vocabulary projection at the 15% masked positions only, as ``models.mlm`` trains).
+Run: ``python benchmarks/stacking_bound.py [--families lstm film full mlm] [--k 4 16] [--device cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def lstm_step(device: str) -> Callable[[int], None]:
+    embedding, lstm, head = nn.Embedding(3000, 64).to(device), nn.LSTM(64, 64, batch_first=True).to(device), nn.Linear(64, 2).to(device)
+
+    def step(batch: int) -> None:
+        tokens = torch.randint(0, 3000, (batch, 100), device=device)
+        _, (h, _) = lstm(embedding(tokens))
+        F.cross_entropy(head(h[-1]), torch.randint(0, 2, (batch,), device=device)).backward()
+
+    return step
+
+
+def image_step(device: str, finetune: str) -> Callable[[int], None]:
+    import timm
+
+    model = timm.create_model("mobilenetv2_100", pretrained=False, num_classes=5).to(device)
+    if finetune == "film":
+        model.eval()  # frozen backbone statistics, as models.image does in film mode
+        trainable = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters(recurse=False)}
+        trainable |= {id(p) for p in model.get_classifier().parameters()}
+        for parameter in model.parameters():
+            parameter.requires_grad_(id(parameter) in trainable)
+
+    def step(batch: int) -> None:
+        x = torch.randn(batch, 3, 96, 96, device=device)
+        F.cross_entropy(model(x), torch.randint(0, 5, (batch,), device=device)).backward()
+
+    return step
+
+
+def mlm_step(device: str) -> Callable[[int], None]:
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
+    model = BertForMaskedLM(config).to(device)
+
+    def step(batch: int) -> None:
+        ids = torch.randint(1000, 30522, (batch, 128), device=device)
+        masked = torch.rand(batch, 128, device=device) < 0.15
+        hidden = model.bert(input_ids=ids.masked_fill(masked, 103)).last_hidden_state
+        F.cross_entropy(model.cls(hidden[masked]), ids[masked]).backward()
+
+    return step
+
+
+FAMILIES: dict[str, tuple[Callable[[str], Callable[[int], None]], int]] = {
+    "lstm": (lstm_step, 64),
+    "film": (lambda device: image_step(device, "film"), 20),
+    "full": (lambda device: image_step(device, "full"), 20),
+    "mlm": (mlm_step, 32),
+}
+"""family -> (builder of a training step taking the batch size, the recipe's batch size B)."""
+
+
+def seconds(step: Callable[[int], None], batch: int, repeats: int, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step(batch)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--k", type=int, nargs="+", default=[4, 16], help="models per stacked group")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; the fastest counts")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'})")
+    for name in args.families:
+        build, batch = FAMILIES[name]
+        step = build(args.device)
+        for k in args.k:
+            step(batch), step(k * batch)  # warm-up: allocator, kernels
+            one = min(seconds(step, batch, k, args.device) for _ in range(args.rounds))
+            stacked = min(seconds(step, k * batch, 1, args.device) for _ in range(args.rounds))
+            print(f"{name:5s} K={k:3d}: {k} steps at batch {batch}: {one:7.3f} s; one step at batch {k * batch}: {stacked:7.3f} s; "
+                  f"stacking ceiling {one / stacked:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
