@@ -34,6 +34,7 @@ from mia_lightning.console import console
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json
+from mia_lightning.report.cells import tpr_cell
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
 
@@ -158,6 +159,7 @@ def _setting_summary(row: dict, attack: str) -> dict:
             accuracies.append(float(value))
     return {"setting": row["setting"], "experiment": str(experiment.root), "shots": int(shots), "n_classes": int(classes),
             "auc": results["auc"], "tpr_at_fpr": results["tpr_at_fpr"], "tpr_at_fpr_ci": results["tpr_at_fpr_ci"],
+            "tpr_at_fpr_ci_bootstrap": results.get("tpr_at_fpr_ci_bootstrap") or {},
             "min_resolvable_fpr": results.get("min_resolvable_fpr", 0.0), "n_members": results["n_members"], "n_nonmembers": results["n_nonmembers"],
             "val_acc": float(np.mean(accuracies)) if accuracies else None}
 
@@ -377,10 +379,9 @@ def power_law_tables(settings: list[dict], fits: list[dict], per_sample: dict, p
     """The study's tables: TPR per setting, the fitted power laws, and (when computed) the per-sample correlations."""
     rows = []
     for s in settings:
-        cells = [f"{100 * s['tpr_at_fpr'][str(level)]:.2f}% [{100 * s['tpr_at_fpr_ci'][str(level)][0]:.2f}, {100 * s['tpr_at_fpr_ci'][str(level)][1]:.2f}]"
-                 if str(level) in s["tpr_at_fpr"] else "-" for level in FPR_LEVELS]
+        cells = [tpr_cell(s, level, pairs=True) if str(level) in s["tpr_at_fpr"] else "-" for level in FPR_LEVELS]
         rows.append([s["setting"], str(s["shots"]), str(s["n_classes"]), "-" if s["val_acc"] is None else f"{s['val_acc']:.3f}", f"{s['auc']:.3f}", *cells])
-    out = [TableRecord(f"power-law study: {attack} per setting (TPR with Clopper-Pearson 95%)",
+    out = [TableRecord(f"power-law study: {attack} per setting (TPR [Clopper-Pearson over pairs] {{two-way bootstrap}}; (!) FPR not resolved)",
                        ["setting", "S", "C", "val acc", "AUC", *(f"TPR@{level:g}" for level in FPR_LEVELS)], rows)]
     fit_rows = []
     for fit in fits:

@@ -22,7 +22,8 @@ from mia_lightning.version import __version__
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json, write_bytes_atomic
 from mia_lightning.metrics import FPR_LEVELS
-from mia_lightning.report.terminal import DECISION_COLUMNS, auc_cell, decision_rows, epsilon_cell, skipped_lines, user_level_records
+from mia_lightning.report.cells import KEY, auc_cell, percent, results_header, results_row, tpr_cell, unresolved
+from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
 from mia_lightning.report.markdown import VULNERABLE_COLUMNS, epsilon_paragraphs, load_records, vulnerable_samples
 from mia_lightning.contract.runs import latest_run
 from mia_lightning.utility import UTILITY_FILE, utility_line
@@ -42,10 +43,6 @@ code { background: #f3f3f3; padding: 0 0.25em; border-radius: 3px; }
 
 def _esc(text: object) -> str:
     return html.escape(str(text))
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def _table(header: list[str], rows: list[list[str]], flagged: list[bool] | None = None, numeric_from: int = 1, table_id: str = "") -> str:
@@ -69,24 +66,12 @@ def _image(path: Path, alt: str) -> str:
     return f"<p><img alt=\"{_esc(alt)}\" src=\"data:image/png;base64,{data}\"></p>"
 
 
-def tpr_cell(record: dict, level: float) -> str:
-    """'4.58% [4.41, 4.75] {3.61, 5.55}': TPR@level, Clopper-Pearson over pairs [ ], two-way bootstrap { }."""
-    key = str(level)
-    low, high = record["tpr_at_fpr_ci"][key]
-    cell = f"{_pct(record['tpr_at_fpr'][key])} [{100 * low:.2f}, {100 * high:.2f}]"
-    boot = (record.get("tpr_at_fpr_ci_bootstrap") or {}).get(key)
-    return cell + (f" {{{100 * boot[0]:.2f}, {100 * boot[1]:.2f}}}" if boot else "")
-
-
-RESULT_COLUMNS = ["attack", "AUC {bootstrap}", "bal. acc", *(f"TPR@{100 * level:g}%FPR [CP] {{bootstrap}}" for level in FPR_LEVELS),
-                  "eps lower bound (construction, trials)", "members / non", "min FPR"]
+RESULT_COLUMNS = results_header(pairs=True)
 
 
 def result_rows(records: list[dict]) -> list[list[str]]:
-    """The results table: one row per attack output (same formatting as the console table)."""
-    return [[record["attack"], auc_cell(record), f"{record['balanced_accuracy']:.4f}", *(tpr_cell(record, level) for level in FPR_LEVELS),
-             epsilon_cell(record), f"{record['n_members']} / {record['n_nonmembers']}", f"{100 * record.get('min_resolvable_fpr', 0.0):.3g}%"]
-            for record in records]
+    """The results table: one row per attack output (the cells of every view, ``report.cells``)."""
+    return [results_row(record, pairs=True) for record in records]
 
 
 def verdict(records: list[dict]) -> tuple[str, bool]:
@@ -112,7 +97,7 @@ def verdict(records: list[dict]) -> tuple[str, bool]:
     leaks = bool(shown)
     paragraphs = [
         f"<p class=\"big\">{'Leaks' if leaks else 'No leakage detected'}: <code>{_esc(best['attack'])}</code> finds "
-        f"{_pct(best['tpr_at_fpr'][str(level)])} of the members at {100 * level:g}% FPR ({kind}: {_pct(low)} to {_pct(high)}; "
+        f"{percent(best['tpr_at_fpr'][str(level)])} of the members at {100 * level:g}% FPR ({kind}: {percent(low)} to {percent(high)}; "
         f"guessing finds {100 * level:g}%).</p>",
         f"<p>Its AUC is {_esc(auc_cell(best))} (AUC {{two-way bootstrap 95%}}), over {best['n_members']} member and {best['n_nonmembers']} "
         f"non-member (target, sample) pairs of {len(best['targets'])} target models.</p>",
@@ -134,7 +119,7 @@ def _few_shadow(run_folder: Path) -> str:
     names = list(dict.fromkeys(row["attack"] for row in rows))
     cell = {(row["n_shadows"], row["attack"]): row for row in rows}
     table = [[str(k)] + ["-" if cell.get((k, n)) is None or cell[(k, n)]["auc"] is None
-                         else f"{cell[(k, n)]['auc']:.3f} / {_pct(cell[(k, n)]['tpr@0.001'])} / {_pct(cell[(k, n)]['tpr@0.01'])}" for n in names]
+                         else f"{cell[(k, n)]['auc']:.3f} / {percent(cell[(k, n)]['tpr@0.001'])} / {percent(cell[(k, n)]['tpr@0.01'])}" for n in names]
              for k in sorted({row["n_shadows"] for row in rows})]
     return ("<h2 id=\"few-shadow\">Few-shadow curve</h2><p>AUC / TPR@0.1%FPR / TPR@1%FPR with k shadow / reference models.</p>"
             + _table(["shadows", *names], table, table_id="few-shadow-table") + _image(folder / "few_shadow.png", "attack success against the number of shadow models"))
@@ -149,7 +134,7 @@ def utility_rows(utility: dict) -> list[list[str]]:
     rows = []
     for name, key in (("test accuracy", "test_accuracy"), ("train accuracy", "train_accuracy")):
         values = [m[key] for m in utility["per_model"]]
-        rows.append([name, f"{_pct(utility[key])} (sd {100 * utility[key + '_std']:.2f})", _pct(min(values)), _pct(max(values))])
+        rows.append([name, f"{percent(utility[key])} (sd {100 * utility[key + '_std']:.2f})", percent(min(values)), percent(max(values))])
     return rows + [["train - test gap", f"{100 * utility['train_test_gap']:.2f} points", "", ""]]
 
 
@@ -162,7 +147,7 @@ def _utility(run_folder: Path) -> str:
              _table(["over the target models", "mean", "min", "max"], utility_rows(utility), table_id="utility-table")]
     per_class = utility["per_class"]
     if len(per_class["precision"]) <= PER_CLASS_LIMIT:
-        rows = [[str(c), _pct(p), _pct(r), _pct(f)] for c, (p, r, f) in enumerate(zip(per_class["precision"], per_class["recall"], per_class["f1"]))]
+        rows = [[str(c), percent(p), percent(r), percent(f)] for c, (p, r, f) in enumerate(zip(per_class["precision"], per_class["recall"], per_class["f1"]))]
         parts.append(_table(["class", "precision", "recall", "F1"], rows, table_id="per-class-table"))
     return "".join(parts)
 
@@ -171,7 +156,7 @@ def _users_and_decisions(records: list[dict]) -> str:
     parts = []
     users = user_level_records(records)
     if users:
-        rows = [[r["attack"], str(r["n_users"]), auc_cell(r), *(tpr_cell(r, level) for level in FPR_LEVELS)] for r in users]
+        rows = [[r["attack"], str(r["n_users"]), auc_cell(r), *(tpr_cell(r, level, pairs=True) for level in FPR_LEVELS)] for r in users]
         parts.append(f"<h2 id=\"users\">User level</h2><p>A user's score is the {_esc(users[0]['reduce'])} of their samples' scores; metrics count users.</p>"
                      + _table(["attack", "users", "AUC {bootstrap}", *RESULT_COLUMNS[3:3 + len(FPR_LEVELS)]], rows, table_id="user-table"))
     rows = decision_rows(records)
@@ -217,7 +202,7 @@ def _provenance(experiment: ExperimentDir, run: dict) -> str:
 def render_html(experiment: ExperimentDir, run_folder: Path, run: dict, records: list[dict], top: int = 20) -> str:
     """The whole page for one run."""
     verdict_html, leaks = verdict(records)
-    flagged = [record.get("min_resolvable_fpr", 0.0) > FPR_LEVELS[0] for record in records]
+    flagged = [unresolved(record, FPR_LEVELS[0]) for record in records]
     source, vulnerable = vulnerable_samples(records, experiment, run_folder, top)
     skipped = "".join(f"<p class=\"note\">Skipped (not applicable): {_esc(line)}</p>" for line in skipped_lines(run.get("skipped") or []))
     sections = [
@@ -227,9 +212,7 @@ def render_html(experiment: ExperimentDir, run_folder: Path, run: dict, records:
         f"<div class=\"verdict{'' if leaks else ' clear'}\" id=\"verdict\">{verdict_html}</div>",
         "<h2 id=\"results\">Results</h2>",
         _table(RESULT_COLUMNS, result_rows(records), flagged, table_id="results-table"),
-        "<p class=\"note\">[CP]: Clopper-Pearson 95% over (target, sample) pairs, too narrow when pairs share models or samples; "
-        "{bootstrap}: two-way bootstrap 95% over targets and samples, the interval to quote. min FPR: the smallest false positive rate "
-        "the scores resolve; highlighted rows cannot resolve 0.1%.</p>" + skipped,
+        f"<p class=\"note\">{_esc(KEY)}; highlighted rows cannot resolve {100 * FPR_LEVELS[0]:g}% FPR.</p>" + skipped,
         "<h2 id=\"roc\">ROC curves (log-log)</h2>",
         _image(run_folder / "roc.png", "ROC curves of every attack output, log-log"),
         _utility(run_folder),

@@ -18,16 +18,13 @@ from mia_lightning.contract.io import load_json, load_npy, write_bytes_atomic
 from mia_lightning.contract.confine import confined
 from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report.table import TableRecord
-from mia_lightning.report.terminal import DECISION_COLUMNS, auc_cell, decision_rows, epsilon_cell, skipped_lines, user_level_records
+from mia_lightning.report.cells import KEY, auc_cell, percent, results_header, results_row, tpr_cell
+from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
 from mia_lightning.contract.runs import latest_run
 from mia_lightning.utility import UTILITY_FILE, utility_line
 
 VULNERABILITY_ATTACK = "lira_online"
 """Preferred attack for the per-sample ranking; otherwise the one with the best TPR@0.1%FPR (then AUC)."""
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -53,9 +50,10 @@ def _user_and_decision_sections(records: list[dict]) -> list[str]:
     lines: list[str] = []
     users = user_level_records(records)
     if users:
-        rows = [[r["attack"], str(r["n_users"]), f"{r['auc']:.4f}"] + [_pct(r["tpr_at_fpr"][str(level)]) for level in FPR_LEVELS] for r in users]
+        rows = [[r["attack"], str(r["n_users"]), auc_cell(r), *(tpr_cell(r, level, pairs=True) for level in FPR_LEVELS)] for r in users]
         lines += ["## User level", "", f"A user's score is the {users[0]['reduce']} of their samples' scores; metrics count users.", "",
-                  *_table(["attack", "users", "AUC"] + [f"TPR@{100 * level:g}%FPR" for level in FPR_LEVELS], rows), ""]
+                  *_table(["attack", "users", "AUC {bootstrap}"] + [f"TPR@{100 * level:g}%FPR [CP] {{bootstrap}}" for level in FPR_LEVELS], rows),
+                  "", KEY, ""]
     rows = decision_rows(records)
     if rows:
         lines += ["## Decisions at a population threshold", "", "The threshold flags at most the FPR budget of known non-members (the population).", "",
@@ -64,24 +62,8 @@ def _user_and_decision_sections(records: list[dict]) -> list[str]:
 
 
 def _attack_section(records: list[dict], run_folder: Path, link: str) -> list[str]:
-    header = ["attack", "AUC {bootstrap}", "bal. acc"] + [f"TPR@{100 * level:g}%FPR [CP] {{bootstrap}}" for level in FPR_LEVELS]
-    header += ["eps lower bound (construction, trials)", "members / non", "min FPR"]
-    rows = []
-    for record in records:
-        cells = [record["attack"], auc_cell(record), f"{record['balanced_accuracy']:.4f}"]
-        bootstrap = record.get("tpr_at_fpr_ci_bootstrap") or {}
-        for level in FPR_LEVELS:
-            low, high = record["tpr_at_fpr_ci"][str(level)]
-            cell = f"{_pct(record['tpr_at_fpr'][str(level)])} [{_pct(low)}, {_pct(high)}]"
-            if str(level) in bootstrap:
-                cell += f" {{{_pct(bootstrap[str(level)][0])}, {_pct(bootstrap[str(level)][1])}}}"
-            cells.append(cell)
-        cells += [epsilon_cell(record), f"{record['n_members']} / {record['n_nonmembers']}", f"{100 * record.get('min_resolvable_fpr', 0.0):.3g}%"]
-        rows.append(cells)
-    lines = ["## Attacks", "", *_table(header, rows), "",
-             "[CP]: Clopper-Pearson 95% over (target, sample) pairs, too narrow when many targets are pooled (pairs share "
-             "models and samples); {bootstrap}: two-way bootstrap 95% over targets and samples, which respects that dependence. "
-             "min FPR: the smallest false positive rate the scores can resolve; below it, ties decide.", ""]
+    rows = [results_row(record, pairs=True) for record in records]
+    lines = ["## Attacks", "", *_table(results_header(pairs=True), rows), "", KEY, ""]
     if (run_folder / "roc.png").is_file():
         lines += [f"![ROC curves of all attacks (log-log)]({link}/roc.png)", ""]
     return lines
@@ -130,7 +112,7 @@ def _few_shadow_section(run_folder: Path, link: str) -> list[str]:
     table = []
     for k in counts:
         points = [cell.get((k, name)) for name in names]
-        table.append([str(k)] + ["-" if p is None or p["auc"] is None else f"{p['auc']:.3f} / {_pct(p['tpr@0.001'])} / {_pct(p['tpr@0.01'])}" for p in points])
+        table.append([str(k)] + ["-" if p is None or p["auc"] is None else f"{p['auc']:.3f} / {percent(p['tpr@0.001'])} / {percent(p['tpr@0.01'])}" for p in points])
     lines = ["## Few-shadow curve", "", "AUC / TPR@0.1%FPR / TPR@1%FPR with k shadow / reference models (the k lowest ids other than the target).", ""]
     lines += _table(["shadows"] + names, table) + [""]
     if (folder / "few_shadow.png").is_file():

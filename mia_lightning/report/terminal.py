@@ -15,6 +15,7 @@ from rich.table import Table  # noqa: E402
 
 from mia_lightning.contract.io import write_bytes_atomic  # noqa: E402
 from mia_lightning.metrics import FPR_LEVELS, RocCurve  # noqa: E402
+from mia_lightning.report.cells import COMPACT_KEY, percent, results_header, results_row, unresolved  # noqa: E402
 from mia_lightning.report.table import TableRecord  # noqa: E402
 
 
@@ -22,52 +23,16 @@ PLOT_POINTS = 400
 """Log-spaced FPR values at which a ROC curve is drawn (a step plot; never millions of vertices)."""
 
 
-def _percent(value: float) -> str:
-    return f"{100 * value:.2f}%"
-
-
-def _interval(bounds: list[float] | None, brackets: str) -> str:
-    return "" if not bounds else f" {brackets[0]}{100 * bounds[0]:.2f}, {100 * bounds[1]:.2f}{brackets[1]}"
-
-
-def auc_cell(record: dict) -> str:
-    """'0.6573 {0.6401, 0.6745}': the AUC and its two-way bootstrap 95% interval when the run has one."""
-    bounds = record.get("auc_ci_bootstrap")
-    return f"{record['auc']:.4f}" + ("" if not bounds else f" {{{bounds[0]:.4f}, {bounds[1]:.4f}}}")
-
-
-def epsilon_cell(record: dict) -> str:
-    """'1.234 (runs, 32)': the empirical epsilon lower bound, its construction and its number of independent trials."""
-    eps = record.get("empirical_epsilon") or {}
-    if eps.get("epsilon_lower_bound") is None:
-        return "-"
-    method = {"independent_runs": "runs", "one_run": "one run"}.get(eps.get("method"), eps.get("method"))
-    return f"{eps['epsilon_lower_bound']:.3f} ({method}, {eps.get('n_trials', '?')})"
-
-
 def results_table(records: list[dict], title: str) -> Table:
-    """One row per attack: AUC, balanced accuracy, TPR@FPR with its two 95% intervals, epsilon bound, counts, resolution."""
-    table = Table(title=title, title_justify="left", caption="[ ] Clopper-Pearson over pairs (too narrow when pairs share models or samples); "
-                  "{ } two-way bootstrap over targets and samples (AUC too); eps: lower bound (construction, independent trials); "
-                  "min FPR: the smallest FPR the scores resolve (ties)", caption_justify="left")
-    table.add_column("attack", style="bold")
-    table.add_column("AUC", justify="right")
-    table.add_column("bal. acc", justify="right")
-    for level in FPR_LEVELS:
-        table.add_column(f"TPR@{100 * level:g}%FPR", justify="right")
-    table.add_column("eps lower bound", justify="right")
-    table.add_column("members / non", justify="right")
-    table.add_column("min FPR", justify="right")
+    """One row per attack output, compact enough for a terminal: AUC and TPR@FPR with their bootstrap intervals, flags, epsilon bound.
+
+    The Clopper-Pearson intervals over pairs stay in report.md / report.html (``cells.KEY``), so a row fits on one line.
+    """
+    table = Table(title=title, title_justify="left", caption=COMPACT_KEY, caption_justify="left")
+    for name in results_header(pairs=False):
+        table.add_column(name.replace(" {bootstrap}", ""), justify="left" if name == "attack" else "right", style="bold" if name == "attack" else None)
     for record in records:
-        cells = [record["attack"], auc_cell(record), f"{record['balanced_accuracy']:.4f}"]
-        bootstrap = record.get("tpr_at_fpr_ci_bootstrap") or {}
-        for level in FPR_LEVELS:
-            key = str(level)
-            cells.append(_percent(record["tpr_at_fpr"][key]) + _interval(record["tpr_at_fpr_ci"][key], "[]") + _interval(bootstrap.get(key), "{}"))
-        min_fpr = record.get("min_resolvable_fpr", 0.0)
-        cells += [epsilon_cell(record), f"{record['n_members']} / {record['n_nonmembers']}",
-                  f"{100 * min_fpr:.3g}%" + (" (!)" if min_fpr > FPR_LEVELS[0] else "")]
-        table.add_row(*cells, style="yellow" if min_fpr > FPR_LEVELS[0] else None)
+        table.add_row(*results_row(record, pairs=False), style="yellow" if unresolved(record, FPR_LEVELS[0]) else None)
     return table
 
 
@@ -81,10 +46,10 @@ def decision_rows(records: list[dict]) -> list[list[str]]:
         for level, block in (("sample", record), ("user", record.get("user_level") or {})):
             decision = block.get("precision_recall")
             if decision and "skipped" not in decision:
-                precision = "-" if decision["precision"] is None else _percent(decision["precision"])
-                recall = "-" if decision["recall"] is None else _percent(decision["recall"])
+                precision = "-" if decision["precision"] is None else percent(decision["precision"])
+                recall = "-" if decision["recall"] is None else percent(decision["recall"])
                 rows.append([record["attack"], level, f"{100 * decision['fpr_budget']:g}% ({decision['rule']})", precision, recall,
-                             _percent(decision["fpr"] or 0.0), _percent(decision["population_fpr"])])
+                             percent(decision["fpr"] or 0.0), percent(decision["population_fpr"])])
     return rows
 
 
@@ -109,9 +74,9 @@ def fpr_control_lines(records: list[dict]) -> list[str]:
         control = record.get("fpr_control")
         if control:
             low, high = control.get("fpr_ci_bootstrap", control["fpr_ci"])
-            lines.append(f"{record['attack']}: built for FPR {_percent(control['alpha'])} (calibration range {_percent(control['alpha_interval'][0])}-"
-                         f"{_percent(control['alpha_interval'][1])}); measured FPR {_percent(control['fpr'])} {{{_percent(low)}, {_percent(high)}}}, "
-                         f"TPR {_percent(control['tpr'])} on the audited pairs: {'consistent' if control['fpr_consistent'] else 'NOT consistent'}")
+            lines.append(f"{record['attack']}: built for FPR {percent(control['alpha'])} (calibration range {percent(control['alpha_interval'][0])}-"
+                         f"{percent(control['alpha_interval'][1])}); measured FPR {percent(control['fpr'])} {{{percent(low)}, {percent(high)}}}, "
+                         f"TPR {percent(control['tpr'])} on the audited pairs: {'consistent' if control['fpr_consistent'] else 'NOT consistent'}")
     return lines
 
 
