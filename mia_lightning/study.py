@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -163,11 +164,15 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
                "attacks": list(options.attacks), "params": options.params, "n_targets": options.n_targets}
     _check_study_file(study_dir, payload)
     rows = []
+    started, trained = time.perf_counter(), 0
     for number, setting in enumerate(settings, start=1):
         experiment = ExperimentDir(confined(study_dir, study_dir / "settings" / setting.name))
         marker = experiment.root / SETTING_FILE
         if not marker.is_file():
-            console.rule(f"study {options.name}: setting {number}/{len(settings)} {setting.name}")
+            remaining = sum(not (study_dir / "settings" / later.name / SETTING_FILE).is_file() for later in settings[number - 1:])
+            eta = f", about {(time.perf_counter() - started) / trained * remaining / 60:.0f} min left" if trained else ""
+            console.rule(f"study {options.name}: setting {number}/{len(settings)} {setting.name} ({remaining} to train{eta})")
+            trained += 1
             code = farm_main(setting_argv(options, study_dir, setting))
             if code:
                 raise MiaError(f"study {options.name}: the farm of setting {setting.name!r} stopped (exit {code}); re-run the study to resume")
