@@ -12,7 +12,7 @@ from mia_lightning.cli import train_main
 from mia_lightning.components import ComponentSpec
 from mia_lightning.data.plan import PlanSpec, make_lira_plan
 from mia_lightning.errors import MiaError
-from mia_lightning.experiment import ExperimentDir
+from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, model_seed
 from mia_lightning.farm.vectorised import VectorisedEngine
 from mia_lightning.models.lstm import LSTMClassifier

@@ -16,7 +16,6 @@ import time
 import uuid
 from pathlib import Path
 
-from mia_lightning.contract.io import save_json_atomic
 from mia_lightning.contract.owners import pid_alive
 
 CLAIM_FILE = "claim.json"
@@ -64,7 +63,7 @@ def try_claim(model_dir: Path, stale_after_s: float) -> bool:
     # write the claim's content first, then hard-link it into place: the link either fails (someone
     # holds the model) or publishes a complete file, so no reader ever sees an empty claim
     staged = model_dir / f".claim-{uuid.uuid4().hex}"
-    save_json_atomic(staged, {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
+    staged.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
     try:
         os.link(staged, model_dir / CLAIM_FILE)
     except FileExistsError:
