@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import yaml
 
 from mia_lightning.cli import train_main
-from mia_lightning.components import ComponentSpec
+from mia_lightning.contract.components import ComponentSpec
 from mia_lightning.data.plan import PlanSpec, make_lira_plan
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
