@@ -24,6 +24,7 @@ from mia_lightning.console import console
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json
+from mia_lightning.report.cells import UNRESOLVED
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
 
@@ -110,6 +111,7 @@ def _attack_entry(row: dict, output: str, members: np.ndarray, audited: np.ndarr
         **{f"tpr@{level}": result["tpr_at_fpr"][level] for level in LEVELS},
         **{f"tpr@{level}_ci": boot.get(level, result["tpr_at_fpr_ci"][level]) for level in LEVELS},
         "empirical_epsilon": (result.get("empirical_epsilon") or {}).get("epsilon_lower_bound"),
+        "min_resolvable_fpr": result.get("min_resolvable_fpr", 0.0),
     }
 
 
@@ -184,11 +186,13 @@ def defence_table(settings: list[dict], outputs: list[str]) -> TableRecord:
             if o.startswith("shokri"):
                 continue
             entry = s["attacks"].get(o)
-            cells += ["-" if entry is None else pct(entry[f"tpr@{l}"], entry[f"tpr@{l}_ci"]) for l in LEVELS]
+            cells += ["-" if entry is None else pct(entry[f"tpr@{l}"], entry[f"tpr@{l}_ci"]) + (UNRESOLVED if float(l) < entry.get("min_resolvable_fpr", 0.0) else "")
+                      for l in LEVELS]
         emp = [e["empirical_epsilon"] for e in s["attacks"].values() if e.get("empirical_epsilon") is not None]
         cells += ["-" if not emp else f"{max(emp):.2f}", s["helps"]]
         rows.append(cells)
-    return TableRecord("defences: utility and membership leakage per setting (95% bootstrap intervals; TPR in %)", header, rows, left=tuple(header))
+    return TableRecord("defences: utility and membership leakage per setting (95% bootstrap intervals; TPR in %; (!) FPR not resolved by the scores)",
+                       header, rows, left=tuple(header))
 
 
 def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attack: str = "lira_online",

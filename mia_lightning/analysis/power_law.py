@@ -379,9 +379,9 @@ def power_law_tables(settings: list[dict], fits: list[dict], per_sample: dict, p
     """The study's tables: TPR per setting, the fitted power laws, and (when computed) the per-sample correlations."""
     rows = []
     for s in settings:
-        cells = [tpr_cell(s, level, pairs=True) if str(level) in s["tpr_at_fpr"] else "-" for level in FPR_LEVELS]
+        cells = [tpr_cell(s, level) if str(level) in s["tpr_at_fpr"] else "-" for level in FPR_LEVELS]
         rows.append([s["setting"], str(s["shots"]), str(s["n_classes"]), "-" if s["val_acc"] is None else f"{s['val_acc']:.3f}", f"{s['auc']:.3f}", *cells])
-    out = [TableRecord(f"power-law study: {attack} per setting (TPR [Clopper-Pearson over pairs] {{two-way bootstrap}}; (!) FPR not resolved)",
+    out = [TableRecord(f"power-law study: {attack} per setting (TPR {{two-way bootstrap 95%}}; (!) FPR not resolved by the scores)",
                        ["setting", "S", "C", "val acc", "AUC", *(f"TPR@{level:g}" for level in FPR_LEVELS)], rows)]
     fit_rows = []
     for fit in fits:

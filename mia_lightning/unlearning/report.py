@@ -26,6 +26,7 @@ from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json, load_npy, save_json_atomic, write_bytes_atomic
 from mia_lightning.contract.runs import latest_run
 from mia_lightning.contract.confine import confined_all
+from mia_lightning.report.cells import UNRESOLVED
 from mia_lightning.report.markdown import markdown_table
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
@@ -49,7 +50,7 @@ def _metrics(folder: Path, record: dict, keep: np.ndarray) -> dict[str, Any]:
     scores, members = _scores(folder, record, keep)
     auc, low, high = auc_interval(scores, members)
     return {"auc": auc, "auc_ci": [low, high], "tpr@1%fpr": record["tpr_at_fpr"][FPR], "tpr@1%fpr_ci": record["tpr_at_fpr_ci"][FPR],
-            "n_members": record["n_members"], "n_nonmembers": record["n_nonmembers"]}
+            "n_members": record["n_members"], "n_nonmembers": record["n_nonmembers"], "min_resolvable_fpr": record.get("min_resolvable_fpr", 0.0)}
 
 
 def chen_rows(folder: Path, records: dict[str, dict], keep: np.ndarray) -> list[dict]:
@@ -147,6 +148,12 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _tpr(metrics: dict) -> str:
+    """'16.0% [11.2%, 21.8%]', marked ``(!)`` like every other view when the scores cannot resolve a 1% FPR."""
+    low, high = metrics["tpr@1%fpr_ci"]
+    return f"{_pct(metrics['tpr@1%fpr'])} [{_pct(low)}, {_pct(high)}]" + (UNRESOLVED if float(FPR) < metrics.get("min_resolvable_fpr", 0.0) else "")
+
+
 LEFT = ("feature", "clf", "defence", "view", "test")
 
 
@@ -161,7 +168,7 @@ def tables(summary: dict) -> list[TableRecord]:
     if summary["unlearning_attack"]:
         header = ["feature", "clf", "defence", "view", "AUC [95% CI]", "TPR@1%FPR [95% CI]", "classic original AUC / TPR", "classic unlearned AUC / TPR", "DegCount", "DegRate"]
         rows = [[r["feature"], r["classifier"], r["defence"], r["view"], f"{r['auc']:.3f} {_ci(r['auc_ci'])}",
-                 f"{_pct(r['tpr@1%fpr'])} [{_pct(r['tpr@1%fpr_ci'][0])}, {_pct(r['tpr@1%fpr_ci'][1])}]",
+                 _tpr(r),
                  *(f"{r[f'classic_{side}_auc']:.3f} / {_pct(r[f'classic_{side}_tpr@1%fpr'])}" if f"classic_{side}_auc" in r else "-"
                    for side in ("original", "unlearned")),
                  f"{r['degcount']:.3f}" if "degcount" in r else "-", f"{r['degrate']:+.3f}" if "degrate" in r else "-"]
@@ -174,7 +181,7 @@ def tables(summary: dict) -> list[TableRecord]:
                   "lira_before": "same test on the originals (before)", "loss_exact": "loss attack, exact", "loss_inexact": "loss attack, inexact",
                   "retained_before": "retained samples, originals", "retained_exact": "retained samples, exact", "retained_inexact": "retained samples, inexact"}
         rows = [[label, f"{ulira[key]['auc']:.3f} {_ci(ulira[key]['auc_ci'])}",
-                 f"{_pct(ulira[key]['tpr@1%fpr'])} [{_pct(ulira[key]['tpr@1%fpr_ci'][0])}, {_pct(ulira[key]['tpr@1%fpr_ci'][1])}]",
+                 _tpr(ulira[key]),
                  f"{ulira[key]['n_members']} / {ulira[key]['n_nonmembers']}"] for key, label in labels.items() if key in ulira]
         for statistic in ("loss", "ulira"):
             leak = ulira.get(f"privleak_{statistic}")
