@@ -81,6 +81,9 @@ def test_analysis_table_from_audited_settings(tmp_path, capsys):
     assert (tmp_path / "privacy_utility.png").is_file()
     out = capsys.readouterr().out
     assert "helps?" in out and "7.90" in out
+    page = (tmp_path / "analysis.html").read_text()  # the same table as a self-contained page, its plot inline
+    assert "<script" not in page and page.count("data:image/png;base64,") == 1
+    assert ">7.90</td>" in page and ">baseline</td>" in page and "(!) the FPR is below" in page
     with pytest.raises(MiaError, match="baseline 'none'"):
         analyse(tmp_path, rows, baseline="none")
     with pytest.raises(MiaError, match="no such result"):

@@ -138,5 +138,8 @@ def test_study_end_to_end_on_generated_images(tmp_path):
     per_sample = analysis["per_sample"]["shots-4_n_classes-3"]
     assert per_sample["gradient_norm"]["n"] == 24 and 0 <= per_sample["gradient_norm"]["p_value"] <= 1
     assert analysis["dp"]["setting"] in {s["setting"] for s in analysis["settings"]}
+    page = (out / "analysis.html").read_text()  # tables and plots of the analysis as one self-contained page
+    assert "<script" not in page and page.count("data:image/png;base64,") == 3
+    assert all(f">{s['setting']}</td>" in page for s in analysis["settings"]) and "two-way bootstrap" in page
     for name in ("power_law.png", "dp_bound.png", "per_sample.png"):
         assert (out / name).stat().st_size > 1000

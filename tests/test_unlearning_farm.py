@@ -72,6 +72,8 @@ def test_unlearning_report_writes_degcount_and_the_baselines(scratch_farm: Path)
     row = next(r for r in report["unlearning_attack"] if r["attack"] == "unlearning_sorted_concat_random_forest")
     assert 0.0 <= row["degcount"] <= 1.0 and row["classic_original_auc"] < row["auc"]
     assert "| sorted_concat | random_forest |" in (scratch_farm / "unlearning_report.md").read_text()
+    page = (scratch_farm / "unlearning_report.html").read_text()  # the same tables as a page, with the run's ROC inline
+    assert "<td>sorted_concat</td><td>random_forest</td>" in page and page.count("data:image/png;base64,") == 1
 
 
 def test_sisa_retrains_only_the_affected_shard_from_the_affected_slice(tmp_path: Path) -> None:

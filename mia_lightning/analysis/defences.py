@@ -25,6 +25,8 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json
 from mia_lightning.report.cells import UNRESOLVED
+from mia_lightning.contract.confine import confined
+from mia_lightning.report.html import ANALYSIS_PAGE, write_tables_page
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
 
@@ -231,7 +233,10 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
         s["pareto"] = bool(on_front)
     if plotted:
         _plot(plotted, attack, front, Path(study_dir) / PLOT_FILE)
-    print_tables([defence_table(settings, outputs)], console)
+    table = defence_table(settings, outputs)
+    print_tables([table], console)
+    write_tables_page(confined(Path(study_dir), Path(study_dir) / ANALYSIS_PAGE), f"Defences study: {Path(study_dir).name}", [table],
+                      [(Path(study_dir) / PLOT_FILE, "test accuracy against TPR@1%FPR per defence")])
     return {"attack": attack, "baseline": baseline, "bootstrap": bootstrap, "plot": PLOT_FILE,
             "helps_rule": "yes: the TPR@1%FPR bootstrap interval lies entirely below the baseline's; worse: entirely above; no: they overlap",
             "settings": settings}

@@ -35,6 +35,8 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json
 from mia_lightning.report.cells import tpr_cell
+from mia_lightning.contract.confine import confined
+from mia_lightning.report.html import ANALYSIS_PAGE, write_tables_page
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
 
@@ -465,8 +467,12 @@ def analyse(
     dp, curve = dp_comparison(ExperimentDir(Path(by_name[name]["experiment"])), attack, bounds)
     dp["setting"] = name
     plot_dp_bound(study_dir / "dp_bound.png", curve, bounds, f"{attack} on {name}")
-    print_tables(power_law_tables(settings, fits, samples, pooled, attack), console)
+    tables = power_law_tables(settings, fits, samples, pooled, attack)
+    print_tables(tables, console)
     console.print(dp_line(dp))
+    figures = [(study_dir / name, alt) for name, alt in (("power_law.png", "TPR against shots per class"), ("dp_bound.png", "ROC against DP bounds"),
+                                                         ("per_sample.png", "per-sample vulnerability"))]
+    write_tables_page(confined(study_dir, study_dir / ANALYSIS_PAGE), f"Power-law study: {Path(study_dir).name}", tables, figures, [dp_line(dp)])
     return {
         "attack": attack,
         "settings": settings,

@@ -46,7 +46,7 @@ def _column_fix(option: str) -> str:
 def hf_columns(name: str, columns: dict[str, str], split: str) -> dict[str, list[str]]:
     """Columns of a Hugging Face dataset (``hf:<name>[:<config>]``), downloaded by ``datasets``; ``columns`` as for ``read_csv_columns``."""
     if importlib.util.find_spec("datasets") is None:
-        raise MiaError(f"hf:{name}: the Hugging Face `datasets` package is not installed; pip install datasets")
+        raise MiaError(f"hf:{name}: the Hugging Face `datasets` package is not installed; pip install 'mia-lightning[hub]' (or datasets)")
     import datasets
 
     dataset_name, _, config = name.partition(":")

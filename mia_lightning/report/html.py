@@ -25,6 +25,7 @@ from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report.cells import KEY, auc_cell, percent, results_header, results_row, tpr_cell, unresolved
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
 from mia_lightning.report.markdown import VULNERABLE_COLUMNS, epsilon_paragraphs, load_records, vulnerable_samples
+from mia_lightning.report.table import TableRecord
 from mia_lightning.contract.runs import latest_run
 from mia_lightning.utility import UTILITY_FILE, utility_line
 
@@ -225,9 +226,36 @@ def render_html(experiment: ExperimentDir, run_folder: Path, run: dict, records:
                         "target models that trained on the sample (targets in brackets), beside the mean over those that did not.</p>"
                         + _table(VULNERABLE_COLUMNS, vulnerable, table_id="vulnerable-table"))
     sections.append(_provenance(experiment, run))
+    return _page(f"MIA audit: {experiment.root.name}", sections)
+
+
+ANALYSIS_PAGE = "analysis.html"
+"""A study's analysis as a page, beside its analysis.json."""
+
+
+def _page(title: str, sections: list[str]) -> str:
+    """A whole self-contained page: inline style, no script."""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>MIA audit: {_esc(experiment.root.name)}</title><style>{STYLE}</style></head><body>\n"
+            f"<title>{_esc(title)}</title><style>{STYLE}</style></head><body>\n"
             + "\n".join(section for section in sections if section) + "\n</body></html>\n")
+
+
+def record_table(record: TableRecord) -> str:
+    """A ``TableRecord`` (the analyses' and unlearning report's tables) as an HTML table under its title."""
+    numeric_from = next((i for i, name in enumerate(record.header) if name not in record.left), len(record.header))
+    return f"<h2>{_esc(record.title)}</h2>" + _table(record.header, record.rows, numeric_from=max(1, numeric_from))
+
+
+def write_tables_page(path: Path, title: str, records: list[TableRecord], images: list[tuple[Path, str]] = (), notes: list[str] = ()) -> Path:
+    """A self-contained page of ``TableRecord``s and inline figures (a study's analysis, the unlearning report), written atomically.
+
+    The same style and cell marks as report.html, so a study or unlearning table reads like the audit it summarises.
+    """
+    sections = [f"<h1>{_esc(title)}</h1>", *(f"<p class=\"note\">{_esc(note)}</p>" for note in notes),
+                *(record_table(record) for record in records), *(_image(image, alt) for image, alt in images),
+                f"<p class=\"note\">{_esc(KEY)}. Written by mia-lightning {_esc(__version__)}.</p>"]
+    write_bytes_atomic(path, _page(title, sections).encode())
+    return path
 
 
 def write_html_report(experiment_dir: Path, top: int = 20) -> Path:

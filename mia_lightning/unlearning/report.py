@@ -27,6 +27,7 @@ from mia_lightning.contract.io import load_json, load_npy, save_json_atomic, wri
 from mia_lightning.contract.runs import latest_run
 from mia_lightning.contract.confine import confined_all
 from mia_lightning.report.cells import UNRESOLVED
+from mia_lightning.report.html import write_tables_page
 from mia_lightning.report.markdown import markdown_table
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
@@ -206,11 +207,13 @@ def main(argv: list[str]) -> int:
     summaries = [summarise(path) for path in cfg.experiment]  # everything computed before anything is written
     for summary in summaries:  # no symlink leads a report out of its experiment
         root = Path(summary["experiment"])
-        confined_all(root, [root / "unlearning_report.json", root / "unlearning_report.md"])
+        confined_all(root, [root / "unlearning_report.json", root / "unlearning_report.md", root / "unlearning_report.html"])
     for summary in summaries:
         root = Path(summary["experiment"])
         save_json_atomic(root / "unlearning_report.json", summary)
         write_bytes_atomic(root / "unlearning_report.md", markdown(summary).encode())
+        write_tables_page(root / "unlearning_report.html", f"Unlearning audit: {root.name}", tables(summary),
+                          [(root / "attacks" / "latest" / "roc.png", "ROC curves of every output of the audited run (log-log)")])
         print_tables(tables(summary), console)
     if cfg.markdown:
         write_bytes_atomic(cfg.markdown, "\n".join(markdown(s) for s in summaries).encode())
