@@ -88,3 +88,13 @@ def test_analysis_table_from_audited_settings(tmp_path, capsys):
         analyse(tmp_path, rows, baseline="none")
     with pytest.raises(MiaError, match="no such result"):
         analyse(tmp_path, rows, attack="rmia_online")
+
+
+def test_a_plot_linked_out_of_the_study_is_refused_before_anything_is_written(tmp_path):
+    rows = [audited_experiment(tmp_path / "baseline", effect=6.0), audited_experiment(tmp_path / "dp", effect=0.0, dp_epsilon=7.9)]
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.png"
+    outside.write_bytes(b"not yours")
+    (tmp_path / "privacy_utility.png").symlink_to(outside)
+    with pytest.raises(MiaError, match="a symbolic link leading outside"):
+        analyse(tmp_path, rows, outputs=["lira_online"], bootstrap=10)
+    assert outside.read_bytes() == b"not yours" and not (tmp_path / "analysis.html").exists()

@@ -25,7 +25,7 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json
 from mia_lightning.report.cells import UNRESOLVED
-from mia_lightning.contract.confine import confined
+from mia_lightning.contract.confine import confined, confined_all
 from mia_lightning.report.html import ANALYSIS_PAGE, write_tables_page
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
@@ -201,6 +201,7 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
             outputs: list[str] | None = None, bootstrap: int = 200, seed: int = 0) -> dict:
     """The defences table (printed), ``privacy_utility.png`` under ``study_dir``, and the JSON summary (returned)."""
     outputs = list(outputs or DEFAULT_OUTPUTS)
+    confined_all(Path(study_dir), [Path(study_dir) / PLOT_FILE, Path(study_dir) / ANALYSIS_PAGE])  # no link leads the files out of the study
     names = [row["setting"] for row in rows]
     if baseline not in names:
         raise MiaError(f"study.analysis_params.baseline {baseline!r}: no such setting; settings are {', '.join(names)}")

@@ -35,7 +35,7 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json
 from mia_lightning.report.cells import tpr_cell
-from mia_lightning.contract.confine import confined
+from mia_lightning.contract.confine import confined, confined_all
 from mia_lightning.report.html import ANALYSIS_PAGE, write_tables_page
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
@@ -443,6 +443,7 @@ def analyse(
     study_dir = Path(study_dir)
     if not rows:
         raise MiaError("power_law analysis: the study has no audited settings")
+    confined_all(study_dir, [study_dir / name for name in ("power_law.png", "per_sample.png", "dp_bound.png", ANALYSIS_PAGE)])  # before any is written
     settings = [_setting_summary(row, attack) for row in rows]
     fits = [fit_power_law(settings, level, bootstrap, seed, held_out_classes) for level in FPR_LEVELS]
     plot_power_law(study_dir / "power_law.png", settings, fits)
