@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from mia_lightning.version import __version__
+from mia_lightning.contract.confine import confined
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json, write_bytes_atomic
 from mia_lightning.metrics import FPR_LEVELS
@@ -264,6 +265,6 @@ def write_html_report(experiment_dir: Path, top: int = 20) -> Path:
     experiment.check_exists()
     run_folder, run = latest_run(experiment)
     records = load_records(run_folder, run)
-    path = experiment.root / "report.html"
+    path = confined(experiment.root, experiment.root / "report.html")
     write_bytes_atomic(path, render_html(experiment, run_folder, run, records, top).encode())
     return path
