@@ -61,12 +61,12 @@ def test_results_record_the_run(experiment):
 def test_a_failing_run_leaves_the_published_run_untouched(experiment, monkeypatch):
     run_audit(experiment, ["lira"], bootstrap=0)
     before = published(experiment)
-    from mia_lightning import report
+    from mia_lightning.report import terminal
 
     def broken_plot(*args, **kwargs):
         raise RuntimeError("disk vanished while plotting")
 
-    monkeypatch.setattr(report, "plot_roc", broken_plot)  # run_audit imports it when it runs
+    monkeypatch.setattr(terminal, "plot_roc", broken_plot)  # run_audit imports it when it runs
     with pytest.raises(RuntimeError):
         run_audit(experiment, ["lira", "rmia"], bootstrap=0)
     assert published(experiment) == before
