@@ -27,6 +27,7 @@ from mia_lightning.contract.io import load_json
 from mia_lightning.report.cells import UNRESOLVED
 from mia_lightning.contract.confine import confined, confined_all
 from mia_lightning.report.html import ANALYSIS_PAGE, write_tables_page
+from mia_lightning.report.figures import plot_privacy_utility
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
 
@@ -139,32 +140,6 @@ def pareto_front(accuracy: np.ndarray, leakage: np.ndarray) -> np.ndarray:
     return ~dominated
 
 
-def _plot(settings: list[dict], attack: str, front: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    xs = np.array([s["test_accuracy"] for s in settings], dtype=float)
-    ys = np.array([100 * s["attacks"][attack]["tpr@0.01"] for s in settings], dtype=float)
-    errors = np.array([[ys[i] - 100 * s["attacks"][attack]["tpr@0.01_ci"][0], 100 * s["attacks"][attack]["tpr@0.01_ci"][1] - ys[i]] for i, s in enumerate(settings)]).T
-    ax.errorbar(100 * xs, ys, yerr=np.clip(errors, 0, None), fmt="o", color="tab:blue", capsize=3)
-    order = np.argsort(xs[front])
-    ax.plot(100 * xs[front][order], ys[front][order], "--", color="tab:red", label="Pareto front")
-    for s, x, y in zip(settings, xs, ys):
-        label = s["setting"] + (f" (eps {s['accountant_epsilon']:.1f})" if s["accountant_epsilon"] is not None else "")
-        ax.annotate(label, (100 * x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("test accuracy (%)")
-    ax.set_ylabel(f"{attack} TPR at 1% FPR (%)")
-    ax.set_title("privacy-utility trade-off of the defences")
-    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def defence_table(settings: list[dict], outputs: list[str]) -> TableRecord:
     """The defences table: one row per setting (utility, each output's AUC and TPRs with intervals, epsilon, verdict)."""
 
@@ -233,7 +208,7 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
     for s, on_front in zip(plotted, front):
         s["pareto"] = bool(on_front)
     if plotted:
-        _plot(plotted, attack, front, Path(study_dir) / PLOT_FILE)
+        plot_privacy_utility(plotted, attack, front, Path(study_dir) / PLOT_FILE)
     table = defence_table(settings, outputs)
     print_tables([table], console)
     write_tables_page(confined(Path(study_dir), Path(study_dir) / ANALYSIS_PAGE), f"Defences study: {Path(study_dir).name}", [table],

@@ -16,14 +16,13 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from mia_lightning.attacks import AttackData, create_attack
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.io import save_json_atomic
 from mia_lightning.metrics import membership_metrics
-from mia_lightning.report.terminal import save_figure
+from mia_lightning.report.figures import plot_few_shadow
 
 log = logging.getLogger("mia_lightning")
 
@@ -71,29 +70,10 @@ def few_shadow_curve(data: AttackData, targets: np.ndarray, shadow_counts: Seque
     return rows
 
 
-def plot_few_shadow(rows: list[dict], path: Path, title: str) -> None:
-    """AUC and TPR@FPR against the number of shadow models (log x), one line per attack output, as PNG."""
-    fig, axes = plt.subplots(1, len(ROW_METRICS), figsize=(4.2 * len(ROW_METRICS), 3.8))
-    names = list(dict.fromkeys(row["attack"] for row in rows))
-    counts = sorted({row["n_shadows"] for row in rows})
-    for ax, metric in zip(axes, ROW_METRICS):
-        for name in names:
-            points = [(row["n_shadows"], row[metric]) for row in rows if row["attack"] == name and row[metric] is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", linewidth=1.2, label=name)
-        ax.set(xscale="log", xlabel="shadow / reference models", ylabel=metric, title=metric)
-        ax.set_xticks(counts, [str(k) for k in counts])
-        ax.minorticks_off()
-        ax.grid(True, which="major", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title)
-    save_figure(fig, Path(path))
-
-
 def write_few_shadow(data: AttackData, targets: np.ndarray, folder: Path, title: str, shadow_counts: Sequence[int] = SHADOW_COUNTS) -> list[dict]:
     """Compute the curve and write ``few_shadow.json`` and ``few_shadow.png`` into ``folder`` (part of an attack run)."""
     rows = few_shadow_curve(data, targets, shadow_counts)
     folder = Path(folder)
     save_json_atomic(folder / "few_shadow.json", {"targets": np.asarray(targets).tolist(), "shadow_counts": list(shadow_counts), "rows": rows})
-    plot_few_shadow(rows, folder / "few_shadow.png", f"few-shadow curve ({title})")
+    plot_few_shadow(rows, folder / "few_shadow.png", f"few-shadow curve ({title})", ROW_METRICS)
     return rows

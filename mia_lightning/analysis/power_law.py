@@ -37,6 +37,7 @@ from mia_lightning.contract.io import load_json
 from mia_lightning.report.cells import tpr_cell
 from mia_lightning.contract.confine import confined, confined_all
 from mia_lightning.report.html import ANALYSIS_PAGE, write_tables_page
+from mia_lightning.report.figures import plot_dp_bound, plot_per_sample, plot_power_law
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
 
@@ -285,96 +286,7 @@ def dp_comparison(experiment: ExperimentDir, output: str, bounds: list[tuple[flo
     return {"bounds": comparisons, "curve_epsilon": epsilons, "n_nonmembers": curve.n_negatives}, (curve.fpr, curve.tpr)
 
 
-# ------------------------------------------------------------------------------------------- plots
-
-
-def plot_power_law(path: Path, settings: list[dict], fits: list[dict]) -> None:
-    """log-log TPR vs S per C, one panel per FPR level, Clopper-Pearson bars and the fitted lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(fits), figsize=(5 * len(fits), 4.2), squeeze=False)
-    class_values = sorted({s["n_classes"] for s in settings})
-    colours = plt.cm.viridis(np.linspace(0, 0.85, len(class_values)))
-    for ax, fit in zip(axes[0], fits):
-        key = str(fit["fpr"])
-        floor = fit["fpr"] / 10
-        for colour, c in zip(colours, class_values):
-            rows = sorted((s for s in settings if s["n_classes"] == c), key=lambda s: s["shots"])
-            shots = np.asarray([s["shots"] for s in rows], dtype=float)
-            tpr = np.asarray([s["tpr_at_fpr"][key] for s in rows])
-            low = np.asarray([s["tpr_at_fpr_ci"][key][0] for s in rows])
-            high = np.asarray([s["tpr_at_fpr_ci"][key][1] for s in rows])
-            used = np.isin([s["setting"] for s in rows], fit.get("settings", []))
-            shown = np.maximum(tpr, floor)
-            ax.errorbar(shots[used], shown[used], yerr=[shown[used] - np.maximum(low[used], floor), np.maximum(high[used], floor) - shown[used]],
-                        fmt="o", color=colour, capsize=2, label=f"C = {c}")
-            if (~used).any():
-                ax.scatter(shots[~used], shown[~used], facecolors="none", edgecolors=colour, marker="o")
-            coefficients = fit.get("coefficients")
-            if coefficients and shots.size:
-                grid = np.logspace(np.log10(shots.min()), np.log10(shots.max()), 50)
-                b_c = coefficients.get("b_C") or 0.0
-                ax.plot(grid, 10 ** (coefficients["b_S"] * np.log10(grid) + b_c * np.log10(c) + coefficients["b_0"]), color=colour, lw=1)
-        ax.axhline(fit["fpr"], color="grey", ls=":", lw=1)
-        ax.set(xscale="log", yscale="log", xlabel="shots per class S", ylabel=f"TPR at FPR = {fit['fpr']:g}")
-        title = f"FPR {fit['fpr']:g}"
-        if fit.get("coefficients"):
-            title += f": b_S = {fit['coefficients']['b_S']:.2f}, R² = {fit['r2_fit']:.2f}"
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle("MIA vulnerability vs shots (hollow: not in the fit; dotted: FPR = TPR)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_dp_bound(path: Path, curve: tuple[np.ndarray, np.ndarray], bounds: list[tuple[float, float]], title: str) -> None:
-    """The measured ROC (log-log) with the (epsilon, delta)-DP upper bounds on TPR."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fpr, tpr = curve
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    positive = fpr > 0
-    ax.plot(fpr[positive], tpr[positive], color="black", lw=1.5, label="measured ROC")
-    grid = np.logspace(-5, 0, 400)
-    for epsilon, delta in bounds:
-        ax.plot(grid, dp_tpr_bound(grid, epsilon, delta), ls="--", lw=1, label=f"({epsilon:g}, {delta:g})-DP bound")
-    ax.plot(grid, grid, color="grey", ls=":", lw=1, label="chance")
-    ax.set(xscale="log", yscale="log", xlim=(1e-5, 1), ylim=(1e-5, 1.05), xlabel="FPR", ylabel="TPR", title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_per_sample(path: Path, samples: dict[str, dict]) -> None:
-    """LiRA member score against gradient norm and against nearest-neighbour distance, one row per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(samples)[:6]
-    fig, axes = plt.subplots(len(names), 2, figsize=(8, 2.6 * len(names)), squeeze=False)
-    for (left, right), name in zip(axes, names):
-        data = samples[name]
-        for ax, key, label in ((left, "gradient_norm", "gradient norm (end of training)"), (right, "nn_distance", "nearest-neighbour distance")):
-            ax.scatter(data[key], data["score"], s=4, alpha=0.5)
-            rho = data[f"{key}_correlation"]["rho"]
-            ax.set(xscale="log", xlabel=label, ylabel="LiRA score as member", title=f"{name}: Spearman {rho:.2f}" if rho is not None else name)
-            ax.title.set_fontsize(8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------ analysis
+# ------------------------------------------------------------------------------------------- tables
 
 
 def power_law_tables(settings: list[dict], fits: list[dict], per_sample: dict, pooled: dict, attack: str) -> list[TableRecord]:
@@ -467,7 +379,9 @@ def analyse(
         raise MiaError(f"analysis_params.roc_setting {name!r}: not a setting of the study")
     dp, curve = dp_comparison(ExperimentDir(Path(by_name[name]["experiment"])), attack, bounds)
     dp["setting"] = name
-    plot_dp_bound(study_dir / "dp_bound.png", curve, bounds, f"{attack} on {name}")
+    grid = np.logspace(-5, 0, 400)
+    bound_curves = [(f"({epsilon:g}, {delta:g})-DP bound", grid, dp_tpr_bound(grid, epsilon, delta)) for epsilon, delta in bounds]
+    plot_dp_bound(study_dir / "dp_bound.png", curve, bound_curves, f"{attack} on {name}")
     tables = power_law_tables(settings, fits, samples, pooled, attack)
     print_tables(tables, console)
     console.print(dp_line(dp))

@@ -1,0 +1,137 @@
+"""Figures of the analyses (few-shadow curve, power law, DP bound, per-sample vulnerability, privacy-utility): the analyses compute, these draw.
+
+Every figure is written atomically through ``terminal.save_figure`` (a killed study never leaves half a PNG).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mia_lightning.report.terminal import save_figure
+
+
+def plot_power_law(path: Path, settings: list[dict], fits: list[dict]) -> None:
+    """log-log TPR vs S per C, one panel per FPR level, Clopper-Pearson bars and the fitted lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(fits), figsize=(5 * len(fits), 4.2), squeeze=False)
+    class_values = sorted({s["n_classes"] for s in settings})
+    colours = plt.cm.viridis(np.linspace(0, 0.85, len(class_values)))
+    for ax, fit in zip(axes[0], fits):
+        key = str(fit["fpr"])
+        floor = fit["fpr"] / 10
+        for colour, c in zip(colours, class_values):
+            rows = sorted((s for s in settings if s["n_classes"] == c), key=lambda s: s["shots"])
+            shots = np.asarray([s["shots"] for s in rows], dtype=float)
+            tpr = np.asarray([s["tpr_at_fpr"][key] for s in rows])
+            low = np.asarray([s["tpr_at_fpr_ci"][key][0] for s in rows])
+            high = np.asarray([s["tpr_at_fpr_ci"][key][1] for s in rows])
+            used = np.isin([s["setting"] for s in rows], fit.get("settings", []))
+            shown = np.maximum(tpr, floor)
+            ax.errorbar(shots[used], shown[used], yerr=[shown[used] - np.maximum(low[used], floor), np.maximum(high[used], floor) - shown[used]],
+                        fmt="o", color=colour, capsize=2, label=f"C = {c}")
+            if (~used).any():
+                ax.scatter(shots[~used], shown[~used], facecolors="none", edgecolors=colour, marker="o")
+            coefficients = fit.get("coefficients")
+            if coefficients and shots.size:
+                grid = np.logspace(np.log10(shots.min()), np.log10(shots.max()), 50)
+                b_c = coefficients.get("b_C") or 0.0
+                ax.plot(grid, 10 ** (coefficients["b_S"] * np.log10(grid) + b_c * np.log10(c) + coefficients["b_0"]), color=colour, lw=1)
+        ax.axhline(fit["fpr"], color="grey", ls=":", lw=1)
+        ax.set(xscale="log", yscale="log", xlabel="shots per class S", ylabel=f"TPR at FPR = {fit['fpr']:g}")
+        title = f"FPR {fit['fpr']:g}"
+        if fit.get("coefficients"):
+            title += f": b_S = {fit['coefficients']['b_S']:.2f}, R² = {fit['r2_fit']:.2f}"
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("MIA vulnerability vs shots (hollow: not in the fit; dotted: FPR = TPR)", fontsize=9)
+    save_figure(fig, path)
+
+
+def plot_dp_bound(path: Path, curve: tuple[np.ndarray, np.ndarray], bound_curves: list[tuple[str, np.ndarray, np.ndarray]], title: str) -> None:
+    """The measured ROC (log-log) with the (epsilon, delta)-DP upper bounds on TPR (``(label, fpr, tpr bound)``, computed by the analysis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr = curve
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    positive = fpr > 0
+    ax.plot(fpr[positive], tpr[positive], color="black", lw=1.5, label="measured ROC")
+    for label, grid, bound in bound_curves:
+        ax.plot(grid, bound, ls="--", lw=1, label=label)
+    ax.plot([1e-5, 1], [1e-5, 1], color="grey", ls=":", lw=1, label="chance")
+    ax.set(xscale="log", yscale="log", xlim=(1e-5, 1), ylim=(1e-5, 1.05), xlabel="FPR", ylabel="TPR", title=title)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_per_sample(path: Path, samples: dict[str, dict]) -> None:
+    """LiRA member score against gradient norm and against nearest-neighbour distance, one row per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(samples)[:6]
+    fig, axes = plt.subplots(len(names), 2, figsize=(8, 2.6 * len(names)), squeeze=False)
+    for (left, right), name in zip(axes, names):
+        data = samples[name]
+        for ax, key, label in ((left, "gradient_norm", "gradient norm (end of training)"), (right, "nn_distance", "nearest-neighbour distance")):
+            ax.scatter(data[key], data["score"], s=4, alpha=0.5)
+            rho = data[f"{key}_correlation"]["rho"]
+            ax.set(xscale="log", xlabel=label, ylabel="LiRA score as member", title=f"{name}: Spearman {rho:.2f}" if rho is not None else name)
+            ax.title.set_fontsize(8)
+    save_figure(fig, path)
+
+
+def plot_privacy_utility(settings: list[dict], attack: str, front: np.ndarray, path: Path) -> None:
+    """Test accuracy against the attack's TPR@1%FPR (bootstrap bars) per defence setting, with the Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    xs = np.array([s["test_accuracy"] for s in settings], dtype=float)
+    ys = np.array([100 * s["attacks"][attack]["tpr@0.01"] for s in settings], dtype=float)
+    errors = np.array([[ys[i] - 100 * s["attacks"][attack]["tpr@0.01_ci"][0], 100 * s["attacks"][attack]["tpr@0.01_ci"][1] - ys[i]] for i, s in enumerate(settings)]).T
+    ax.errorbar(100 * xs, ys, yerr=np.clip(errors, 0, None), fmt="o", color="tab:blue", capsize=3)
+    order = np.argsort(xs[front])
+    ax.plot(100 * xs[front][order], ys[front][order], "--", color="tab:red", label="Pareto front")
+    for s, x, y in zip(settings, xs, ys):
+        label = s["setting"] + (f" (eps {s['accountant_epsilon']:.1f})" if s["accountant_epsilon"] is not None else "")
+        ax.annotate(label, (100 * x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_ylabel(f"{attack} TPR at 1% FPR (%)")
+    ax.set_title("privacy-utility trade-off of the defences")
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.legend(loc="best")
+    save_figure(fig, path)
+
+
+def plot_few_shadow(rows: list[dict], path: Path, title: str, metrics: tuple[str, ...]) -> None:
+    """AUC and TPR@FPR against the number of shadow models (log x), one line per attack output, as PNG."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8))
+    names = list(dict.fromkeys(row["attack"] for row in rows))
+    counts = sorted({row["n_shadows"] for row in rows})
+    for ax, metric in zip(axes, metrics):
+        for name in names:
+            points = [(row["n_shadows"], row[metric]) for row in rows if row["attack"] == name and row[metric] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", linewidth=1.2, label=name)
+        ax.set(xscale="log", xlabel="shadow / reference models", ylabel=metric, title=metric)
+        ax.set_xticks(counts, [str(k) for k in counts])
+        ax.minorticks_off()
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    save_figure(fig, Path(path))
