@@ -326,7 +326,7 @@ class AttackRegistry(Mapping):
 
     def outputs(self) -> dict[str, tuple[str, ...]]:
         """Attack name -> the outputs it writes, without importing any attack module (built-ins from ``BUILT_IN_OUTPUTS``)."""
-        registered = {name: tuple(getattr(cls, "outputs", None) or ()) for name, cls in self._classes.items() if isinstance(getattr(cls, "outputs", None), tuple)}
+        registered = {name: cls.outputs for name, cls in self._classes.items() if isinstance(getattr(cls, "outputs", None), tuple)}
         return {**BUILT_IN_OUTPUTS, **registered}
 
     def __getitem__(self, name: str) -> type[Attack]:

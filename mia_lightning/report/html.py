@@ -89,7 +89,7 @@ def verdict(records: list[dict]) -> tuple[str, bool]:
         boot = (record.get("tpr_at_fpr_ci_bootstrap") or {}).get(str(level))
         return (boot, "two-way bootstrap 95%") if boot else (record["tpr_at_fpr_ci"][str(level)], "Clopper-Pearson 95% over pairs")
 
-    pairs = [(record, level) for level in FPR_LEVELS for record in records if level >= record.get("min_resolvable_fpr", 0.0)]
+    pairs = [(record, level) for level in FPR_LEVELS for record in records if not unresolved(record, level)]
     if not pairs:
         return "<p class=\"big\">No output's scores resolve an FPR of 10% or less: ties decide every reported level.</p>", False
     shown = [(record, level) for record, level in pairs if bounds(record, level)[0][0] > level]
@@ -106,9 +106,9 @@ def verdict(records: list[dict]) -> tuple[str, bool]:
     ]
     if not leaks:
         paragraphs.append("<p>Not evidence of privacy: a stronger attack, more shadow models or more targets can find leakage this audit did not.</p>")
-    unresolved = [record["attack"] for record in records if record.get("min_resolvable_fpr", 0.0) > FPR_LEVELS[0]]
-    if unresolved:
-        paragraphs.append(f"<p>Resolution: {_esc(', '.join(unresolved))} cannot resolve {100 * FPR_LEVELS[0]:g}% FPR (ties; highlighted "
+    blind = [record["attack"] for record in records if unresolved(record, FPR_LEVELS[0])]
+    if blind:
+        paragraphs.append(f"<p>Resolution: {_esc(', '.join(blind))} cannot resolve {100 * FPR_LEVELS[0]:g}% FPR (ties; highlighted "
                           "rows): their TPR there is 0 by construction, not evidence of safety.</p>")
     return "".join(paragraphs), leaks
 
