@@ -24,7 +24,7 @@ from mia_lightning.console import console
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json
-from mia_lightning.report.cells import UNRESOLVED
+from mia_lightning.report.cells import UNRESOLVED, unresolved
 from mia_lightning.contract.confine import confined, confined_all
 from mia_lightning.report.html import ANALYSIS_PAGE, write_tables_page
 from mia_lightning.report.figures import plot_privacy_utility
@@ -163,7 +163,7 @@ def defence_table(settings: list[dict], outputs: list[str]) -> TableRecord:
             if o.startswith("shokri"):
                 continue
             entry = s["attacks"].get(o)
-            cells += ["-" if entry is None else pct(entry[f"tpr@{l}"], entry[f"tpr@{l}_ci"]) + (UNRESOLVED if float(l) < entry.get("min_resolvable_fpr", 0.0) else "")
+            cells += ["-" if entry is None else pct(entry[f"tpr@{l}"], entry[f"tpr@{l}_ci"]) + (UNRESOLVED if unresolved(entry, float(l)) else "")
                       for l in LEVELS]
         emp = [e["empirical_epsilon"] for e in s["attacks"].values() if e.get("empirical_epsilon") is not None]
         cells += ["-" if not emp else f"{max(emp):.2f}", s["helps"]]

@@ -26,7 +26,7 @@ from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json, load_npy, save_json_atomic, write_bytes_atomic
 from mia_lightning.contract.runs import latest_run
 from mia_lightning.contract.confine import confined_all
-from mia_lightning.report.cells import UNRESOLVED
+from mia_lightning.report.cells import UNRESOLVED, unresolved
 from mia_lightning.report.html import write_tables_page
 from mia_lightning.report.markdown import markdown_table
 from mia_lightning.report.table import TableRecord
@@ -152,7 +152,7 @@ def _pct(value: float | None) -> str:
 def _tpr(metrics: dict) -> str:
     """'16.0% [11.2%, 21.8%]', marked ``(!)`` like every other view when the scores cannot resolve a 1% FPR."""
     low, high = metrics["tpr@1%fpr_ci"]
-    return f"{_pct(metrics['tpr@1%fpr'])} [{_pct(low)}, {_pct(high)}]" + (UNRESOLVED if float(FPR) < metrics.get("min_resolvable_fpr", 0.0) else "")
+    return f"{_pct(metrics['tpr@1%fpr'])} [{_pct(low)}, {_pct(high)}]" + (UNRESOLVED if unresolved(metrics, float(FPR)) else "")
 
 
 LEFT = ("feature", "clf", "defence", "view", "test")
