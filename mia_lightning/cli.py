@@ -196,13 +196,15 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
                        bootstrap=BOOTSTRAP_REPLICATES if bootstrap is None else bootstrap, few_shadow=few_shadow, keep_runs=keep_runs,
                        decisions=decisions or Decisions(), logger=logger)
     from mia_lightning.contract.io import load_json
-    from mia_lightning.report.terminal import print_results, skipped_lines
+    from mia_lightning.report.terminal import epsilon_refusal_lines, print_results, skipped_lines
     from mia_lightning.utility import UTILITY_FILE, utility_line
 
     records = result.records
     print_results(records, f"membership inference audit of {experiment} ({len(records[0]['targets'])} targets, run {result.run_id})", console)
     for line in skipped_lines(result.skipped):
         console.print(Text(f"skipped {line}", style="yellow"))
+    for line in epsilon_refusal_lines(records):
+        console.print(Text(line, style="yellow"))
     if (result.folder / UTILITY_FILE).is_file():
         console.print(utility_line(load_json(result.folder / UTILITY_FILE)))
     if few_shadow:

@@ -28,6 +28,7 @@ from scipy.special import softmax
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.model_outputs import ModelOutputs
+from mia_lightning.data.plan import model_dependence
 
 log = logging.getLogger("mia_lightning")
 
@@ -204,6 +205,11 @@ class AttackData:
         return softmax(np.asarray(self.logits[np.asarray(models)], dtype=np.float64), axis=-1)
 
     @cached_property
+    def dependence(self) -> str | None:
+        """Why the experiment's models are not independent training runs (``data.plan.model_dependence``), or None."""
+        return model_dependence(self.experiment.plan) if self.experiment is not None else None
+
+    @cached_property
     def shadow_candidates(self) -> int:
         """C: models 0..C-1 may serve as shadow / reference models of LiRA, RMIA and attack R.
 
@@ -247,6 +253,9 @@ class Attack(ABC):
     """Models the experiment needs (2 for attacks that fit shadow / reference models besides the target)."""
     shadow_free: ClassVar[bool] = False
     """Whether a target's scores depend on the target model's outputs alone (no shadow or reference models)."""
+    independent_models: ClassVar[bool] = True
+    """Whether the attack assumes every model is an independent training run (shadows drawn like the target, targets pooled
+    as independent trials); such attacks are skipped on farms whose models derive from each other (unlearning plans)."""
     label: ClassVar[str | None] = None
     """How warnings name the attack (defaults to ``name``)."""
 
@@ -259,6 +268,8 @@ class Attack(ABC):
         """Why this attack cannot run on ``data`` (one phrase), or None; ``--attack all`` skips such attacks with a note."""
         if cls.requires_logits and data.logits is None:
             return "needs class logits (models/*/logits.npy) and this experiment exported signal.npy"
+        if cls.independent_models and data.dependence:
+            return f"assumes independent training runs, but {data.dependence}"
         if data.n_models < cls.min_models:
             return f"needs at least {cls.min_models} models (a target and shadow/reference models), the experiment has {data.n_models}"
         return None

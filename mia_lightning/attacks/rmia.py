@@ -77,13 +77,20 @@ class RMIA(Attack):
             self.a = self._tune_a()
 
     def references(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(mean p over all references, mean p over OUT references or NaN), both float64 [T, n]."""
+        """(mean p over all references or NaN, mean p over OUT references or NaN), both float64 [T, n].
+
+        The online mean estimates p(x) over models that did and did not train on x; when no reference
+        trained on any audited sample of a target (a disjoint-shadow farm's target half) it is NaN for
+        that target, the way LiRA online has no IN fit there, instead of an offline mean in disguise.
+        """
         left = left_out_model(targets, self.k, self.pool)
         inside = (left != NONE_LEFT_OUT)[:, None]
         p_left = self.p[np.maximum(left, 0)] * inside
         left_is_out = ~self.data.keep[np.maximum(left, 0)] & inside
         online = (self.sum_all - p_left) / (self.pool - inside)
         count = self.count_out - left_is_out
+        count_in = (self.pool - self.count_out) - (inside & ~left_is_out)
+        online[~((count_in > 0) & self.data.audit_pairs(targets)).any(axis=1)] = np.nan
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_out = np.where(count > 0, (self.sum_out - p_left * left_is_out) / count, np.nan)
         return online, mean_out
@@ -104,6 +111,7 @@ class RMIA(Attack):
     def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:
         online, mean_out = self.references(targets)
         self.flag_samples(np.isnan(mean_out), "no OUT reference model for some target: no offline score there, left out of the metrics")
+        self.flag_samples(np.isnan(online), "no IN reference model for any audited sample of some target: no online score there, left out of the metrics")
         p_target = self.p[targets]
         return {
             "rmia_online": self.relative_scores(p_target / online, targets),

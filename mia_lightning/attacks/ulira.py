@@ -90,6 +90,7 @@ class ULiRA(Attack):
     outputs = ("ulira_exact", "ulira_inexact", "lira_before", "loss_exact", "loss_inexact", "retained_exact", "retained_inexact", "retained_before")
     requires_logits = True
     min_models = 18
+    independent_models = False  # built for unlearning farms: it pairs each model with the one it was derived from
 
     @classmethod
     def unmet_requirement(cls, data: AttackData) -> str | None:

@@ -136,6 +136,7 @@ class UnlearningAttack(Attack):
     label = "unlearning attack"
     requires_logits = True
     min_models = 2
+    independent_models = False  # built for unlearning farms: it pairs each model with the one it was derived from
 
     def __init__(
         self,

@@ -37,6 +37,30 @@ PLAN_KINDS: dict[str, str] = {
 INDEPENDENT_KINDS: frozenset[str] = frozenset({"bernoulli"})
 """Plan kinds whose memberships are independent fair coin flips per (model, sample)."""
 
+DEPENDENT_KINDS: dict[str, str] = {
+    "unlearning": "derives models from each other, originals and their unlearned versions retrained on the remaining data or fine-tuned",
+    "unlearning_ulira": "derives models from each other, originals in complementary pairs and an exact and an inexact unlearned version of each",
+}
+"""Plan kinds whose models are, by design, not independent training runs: why, in one phrase."""
+
+
+def model_dependence(plan: dict) -> str | None:
+    """Why the models of a plan (plan.json as a dict) are not independent training runs, or None when they are.
+
+    Shadow-model attacks (LiRA, RMIA, attack R, Shokri), pooled metrics over targets and every
+    empirical-epsilon construction assume each model is its own training run on a membership drawn
+    independently of the others. A plan breaks that when a model continues from another (``parents``)
+    or when its kind builds memberships from each other (``DEPENDENT_KINDS``). A directory without a
+    plan (imported outputs) is taken as independent runs, as its exporter states.
+    """
+    kind = plan.get("kind")
+    if kind in DEPENDENT_KINDS:
+        return f"plan kind {kind!r} {DEPENDENT_KINDS[kind]}; the unlearning and ulira attacks are built for it"
+    parents = plan.get("parents") or {}
+    if parents:
+        return f"{len(parents)} of its models continue training from another model (plan.json parents)"
+    return None
+
 
 @dataclass(frozen=True)
 class PlanSpec:

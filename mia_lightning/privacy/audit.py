@@ -12,6 +12,9 @@ independent (docs/epsilon.md):
   whose scores depend only on themselves and the k selection models. Shadow-free attacks evaluate
   on models k..M-1; attacks with shadows re-score with ``n_shadows`` = k and evaluate on models
   k+1..M-1 (model k is a reference when RMIA tunes its ``a`` on model 0).
+
+A farm whose models derive from each other (``data.plan.model_dependence``: unlearning plans, plans
+with parents) gets no bound at all: its models are not independent trials.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class EpsilonAuditor:
 
     def __init__(self, data: AttackData, plan_kind: str | None) -> None:
         self.data = data
-        self.one_run = plan_kind in INDEPENDENT_KINDS
+        self.refusal = f"no bound, the models are not independent trials: {data.dependence}" if data.dependence else None
+        self.one_run = plan_kind in INDEPENDENT_KINDS and self.refusal is None
 
     def family_bounds(self, family: str, params: dict, scored: dict[str, np.ndarray] | None = None, targets: np.ndarray | None = None) -> dict[str, dict] | None:
         """Independent-runs bounds of every output of ``family`` (None under the one-run audit, computed per output later).
@@ -60,7 +64,7 @@ class EpsilonAuditor:
         """
         if self.one_run:
             return None
-        split = self._split(family, params, scored, targets)
+        split = self.refusal or self._split(family, params, scored, targets)
         if isinstance(split, str):
             return {name: {"method": None, "epsilon_lower_bound": None, "reason": split} for name in create_attack(family, **params).outputs}  # an attack's params may choose its outputs
         return {

@@ -64,7 +64,22 @@ def skipped_lines(skipped: list[dict]) -> list[str]:
     for entry in skipped:
         reason = entry["reason"].removeprefix(f"{entry['attack']}: ")
         by_reason.setdefault(reason, []).append(entry["attack"])
-    return [f"{', '.join(names)}: {reason}" for reason, names in by_reason.items()]
+    return [f"{_names(names)}: {reason}" for reason, names in by_reason.items()]
+
+
+def epsilon_refusal_lines(records: list[dict]) -> list[str]:
+    """'no epsilon bound for a, b: reason' per distinct reason an output's empirical epsilon was not computed."""
+    by_reason: dict[str, list[str]] = {}
+    for record in records:
+        eps = record.get("empirical_epsilon") or {}
+        if eps.get("epsilon_lower_bound") is None and eps.get("reason"):
+            by_reason.setdefault(eps["reason"], []).append(record["attack"])
+    return [f"no epsilon bound for {_names(names)}: {reason}" for reason, names in by_reason.items()]
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    """'a, b, c' or 'a, b, c and 18 more' (a line stays readable when a family writes dozens of outputs)."""
+    return ", ".join(names) if len(names) <= shown + 1 else f"{', '.join(names[:shown])} and {len(names) - shown} more"
 
 
 def fpr_control_lines(records: list[dict]) -> list[str]:

@@ -1,0 +1,93 @@
+"""Attacks declare what a farm must satisfy: on farms whose models derive from each other they are skipped, and no epsilon is claimed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mia_lightning.attacks import AttackData, create_attack
+from mia_lightning.audit import run_audit
+from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
+from mia_lightning.data.plan import DEPENDENT_KINDS, model_dependence
+from mia_lightning.errors import MiaError
+from mia_lightning.privacy.audit import EpsilonAuditor
+from mia_lightning.report.terminal import epsilon_refusal_lines
+from synthetic import write_synthetic_experiment
+
+
+def _experiment(tmp_path, plan: dict):
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=8, n_samples=80)
+    (root / "plan.json").write_text(json.dumps({"version": FORMAT_VERSION, **plan}))
+    return root
+
+
+def test_model_dependence_names_parents_and_dependent_kinds():
+    assert model_dependence({}) is None
+    assert model_dependence({"kind": "lira_half", "parents": {}}) is None
+    assert "2 of its models continue training" in model_dependence({"kind": "lira_half", "parents": {"6": 0, "7": 1}})
+    for kind in DEPENDENT_KINDS:
+        assert model_dependence({"kind": kind}).startswith(f"plan kind {kind!r} derives models from each other")
+
+
+def test_shadow_attacks_and_thresholds_are_skipped_on_a_farm_with_parents(tmp_path):
+    root = _experiment(tmp_path, {"kind": "lira_half", "parents": {"4": 0, "5": 1, "6": 2, "7": 3}})
+    data = AttackData.from_experiment(ExperimentDir(root))
+    for name in ("lira", "rmia", "reference", "thresholds", "shokri"):
+        reason = create_attack(name).unmet_requirement(data)
+        assert reason.startswith("assumes independent training runs, but 4 of its models continue training"), name
+    assert "independent" not in (create_attack("unlearning").unmet_requirement(data) or "")
+    with pytest.raises(MiaError, match="no requested attack can run: lira assumes independent training runs"):
+        run_audit(root, ["lira", "thresholds"], bootstrap=0)
+    assert not (root / "attacks").exists()
+
+
+def test_the_same_outputs_run_when_the_models_are_independent(tmp_path):
+    root = _experiment(tmp_path, {"kind": "lira_half", "parents": {}})
+    result = run_audit(root, ["lira", "thresholds"], bootstrap=0)
+    assert {r["attack"] for r in result.records} >= {"lira_online", "loss"}
+    assert not result.skipped
+
+
+def test_epsilon_refuses_dependent_trials_with_one_line(tmp_path):
+    root = _experiment(tmp_path, {"kind": "unlearning"})
+    data = AttackData.from_experiment(ExperimentDir(root))
+    auditor = EpsilonAuditor(data, "unlearning")
+    bounds = auditor.family_bounds("thresholds", {})
+    assert set(bounds) == set(create_attack("thresholds").outputs)
+    for bound in bounds.values():
+        assert bound["epsilon_lower_bound"] is None
+        assert bound["reason"].startswith("no bound, the models are not independent trials: plan kind 'unlearning' derives models")
+    # a bernoulli plan with parents gets no one-run bound either
+    assert not EpsilonAuditor(AttackData.from_experiment(ExperimentDir(_experiment(tmp_path / "b", {"kind": "bernoulli", "parents": {"7": 0}}))), "bernoulli").one_run
+    records = [{"attack": name, "empirical_epsilon": bound} for name, bound in bounds.items()]
+    lines = epsilon_refusal_lines(records)
+    assert len(lines) == 1 and lines[0].startswith("no epsilon bound for loss, confidence, entropy, modified_entropy: no bound, the models")
+    assert "\n" not in lines[0]
+
+
+def test_online_outputs_are_skipped_on_a_disjoint_shadow_farm(tmp_path):
+    """Shadows never train on the target half, so LiRA / RMIA online have no IN fit: skipped with the reason, offline rows stay."""
+    from mia_lightning.data.plan import PlanSpec, make_plan
+
+    spec = PlanSpec("x", 240, 7, seed=0, kind="disjoint_shadows", options={"n_targets": 1})
+    plan = make_plan(spec)
+    root = tmp_path / "disjoint"
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, spec.n_samples)
+    logits = rng.normal(0.0, 1.0, (spec.n_models, spec.n_samples, 1, 4))
+    logits[:, np.arange(spec.n_samples), 0, labels] += 1.0 + 2.0 * plan.keep
+    for m in range(spec.n_models):
+        (root / "models" / f"{m:04d}").mkdir(parents=True)
+        np.save(root / "models" / f"{m:04d}" / "logits.npy", logits[m].astype(np.float32))
+    np.save(root / "keep.npy", plan.keep)
+    np.save(root / "labels.npy", labels)
+    np.save(root / "audit.npy", plan.audit)
+    (root / "plan.json").write_text(json.dumps({**spec.to_json(), "info": plan.info, "parents": {}}))
+    result = run_audit(root, ["lira", "rmia", "thresholds"], bootstrap=0)
+    written = {r["attack"] for r in result.records}
+    assert {"lira_offline", "rmia_offline", "loss"} <= written
+    assert not written & {"lira_online", "lira_online_fixed", "rmia_online"}
+    skipped = {s["attack"] for s in result.skipped}
+    assert {"lira_online", "lira_online_fixed", "rmia_online"} <= skipped
