@@ -60,10 +60,14 @@ def resolve_attacks(attacks: Sequence[str], params: Any) -> tuple[list[str], dic
     return names, {name: check_params(name, params.get(name, {})) for name in names}
 
 
-def result_record(name: str, family: str, params: dict, targets: np.ndarray, scores: np.ndarray, members: np.ndarray, bootstrap: int) -> tuple[dict, RocCurve]:
-    """The results.json payload of one attack output (pairs outside the audit are NaN in ``scores``) and its ROC curve."""
+def result_record(name: str, family: str, params: dict, targets: np.ndarray, scores: np.ndarray, members: np.ndarray, bootstrap: int,
+                  groups: np.ndarray | None = None) -> tuple[dict, RocCurve]:
+    """The results.json payload of one attack output (pairs outside the audit are NaN in ``scores``) and its ROC curve.
+
+    With ``groups`` (the experiment's users) the bootstrap resamples users, since a user's samples are correlated.
+    """
     n_missing = int(np.isnan(scores).sum())
-    metrics, curve = evaluate_scores(scores, members, bootstrap=bootstrap)
+    metrics, curve = evaluate_scores(scores, members, bootstrap=bootstrap, groups=groups)
     record = {"attack": name, "family": family, "params": params, "targets": targets.tolist(), "n_unscored": n_missing, **metrics}
     return record, curve
 
@@ -116,7 +120,7 @@ def decision_metrics(scores: np.ndarray, audited: np.ndarray, members: np.ndarra
     except MiaError as err:
         extra["user_level"] = {"skipped": str(err)}
         return extra
-    metrics, _ = evaluate_scores(user_scores, user_members, bootstrap=bootstrap)
+    metrics, _ = evaluate_scores(user_scores, user_members, bootstrap=bootstrap, unit="users")
     level = {"reduce": decisions.user_reduce, "n_users": int(np.isfinite(user_scores).any(axis=0).sum()), **metrics}
     if in_population.any():
         population_scores = user_level(np.where(in_population, scores, np.nan), members, data.groups, decisions.user_reduce, targets)[0]
@@ -214,7 +218,7 @@ def run_audit(
                     continue
                 try:
                     with timed(f"metrics {name}"):
-                        record, curve = result_record(name, family, attack.params(), target_ids, pair_scores, members, bootstrap)
+                        record, curve = result_record(name, family, attack.params(), target_ids, pair_scores, members, bootstrap, data.groups)
                 except ValueError as err:
                     if len(runnable) == 1:
                         raise MiaError(f"{experiment.root}: attack {name}: {err}; choose targets with both members and non-members") from None

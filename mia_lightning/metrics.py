@@ -15,6 +15,11 @@ Two intervals for TPR@FPR:
   u_t and sample j a weight v_j, pair (t, j) the weight u_t v_j, and recomputes the weighted ROC on
   the same sorted order; the interval is TPR +- 1.96 x the replicates' standard deviation.
 
+When samples come in groups (a user's / patient's / author's texts, ``groups.npy``), samples of one
+user are correlated, so the bootstrap resamples users instead: every sample of user g gets the
+user's weight w_g (a cluster bootstrap over targets x users; Field and Welsh, "Bootstrapping
+clustered data", JRSS-B 2007). Each record names its unit in ``bootstrap_unit``.
+
 The AUC gets the same two-way bootstrap (``auc_ci_bootstrap``; the replicates' weighted Mann-Whitney
 statistic over the whole sorted order, ``auc_bootstrap_replicates`` of them: at most
 ``BOOTSTRAP_WORK`` / pairs, never fewer than ``BOOTSTRAP_MIN``).
@@ -160,8 +165,12 @@ def bootstrap_intervals(
     replicates: int = BOOTSTRAP_REPLICATES,
     seed: int = 0,
     auc: float | None = None,
+    groups: np.ndarray | None = None,
 ) -> dict:
-    """Two-way (targets x samples) Poisson bootstrap 95% intervals of TPR@FPR for each level, and of the AUC.
+    """Two-way (targets x samples, or targets x users) Poisson bootstrap 95% intervals of TPR@FPR for each level, and of the AUC.
+
+    ``groups`` (int [n_samples], optional) assigns each sample column to a user: a replicate then
+    draws one Poisson(1) weight per user and gives it to all of the user's samples.
 
     ``members`` is the bool [n_targets, n_samples] matrix the pairs came from and ``point`` the
     measured TPR at each level (the interval's centre). Every replicate
@@ -176,6 +185,13 @@ def bootstrap_intervals(
         return {}
     rng = np.random.default_rng(seed)
     n_targets, n_samples = members.shape
+    if groups is None:
+        user_of, n_units = None, n_samples
+    else:
+        if np.shape(groups) != (n_samples,):
+            raise ValueError(f"groups has shape {np.shape(groups)}, expected one user id per sample ({n_samples},)")
+        _, user_of = np.unique(groups, return_inverse=True)
+        n_units = int(user_of.max()) + 1 if user_of.size else 0
     levels_arr = np.asarray(levels, dtype=np.float64)
     scored = np.zeros(members.size, dtype=bool)
     scored[pairs.order] = True
@@ -196,7 +212,9 @@ def bootstrap_intervals(
     draws = np.full((replicates, len(levels)), np.nan)
     auc_draws = np.full(auc_replicates, np.nan)
     for b in range(replicates):
-        u, v = rng.poisson(1.0, n_targets).astype(np.float32), rng.poisson(1.0, n_samples).astype(np.float32)
+        u, v = rng.poisson(1.0, n_targets).astype(np.float32), rng.poisson(1.0, n_units).astype(np.float32)
+        if user_of is not None:
+            v = v[user_of]
         n_pos, n_neg = float(u @ pos_matrix @ v), float(u @ neg_matrix @ v)
         if n_pos == 0 or n_neg == 0:
             continue
@@ -228,11 +246,15 @@ def evaluate_scores(
     fpr_levels: tuple[float, ...] = FPR_LEVELS,
     bootstrap: int = 0,
     seed: int = 0,
+    groups: np.ndarray | None = None,
+    unit: str = "samples",
 ) -> tuple[dict, RocCurve]:
     """(metrics dict, ROC curve) of ``scores`` against ``members`` (same shape, e.g. [n_targets, n_samples]).
 
     Pairs whose score is not finite are left out (the caller warns about them). ``bootstrap`` > 0
-    adds the two-way bootstrap intervals of TPR@FPR and AUC (needs 2-D scores: targets x samples).
+    adds the two-way bootstrap intervals of TPR@FPR and AUC (needs 2-D scores: targets x columns),
+    resampling users when ``groups`` gives each column's user, and names the resampled unit in
+    ``bootstrap_unit`` (``unit`` names the columns otherwise, e.g. "users" for user-level scores).
     """
     scores = np.asarray(scores, dtype=np.float64)
     pairs = SortedPairs.build(scores, members)
@@ -257,9 +279,10 @@ def evaluate_scores(
     }
     del full, tp, fp
     if bootstrap and scores.ndim == 2:
-        boot = bootstrap_intervals(pairs, np.asarray(members, dtype=bool), at, fpr_levels, bootstrap, seed, auc=metrics["auc"])
+        boot = bootstrap_intervals(pairs, np.asarray(members, dtype=bool), at, fpr_levels, bootstrap, seed, auc=metrics["auc"], groups=groups)
         if boot:
-            metrics |= {"tpr_at_fpr_ci_bootstrap": boot["tpr"], "auc_ci_bootstrap": boot["auc"], "auc_bootstrap_replicates": boot["auc_replicates"]}
+            metrics |= {"tpr_at_fpr_ci_bootstrap": boot["tpr"], "auc_ci_bootstrap": boot["auc"], "auc_bootstrap_replicates": boot["auc_replicates"],
+                        "bootstrap_unit": f"targets x {'users' if groups is not None else unit}"}
     return metrics, curve
 
 

@@ -27,6 +27,8 @@ def test_model_dependence_names_parents_and_dependent_kinds():
     assert model_dependence({}) is None
     assert model_dependence({"kind": "lira_half", "parents": {}}) is None
     assert "2 of its models continue training" in model_dependence({"kind": "lira_half", "parents": {"6": 0, "7": 1}})
+    public_start = {"kind": "user_grouped", "parents": {"0": 4, "1": 4}, "info": {"reference_models": [4]}}
+    assert model_dependence(public_start) is None  # fine-tuning a model pretrained on public data is not a dependence
     for kind in DEPENDENT_KINDS:
         assert model_dependence({"kind": kind}).startswith(f"plan kind {kind!r} derives models from each other")
 

@@ -49,7 +49,7 @@ def test_unresolved_fprs_are_flagged_alike_in_the_terminal_and_report_md(tmp_pat
     """RMIA on a 10-sample population cannot resolve 0.1% FPR: every view marks that cell and the min FPR with (!) and explains it."""
     from rich.console import Console
 
-    from mia_lightning.report.cells import COMPACT_KEY, KEY
+    from mia_lightning.report.cells import interval_key
     from mia_lightning.report.terminal import results_table
 
     root = write_synthetic_experiment(tmp_path / "exp", n_models=6, n_samples=40, n_population=10, effect=2.0, seed=3)
@@ -60,11 +60,13 @@ def test_unresolved_fprs_are_flagged_alike_in_the_terminal_and_report_md(tmp_pat
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[3].endswith(" (!)") and cells[-1].endswith("% (!)") and not cells[5].endswith("(!)")  # 0.1% flagged, 10% resolved
     assert sum(cell.endswith(" (!)") for cell in cells[3:6]) == sum(level < rmia["min_resolvable_fpr"] for level in (0.001, 0.01, 0.1))
-    assert KEY in write_markdown_report(root).read_text()
+    key = interval_key(records)
+    assert key.startswith("{ } two-way bootstrap 95% over targets x samples (AUC too)")
+    assert key in write_markdown_report(root).read_text() and "[" not in row  # no Clopper-Pearson interval in any view
     console = Console(width=400, record=True)
     console.print(results_table(records, "t"))
     terminal = console.export_text()
     line = next(line for line in terminal.splitlines() if "rmia_online" in line)
     unresolved_levels = sum(level < rmia["min_resolvable_fpr"] for level in (0.001, 0.01, 0.1))
-    assert line.count("(!)") == unresolved_levels + 1 and "[" not in line  # those TPR cells and min FPR; Clopper-Pearson only in the reports
-    assert " ".join(COMPACT_KEY.split()[:6]) in " ".join(terminal.split())
+    assert line.count("(!)") == unresolved_levels + 1 and "[" not in line  # those TPR cells and min FPR
+    assert " ".join(key.split()[:10]) in " ".join(terminal.split())

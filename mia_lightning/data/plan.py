@@ -49,16 +49,20 @@ def model_dependence(plan: dict) -> str | None:
 
     Shadow-model attacks (LiRA, RMIA, attack R, Shokri), pooled metrics over targets and every
     empirical-epsilon construction assume each model is its own training run on a membership drawn
-    independently of the others. A plan breaks that when a model continues from another (``parents``)
-    or when its kind builds memberships from each other (``DEPENDENT_KINDS``). A directory without a
+    independently of the others. A plan breaks that when a model continues from another (``parents``;
+    starting from a reference model trained on public data, ``info.reference_models``, is fine-tuning a
+    pretrained model, not a dependence) or when its kind builds memberships from each other
+    (``DEPENDENT_KINDS``). A directory without a
     plan (imported outputs) is taken as independent runs, as its exporter states.
     """
     kind = plan.get("kind")
     if kind in DEPENDENT_KINDS:
         return f"plan kind {kind!r} {DEPENDENT_KINDS[kind]}; the unlearning and ulira attacks are built for it"
-    parents = plan.get("parents") or {}
+    info = plan.get("info") if isinstance(plan.get("info"), dict) else {}
+    public = {int(m) for m in info.get("reference_models") or []}
+    parents = {child: parent for child, parent in (plan.get("parents") or {}).items() if int(parent) not in public}
     if parents:
-        return f"{len(parents)} of its models continue training from another model (plan.json parents)"
+        return f"{len(parents)} of its models continue training from another model of the farm (plan.json parents)"
     return None
 
 

@@ -1,10 +1,11 @@
 """Cells of a results row, formatted once for every view (terminal, report.md, report.html, study and unlearning tables).
 
-Every view shows the same numbers with the same marks, and prints ``KEY`` (or ``COMPACT_KEY``) under
+Every view shows the same numbers with the same marks, and prints ``interval_key(records)`` under
 its table: ``{ }`` the two-way bootstrap 95% interval over the units that were sampled (target models
-and samples; users at user level), ``[ ]`` Clopper-Pearson 95% over pairs (too narrow when pairs share
-models or samples; full views only), ``(!)`` a TPR at an FPR below the smallest FPR the scores resolve
-(ties decide there, so the TPR is not evidence either way).
+and samples, users where samples belong to users; each record names its ``bootstrap_unit``), ``(!)``
+a TPR at an FPR below the smallest FPR the scores resolve (ties decide there, so the TPR is not
+evidence either way). Clopper-Pearson intervals over pairs stay in results.json only: pairs that
+share a model or a user are not independent trials, so no view quotes them.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from mia_lightning.metrics import FPR_LEVELS
 UNRESOLVED = " (!)"
 """Mark of a TPR at an FPR the scores cannot resolve, and of such a resolution in the min FPR column."""
 
-COMPACT_KEY = ("{ } two-way bootstrap 95% over targets and samples (AUC too; users at user level); "
-               "(!) the FPR is below the smallest FPR the scores resolve (min FPR): ties decide there, the TPR is not evidence either way; "
-               "eps: lower bound (construction, independent trials); Clopper-Pearson intervals over pairs: report.md / report.html")
-KEY = ("{ } two-way bootstrap 95% over targets and samples (AUC too; users at user level), the interval to quote; "
-       "[ ] Clopper-Pearson 95% over (target, sample) pairs, too narrow when pairs share models or samples; "
-       "(!) the FPR is below the smallest FPR the scores resolve (min FPR): ties decide there, the TPR is not evidence either way; "
-       "eps: lower bound (construction, independent trials)")
+UNRESOLVED_NOTE = "(!) the FPR is below the smallest FPR the scores resolve (min FPR): ties decide there, the TPR is not evidence either way"
+EPSILON_NOTE = "eps: lower bound (construction, independent trials)"
+
+
+def interval_key(records: list[dict] = ()) -> str:
+    """The key printed under a table of ``records``: which units their bootstrap intervals resample, then the marks."""
+    units = sorted({record["bootstrap_unit"] for record in records if record.get("bootstrap_unit")})
+    over = " and ".join(units) if units else "targets x samples (targets x users where samples belong to users)"
+    return f"{{ }} two-way bootstrap 95% over {over} (AUC too), the interval to quote; {UNRESOLVED_NOTE}; {EPSILON_NOTE}"
 
 
 def percent(value: float | None, digits: int = 2) -> str:
@@ -38,13 +41,10 @@ def unresolved(record: dict, level: float) -> bool:
     return level < record.get("min_resolvable_fpr", 0.0)
 
 
-def tpr_cell(record: dict, level: float, pairs: bool = False) -> str:
-    """'4.58% {3.61, 5.55}' (with ``pairs``: '4.58% [4.41, 4.75] {3.61, 5.55}'), marked ``(!)`` where the FPR is not resolved."""
+def tpr_cell(record: dict, level: float) -> str:
+    """'4.58% {3.61, 5.55}', marked ``(!)`` where the FPR is not resolved."""
     key = str(level)
-    cell = percent(record["tpr_at_fpr"][key])
-    if pairs and record.get("tpr_at_fpr_ci"):
-        cell += interval(record["tpr_at_fpr_ci"][key], "[]")
-    cell += interval((record.get("tpr_at_fpr_ci_bootstrap") or {}).get(key))
+    cell = percent(record["tpr_at_fpr"][key]) + interval((record.get("tpr_at_fpr_ci_bootstrap") or {}).get(key))
     return cell + (UNRESOLVED if unresolved(record, level) else "")
 
 
@@ -68,14 +68,13 @@ def epsilon_cell(record: dict) -> str:
     return f"{eps['epsilon_lower_bound']:.3f} ({method}, {eps.get('n_trials', '?')})"
 
 
-def results_header(pairs: bool) -> list[str]:
-    """Column names of the results table (``pairs``: the full view with Clopper-Pearson intervals)."""
-    tpr = "[CP] {bootstrap}" if pairs else "{bootstrap}"
-    return ["attack", "AUC {bootstrap}", "bal. acc", *(f"TPR@{100 * level:g}%FPR {tpr}" for level in FPR_LEVELS),
+def results_header() -> list[str]:
+    """Column names of the results table."""
+    return ["attack", "AUC {bootstrap}", "bal. acc", *(f"TPR@{100 * level:g}%FPR {{bootstrap}}" for level in FPR_LEVELS),
             "eps lower bound", "members / non", "min FPR"]
 
 
-def results_row(record: dict, pairs: bool) -> list[str]:
+def results_row(record: dict) -> list[str]:
     """One results-table row of an attack output, the same in every view."""
-    return [record["attack"], auc_cell(record), f"{record['balanced_accuracy']:.4f}", *(tpr_cell(record, level, pairs) for level in FPR_LEVELS),
+    return [record["attack"], auc_cell(record), f"{record['balanced_accuracy']:.4f}", *(tpr_cell(record, level) for level in FPR_LEVELS),
             epsilon_cell(record), f"{record['n_members']} / {record['n_nonmembers']}", min_fpr_cell(record)]

@@ -23,7 +23,7 @@ from mia_lightning.contract.confine import confined
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json, write_bytes_atomic
 from mia_lightning.metrics import FPR_LEVELS
-from mia_lightning.report.cells import KEY, auc_cell, percent, results_header, results_row, tpr_cell, unresolved
+from mia_lightning.report.cells import auc_cell, interval_key, percent, results_header, results_row, tpr_cell, unresolved
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
 from mia_lightning.report.markdown import VULNERABLE_COLUMNS, epsilon_paragraphs, load_records, vulnerable_samples
 from mia_lightning.report.table import TableRecord
@@ -68,12 +68,12 @@ def _image(path: Path, alt: str) -> str:
     return f"<p><img alt=\"{_esc(alt)}\" src=\"data:image/png;base64,{data}\"></p>"
 
 
-RESULT_COLUMNS = results_header(pairs=True)
+RESULT_COLUMNS = results_header()
 
 
 def result_rows(records: list[dict]) -> list[list[str]]:
     """The results table: one row per attack output (the cells of every view, ``report.cells``)."""
-    return [results_row(record, pairs=True) for record in records]
+    return [results_row(record) for record in records]
 
 
 def verdict(records: list[dict]) -> tuple[str, bool]:
@@ -158,9 +158,10 @@ def _users_and_decisions(records: list[dict]) -> str:
     parts = []
     users = user_level_records(records)
     if users:
-        rows = [[r["attack"], str(r["n_users"]), auc_cell(r), *(tpr_cell(r, level, pairs=True) for level in FPR_LEVELS)] for r in users]
+        rows = [[r["attack"], str(r["n_users"]), auc_cell(r), *(tpr_cell(r, level) for level in FPR_LEVELS)] for r in users]
         parts.append(f"<h2 id=\"users\">User level</h2><p>A user's score is the {_esc(users[0]['reduce'])} of their samples' scores; metrics count users.</p>"
-                     + _table(["attack", "users", "AUC {bootstrap}", *RESULT_COLUMNS[3:3 + len(FPR_LEVELS)]], rows, table_id="user-table"))
+                     + _table(["attack", "users", "AUC {bootstrap}", *RESULT_COLUMNS[3:3 + len(FPR_LEVELS)]], rows, table_id="user-table")
+                     + f"<p class=\"note\">{_esc(interval_key(users))}</p>")
     rows = decision_rows(records)
     if rows:
         parts.append("<h2 id=\"decisions\">Decisions at a population threshold</h2><p>The threshold flags at most the FPR budget of known non-members.</p>"
@@ -214,7 +215,7 @@ def render_html(experiment: ExperimentDir, run_folder: Path, run: dict, records:
         f"<div class=\"verdict{'' if leaks else ' clear'}\" id=\"verdict\">{verdict_html}</div>",
         "<h2 id=\"results\">Results</h2>",
         _table(RESULT_COLUMNS, result_rows(records), flagged, table_id="results-table"),
-        f"<p class=\"note\">{_esc(KEY)}; highlighted rows cannot resolve {100 * FPR_LEVELS[0]:g}% FPR.</p>" + skipped,
+        f"<p class=\"note\">{_esc(interval_key(records))}; highlighted rows cannot resolve {100 * FPR_LEVELS[0]:g}% FPR.</p>" + skipped,
         "<h2 id=\"roc\">ROC curves (log-log)</h2>",
         _image(run_folder / "roc.png", "ROC curves of every attack output, log-log"),
         _utility(run_folder),
@@ -254,7 +255,7 @@ def write_tables_page(path: Path, title: str, records: list[TableRecord], images
     """
     sections = [f"<h1>{_esc(title)}</h1>", *(f"<p class=\"note\">{_esc(note)}</p>" for note in notes),
                 *(record_table(record) for record in records), *(_image(image, alt) for image, alt in images),
-                f"<p class=\"note\">{_esc(KEY)}. Written by mia-lightning {_esc(__version__)}.</p>"]
+                f"<p class=\"note\">{_esc(interval_key())}. Written by mia-lightning {_esc(__version__)}.</p>"]
     write_bytes_atomic(path, _page(title, sections).encode())
     return path
 

@@ -68,10 +68,9 @@ def record_metrics(record: dict) -> dict[str, float]:
         metrics |= {f"{name}/auc_low": record["auc_ci_bootstrap"][0], f"{name}/auc_high": record["auc_ci_bootstrap"][1]}
     for level in map(str, FPR_LEVELS):
         metrics[f"{name}/tpr_at_fpr_{level}"] = record["tpr_at_fpr"][level]
-        for key, label in (("tpr_at_fpr_ci_bootstrap", "bootstrap"), ("tpr_at_fpr_ci", "cp")):
-            bounds = (record.get(key) or {}).get(level)
-            if bounds:
-                metrics |= {f"{name}/tpr_at_fpr_{level}_{label}_low": bounds[0], f"{name}/tpr_at_fpr_{level}_{label}_high": bounds[1]}
+        bounds = (record.get("tpr_at_fpr_ci_bootstrap") or {}).get(level)
+        if bounds:
+            metrics |= {f"{name}/tpr_at_fpr_{level}_bootstrap_low": bounds[0], f"{name}/tpr_at_fpr_{level}_bootstrap_high": bounds[1]}
     eps = (record.get("empirical_epsilon") or {}).get("epsilon_lower_bound")
     if eps is not None:
         metrics[f"{name}/epsilon_lower_bound"] = eps

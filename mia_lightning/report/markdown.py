@@ -18,7 +18,7 @@ from mia_lightning.contract.io import load_json, load_npy, write_bytes_atomic
 from mia_lightning.contract.confine import confined
 from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report.table import TableRecord
-from mia_lightning.report.cells import KEY, auc_cell, percent, results_header, results_row, tpr_cell
+from mia_lightning.report.cells import auc_cell, interval_key, percent, results_header, results_row, tpr_cell
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
 from mia_lightning.contract.runs import latest_run
 from mia_lightning.utility import UTILITY_FILE, utility_line
@@ -50,10 +50,10 @@ def _user_and_decision_sections(records: list[dict]) -> list[str]:
     lines: list[str] = []
     users = user_level_records(records)
     if users:
-        rows = [[r["attack"], str(r["n_users"]), auc_cell(r), *(tpr_cell(r, level, pairs=True) for level in FPR_LEVELS)] for r in users]
+        rows = [[r["attack"], str(r["n_users"]), auc_cell(r), *(tpr_cell(r, level) for level in FPR_LEVELS)] for r in users]
         lines += ["## User level", "", f"A user's score is the {users[0]['reduce']} of their samples' scores; metrics count users.", "",
-                  *_table(["attack", "users", "AUC {bootstrap}"] + [f"TPR@{100 * level:g}%FPR [CP] {{bootstrap}}" for level in FPR_LEVELS], rows),
-                  "", KEY, ""]
+                  *_table(["attack", "users", "AUC {bootstrap}"] + [f"TPR@{100 * level:g}%FPR {{bootstrap}}" for level in FPR_LEVELS], rows),
+                  "", interval_key(users), ""]
     rows = decision_rows(records)
     if rows:
         lines += ["## Decisions at a population threshold", "", "The threshold flags at most the FPR budget of known non-members (the population).", "",
@@ -62,8 +62,8 @@ def _user_and_decision_sections(records: list[dict]) -> list[str]:
 
 
 def _attack_section(records: list[dict], run_folder: Path, link: str) -> list[str]:
-    rows = [results_row(record, pairs=True) for record in records]
-    lines = ["## Attacks", "", *_table(results_header(pairs=True), rows), "", KEY, ""]
+    rows = [results_row(record) for record in records]
+    lines = ["## Attacks", "", *_table(results_header(), rows), "", interval_key(records), ""]
     if (run_folder / "roc.png").is_file():
         lines += [f"![ROC curves of all attacks (log-log)]({link}/roc.png)", ""]
     return lines

@@ -15,7 +15,7 @@ from rich.table import Table  # noqa: E402
 
 from mia_lightning.contract.io import write_bytes_atomic  # noqa: E402
 from mia_lightning.metrics import FPR_LEVELS, RocCurve  # noqa: E402
-from mia_lightning.report.cells import COMPACT_KEY, percent, results_header, results_row, unresolved  # noqa: E402
+from mia_lightning.report.cells import interval_key, percent, results_header, results_row, unresolved  # noqa: E402
 from mia_lightning.report.table import TableRecord  # noqa: E402
 
 
@@ -24,15 +24,12 @@ PLOT_POINTS = 400
 
 
 def results_table(records: list[dict], title: str) -> Table:
-    """One row per attack output, compact enough for a terminal: AUC and TPR@FPR with their bootstrap intervals, flags, epsilon bound.
-
-    The Clopper-Pearson intervals over pairs stay in report.md / report.html (``cells.KEY``), so a row fits on one line.
-    """
-    table = Table(title=title, title_justify="left", caption=COMPACT_KEY, caption_justify="left")
-    for name in results_header(pairs=False):
+    """One row per attack output: AUC and TPR@FPR with their bootstrap intervals, flags, epsilon bound; the key names the resampled units."""
+    table = Table(title=title, title_justify="left", caption=interval_key(records), caption_justify="left")
+    for name in results_header():
         table.add_column(name.replace(" {bootstrap}", ""), justify="left" if name == "attack" else "right", style="bold" if name == "attack" else None)
     for record in records:
-        table.add_row(*results_row(record, pairs=False), style="yellow" if unresolved(record, FPR_LEVELS[0]) else None)
+        table.add_row(*results_row(record), style="yellow" if unresolved(record, FPR_LEVELS[0]) else None)
     return table
 
 
