@@ -98,3 +98,15 @@ def test_a_plot_linked_out_of_the_study_is_refused_before_anything_is_written(tm
     with pytest.raises(MiaError, match="a symbolic link leading outside"):
         analyse(tmp_path, rows, outputs=["lira_online"], bootstrap=10)
     assert outside.read_bytes() == b"not yours" and not (tmp_path / "analysis.html").exists()
+
+
+def test_a_setting_is_judged_against_its_own_familys_baseline(tmp_path):
+    rows = [audited_experiment(tmp_path / "baseline", effect=0.0), audited_experiment(tmp_path / "other", effect=6.0),
+            audited_experiment(tmp_path / "other_dp", effect=0.0, dp_epsilon=1.0)]
+    summary = analyse(tmp_path, rows, outputs=["lira_online"], bootstrap=50, baselines={"other_dp": "other"})
+    base, other, dp = summary["settings"]
+    assert base["helps"] == other["helps"] == "baseline" and dp["baseline"] == "other"
+    assert dp["helps"].startswith("yes")  # against the main baseline (no effect either) it would read "no"
+    assert analyse(tmp_path, rows, outputs=["lira_online"], bootstrap=50)["settings"][2]["helps"].startswith("no")
+    with pytest.raises(MiaError, match="baselines 'other_dp': 'missing'"):
+        analyse(tmp_path, rows, baselines={"other_dp": "missing"})

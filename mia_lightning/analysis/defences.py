@@ -7,7 +7,8 @@ and 1% FPR with the audit's bootstrap intervals, the empirical epsilon lower bou
 (``results.json``), and for DP-SGD settings the accountant's epsilon of each target (``done.json``
 metric ``dp_epsilon``, written by ``mia_lightning.defences.dp_sgd.DPSGD``; the largest over targets).
 
-"helps?" compares the ``attack`` output's TPR at 1% FPR with the baseline's: ``yes`` when the
+"helps?" compares the ``attack`` output's TPR at 1% FPR with its baseline's (``baseline``, or the
+setting named for it in ``baselines``, e.g. the undefended model of another family): ``yes`` when the
 setting's bootstrap interval lies entirely below the baseline's, ``worse`` when entirely above, ``no``
 otherwise (no measurable change), followed by the accuracy cost. The privacy-utility plot puts
 test accuracy against that TPR and draws the Pareto front (settings no other setting beats on both).
@@ -173,13 +174,21 @@ def defence_table(settings: list[dict], outputs: list[str]) -> TableRecord:
 
 
 def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attack: str = "lira_online",
-            outputs: list[str] | None = None, bootstrap: int = 200, seed: int = 0) -> dict:
-    """The defences table (printed), ``privacy_utility.png`` under ``study_dir``, and the JSON summary (returned)."""
+            outputs: list[str] | None = None, bootstrap: int = 200, seed: int = 0, baselines: dict[str, str] | None = None) -> dict:
+    """The defences table (printed), ``privacy_utility.png`` under ``study_dir``, and the JSON summary (returned).
+
+    ``baselines`` maps a setting to the undefended setting it is judged against (another model family
+    has its own baseline); every other setting is judged against ``baseline``.
+    """
     outputs = list(outputs or DEFAULT_OUTPUTS)
+    baselines = dict(baselines or {})
     confined_all(Path(study_dir), [Path(study_dir) / PLOT_FILE, Path(study_dir) / ANALYSIS_PAGE])  # no link leads the files out of the study
     names = [row["setting"] for row in rows]
     if baseline not in names:
         raise MiaError(f"study.analysis_params.baseline {baseline!r}: no such setting; settings are {', '.join(names)}")
+    for setting, its_baseline in baselines.items():
+        if setting not in names or its_baseline not in names:
+            raise MiaError(f"study.analysis_params.baselines {setting!r}: {its_baseline!r}: both must be settings; settings are {', '.join(names)}")
     if bootstrap < 0:
         raise MiaError(f"study.analysis_params.bootstrap {bootstrap}: must be >= 0")
     settings = []
@@ -200,9 +209,11 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
             "accountant_epsilon": accountant_epsilon(experiment, targets),
             "attacks": {o: e for o in outputs if (e := _attack_entry(row, o, members, audited, bootstrap, seed)) is not None},
         })
-    base = settings[names.index(baseline)]
+    judged_by = {name: baselines.get(name, baseline) for name in names}
     for s in settings:
-        s["helps"] = "baseline" if s is base else verdict(s, base, attack)
+        s["baseline"] = judged_by[s["setting"]]
+        own = s["setting"] == baseline or s["setting"] in judged_by.values()
+        s["helps"] = "baseline" if own else verdict(s, settings[names.index(s["baseline"])], attack)
     plotted = [s for s in settings if s["test_accuracy"] is not None]
     front = pareto_front(np.array([s["test_accuracy"] for s in plotted]), np.array([s["attacks"][attack]["tpr@0.01"] for s in plotted]))
     for s, on_front in zip(plotted, front):
@@ -213,6 +224,6 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
     print_tables([table], console)
     write_tables_page(confined(Path(study_dir), Path(study_dir) / ANALYSIS_PAGE), f"Defences study: {Path(study_dir).name}", [table],
                       [(Path(study_dir) / PLOT_FILE, "test accuracy against TPR@1%FPR per defence")])
-    return {"attack": attack, "baseline": baseline, "bootstrap": bootstrap, "plot": PLOT_FILE,
-            "helps_rule": "yes: the TPR@1%FPR bootstrap interval lies entirely below the baseline's; worse: entirely above; no: they overlap",
+    return {"attack": attack, "baseline": baseline, "baselines": baselines, "bootstrap": bootstrap, "plot": PLOT_FILE,
+            "helps_rule": "yes: the TPR@1%FPR bootstrap interval lies entirely below its baseline's; worse: entirely above; no: they overlap",
             "settings": settings}
