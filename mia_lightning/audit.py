@@ -169,7 +169,7 @@ def run_audit(
     quiet_lightning()  # torch / Lightning load from here on, once the request is valid
     from mia_lightning.attacks.module import score_targets
     from mia_lightning.privacy.audit import EpsilonAuditor
-    from mia_lightning.report.terminal import plot_roc
+    from mia_lightning.report.terminal import ALL_CURVES_FIGURE, headline_outputs, plot_roc
     from mia_lightning.utility import UTILITY_FILE, utility_report
 
     created = [(family, create_attack(family, **checked[family])) for family in names]
@@ -231,12 +231,16 @@ def run_audit(
                 with timed(f"write and plot {name}"):
                     save_npy_atomic(stage.path(name, "scores.npy"), scores)
                     save_json_atomic(stage.path(name, "results.json"), record)
-                    plot_roc({name: curve}, stage.path(name, "roc.png"), f"{name} ({experiment.root.name})")
+                    plot_roc({name: curve}, stage.path(name, "roc.png"), f"{name} ({experiment.root.name})", {name: record["auc"]})
                 records.append(record)
                 curves[name] = curve
         if not records:
             raise MiaError(f"{experiment.root}: no attack could score: " + "; ".join(f"{s['attack']}: {s['reason']}" for s in skipped))
-        plot_roc(curves, stage.path("roc.png"), f"membership inference on {experiment.root.name}")
+        auc = {record["attack"]: record["auc"] for record in records}
+        headline = headline_outputs(records)
+        plot_roc({name: curves[name] for name in headline}, stage.path("roc.png"), f"membership inference on {experiment.root.name}", auc)
+        if len(headline) < len(curves):
+            plot_roc(curves, stage.path(ALL_CURVES_FIGURE), f"every output on {experiment.root.name}", auc)
         if data.logits is not None:
             with timed("utility"):
                 save_json_atomic(stage.path(UTILITY_FILE), utility_report(data.logits.model, data.labels, data.keep, target_ids))

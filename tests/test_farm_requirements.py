@@ -93,3 +93,22 @@ def test_online_outputs_are_skipped_on_a_disjoint_shadow_farm(tmp_path):
     assert not written & {"lira_online", "lira_online_fixed", "rmia_online"}
     skipped = {s["attack"] for s in result.skipped}
     assert {"lira_online", "lira_online_fixed", "rmia_online"} <= skipped
+
+
+def test_headline_roc_keeps_the_best_of_each_family_and_the_baselines_and_merges_coinciding_curves():
+    from mia_lightning.metrics import evaluate_scores
+    from mia_lightning.report.terminal import coinciding_groups, headline_outputs
+
+    def record(name, family, tpr, auc):
+        return {"attack": name, "family": family, "tpr_at_fpr": {"0.01": tpr}, "auc": auc}
+
+    records = [record("lira_online", "lira", 0.10, 0.70), record("lira_offline", "lira", 0.12, 0.66), record("global_threshold", "lira", 0.02, 0.60),
+               record("loss", "thresholds", 0.02, 0.60), record("entropy", "thresholds", 0.03, 0.58), record("rmia_online", "rmia", 0.09, 0.69)]
+    assert headline_outputs(records) == ["lira_offline", "global_threshold", "loss", "entropy", "rmia_online"]
+    rng = np.random.default_rng(0)
+    members = rng.random((2, 50)) < 0.5
+    loss = members + rng.normal(0.0, 1.0, members.shape)
+    curves = {name: evaluate_scores(values, members)[1] for name, values in
+              (("loss", loss), ("confidence", np.exp(loss)), ("other", rng.normal(0.0, 1.0, members.shape)))}
+    grid = np.logspace(-2, 0, 50)
+    assert coinciding_groups(curves, grid) == [["loss", "confidence"], ["other"]]  # a monotone map draws the same ROC

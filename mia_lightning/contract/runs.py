@@ -4,7 +4,7 @@ Layout under ``<experiment>/attacks/``::
 
     runs/<run id>/run.json            what the run was: id, time, attacks, targets, parameters, version
     runs/<run id>/<output>/results.json, scores.npy, roc.png
-    runs/<run id>/roc.png, few_shadow/, utility.json ...
+    runs/<run id>/roc.png (headline outputs), roc_all.png (every output), few_shadow/, utility.json ...
     latest -> runs/<run id>           the published run (a symlink, replaced atomically)
     <entry> -> latest/<entry>         convenience links: attacks/lira_online/results.json etc.
 

@@ -217,7 +217,9 @@ def render_html(experiment: ExperimentDir, run_folder: Path, run: dict, records:
         _table(RESULT_COLUMNS, result_rows(records), flagged, table_id="results-table"),
         f"<p class=\"note\">{_esc(interval_key(records))}; highlighted rows cannot resolve {100 * FPR_LEVELS[0]:g}% FPR.</p>" + skipped,
         "<h2 id=\"roc\">ROC curves (log-log)</h2>",
-        _image(run_folder / "roc.png", "ROC curves of every attack output, log-log"),
+        _image(run_folder / "roc.png", "ROC curves of the best output of each attack family and the baselines, log-log"),
+        "<p class=\"note\">The best output of each attack family and the baselines; every output: <code>roc_all.png</code> in the run folder.</p>"
+        if (run_folder / "roc_all.png").is_file() else "",
         _utility(run_folder),
         _users_and_decisions(records),
         _epsilon(records),

@@ -65,7 +65,9 @@ def _attack_section(records: list[dict], run_folder: Path, link: str) -> list[st
     rows = [results_row(record) for record in records]
     lines = ["## Attacks", "", *_table(results_header(), rows), "", interval_key(records), ""]
     if (run_folder / "roc.png").is_file():
-        lines += [f"![ROC curves of all attacks (log-log)]({link}/roc.png)", ""]
+        lines += [f"![ROC curves: the best output of each attack family and the baselines (log-log)]({link}/roc.png)", ""]
+    if (run_folder / "roc_all.png").is_file():
+        lines += [f"Every output's curve: [roc_all.png]({link}/roc_all.png).", ""]
     return lines
 
 

@@ -126,23 +126,64 @@ def print_tables(records: list[TableRecord], console: Console) -> None:
         console.print(rich_table(record))
 
 
-def plot_roc(curves: dict[str, RocCurve], path: Path, title: str) -> None:
+ALL_CURVES_FIGURE = "roc_all.png"
+"""The run's figure of every output, kept for the record beside the readable headline ``roc.png``."""
+LINE_STYLES = ("-", "--", "-.", ":")
+BASELINE_OUTPUTS = ("global_threshold", "loss", "loss_baseline", "blind_baseline")
+"""Outputs that every headline ROC keeps beside the best of each attack family: what an attack must beat."""
+SAME_CURVE_TOLERANCE = 1e-12
+
+
+def headline_outputs(records: list[dict]) -> list[str]:
+    """The outputs a reader needs: the best of each attack family (TPR at 1% FPR, then AUC) and the baselines, in run order."""
+    best: dict[str, dict] = {}
+    for record in records:
+        family = record.get("family", record["attack"])
+        rank = (record["tpr_at_fpr"].get("0.01", 0.0), record["auc"])
+        if family not in best or rank > (best[family]["tpr_at_fpr"].get("0.01", 0.0), best[family]["auc"]):
+            best[family] = record
+    chosen = {record["attack"] for record in best.values()} | {r["attack"] for r in records if r["attack"] in BASELINE_OUTPUTS}
+    return [record["attack"] for record in records if record["attack"] in chosen]
+
+
+def coinciding_groups(curves: dict[str, RocCurve], grid: np.ndarray) -> list[list[str]]:
+    """Outputs whose ROC curves are identical on ``grid``, grouped in order (a group of one draws alone)."""
+    groups: list[tuple[np.ndarray, list[str]]] = []
+    for name, curve in curves.items():
+        tpr = curve.tpr_at(grid)
+        same = next((names for values, names in groups if np.allclose(values, tpr, rtol=0.0, atol=SAME_CURVE_TOLERANCE)), None)
+        if same is None:
+            groups.append((tpr, [name]))
+        else:
+            same.append(name)
+    return [names for _, names in groups]
+
+
+def plot_roc(curves: dict[str, RocCurve], path: Path, title: str, auc: dict[str, float] | None = None) -> None:
     """Log-log ROC of one or more attacks with the chance line, as PNG written atomically.
 
     Each curve is drawn as a step plot at ``PLOT_POINTS`` log-spaced FPRs from the smallest FPR
     the data can resolve (1 / non-members) to 1, so plotting costs the same for 100 or 10^8 pairs.
+    Every line has its own colour and line style (never reused), its AUC in the legend, and the
+    legend sits outside the axes; curves that coincide are drawn once, named together, and noted.
     """
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors, linestyle=["-", "--", "-.", ":"] * 5)  # colour and line style both tell outputs apart
     floor = min(1.0 / max(curve.n_negatives, 1) for curve in curves.values())
     grid = np.logspace(np.log10(floor), 0.0, PLOT_POINTS)
     y_floor = min(1.0 / max(curve.n_positives, 1) for curve in curves.values())
-    for name, curve in curves.items():
-        ax.step(grid, np.maximum(curve.tpr_at(grid), y_floor), where="post", label=name, linewidth=1.4)
-    ax.plot([floor, 1], [floor, 1], "k--", linewidth=0.8, label="chance")
+    groups = coinciding_groups(curves, grid)
+    fig, ax = plt.subplots(figsize=(8.5 if len(groups) > 1 else 5.5, 5))
+    colours = plt.get_cmap("tab10").colors
+    for k, names in enumerate(groups):
+        label = " = ".join(names) + (f" (AUC {auc[names[0]]:.3f})" if auc and names[0] in auc else "")
+        ax.step(grid, np.maximum(curves[names[0]].tpr_at(grid), y_floor), where="post", label=label, linewidth=1.4,
+                color=colours[k % len(colours)], linestyle=LINE_STYLES[(k // len(colours)) % len(LINE_STYLES)])
+    ax.plot([floor, 1], [floor, 1], color="0.4", linestyle=(0, (1, 3)), linewidth=0.8, label="chance")
     ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(y_floor, 1), xlabel="false positive rate", ylabel="true positive rate", title=title)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     ax.grid(True, which="major", alpha=0.3)
+    merged = [" = ".join(names) for names in groups if len(names) > 1]
+    if merged:
+        ax.text(0.0, -0.16, "coinciding curves drawn once: " + "; ".join(merged), transform=ax.transAxes, fontsize=7, va="top", wrap=True)
     save_figure(fig, Path(path))
 
 
