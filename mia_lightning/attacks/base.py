@@ -97,6 +97,8 @@ class AttackData:
     audit: np.ndarray | None = None
     experiment: ExperimentDir | None = None
     features: np.ndarray | None = None
+    signal_columns: dict[str, ModelOutputs] | None = None
+    """Named signal kinds [M, n, 1] when the models export several (a causal LM's ``signal.npy`` columns); ``signal`` is then the first."""
 
     def __post_init__(self) -> None:
         if self.logits is None and self.signal is None:
@@ -116,11 +118,19 @@ class AttackData:
         experiment.check_version()
         kind = experiment.output_kind()
         outputs = experiment.load_model_outputs(kind)
+        columns = experiment.signal_columns if kind == "signal" else None
+        if columns is not None and len(columns) != outputs.shape[2]:
+            raise MiaError(
+                f"{experiment.plan_path}: signals.columns names {len(columns)} signal kinds but signal.npy has {outputs.shape[2]} columns; "
+                "re-export the models (`python train.py export`) or fix the file"
+            )
+        named = None if columns is None else {name: outputs.column(i) for i, name in enumerate(columns)}
         return cls(
             keep=experiment.keep,
             labels=experiment.labels,
             logits=outputs if kind == "logits" else None,
-            signal=outputs if kind == "signal" else None,
+            signal=(named[columns[0]] if named else outputs) if kind == "signal" else None,
+            signal_columns=named,
             population=experiment.population,
             groups=experiment.groups,
             audit=experiment.audit,
@@ -308,7 +318,7 @@ class Attack(ABC):
 BUILT_IN_ATTACKS: dict[str, str] = {
     "lira": "lira", "rmia": "rmia", "likelihood_ratio": "mlm", "loss_baseline": "mlm", "blind_baseline": "mlm",
     "reference": "reference", "shokri": "shokri", "thresholds": "thresholds", "ulira": "ulira", "unlearning": "unlearning",
-    "quantile": "quantile", "label_only": "label_only",
+    "quantile": "quantile", "label_only": "label_only", "lm_signals": "causal_lm",
 }
 """Built-in attack name -> the module of ``mia_lightning.attacks`` that registers it. Modules are imported on
 first use, so attack names, ``--help`` and typos are answered without importing torch (Shokri's module needs it)."""
@@ -320,6 +330,7 @@ BUILT_IN_OUTPUTS: dict[str, tuple[str, ...]] = {
     "shokri": ("shokri_per_class", "shokri_shared"), "thresholds": ("loss", "confidence", "entropy", "modified_entropy"),
     "ulira": ("ulira_exact", "ulira_inexact", "lira_before", "loss_exact", "loss_inexact", "retained_exact", "retained_inexact", "retained_before"),
     "quantile": ("quantile_regression",), "label_only": ("label_only_agreement", "label_only_lira"),
+    "lm_signals": ("zlib_ratio", "min_k", "min_k_plus_plus"),
 }
 """The outputs each built-in attack writes (its class's ``outputs``; the unlearning attack's depend on its parameters),
 so an output name typed as an attack is answered with its family without importing the attack modules."""

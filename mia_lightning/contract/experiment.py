@@ -179,6 +179,22 @@ class ExperimentDir:
         return audit
 
     @cached_property
+    def signal_columns(self) -> list[str] | None:
+        """Names of ``signal.npy``'s columns when the models export several signal kinds (``plan.json`` ``signals.columns``), else None.
+
+        Without it a signal's columns are repeated queries of one statistic (e.g. maskings) that
+        attacks average; with it each column is its own statistic, read by name, and the generic
+        signal attacks read the first.
+        """
+        layout = self.plan.get("signals")
+        if layout is None:
+            return None
+        columns = layout.get("columns") if isinstance(layout, dict) else None
+        if not isinstance(columns, list) or not columns or not all(isinstance(c, str) and c for c in columns) or len(set(columns)) != len(columns):
+            raise MiaError(f"{self.plan_path}: signals.columns {str(columns)[:80]}: expected a list of distinct column names of signal.npy; fix the file or re-run the farm")
+        return columns
+
+    @cached_property
     def plan(self) -> dict:
         """plan.json as a dict ({} for a directory exported by another framework without one)."""
         if not self.plan_path.is_file():

@@ -50,6 +50,10 @@ class ModelOutputs:
         """Outputs of one model, [n, Q(, C)]."""
         return self._read(int(index))
 
+    def column(self, index: int) -> "ModelOutputs":
+        """Column ``index`` of a signal [M, n, Q] alone, as a signal [M, n, 1] (one named kind of a multi-signal layout)."""
+        return ModelOutputs((*self.shape[:2], 1), lambda model: self._read(model)[:, index : index + 1])
+
     def blocks(self, block_size: int) -> Iterator[tuple[int, np.ndarray]]:
         """(first model id, stacked outputs [b, ...]) for consecutive blocks of ``block_size`` models."""
         for start in range(0, len(self), block_size):

