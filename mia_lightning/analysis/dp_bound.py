@@ -87,12 +87,15 @@ def compare(curve, bounds: list[tuple[float, float]]) -> dict:
     replace-one epsilon of the curve (point estimate and Clopper-Pearson) per delta, with the
     add/remove epsilon it implies at least (half of it).
     """
-    first, _ = resolved(curve.fpr, curve.tpr, curve.n_positives, curve.n_negatives)
-    fpr, tpr = curve.fpr[first], curve.tpr[first]
+    first, second = resolved(curve.fpr, curve.tpr, curve.n_positives, curve.n_negatives)
+    read = first | second
+    fpr, tpr = curve.fpr[read], curve.tpr[read]
     comparisons = []
     for epsilon, delta in bounds:
         eps_r, delta_r = replace_one(epsilon, delta)
-        excess = tpr - dp_tpr_bound(fpr, eps_r, delta_r) if fpr.size else np.zeros(1)
+        with np.errstate(over="ignore"):  # each inequality only where its counts are resolved
+            excess = np.maximum(np.where(first[read], tpr - (np.exp(eps_r) * fpr + delta_r), -np.inf),
+                                np.where(second[read], tpr - (1.0 - np.exp(-eps_r) * (1.0 - delta_r - fpr)), -np.inf)) if fpr.size else np.zeros(1)
         worst = int(np.argmax(excess))
         comparisons.append({"epsilon": epsilon, "delta": delta, "replace_one": [eps_r, delta_r], "curve_inside": bool(excess.max() <= 1e-12),
                             "max_excess": float(excess.max()), "at_fpr": float(fpr[worst]) if fpr.size else None, "tpr": float(tpr[worst]) if fpr.size else None})
