@@ -1,8 +1,9 @@
-"""The power-law analysis: the fit against independent formulas, the DP bound against known mechanisms, per-sample pieces, and a study end to end."""
+"""The power-law analysis: the weighted fit against independent formulas, the DP bound against known mechanisms, per-sample pieces, and a study end to end."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,68 +12,127 @@ import torch
 import yaml
 
 from mia_lightning.analysis import power_law
-from mia_lightning.analysis.power_law import (
-    curve_epsilon, dp_tpr_bound, fit_power_law, leave_one_out_r_squared, member_means, nearest_neighbour_distances, spearman,
+from mia_lightning.analysis.dp_bound import curve_epsilon, curve_epsilon_clopper_pearson, dp_tpr_bound, replace_one, resolved
+from mia_lightning.analysis.power_fit import (
+    fit_power_law, interaction_test, leave_one_out_r_squared, predict, sample_advantages,
 )
+from mia_lightning.analysis.power_law import member_means, nearest_neighbour_distances, spearman
 from mia_lightning.cli import train_main
 from mia_lightning.models.image import FeatureHead, autograd_gradient_norms
 
 from test_images import clear_caches, write_image_folder
 
 
-def synthetic_settings(b_s: float, b_c: float, b_0: float, noise: float = 0.0, seed: int = 0) -> list[dict]:
-    """Settings on the grid S x C whose TPRs follow the power law (times lognormal noise)."""
+def synthetic_cells(b_s: float, b_c: float, b_0: float, noise: float = 0.0, seed: int = 0, width: float = 0.02, draws: int = 1) -> list[dict]:
+    """Cells on the grid S x C x draws whose advantage TPR - FPR follows the power law (times lognormal noise), with bootstrap intervals of ``width``."""
     rng = np.random.default_rng(seed)
     rows = []
     for s in (1, 2, 4, 8, 16, 32, 64):
         for c in (2, 5, 10):
-            tpr = {str(level): float(10 ** (b_s * np.log10(s) + b_c * np.log10(c) + b_0 + noise * rng.normal())) for level in power_law.FPR_LEVELS}
-            rows.append({"setting": f"S{s}_C{c}", "shots": s, "n_classes": c, "tpr_at_fpr": tpr, "min_resolvable_fpr": 1e-5, "n_nonmembers": 10**5})
+            for d in range(draws):
+                tpr = {str(x): float(x + 10 ** (b_s * np.log10(s) + b_c * np.log10(c) + b_0 + noise * rng.normal())) for x in power_law.FPR_LEVELS}
+                ci = {k: [v - width / 2, v + width / 2] for k, v in tpr.items()}
+                rows.append({"setting": f"S{s}_C{c}_d{d}", "shots": s, "n_classes": c, "tpr_at_fpr": tpr, "tpr_at_fpr_ci_bootstrap": ci,
+                             "min_resolvable_fpr": 1e-5, "n_nonmembers": 10**5})
     return rows
 
 
-def test_exact_power_law_is_recovered_with_perfect_r_squared():
-    fit = fit_power_law(synthetic_settings(-0.5, 0.3, -1.2), 0.01, replicates=200)
+def test_exact_power_law_in_the_advantage_is_recovered():
+    fit = fit_power_law(synthetic_cells(-0.5, 0.3, -1.2), 0.01, replicates=200)
+    assert fit["quantity"] == "log10(TPR - FPR)" and fit["n_settings"] == 21
     assert fit["coefficients"] == pytest.approx({"b_S": -0.5, "b_C": 0.3, "b_0": -1.2}, abs=1e-10)
     assert fit["r2_fit"] == pytest.approx(1.0) and fit["r2_leave_one_out"] == pytest.approx(1.0)
-    assert fit["r2_held_out"]["classes"] == [10] and fit["r2_held_out"]["value"] == pytest.approx(1.0)
+    assert all(v["b_S"] == pytest.approx(-0.5) for v in fit["per_class"].values()) and fit["interaction"]["coefficient"] == pytest.approx(0, abs=1e-9)
+    log_tpr = fit_power_law(synthetic_cells(-0.5, 0.3, -1.2), 0.01, replicates=50, quantity="tpr")  # log TPR flattens towards log FPR: a shallower slope
+    assert log_tpr["quantity"] == "log10 TPR" and log_tpr["coefficients"]["b_S"] > -0.5
 
 
-def test_noisy_fit_equals_the_normal_equations_and_its_interval_covers_the_truth():
-    settings = synthetic_settings(-0.4, 0.5, -1.0, noise=0.1, seed=3)
-    fit = fit_power_law(settings, 0.1, replicates=1000, seed=1)
-    X = np.array([[np.log10(s["shots"]), np.log10(s["n_classes"]), 1.0] for s in settings])
-    y = np.log10([s["tpr_at_fpr"]["0.1"] for s in settings])
-    beta = np.linalg.solve(X.T @ X, X.T @ y)
-    assert [fit["coefficients"][k] for k in ("b_S", "b_C", "b_0")] == pytest.approx(beta.tolist(), abs=1e-10)
-    residual = y - X @ beta
-    assert fit["r2_fit"] == pytest.approx(1 - residual @ residual / ((y - y.mean()) @ (y - y.mean())))
-    loo = [X[i] @ np.linalg.solve(np.delete(X, i, 0).T @ np.delete(X, i, 0), np.delete(X, i, 0).T @ np.delete(y, i)) for i in range(len(y))]
-    assert fit["r2_leave_one_out"] == pytest.approx(1 - ((y - loo) ** 2).sum() / ((y - y.mean()) ** 2).sum())
-    assert leave_one_out_r_squared(X, y) < fit["r2_fit"]
+def test_weighted_fit_equals_the_weighted_normal_equations():
+    cells = synthetic_cells(-0.4, 0.5, -1.0, noise=0.1, seed=3, draws=2)
+    for i, cell in enumerate(cells):  # unequal interval widths: the weights matter
+        width = 0.002 * (1 + i % 5)
+        cell["tpr_at_fpr_ci_bootstrap"] = {k: [v - width, v + width] for k, v in cell["tpr_at_fpr"].items()}
+    fit = fit_power_law(cells, 0.1, replicates=500, seed=1)
+    X = np.array([[math.log10(c["shots"]), math.log10(c["n_classes"]), 1.0] for c in cells])
+    advantage = np.array([c["tpr_at_fpr"]["0.1"] - 0.1 for c in cells])
+    y = np.log10(advantage)
+    # delta method: se of log10(a) = se(a) / (a ln 10), se(a) = interval width / (2 x 1.96)
+    variance = np.array([((c["tpr_at_fpr_ci_bootstrap"]["0.1"][1] - c["tpr_at_fpr_ci_bootstrap"]["0.1"][0]) / (2 * 1.959964) / (a * math.log(10))) ** 2
+                         for c, a in zip(cells, advantage)])
+    ols = np.linalg.solve(X.T @ X, X.T @ y)
+    tau2 = max(0.0, ((y - X @ ols) ** 2).sum() / (len(y) - 3) - variance.mean())
+    W = np.diag(1 / (variance + tau2))
+    beta = np.linalg.solve(X.T @ W @ X, X.T @ W @ y)
+    assert fit["between_cell_variance"] == pytest.approx(tau2, rel=1e-5) and tau2 > 0
+    assert [fit["coefficients"][k] for k in ("b_S", "b_C", "b_0")] == pytest.approx(beta.tolist(), abs=1e-6)
+    assert fit["r2_fit"] == pytest.approx(1 - ((y - X @ beta) ** 2).sum() / ((y - y.mean()) ** 2).sum(), abs=1e-6)
+    assert leave_one_out_r_squared(X, y, np.diag(W)) == pytest.approx(fit["r2_leave_one_out"])
     low, high = fit["ci95_bootstrap"]["b_S"]
     assert low < -0.4 < high and high - low < 0.3
 
 
-def test_settings_the_scores_cannot_resolve_or_with_zero_tpr_are_excluded_not_floored():
-    settings = synthetic_settings(-0.5, 0.3, -1.2)
-    settings[0]["min_resolvable_fpr"] = 0.01  # 100 non-member pairs cannot resolve FPR 0.001
-    settings[1]["tpr_at_fpr"]["0.001"] = 0.0
-    fit = fit_power_law(settings, 0.001, replicates=50)
-    assert fit["n_settings"] == len(settings) - 2
-    assert [e["setting"] for e in fit["excluded"]] == [settings[0]["setting"], settings[1]["setting"]]
+def test_interaction_test_finds_a_slope_that_depends_on_c_and_not_one_that_does_not():
+    rng = np.random.default_rng(0)
+    shots = np.tile([1.0, 4, 16, 64, 256], 3)
+    classes = np.repeat([2.0, 5, 10], 5)
+    noise = 0.02 * rng.normal(size=15)
+    flat = -0.5 * np.log10(shots) + 0.3 * np.log10(classes) - 1 + noise
+    steep = flat + 0.4 * np.log10(shots) * np.log10(classes)
+    assert interaction_test(shots, classes, steep, np.ones(15))["p_value"] < 1e-6
+    assert interaction_test(shots, classes, flat, np.ones(15))["p_value"] > 0.01
+
+
+def test_cells_unresolved_saturated_or_without_advantage_are_excluded_not_floored():
+    cells = synthetic_cells(-0.5, 0.3, -1.2)
+    cells[0]["min_resolvable_fpr"] = 0.01  # 100 non-member pairs cannot resolve FPR 0.001
+    cells[1]["tpr_at_fpr"]["0.001"] = 0.001  # no advantage
+    cells[2]["tpr_at_fpr"]["0.001"] = 0.97  # saturated
+    fit = fit_power_law(cells, 0.001, replicates=50)
+    assert fit["n_settings"] == len(cells) - 3
+    assert [e["reason"].split(" ")[0] for e in fit["excluded"]] == ["scores", "TPR", "saturated"]
     assert fit["coefficients"]["b_S"] == pytest.approx(-0.5)
+
+
+def test_prediction_of_another_scenario_against_hand_values():
+    fit = {"coefficients": {"b_S": -0.5, "b_C": None, "b_0": -1.0}, "range": {"shots": [1, 16], "classes": [2, 2]}}
+    cells = [{"setting": str(s), "shots": s, "n_classes": 2, "tpr_at_fpr": {"0.1": 0.1 + 10 ** (-0.5 * math.log10(s) - 1.0 + off)}, "min_resolvable_fpr": 0}
+             for s, off in ((1, 0.1), (4, -0.1), (64, 0.3))]
+    result = predict(fit, cells, 0.1)
+    errors = np.array([-0.1, 0.1, -0.3])  # predicted - measured, in dex
+    assert result["rmse"] == pytest.approx(np.sqrt((errors**2).mean())) and result["bias"] == pytest.approx(errors.mean())
+    assert result["outside_fitted_range"] == 1 and result["n_cells"] == 3
+
+
+def test_per_sample_advantage_against_a_loop():
+    rng = np.random.default_rng(0)
+    scores, members = rng.normal(size=(40, 30)), rng.random((40, 30)) < 0.5
+    scores[members] += 1.0
+    members[:, 0] = True  # no non-member target: not resolved
+    got = sample_advantages(scores, members, 0.1)
+    for j in range(30):
+        out, inn = scores[~members[:, j], j], scores[members[:, j], j]
+        if out.size < 10:
+            assert np.isnan(got[j])
+            continue
+        threshold = np.sort(out)[::-1][int(np.floor(0.1 * out.size))]
+        assert (out > threshold).mean() <= 0.1
+        assert got[j] == pytest.approx((inn > threshold).mean() - (out > threshold).mean())
 
 
 def test_dp_bound_matches_hand_values_and_randomised_response_sits_on_it():
     eps = np.log(2.0)
     # TPR <= min(e^eps FPR + delta, 1 - e^-eps (1 - delta - FPR))
     assert dp_tpr_bound(np.array([0.2, 0.6]), eps, 0.1).tolist() == pytest.approx([0.5, 0.85])
-    # randomised response with epsilon: its ROC vertex (1 / (1 + e^eps), e^eps / (1 + e^eps)) lies exactly on the boundary
+    # randomised response with epsilon on 1,000 members / non-members: its ROC vertex lies exactly on the boundary
     q = 1 / (1 + np.exp(1.5))
     fpr, tpr = np.array([0.0, q, 1.0]), np.array([0.0, 1 - q, 1.0])
-    assert curve_epsilon(fpr, tpr, 0.0) == pytest.approx(1.5)
+    assert curve_epsilon(fpr, tpr, 0.0, 1000, 1000) == pytest.approx(1.5, abs=0.01)
     assert (tpr <= dp_tpr_bound(fpr, 1.5, 0.0) + 1e-12).all() and (tpr[1] > dp_tpr_bound(fpr, 1.4, 0.0)[1])
+    assert curve_epsilon_clopper_pearson(fpr, tpr, 0.0, 1000, 1000) < 1.5  # rates at their adverse 95% bounds: below the point estimate
+    # with 100 non-members the vertex has 18 false positives (resolved); at FPR 2/1000 it has 2: not read
+    assert resolved(np.array([0.18]), np.array([0.8]), 100, 100)[0].tolist() == [True]
+    assert curve_epsilon(np.array([0, 0.002, 1]), np.array([0, 0.995, 1]), 0.0, 1000, 1000) == 0.0  # 2 false positives, 5 false negatives
+    assert replace_one(1.0, 1e-5) == pytest.approx((2.0, (1 + math.e) * 1e-5))
 
 
 def test_per_sample_helpers_against_loops():
@@ -124,15 +184,17 @@ def test_study_end_to_end_on_generated_images(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(recipe))
     study = {"study": {"name": "pl", "root": str(tmp_path / "out"), "recipe": str(tmp_path / "base.yaml"),
                        "grid": {"data.init_args.shots": [1, 2, 4], "data.init_args.n_classes": [2, 3]}, "attacks": ["lira"],
-                       "analysis": "power_law", "analysis_params": {"bootstrap": 100, "held_out_classes": [3]}}}
+                       "analysis": "power_law", "analysis_params": {"bootstrap": 100, "per_sample_settings": ["shots-4_n_classes-3"]}}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     assert train_main(["study", "--config", str(tmp_path / "study.yaml")]) == 0
     out = tmp_path / "out" / "pl"
     analysis = json.loads((out / "analysis.json").read_text())
     assert [(s["shots"], s["n_classes"]) for s in analysis["settings"]] == [(1, 2), (1, 3), (2, 2), (2, 3), (4, 2), (4, 3)]
     fit = analysis["fits"][2]  # FPR 0.1: every setting resolves it
-    assert fit["fpr"] == 0.1 and set(fit["coefficients"]) == {"b_S", "b_C", "b_0"} and "r2_leave_one_out" in fit
-    assert fit["r2_held_out"]["value"] is None and "fewer than two class counts" in fit["r2_held_out"]["reason"]  # only C = 2 would remain
+    assert fit["fpr"] == 0.1 and fit["quantity"] == "log10(TPR - FPR)" and ("coefficients" in fit or "error" in fit)
+    assert fit["n_settings"] + len(fit["excluded"]) == 6 and analysis["fits_log_tpr"][2]["quantity"] == "log10 TPR"
+    assert [q["quantile"] for q in analysis["sample_quantiles"]] == [0.5, 0.9, 1.0]
+    assert analysis["dp"]["adjacency"].startswith("few-shot plans are replace-one")
     plan = json.loads((out / "settings" / "shots-4_n_classes-3" / "plan.json").read_text())
     assert plan["info"]["shots"] == 4 and plan["info"]["n_classes"] == 3 and plan["n_samples"] == 24
     per_sample = analysis["per_sample"]["shots-4_n_classes-3"]

@@ -12,63 +12,70 @@ import numpy as np
 from mia_lightning.report.terminal import save_figure
 
 
-def plot_power_law(path: Path, settings: list[dict], fits: list[dict]) -> None:
-    """log-log TPR vs S per C, one panel per FPR level, Clopper-Pearson bars and the fitted lines."""
+def plot_power_law(path: Path, cells: list[dict], fits: list[dict], scenario: str) -> None:
+    """log-log advantage TPR - FPR vs S, one panel per FPR level: every cell (draws side by side) with its bootstrap bar, fitted lines per C."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(fits), figsize=(5 * len(fits), 4.2), squeeze=False)
-    class_values = sorted({s["n_classes"] for s in settings})
+    class_values = sorted({c["n_classes"] for c in cells})
     colours = plt.cm.viridis(np.linspace(0, 0.85, len(class_values)))
     for ax, fit in zip(axes[0], fits):
-        key = str(fit["fpr"])
-        floor = fit["fpr"] / 10
+        key, level = str(fit["fpr"]), fit["fpr"]
+        floor = level / 10
         for colour, c in zip(colours, class_values):
-            rows = sorted((s for s in settings if s["n_classes"] == c), key=lambda s: s["shots"])
-            shots = np.asarray([s["shots"] for s in rows], dtype=float)
-            tpr = np.asarray([s["tpr_at_fpr"][key] for s in rows])
-            low = np.asarray([s["tpr_at_fpr_ci"][key][0] for s in rows])
-            high = np.asarray([s["tpr_at_fpr_ci"][key][1] for s in rows])
+            rows = sorted((s for s in cells if s["n_classes"] == c), key=lambda s: s["shots"])
+            shots = np.asarray([s["shots"] for s in rows], dtype=float) * (1 + 0.04 * (class_values.index(c) - 1))
+            advantage = np.asarray([s["tpr_at_fpr"][key] for s in rows]) - level
+            bounds = np.asarray([(s.get("tpr_at_fpr_ci_bootstrap") or {}).get(key) or [np.nan, np.nan] for s in rows], dtype=float).reshape(-1, 2) - level
             used = np.isin([s["setting"] for s in rows], fit.get("settings", []))
-            shown = np.maximum(tpr, floor)
-            ax.errorbar(shots[used], shown[used], yerr=[shown[used] - np.maximum(low[used], floor), np.maximum(high[used], floor) - shown[used]],
-                        fmt="o", color=colour, capsize=2, label=f"C = {c}")
+            shown = np.maximum(advantage, floor)
+            low, high = np.maximum(np.nan_to_num(bounds[:, 0], nan=advantage), floor), np.maximum(np.nan_to_num(bounds[:, 1], nan=advantage), floor)
+            ax.errorbar(shots[used], shown[used], yerr=[np.maximum(shown[used] - low[used], 0), np.maximum(high[used] - shown[used], 0)],
+                        fmt="o", ms=3, color=colour, capsize=2, label=f"C = {c}")
             if (~used).any():
-                ax.scatter(shots[~used], shown[~used], facecolors="none", edgecolors=colour, marker="o")
+                ax.scatter(shots[~used], shown[~used], facecolors="none", edgecolors=colour, marker="o", s=14)
             coefficients = fit.get("coefficients")
             if coefficients and shots.size:
-                grid = np.logspace(np.log10(shots.min()), np.log10(shots.max()), 50)
+                grid = np.logspace(np.log10(min(s["shots"] for s in rows)), np.log10(max(s["shots"] for s in rows)), 50)
                 b_c = coefficients.get("b_C") or 0.0
                 ax.plot(grid, 10 ** (coefficients["b_S"] * np.log10(grid) + b_c * np.log10(c) + coefficients["b_0"]), color=colour, lw=1)
-        ax.axhline(fit["fpr"], color="grey", ls=":", lw=1)
-        ax.set(xscale="log", yscale="log", xlabel="shots per class S", ylabel=f"TPR at FPR = {fit['fpr']:g}")
-        title = f"FPR {fit['fpr']:g}"
+        ax.set(xscale="log", yscale="log", xlabel="shots per class S", ylabel=f"TPR - FPR at FPR = {level:g}")
+        title = f"FPR {level:g}"
         if fit.get("coefficients"):
             title += f": b_S = {fit['coefficients']['b_S']:.2f}, R² = {fit['r2_fit']:.2f}"
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle("MIA vulnerability vs shots (hollow: not in the fit; dotted: FPR = TPR)", fontsize=9)
+    fig.suptitle(f"{scenario}: advantage vs shots, every class subset and draw (bars: two-way bootstrap 95%; hollow: not in the fit; theory: slope -1/2)", fontsize=8)
     save_figure(fig, path)
 
 
-def plot_dp_bound(path: Path, curve: tuple[np.ndarray, np.ndarray], bound_curves: list[tuple[str, np.ndarray, np.ndarray]], title: str) -> None:
-    """The measured ROC (log-log) with the (epsilon, delta)-DP upper bounds on TPR (``(label, fpr, tpr bound)``, computed by the analysis)."""
+def plot_dp_bound(path: Path, curves: list[tuple[str, np.ndarray, np.ndarray]], bound_curves: list[tuple[str, np.ndarray, np.ndarray]], title: str,
+                  points: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] | None = None) -> None:
+    """Measured ROCs (log-log) with the DP upper bounds on TPR (``(label, fpr, tpr bound)``, computed by the analysis).
+
+    ``points``: (label, FPR levels, TPR, [2, k] bootstrap intervals) drawn as error bars on the same axes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fpr, tpr = curve
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    positive = fpr > 0
-    ax.plot(fpr[positive], tpr[positive], color="black", lw=1.5, label="measured ROC")
-    for label, grid, bound in bound_curves:
-        ax.plot(grid, bound, ls="--", lw=1, label=label)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    colours = plt.cm.tab10(np.arange(max(len(curves), len(bound_curves), 1)) % 10)
+    for colour, (label, fpr, tpr) in zip(colours, curves):
+        positive = fpr > 0
+        ax.plot(fpr[positive], tpr[positive], color=colour, lw=1.5, label=label)
+    for colour, (label, levels, tpr, interval) in zip(colours, points or []):
+        ax.errorbar(levels, np.maximum(tpr, 1e-5), yerr=[np.maximum(tpr - interval[0], 0), np.maximum(interval[1] - tpr, 0)], fmt="s", ms=3, color=colour, capsize=2)
+    for colour, (label, grid, bound) in zip(colours, bound_curves):
+        ax.plot(grid, bound, ls="--", lw=1, color=colour if len(curves) == len(bound_curves) else None, label=label)
     ax.plot([1e-5, 1], [1e-5, 1], color="grey", ls=":", lw=1, label="chance")
-    ax.set(xscale="log", yscale="log", xlim=(1e-5, 1), ylim=(1e-5, 1.05), xlabel="FPR", ylabel="TPR", title=title)
-    ax.legend(fontsize=7)
+    ax.set(xscale="log", yscale="log", xlim=(1e-5, 1), ylim=(1e-5, 1.05), xlabel="FPR", ylabel="TPR")
+    ax.set_title(title, fontsize=7)
+    ax.legend(fontsize=6)
     save_figure(fig, path)
 
 
