@@ -14,7 +14,12 @@ Embedding 3000x64 -> LSTM 64, 100 tokens, B = 64), ``film`` and ``full`` (config
 MobileNetV2 at 96 px, B = 20 = the few-shot subset; film: eval-mode backbone, only BatchNorm affine
 and head trainable), ``mlm`` (configs/mlm/clinosim_bert_tiny.yaml: BERT 2 layers x 128, 128 tokens,
 B = 32, vocabulary projection at the 15% masked positions only, as ``models.mlm`` trains).
-Run: ``python benchmarks/stacking_bound.py [--families lstm film full mlm] [--k 4 16] [--device cuda]``.
+``--lstm_layer`` also times the LSTM layer itself, forward + backward at the imdb_lstm shapes: K
+``nn.LSTM`` calls (the fused oneDNN / cuDNN kernel the sequential farm runs) against one call of the
+ensemble's stacked recurrence (``models.stacked_lstm``, input projection included) for K models, with
+the GFLOP/s each achieves and the measured matmul peak: where the LSTM ensemble loses or wins before
+any Lightning overhead.
+Run: ``python benchmarks/stacking_bound.py [--families lstm film full mlm] [--k 4 16] [--device cuda] [--lstm_layer]``.
 """
 
 from __future__ import annotations
@@ -72,6 +77,56 @@ def mlm_step(device: str) -> Callable[[int], None]:
     return step
 
 
+LSTM_SHAPES = {"steps": 100, "batch": 64, "width": 64, "hidden": 64}
+"""configs/text/imdb_lstm.yaml: 100 tokens, batch 64, embedding 64, hidden 64."""
+
+
+def lstm_layer_flops(k: int) -> float:
+    """Forward + backward FLOPs of K LSTM layers at ``LSTM_SHAPES``: 3 x 2 x the multiply-adds of the input and recurrent projections of every token."""
+    t, b, e, h = LSTM_SHAPES.values()
+    return 6.0 * k * t * b * (e + h) * 4 * h
+
+
+def lstm_layer_steps(k: int, device: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(K ``nn.LSTM`` forward + backward passes, one stacked-recurrence pass for K models) on random data."""
+    from mia_lightning.models.stacked_lstm import stacked_lstm
+
+    t, b, e, h = LSTM_SHAPES.values()
+    layers = [nn.LSTM(e, h, batch_first=True).to(device) for _ in range(k)]
+    inputs = [torch.randn(b, t, e, device=device, requires_grad=True) for _ in range(k)]
+    w_ih = torch.randn(k, e, 4 * h, device=device, requires_grad=True)
+    w_hh = torch.randn(k, h, 4 * h, device=device, requires_grad=True)
+    stacked_input = torch.randn(k, t * b, e, device=device, requires_grad=True)
+
+    def sequential() -> None:
+        for layer, x in zip(layers, inputs):
+            _, (final, _) = layer(x)
+            final[-1].sum().backward()
+
+    def stacked() -> None:
+        states = stacked_lstm(torch.bmm(stacked_input, w_ih).view(k, t, b, 4 * h), w_hh)
+        states[:, -1].sum().backward()
+
+    return sequential, stacked
+
+
+def lstm_layer_case(ks: list[int], rounds: int, device: str) -> None:
+    """Print the LSTM layer's time per K models, both ways, with achieved GFLOP/s against the matmul peak."""
+    size = 2048
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b
+    peak = 2 * size**3 * 5 / seconds(lambda _: a @ b, 0, 5, device) / 1e9
+    print(f"LSTM layer at imdb_lstm shapes {LSTM_SHAPES}, forward + backward; measured float32 matmul peak {peak:.1f} GFLOP/s")
+    for k in ks:
+        sequential, stacked = lstm_layer_steps(k, device)
+        sequential(), stacked()
+        one = min(seconds(lambda _: sequential(), 0, 3, device) for _ in range(rounds)) / 3
+        together = min(seconds(lambda _: stacked(), 0, 3, device) for _ in range(rounds)) / 3
+        flops = lstm_layer_flops(k)
+        print(f"lstm layer K={k:3d}: {k} x nn.LSTM {1e3 * one:7.1f} ms ({flops / one / 1e9:6.1f} GFLOP/s, {100 * flops / one / 1e9 / peak:3.0f}% of peak); "
+              f"stacked recurrence {1e3 * together:7.1f} ms ({flops / together / 1e9:6.1f} GFLOP/s); ensemble / sequential speed {one / together:5.2f}x")
+
+
 FAMILIES: dict[str, tuple[Callable[[str], Callable[[int], None]], int]] = {
     "lstm": (lstm_step, 64),
     "film": (lambda device: image_step(device, "film"), 20),
@@ -98,9 +153,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[4, 16], help="models per stacked group")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; the fastest counts")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--lstm_layer", action="store_true", help="also time the LSTM layer: K nn.LSTM calls vs the stacked recurrence")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'})")
+    if args.lstm_layer:
+        lstm_layer_case(args.k, args.rounds, args.device)
     for name in args.families:
         build, batch = FAMILIES[name]
         step = build(args.device)

@@ -131,6 +131,19 @@ def test_cli_farm_vectorised_writes_what_the_sequential_farm_writes(tmp_path):
         assert yaml.safe_load((vec.model_dir(index) / "done.json").read_text())["engine"] == "vectorised"
 
 
+def test_cli_farm_auto_engine_trains_lstms_sequentially_on_the_cpu(tmp_path, capsys):
+    """The default ``farm.engine: auto`` picks the sequential farm for LSTMs on the CPU, says why, and done.json names the engine that trained."""
+    path = write_recipe(write_reviews(tmp_path / "r.csv", n=N_REVIEWS), tmp_path)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["trainer"].pop("callbacks")
+    recipe.pop("farm", None)
+    path.write_text(yaml.safe_dump(recipe))
+    assert train_main(["farm", "--config", str(path), "--plan.n_models", "2"]) == 0
+    assert "engine sequential (auto: the LSTMClassifier ensemble is slower than the sequential farm on cpu" in " ".join(capsys.readouterr().out.split())
+    experiment = ExperimentDir(tmp_path / "tiny_text")
+    assert [yaml.safe_load((experiment.model_dir(i) / "done.json").read_text())["engine"] for i in range(2)] == ["sequential"] * 2
+
+
 def test_a_family_that_does_not_stack_is_refused_in_one_line():
     setup = FarmSetup(
         data=ComponentSpec("mia_lightning.data.tabular.TabularDataModule", {"source": "digits"}),

@@ -9,7 +9,7 @@ import torch
 from mia_lightning.data.plan import PlanSpec, make_lira_plan
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.components import ComponentSpec
-from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, TrainedModel, model_seed
+from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, TrainedModel, model_seed, resolve_engine
 from mia_lightning.farm.vectorised import VectorisedEngine
 from mia_lightning.models.ensemble import VectorisedMLP
 
@@ -118,3 +118,36 @@ def test_other_families_need_the_sequential_engine():
     setup = FarmSetup(ComponentSpec("mia_lightning.data.tabular.TabularDataModule"), ComponentSpec("lightning.pytorch.demos.boring_classes.BoringModel"), {})
     with pytest.raises(MiaError, match="farm.engine: sequential"):
         VectorisedEngine(setup)
+
+
+TEXT = ("mia_lightning.data.text.TextDataModule", "mia_lightning.models.lstm.LSTMClassifier")
+
+
+@pytest.mark.parametrize(
+    "data,model,model_args,trainer,callbacks,derived,expected",
+    [
+        ("mia_lightning.data.tabular.TabularDataModule", "mia_lightning.models.tabular_mlp.TabularMLP", {}, {"accelerator": "cpu"}, (), False, "vectorised"),
+        ("mia_lightning.data.tabular.TabularDataModule", "mia_lightning.models.tabular_mlp.TabularMLP", {}, {"accelerator": "gpu"}, (), False, "vectorised"),
+        (*TEXT, {}, {"accelerator": "cpu"}, (), False, "sequential"),  # nn.LSTM's CPU kernel beats the stacked recurrence
+        (*TEXT, {}, {"accelerator": "gpu"}, (), False, "vectorised"),
+        (*TEXT, {"lstm": "opacus"}, {"accelerator": "gpu"}, (), False, "sequential"),  # DP-SGD
+        (*TEXT, {"adv_reg": 1.0}, {"accelerator": "gpu"}, (), False, "sequential"),
+        (*TEXT, {}, {"accelerator": "gpu"}, (ComponentSpec("lightning.pytorch.callbacks.EarlyStopping", {"monitor": "val_loss"}),), False, "sequential"),
+        ("mia_lightning.data.tabular.TabularDataModule", "mia_lightning.models.tabular_mlp.TabularMLP", {}, {"accelerator": "cpu"}, (), True, "sequential"),
+        ("mia_lightning.data.images.ImageDataModule", "mia_lightning.models.image.ImageClassifier", {}, {"accelerator": "gpu"}, (), False, "sequential"),
+    ],
+)
+def test_auto_engine_picks_the_faster_engine_that_can_train_the_recipe(data, model, model_args, trainer, callbacks, derived, expected):
+    """``farm.engine: auto`` per family, device, model arguments, callbacks and derived models; every choice comes with its reason."""
+    setup = FarmSetup(ComponentSpec(data), ComponentSpec(model, model_args), trainer, callbacks)
+    engine, why = resolve_engine("auto", setup, derived_models=derived)
+    assert engine == expected and why and "\n" not in why
+    assert resolve_engine("sequential", setup) == ("sequential", None)
+
+
+def test_auto_engine_follows_the_device_lightning_would_pick(monkeypatch):
+    """``accelerator: auto`` (or none) trains on CUDA when there is one, so the LSTM ensemble is chosen only then."""
+    setup = FarmSetup(ComponentSpec(TEXT[0]), ComponentSpec(TEXT[1]), {})
+    for available, expected in ((False, "sequential"), (True, "vectorised")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        assert resolve_engine("auto", setup)[0] == expected

@@ -15,7 +15,7 @@ from mia_lightning.data.plan import PlanSpec
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.components import ComponentSpec
-from mia_lightning.farm.engine import ENGINES, FarmSetup
+from mia_lightning.farm.engine import AUTO, ENGINES, FarmSetup
 
 
 @dataclass
@@ -39,9 +39,9 @@ class PlanOptions:
 
 @dataclass
 class FarmOptions:
-    """How the models are trained: engine, models per vectorised group, shard, claim staleness."""
+    """How the models are trained: engine (``auto``: the faster one for the family and device), models per vectorised group, shard, claim staleness."""
 
-    engine: str = "vectorised"
+    engine: str = "auto"
     group_size: int = 64
     shard: str | None = None
     stale_after_s: float = 120.0
@@ -158,8 +158,8 @@ def _component(namespace: Namespace, base: type) -> ComponentSpec:
 def recipe_from_namespace(parser: ArgumentParser, cfg: Namespace) -> Recipe:
     """Build a ``Recipe`` from parsed arguments."""
     farm = FarmOptions(**cfg.farm.as_dict())
-    if farm.engine not in ENGINES:
-        raise MiaError(f"--farm.engine {farm.engine!r}: choose one of {', '.join(sorted(ENGINES))}")
+    if farm.engine not in ENGINES and farm.engine != AUTO:
+        raise MiaError(f"--farm.engine {farm.engine!r}: choose one of {', '.join(sorted([*ENGINES, AUTO]))}")
     experiment = ExperimentOptions(**cfg.experiment.as_dict())
     directory = ExperimentDir(Path(experiment.root) / experiment.name)
     audit = cfg.audit.as_dict()

@@ -28,6 +28,18 @@ ENGINES: dict[str, str] = {
 }
 """``farm.engine`` name -> ``module:Class``; an engine is built as ``Engine(setup, group_size=, progress=, experiment=)``."""
 
+AUTO = "auto"
+"""``farm.engine: auto`` (the default): the faster of ``vectorised`` and ``sequential`` for the recipe's family and device (``farm.vectorised.choose_engine``)."""
+
+
+def resolve_engine(name: str, setup: FarmSetup, derived_models: bool = False) -> tuple[str, str | None]:
+    """The ``ENGINES`` entry that ``farm.engine`` ``name`` trains with, and why when ``auto`` chose it (None for an engine named outright)."""
+    if name != AUTO:
+        return name, None
+    from mia_lightning.farm.vectorised import choose_engine
+
+    return choose_engine(setup, derived_models)
+
 
 @dataclass(frozen=True)
 class ModelJob:

@@ -28,7 +28,7 @@ from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
 from mia_lightning.contract.components import with_current_class_paths
 from mia_lightning.farm.checkpoints import save_model_checkpoint
 from mia_lightning.farm.config import Recipe
-from mia_lightning.farm.engine import ENGINES, ModelJob, TrainedModel, model_seed
+from mia_lightning.farm.engine import ENGINES, ModelJob, TrainedModel, model_seed, resolve_engine
 from mia_lightning.contract.model_outputs import checked_outputs, save_model_outputs
 from mia_lightning.farm.locks import Heartbeat, release, try_claim
 from mia_lightning.farm.shards import resolve_shard
@@ -163,12 +163,12 @@ def write_model(experiment: ExperimentDir, trained: TrainedModel, job: ModelJob,
     )
 
 
-def build_engine(recipe: Recipe, progress_bar: bool):
-    """The engine named by ``farm.engine`` (``farm.engine.ENGINES``), with a rich progress bar per Lightning run when wanted."""
+def build_engine(recipe: Recipe, progress_bar: bool, engine: str | None = None):
+    """The engine ``engine`` (default: ``farm.engine``; see ``farm.engine.ENGINES``), with a rich progress bar per Lightning run when wanted."""
     from lightning.pytorch.callbacks import RichProgressBar
 
     progress = (lambda: [RichProgressBar(leave=False)]) if progress_bar else None
-    module, _, name = ENGINES[recipe.farm.engine].partition(":")
+    module, _, name = ENGINES[engine or recipe.farm.engine].partition(":")
     engine_class = getattr(importlib.import_module(module), name)
     return engine_class(recipe.setup, group_size=recipe.farm.group_size, progress=progress, experiment=recipe.experiment)
 
@@ -229,12 +229,13 @@ def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool 
     mine = shard.select(list(range(keep.shape[0])))
     check_model_identities(experiment)  # a merged-in model trained with other settings is named before anything trains
     pending = sorted((i for i in mine if not is_done(experiment, i)), key=lambda i: (generation(i, parents), i))
+    engine_name, why = resolve_engine(recipe.farm.engine, recipe.setup, derived_models=bool(parents))
     console.print(
         f"[bold]farm[/] {experiment.root}: {keep.shape[0]} models, shard {shard} has {len(mine)}, "
-        f"{len(mine) - len(pending)} already done, engine {recipe.farm.engine}"
+        f"{len(mine) - len(pending)} already done, engine {engine_name}" + (f" (auto: {why})" if why else "")
     )
     show_bar = progress_bar and recipe.setup.trainer.get("enable_progress_bar", True) and not os.environ.get("MIA_FARM_WORKER")
-    engine = build_engine(recipe, show_bar)
+    engine = build_engine(recipe, show_bar, engine_name)
     group = recipe.farm.group_size if engine.trains_groups else 1
     trained: list[int] = []
     started = time.perf_counter()
@@ -248,7 +249,7 @@ def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool 
                 for result in engine.run(list(jobs.values())):
                     if rate is None:  # a group's models finish training together: rate them when the first arrives
                         rate = (len(trained) + len(jobs)) / max(time.perf_counter() - started, 1e-9) * 60
-                    write_model(experiment, result, jobs[result.index], recipe.farm.engine, planned.identity)
+                    write_model(experiment, result, jobs[result.index], engine_name, planned.identity)
                     claims.release(result.index)
                     trained.append(result.index)
                     metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.endswith("acc"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import lightning as L
 import numpy as np
@@ -30,7 +30,7 @@ from mia_lightning.farm.engine import FarmSetup, ModelJob, TrainedModel, fit
 from mia_lightning.farm.progress import GroupProgress
 from mia_lightning.models.ensemble import VectorisedMLP
 from mia_lightning.models.lstm import LSTMClassifier
-from mia_lightning.models.lstm_ensemble import VectorisedLSTM, stackable
+from mia_lightning.models.lstm_ensemble import VectorisedLSTM, stackable, unstackable_args
 from mia_lightning.models.tabular_mlp import TabularMLP
 
 PREDICT_ELEMENTS = 2**25
@@ -62,19 +62,55 @@ def _lstm_ensemble(models: list[LSTMClassifier], datamodule: TextDataModule) -> 
 
 @dataclass(frozen=True)
 class Family:
-    """A model family the engine stacks: its model and data classes, and how a group becomes one ensemble module."""
+    """A model family the engine stacks: its model and data classes, how a group becomes one ensemble module, and where that pays.
+
+    ``faster_on`` lists the device types on which the ensemble beats the sequential farm in models/min
+    (``farm.engine: auto`` trains the family vectorised there only); ``refuses`` says why a recipe's
+    model arguments cannot stack (None when they can).
+    """
 
     model: type
     data: type
     stack: Callable[[list, L.LightningDataModule], tuple[L.LightningModule, int]]
+    faster_on: frozenset[str]
     prepare: Callable[[L.LightningModule, L.LightningDataModule], None] = lambda model, datamodule: None
+    refuses: Callable[[Mapping[str, Any]], str | None] = lambda args: None
 
 
 FAMILIES = (
-    Family(TabularMLP, TabularDataModule, _mlp_ensemble, lambda model, datamodule: model.fit_standardizer(*datamodule.train_feature_stats())),
-    Family(LSTMClassifier, TextDataModule, _lstm_ensemble),
+    Family(TabularMLP, TabularDataModule, _mlp_ensemble, frozenset({"cpu", "cuda"}),
+           prepare=lambda model, datamodule: model.fit_standardizer(*datamodule.train_feature_stats())),
+    # On the CPU nn.LSTM's fused oneDNN kernel already trains one model at about the matmul peak (README, Farm).
+    Family(LSTMClassifier, TextDataModule, _lstm_ensemble, frozenset({"cuda"}), refuses=unstackable_args),
 )
 """Families in lookup order: the first whose model and data classes the recipe's classes derive from."""
+
+
+def device_type(trainer: Mapping[str, Any]) -> str:
+    """The device type a recipe's trainer runs on: ``cuda`` for ``gpu`` / ``cuda``, the CUDA device when ``auto`` (or unset) finds one, else the accelerator's name."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu" if accelerator == "auto" else accelerator
+
+
+def choose_engine(setup: FarmSetup, derived_models: bool = False) -> tuple[str, str]:
+    """``farm.engine: auto``: ``vectorised`` when the recipe's family stacks and its ensemble is the faster engine on the recipe's device, else ``sequential``; with the reason."""
+    if derived_models:
+        return "sequential", "the plan derives models from others (parents), which only the sequential engine trains"
+    if setup.callbacks:
+        return "sequential", "trainer.callbacks act on one Lightning run per model"
+    try:
+        family = family_of(setup)
+    except MiaError:
+        return "sequential", f"{setup.model.class_path} on {setup.data.class_path} has no vectorised ensemble"
+    reason = family.refuses(setup.model.init_args)
+    if reason:
+        return "sequential", reason
+    device = device_type(setup.trainer)
+    if device not in family.faster_on:
+        return "sequential", f"the {family.model.__name__} ensemble is slower than the sequential farm on {device} (README, Farm)"
+    return "vectorised", f"the {family.model.__name__} ensemble is the faster engine on {device}"
 
 
 def family_of(setup: FarmSetup) -> Family:

@@ -18,6 +18,8 @@ DP-SGD's per-sample clipping) are refused: they train with ``farm.engine: sequen
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -38,16 +40,22 @@ def _lstm_names(model: LSTMClassifier) -> list[str]:
     return [f"l{layer}{suffix}" for layer in range(model.hparams.num_layers) for suffix in directions]
 
 
+def unstackable_args(args: Mapping[str, Any]) -> str | None:
+    """Why an ``LSTMClassifier`` with these init arguments cannot join an ensemble (None when it can; missing keys take the class defaults)."""
+    lstm, adv_reg = args.get("lstm", "torch"), args.get("adv_reg", 0.0)
+    if lstm != "torch":
+        return f"model.init_args.lstm {lstm!r} (DP-SGD's per-sample-gradient LSTM)"
+    if adv_reg > 0:
+        return "model.init_args.adv_reg > 0 (adversarial regularisation trains a second model with its own optimiser)"
+    return None
+
+
 def stackable(models: list[LSTMClassifier]) -> str | None:
     """Why these models cannot train as one ensemble (None when they can)."""
     hp = models[0].hparams
     if any(dict(model.hparams) != dict(hp) for model in models):
         return "the models' hyper-parameters differ"
-    if hp.lstm != "torch":
-        return f"model.init_args.lstm {hp.lstm!r} (DP-SGD's per-sample-gradient LSTM)"
-    if hp.adv_reg > 0:
-        return "model.init_args.adv_reg > 0 (adversarial regularisation trains a second model with its own optimiser)"
-    return None
+    return unstackable_args(hp)
 
 
 class VectorisedLSTM(PerModelClipping, L.LightningModule):
