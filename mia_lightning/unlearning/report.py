@@ -36,7 +36,7 @@ from mia_lightning.unlearning.features import aggregate
 from mia_lightning.unlearning.metrics import auc_interval, degradation, privleak
 
 FPR = "0.01"
-CLASSIFIER = r"(?P<classifier>random_forest|logistic|mlp|rf|lr)"  # rf / lr: the names of runs made before the classifiers merged
+CLASSIFIER = r"(?P<classifier>random_forest|decision_tree|logistic|mlp|rf|lr)"  # rf / lr: the names of runs made before the classifiers merged
 CHEN = re.compile(r"^unlearning_(?P<feature>[a-z0-9_]+?)_" + CLASSIFIER + r"(?:__(?P<defence>label_only|temperature|rounding))?(?:__(?P<view>endpoints))?$")
 CLASSIC = re.compile(r"^classic_(?P<side>original|unlearned)_" + CLASSIFIER + r"(?:__(?P<defence>label_only|temperature|rounding))?$")
 
