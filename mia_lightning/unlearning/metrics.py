@@ -95,5 +95,7 @@ def unit_metrics(scores: np.ndarray, members: np.ndarray, rows: list[int], units
     ``tpr_at_fpr_ci`` over pairs stays in it, labelled as such) with ``n_units``, the number of target originals.
     """
     grouped, truth = by_unit(scores, members, rows, units)
+    tested = np.isfinite(grouped).any(axis=0)  # samples no original tests carry no pairs: drop them (the bootstrap's cost is per cell)
+    grouped, truth = grouped[:, tested], truth[:, tested]
     metrics, _ = evaluate_scores(grouped, truth, bootstrap=replicates, seed=seed)
     return metrics | {"n_units": int(np.isfinite(grouped).any(axis=1).sum())}
