@@ -5,6 +5,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.tree import DecisionTreeClassifier
 
 from mia_lightning.attacks import create_attack
 from mia_lightning.attacks.classifiers import CLASSIFIERS, MLPSettings, attack_scores, check_classifier
@@ -33,6 +34,23 @@ def test_logistic_equals_one_scikit_learn_fit_per_target_and_group():
             model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x[train], member[train].astype(np.float32))
             np.testing.assert_allclose(scores[t, test_group == g], model.predict_proba(test_x[test_group == g])[:, 1], rtol=1e-12)
 
+
+
+def test_decision_tree_is_the_reference_codes_ten_leaf_tree_fitted_per_target_and_group():
+    """Chen et al.'s default attack model: sklearn's DecisionTreeClassifier(max_leaf_nodes=10, random_state=0) on each (target, group)'s rows."""
+    x, member, group = _rows(800, 5)
+    member = member ^ (np.random.default_rng(6).random(800) < 0.2)  # label noise: a full tree would need far more than 10 leaves
+    weight = np.ones((2, 800))
+    weight[1, 400:] = 0
+    test_x, _, test_group = _rows(300, 7)
+    scores = attack_scores("decision_tree", x, member, np.stack([test_x, test_x]), weight=weight, group=group, target_group=test_group, n_groups=2)
+    for t in range(2):
+        for g in range(2):
+            train = (weight[t] > 0) & (group == g)
+            tree = DecisionTreeClassifier(max_leaf_nodes=10, random_state=0).fit(x[train], member[train])
+            assert tree.get_n_leaves() == 10
+            np.testing.assert_array_equal(scores[t, test_group == g], tree.predict_proba(test_x[test_group == g])[:, 1])
+    assert len(np.unique(scores[0, test_group == 0])) <= 10  # a 10-leaf tree gives at most 10 distinct probabilities
 
 @pytest.mark.parametrize("kind", CLASSIFIERS)
 def test_a_target_group_without_both_classes_gets_nan_and_the_others_probabilities(kind):

@@ -11,7 +11,8 @@ from mia_lightning.data.plan import PlanSpec
 from mia_lightning.errors import MiaError
 from mia_lightning.unlearning.contract import parse_unlearning
 from mia_lightning.unlearning.features import FEATURES, aggregate, defend, pair_features
-from mia_lightning.unlearning.metrics import auc_interval, degradation, privleak
+from mia_lightning.unlearning.contract import Chain, Step, Unlearning
+from mia_lightning.unlearning.metrics import by_unit, degradation, privleak, target_units, unit_metrics
 from mia_lightning.unlearning.plans import make_ulira_plan, make_unlearning_plan
 
 
@@ -35,15 +36,55 @@ def test_privleak_hand_computed() -> None:
     assert privleak(0.6, 0.6) == 0.0
 
 
-def test_auc_interval_point_is_the_mann_whitney_auc() -> None:
-    rng = np.random.default_rng(0)
-    members = rng.random((3, 40)) < 0.5
-    scores = np.round(rng.normal(members * 0.7, 1.0), 1)  # ties count half
-    scores[0, :5] = np.nan
-    auc, low, high = auc_interval(scores, members, replicates=50)
+def _straightforward_unit_bootstrap(scores: np.ndarray, members: np.ndarray, replicates: int, seed: int, level: float) -> tuple[list, list]:
+    """AUC and TPR@level intervals of [U, n] scores by brute force: per replicate Poisson weights u[unit] v[sample]
+    (drawn in the shared bootstrap's order), the weighted Mann-Whitney AUC over every (member, non-member) pair
+    and the largest weighted TPR over thresholds whose weighted FPR <= level; point +- 1.96 sd, clipped to [0, 1]."""
+    rng = np.random.default_rng(seed)
+    unit, sample = np.nonzero(np.isfinite(scores))
+    s, m = scores[unit, sample], members[unit, sample]
+
+    def auc_and_tpr(w: np.ndarray) -> tuple[float, float]:
+        wp, wn = w * m, w * ~m
+        greater = (s[:, None] > s[None, :]) + 0.5 * (s[:, None] == s[None, :])
+        auc = float(wp @ greater @ wn / (wp.sum() * wn.sum()))
+        tpr = max(wp[s >= thr].sum() / wp.sum() for thr in np.append(s, np.inf) if wn[s >= thr].sum() / wn.sum() <= level)
+        return auc, float(tpr)
+
+    point = auc_and_tpr(np.ones(s.size))
+    draws = []
+    for _ in range(replicates):
+        u, v = rng.poisson(1.0, scores.shape[0]), rng.poisson(1.0, scores.shape[1])
+        w = (u[unit] * v[sample]).astype(np.float64)
+        if (w * m).sum() > 0 and (w * ~m).sum() > 0:
+            draws.append(auc_and_tpr(w))
+    spread = 1.959964 * np.std(np.asarray(draws), axis=0, ddof=1)
+    return [[max(0.0, p - d), min(1.0, p + d)] for p, d in zip(point, spread)]
+
+
+def test_unit_intervals_equal_a_straightforward_bootstrap_over_target_originals_and_samples() -> None:
+    # two target originals (models 0 and 1) with their unlearned versions (2-3 and 4), a shadow chain (5 -> 6)
+    chains = [Chain("scratch", "target", ((0,), (2,)), ()), Chain("scratch", "target", ((0,), (3,)), ()),
+              Chain("scratch", "target", ((1,), (4,)), ()), Chain("scratch", "shadow", ((5,), (6,)), ())]
+    units = target_units(Unlearning("scenarios", "online", "added", ("scratch",), "mean", tuple(chains), {}))
+    assert units == {0: 0, 2: 0, 3: 0, 1: 1, 4: 1}
+    rng = np.random.default_rng(3)
+    rows = [2, 3, 4, 7]  # the rows of an "added" evaluation: updated models; model 7 is in no target chain (its own unit)
+    members = rng.random((4, 30)) < 0.5
+    scores = np.where(rng.random((4, 30)) < 0.3, np.round(rng.normal(members * 0.8, 1.0), 1), np.nan)  # ties count half
+    scores[1, np.isfinite(scores[0])] = np.nan  # rows 2 and 3 share original 0: each sample scored once per original
+    grouped, truth = by_unit(scores, members, rows, units)
+    assert grouped.shape == (3, 30) and np.array_equal(np.isfinite(grouped[0]), np.isfinite(scores[0]) | np.isfinite(scores[1]))
+    measured = unit_metrics(scores, members, rows, units, replicates=200, seed=5)
     finite = np.isfinite(scores)
-    assert auc == pytest.approx(roc_auc_score(members[finite], scores[finite]))
-    assert low <= auc <= high
+    assert measured["auc"] == pytest.approx(roc_auc_score(members[finite], scores[finite])) and measured["n_units"] == 3
+    tested = np.isfinite(grouped).any(axis=0)  # the bootstrap draws sample weights for tested samples only
+    auc_ci, tpr_ci = _straightforward_unit_bootstrap(grouped[:, tested], truth[:, tested], 200, 5, 0.1)
+    np.testing.assert_allclose(measured["auc_ci_bootstrap"], auc_ci, atol=1e-9)
+    np.testing.assert_allclose(measured["tpr_at_fpr_ci_bootstrap"]["0.1"], tpr_ci, atol=1e-9)
+    scores[1, np.flatnonzero(finite[0])[0]] = 0.0  # a sample scored twice for original 0
+    with pytest.raises(MiaError, match="scored twice for the target original of model 3"):
+        by_unit(scores, members, rows, units)
 
 
 def _loop_features(original: np.ndarray, unlearned: np.ndarray, kind: str) -> np.ndarray:

@@ -17,7 +17,8 @@ from mia_lightning.data.streams import steps_per_epoch
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json
 from mia_lightning.contract.runs import latest_run
-from mia_lightning.unlearning.metrics import auc_interval
+from mia_lightning.unlearning.contract import load_unlearning
+from mia_lightning.unlearning.metrics import target_units, unit_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/unlearning/scratch_single.yaml"
@@ -43,9 +44,12 @@ def outputs_of_latest_run(experiment: Path) -> dict[str, dict]:
 
 
 def auc_with_interval(experiment: Path, record: dict) -> tuple[float, float, float]:
+    """AUC and its bootstrap interval over target originals x samples (the report's)."""
     folder, _ = latest_run(ExperimentDir(experiment))
     scores = np.load(folder / record["attack"] / "scores.npy")
-    return auc_interval(scores, ExperimentDir(experiment).keep[record["targets"]])
+    exp = ExperimentDir(experiment)
+    measured = unit_metrics(scores, exp.keep[record["targets"]], record["targets"], target_units(load_unlearning(exp)))
+    return measured["auc"], *measured["auc_ci_bootstrap"]
 
 
 @pytest.fixture(scope="module")

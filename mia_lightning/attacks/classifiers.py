@@ -8,7 +8,10 @@ unlearning attack of Chen et al. is the case T = 1, G = 1. Options (one vocabula
 - ``mlp``: two hidden ReLU layers, Adam, binary cross-entropy; the T x G networks are one batched
   LightningModule trained by one Lightning Trainer;
 - ``logistic``: scikit-learn logistic regression on standardised features, one per (target, group);
-- ``random_forest``: scikit-learn random forest (100 trees, at least 5 rows per leaf), one per (target, group).
+- ``random_forest``: scikit-learn random forest (100 trees, at least 5 rows per leaf), one per (target, group);
+- ``decision_tree``: a scikit-learn decision tree grown best-first to at most 10 leaves (``max_leaf_nodes=10``,
+  Gini, no depth limit; ``random_state`` the attack's seed), one per (target, group): the default attack
+  model of Chen et al.'s reference code (MinChen00/UnlearningLeaks, ``models.DT``, ``--attack_model DT``).
 
 Every option scores a row with the probability of the positive class (float64), so one threshold
 convention serves the ROC metrics and the confidence-based DegCount / DegRate. A (target, group)
@@ -28,7 +31,9 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 
 from mia_lightning.errors import MiaError
 
-CLASSIFIERS = ("mlp", "logistic", "random_forest")
+CLASSIFIERS = ("mlp", "logistic", "random_forest", "decision_tree")
+DECISION_TREE_LEAVES = 10
+"""Leaves of the ``decision_tree`` option, as in Chen et al.'s reference code."""
 RENAMED = {"lr": "logistic", "rf": "random_forest"}
 """Option names of earlier versions of the unlearning attack; refused with the new name."""
 
@@ -120,9 +125,12 @@ def _sklearn_model(kind: str, seed: int):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from sklearn.tree import DecisionTreeClassifier
 
     if kind == "logistic":
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    if kind == "decision_tree":
+        return DecisionTreeClassifier(max_leaf_nodes=DECISION_TREE_LEAVES, random_state=seed)
     return RandomForestClassifier(n_estimators=100, min_samples_leaf=5, random_state=seed, n_jobs=1)
 
 

@@ -62,6 +62,7 @@ class VectorisedMLP(PerModelClipping, L.LightningModule):
         self.register_buffer("pool_labels", pool_labels.long(), persistent=False)
         self.register_buffer("pool_views", None if pool_views is None else pool_views.float(), persistent=False)
         self.dropout = float(models[0].hparams.dropout)
+        self.temperature = float(models[0].hparams.get("temperature", 1.0))  # TabularMLP's logit temperature (1: none)
         self._batch: torch.Tensor | None = None
 
     @property
@@ -91,7 +92,7 @@ class VectorisedMLP(PerModelClipping, L.LightningModule):
             h = torch.baddbmm(bias, h, weight)
             if i < last:
                 h = F.dropout(F.relu(h), self.dropout, self.training)
-        return h
+        return h if self.temperature == 1.0 else h / self.temperature
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """``batch`` [K, B] pool ids; loss = sum over models of each model's mean cross-entropy."""

@@ -142,7 +142,7 @@ class FeatureHead(TabularMLP):
         """
         features = torch.from_numpy(np.asarray(datamodule.pool_features())).double()
         labels = torch.from_numpy(np.asarray(datamodule.pool_labels()))
-        if len(self.hparams.hidden) > 0:
+        if len(self.hparams.hidden) > 0 or self.hparams.get("temperature", 1.0) != 1.0:  # the closed form is for a plain linear head
             return autograd_gradient_norms(self, list(self.parameters()), datamodule.pool_dataloader())
         with torch.no_grad():
             scaled = (features - self.feature_mean.double()) / self.feature_std.double()

@@ -1,8 +1,13 @@
-"""Tabular MLP LightningModule: standardise -> [Linear -> ReLU -> Dropout]* -> Linear.
+"""Tabular MLP LightningModule: standardise -> [Linear -> ReLU -> Dropout]* -> Linear [-> / temperature].
 
 The feature standardisation is a buffer of the model, fitted on the model's own training subset
 (``fit_standardizer`` / ``on_fit_start``), so a checkpoint alone reproduces the model's logits
 on raw pool features. With ``hidden=[]`` it is a linear (logistic-regression) head.
+
+``temperature`` T != 1 divides the logits by T inside the model, so it trains and answers at
+temperature T and the exported logits are the released model's (softmax(z / T) is what it
+publishes): the temperature-scaling defence of Chen et al. (ACM CCS 2021, Section 7) as part of
+the released model, unlike an attack-time rescaling of stored logits.
 """
 
 from __future__ import annotations
@@ -56,10 +61,13 @@ class TabularMLP(ClassifierSteps, L.LightningModule):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         fused_optimizer: bool = False,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if not temperature > 0:
+            raise ValueError(f"temperature {temperature}: must be > 0 (1 is no scaling)")
         self.save_hyperparameters()
         self.net = build_mlp(n_features, n_classes, list(hidden if hidden is not None else [128]), dropout)
         self.register_buffer("feature_mean", torch.zeros(n_features))
@@ -81,7 +89,8 @@ class TabularMLP(ClassifierSteps, L.LightningModule):
             self.fit_standardizer(*(t.to(self.device) for t in datamodule.train_feature_stats()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.feature_mean) / self.feature_std)
+        logits = self.net((x - self.feature_mean) / self.feature_std)
+        return logits if self.hparams.temperature == 1.0 else logits / self.hparams.temperature
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Logits [batch, n_queries=1, n_classes] in float32 (the export format)."""

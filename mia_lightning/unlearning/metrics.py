@@ -13,9 +13,12 @@
   samples never trained on) and AUC_retain the same attack's AUC on the model retrained from
   scratch without the forgotten samples. 0 is perfect unlearning; negative values mean the
   unlearned model still leaks the forgotten samples (open-unlearning reports it in percent).
-- ``auc_interval``: a two-way (targets x samples) Poisson bootstrap interval of the AUC, the same
-  construction as the shared metrics' TPR intervals (Owen, "The pigeonhole bootstrap", Annals of
-  Applied Statistics 2007): AUC +- 1.96 x the replicates' standard deviation.
+- ``unit_metrics``: AUC and TPR@FPR with 95% intervals from a two-way bootstrap over the units an
+  unlearning plan draws: the target originals (every model of an original's chains, its shards and
+  unlearned versions, is one unit, since its items share the original's posterior) and the samples
+  (a sample recurs across originals). It reuses the shared metrics' Poisson bootstrap
+  (``mia_lightning.metrics.evaluate_scores``; Owen, "The pigeonhole bootstrap", Annals of Applied
+  Statistics 2007) on the scores regrouped by original.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from __future__ import annotations
 import numpy as np
 
 from mia_lightning.errors import MiaError
-from mia_lightning.metrics import SortedPairs, auc_from_counts
+from mia_lightning.metrics import evaluate_scores
+from mia_lightning.unlearning.contract import Unlearning
 
-AUC_REPLICATES = 200
+UNIT_REPLICATES = 1000
+"""Bootstrap replicates of the report's intervals (a few thousand pairs each: cheap)."""
 
 
 def true_status_confidence(probability: np.ndarray, member: np.ndarray) -> np.ndarray:
@@ -52,25 +57,45 @@ def privleak(auc_forget: float, auc_retain: float) -> float:
     return ((1.0 - auc_forget) - (1.0 - auc_retain)) / (1.0 - auc_retain)
 
 
-def auc_interval(scores: np.ndarray, members: np.ndarray, replicates: int = AUC_REPLICATES, seed: int = 0) -> tuple[float, float, float]:
-    """(AUC, low, high): the AUC over finite (target, sample) pairs of [T, n] scores and its two-way bootstrap 95% interval.
+def target_units(unlearning: Unlearning) -> dict[int, int]:
+    """Model id -> index of its target original: every model of a target chain belongs to the chain's first version."""
+    originals: dict[tuple[int, ...], int] = {}
+    units: dict[int, int] = {}
+    for chain in unlearning.chains:
+        if chain.role == "target":
+            unit = originals.setdefault(chain.versions[0], len(originals))
+            for version in chain.versions:
+                units.update((model, unit) for model in version)
+    return units
 
-    One sort (the shared ``SortedPairs``); each replicate re-weights the sorted pairs by u[target] x v[sample].
+
+def by_unit(scores: np.ndarray, members: np.ndarray, rows: list[int], units: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Scores [T, n] of model ``rows`` regrouped into [U, n] by target original (a row outside every target chain is its own unit).
+
+    Each (original, sample) is tested once by the plans; a second finite score for one is refused.
     """
     scores, members = np.atleast_2d(np.asarray(scores, dtype=np.float64)), np.atleast_2d(np.asarray(members, dtype=bool))
-    pairs = SortedPairs.build(scores, members)
-    if pairs.n_members == 0 or pairs.n_nonmembers == 0:
-        raise MiaError("AUC interval: the scored pairs need both members and non-members")
-    point = auc_from_counts(*pairs.counts())
-    target, sample = np.divmod(pairs.order, scores.shape[1])
-    ends = np.concatenate([[True], pairs.last_of_tie])
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(replicates):
-        weights = rng.poisson(1.0, scores.shape[0])[target] * rng.poisson(1.0, scores.shape[1])[sample]
-        tp = np.concatenate([[0.0], np.cumsum(weights * pairs.member, dtype=np.float64)])
-        fp = np.concatenate([[0.0], np.cumsum(weights * ~pairs.member, dtype=np.float64)])
-        if tp[-1] > 0 and fp[-1] > 0:
-            draws.append(auc_from_counts(tp[ends], fp[ends]))
-    spread = 1.959964 * float(np.std(draws, ddof=1)) if len(draws) > 1 else float("nan")
-    return point, max(0.0, point - spread), min(1.0, point + spread)
+    index: dict[int, int] = {}
+    unit_of = [index.setdefault(units.get(int(m), -1 - r), len(index)) for r, m in enumerate(rows)]
+    grouped, truth = np.full((len(index), scores.shape[1]), np.nan), np.zeros((len(index), scores.shape[1]), dtype=bool)
+    for r, u in enumerate(unit_of):
+        scored = np.isfinite(scores[r])
+        if np.isfinite(grouped[u, scored]).any():
+            sample = int(np.flatnonzero(scored & np.isfinite(grouped[u]))[0])
+            raise MiaError(f"unlearning intervals: sample {sample} is scored twice for the target original of model {rows[r]}")
+        grouped[u, scored], truth[u, scored] = scores[r, scored], members[r, scored]
+    return grouped, truth
+
+
+def unit_metrics(scores: np.ndarray, members: np.ndarray, rows: list[int], units: dict[int, int], replicates: int = UNIT_REPLICATES,
+                 seed: int = 0) -> dict:
+    """AUC, TPR@FPR and their two-way (target originals x samples) bootstrap 95% intervals, from the shared metrics.
+
+    Returns ``evaluate_scores``' dict (``auc_ci_bootstrap``, ``tpr_at_fpr_ci_bootstrap``; the Clopper-Pearson
+    ``tpr_at_fpr_ci`` over pairs stays in it, labelled as such) with ``n_units``, the number of target originals.
+    """
+    grouped, truth = by_unit(scores, members, rows, units)
+    tested = np.isfinite(grouped).any(axis=0)  # samples no original tests carry no pairs: drop them (the bootstrap's cost is per cell)
+    grouped, truth = grouped[:, tested], truth[:, tested]
+    metrics, _ = evaluate_scores(grouped, truth, bootstrap=replicates, seed=seed)
+    return metrics | {"n_units": int(np.isfinite(grouped).any(axis=1).sum())}

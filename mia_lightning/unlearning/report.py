@@ -1,8 +1,8 @@
 """``train.py unlearning-report``: the unlearning tables of an experiment's latest attack run.
 
-For the ``unlearning`` attack (Chen et al., ACM CCS 2021): AUC with its two-way bootstrap interval
-and TPR@1%FPR with its Clopper-Pearson interval per feature construction, classifier, defence and
-view, beside the classic baselines with the same classifier, and DegCount / DegRate against the
+For the ``unlearning`` attack (Chen et al., ACM CCS 2021): AUC and TPR@1%FPR with their 95%
+intervals from a two-way bootstrap over target originals and samples (the units the plan draws;
+``unlearning.metrics.unit_metrics``) per feature construction, classifier, defence and view, beside the classic baselines with the same classifier, and DegCount / DegRate against the
 classic attack on the original model. For ``ulira`` (Hayes et al., SaTML 2025): U-LiRA on exact
 and inexact unlearning, the same test before unlearning, open-unlearning's privleak (from the
 loss attack and from U-LiRA, the exactly unlearned models as the retrained reference) and the
@@ -33,12 +33,14 @@ from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
 from mia_lightning.unlearning.contract import Unlearning, load_unlearning, version_members
 from mia_lightning.unlearning.features import aggregate
-from mia_lightning.unlearning.metrics import auc_interval, degradation, privleak
+from mia_lightning.unlearning.metrics import UNIT_REPLICATES, degradation, privleak, target_units, unit_metrics
 
 FPR = "0.01"
-CLASSIFIER = r"(?P<classifier>random_forest|logistic|mlp|rf|lr)"  # rf / lr: the names of runs made before the classifiers merged
+CLASSIFIER = r"(?P<classifier>random_forest|decision_tree|logistic|mlp|rf|lr)"  # rf / lr: the names of runs made before the classifiers merged
 CHEN = re.compile(r"^unlearning_(?P<feature>[a-z0-9_]+?)_" + CLASSIFIER + r"(?:__(?P<defence>label_only|temperature|rounding))?(?:__(?P<view>endpoints))?$")
 CLASSIC = re.compile(r"^classic_(?P<side>original|unlearned)_" + CLASSIFIER + r"(?:__(?P<defence>label_only|temperature|rounding))?$")
+INTERVALS = (f"95% intervals: two-way Poisson bootstrap over target originals x samples ({UNIT_REPLICATES} replicates), "
+             "the units the plan draws; Clopper-Pearson over pairs only in the JSON, labelled as such")
 
 
 def _scores(folder: Path, record: dict, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -47,14 +49,17 @@ def _scores(folder: Path, record: dict, keep: np.ndarray) -> tuple[np.ndarray, n
     return scores, keep[np.asarray(record["targets"], dtype=np.int64)]
 
 
-def _metrics(folder: Path, record: dict, keep: np.ndarray) -> dict[str, Any]:
+def _metrics(folder: Path, record: dict, keep: np.ndarray, units: dict[int, int]) -> dict[str, Any]:
+    """AUC and TPR@1%FPR of one output with their bootstrap intervals over target originals x samples."""
     scores, members = _scores(folder, record, keep)
-    auc, low, high = auc_interval(scores, members)
-    return {"auc": auc, "auc_ci": [low, high], "tpr@1%fpr": record["tpr_at_fpr"][FPR], "tpr@1%fpr_ci": record["tpr_at_fpr_ci"][FPR],
-            "n_members": record["n_members"], "n_nonmembers": record["n_nonmembers"], "min_resolvable_fpr": record.get("min_resolvable_fpr", 0.0)}
+    measured = unit_metrics(scores, members, record["targets"], units)
+    return {"auc": measured["auc"], "auc_ci": measured["auc_ci_bootstrap"], "tpr@1%fpr": measured["tpr_at_fpr"][FPR],
+            "tpr@1%fpr_ci": measured["tpr_at_fpr_ci_bootstrap"][FPR], "tpr@1%fpr_ci_clopper_pearson_pairs": measured["tpr_at_fpr_ci"][FPR],
+            "n_members": measured["n_members"], "n_nonmembers": measured["n_nonmembers"], "n_target_originals": measured["n_units"],
+            "min_resolvable_fpr": measured["min_resolvable_fpr"]}
 
 
-def chen_rows(folder: Path, records: dict[str, dict], keep: np.ndarray) -> list[dict]:
+def chen_rows(folder: Path, records: dict[str, dict], keep: np.ndarray, units: dict[int, int]) -> list[dict]:
     """One row per unlearning-attack output: its metrics, the baselines' AUCs and DegCount / DegRate against classic_original."""
     rows = []
     for name, record in records.items():
@@ -64,7 +69,7 @@ def chen_rows(folder: Path, records: dict[str, dict], keep: np.ndarray) -> list[
         defence = match["defence"] or "none"
         suffix = "" if defence == "none" else f"__{defence}"
         row = {"attack": name, "feature": match["feature"], "classifier": match["classifier"], "defence": defence,
-               "view": match["view"] or "steps", **_metrics(folder, record, keep)}
+               "view": match["view"] or "steps", **_metrics(folder, record, keep, units)}
         for side in ("original", "unlearned"):
             baseline = records.get(f"classic_{side}_{match['classifier']}{suffix}")
             if baseline is not None:
@@ -79,16 +84,16 @@ def chen_rows(folder: Path, records: dict[str, dict], keep: np.ndarray) -> list[
     return rows
 
 
-def classic_rows(folder: Path, records: dict[str, dict], keep: np.ndarray) -> list[dict]:
+def classic_rows(folder: Path, records: dict[str, dict], keep: np.ndarray, units: dict[int, int]) -> list[dict]:
     """The classic baselines' metrics (one posterior, same classifiers)."""
-    return [{"attack": name, **_metrics(folder, record, keep)} for name, record in records.items() if CLASSIC.match(name)]
+    return [{"attack": name, **_metrics(folder, record, keep, units)} for name, record in records.items() if CLASSIC.match(name)]
 
 
-def ulira_summary(folder: Path, records: dict[str, dict], keep: np.ndarray) -> dict | None:
+def ulira_summary(folder: Path, records: dict[str, dict], keep: np.ndarray, units: dict[int, int]) -> dict | None:
     """U-LiRA, privleak and retained-sample leakage from the ``ulira`` outputs (None when the run has none)."""
     if "ulira_exact" not in records:
         return None
-    summary: dict[str, Any] = {name: _metrics(folder, records[name], keep) for name in
+    summary: dict[str, Any] = {name: _metrics(folder, records[name], keep, units) for name in
                                ("ulira_exact", "ulira_inexact", "lira_before", "loss_exact", "loss_inexact", "retained_exact", "retained_inexact", "retained_before")
                                if name in records}
     summary["inexact_method"] = records["ulira_exact"]["params"].get("inexact_method")
@@ -126,8 +131,8 @@ def summarise(experiment_dir: Path) -> dict:
     unlearning = load_unlearning(experiment)
     folder, run = latest_run(experiment)
     records = {name: load_json(folder / name / "results.json") for name in run.get("outputs", [])}
-    keep = experiment.keep
-    chen = chen_rows(folder, records, keep)
+    keep, units = experiment.keep, target_units(unlearning)
+    chen = chen_rows(folder, records, keep, units)
     if not chen and "ulira_exact" not in records:
         raise MiaError(f"{folder}: the latest run has no unlearning or ulira outputs; run `python attack.py --experiment {experiment.root} --attack unlearning ulira`")
     chen_params = next((records[r["attack"]]["params"] for r in chen), {})
@@ -136,8 +141,9 @@ def summarise(experiment_dir: Path) -> dict:
     return {
         "experiment": str(experiment.root), "run": run.get("id"), "design": unlearning.design, "scenario": unlearning.scenario,
         "method": method, "evaluate": chen_params.get("evaluate", unlearning.evaluate), "aggregation": aggregation,
-        "utility": utility(experiment, unlearning, method, aggregation), "unlearning_attack": chen, "classic": classic_rows(folder, records, keep),
-        "ulira": ulira_summary(folder, records, keep),
+        "utility": utility(experiment, unlearning, method, aggregation), "unlearning_attack": chen, "classic": classic_rows(folder, records, keep, units),
+        "ulira": ulira_summary(folder, records, keep, units),
+        "intervals": INTERVALS,
     }
 
 
@@ -150,7 +156,7 @@ def _pct(value: float | None) -> str:
 
 
 def _tpr(metrics: dict) -> str:
-    """'16.0% [11.2%, 21.8%]', marked ``(!)`` like every other view when the scores cannot resolve a 1% FPR."""
+    """'16.0% [3.3%, 28.7%]' (the bootstrap interval), marked ``(!)`` like every other view when the scores cannot resolve a 1% FPR."""
     low, high = metrics["tpr@1%fpr_ci"]
     return f"{_pct(metrics['tpr@1%fpr'])} [{_pct(low)}, {_pct(high)}]" + (UNRESOLVED if unresolved(metrics, float(FPR)) else "")
 
@@ -174,7 +180,7 @@ def tables(summary: dict) -> list[TableRecord]:
                    for side in ("original", "unlearned")),
                  f"{r['degcount']:.3f}" if "degcount" in r else "-", f"{r['degrate']:+.3f}" if "degrate" in r else "-"]
                 for r in summary["unlearning_attack"]]
-        out.append(TableRecord(f"unlearning attack (Chen et al. 2021) on {where}", header, rows, LEFT))
+        out.append(TableRecord(f"unlearning attack (Chen et al. 2021) on {where}. {INTERVALS}", header, rows, LEFT))
     ulira = summary["ulira"]
     if ulira:
         header = ["test", "AUC [95% CI]", "TPR@1%FPR [95% CI]", "members / non"]
@@ -188,7 +194,7 @@ def tables(summary: dict) -> list[TableRecord]:
             leak = ulira.get(f"privleak_{statistic}")
             if leak:
                 rows.append([f"privleak ({statistic}), inexact vs exact", f"{100 * leak['inexact']:+.1f}%", "", ""])
-        out.append(TableRecord(f"U-LiRA (Hayes et al. 2025) on {name}", header, rows, LEFT))
+        out.append(TableRecord(f"U-LiRA (Hayes et al. 2025) on {name}. {INTERVALS}", header, rows, LEFT))
     return out
 
 
