@@ -198,8 +198,13 @@ def tables(summary: dict) -> list[TableRecord]:
     return out
 
 
+FIGURE_NOTE = ("Figure: attacks/roc.png, the ROC of the best output of each attack family and the baselines (log-log); "
+               "every output: attacks/roc_all.png.")
+
+
 def markdown(summary: dict) -> str:
-    return "\n".join(markdown_table(record) for record in tables(summary))
+    """The report's tables as Markdown, ending with where its figure is."""
+    return "\n".join([*(markdown_table(record) for record in tables(summary)), FIGURE_NOTE, ""])
 
 
 def main(argv: list[str]) -> int:
@@ -219,7 +224,8 @@ def main(argv: list[str]) -> int:
         save_json_atomic(root / "unlearning_report.json", summary)
         write_bytes_atomic(root / "unlearning_report.md", markdown(summary).encode())
         write_tables_page(root / "unlearning_report.html", f"Unlearning audit: {root.name}", tables(summary),
-                          [(root / "attacks" / "latest" / "roc.png", "ROC curves of every output of the audited run (log-log)")])
+                          [(root / "attacks" / "latest" / "roc.png", "ROC of the best output of each attack family and the baselines (log-log)")],
+                          [FIGURE_NOTE])
         print_tables(tables(summary), console)
     if cfg.markdown:
         write_bytes_atomic(cfg.markdown, "\n".join(markdown(s) for s in summaries).encode())
