@@ -112,3 +112,16 @@ def test_headline_roc_keeps_the_best_of_each_family_and_the_baselines_and_merges
               (("loss", loss), ("confidence", np.exp(loss)), ("other", rng.normal(0.0, 1.0, members.shape)))}
     grid = np.logspace(-2, 0, 50)
     assert coinciding_groups(curves, grid) == [["loss", "confidence"], ["other"]]  # a monotone map draws the same ROC
+
+
+def test_a_recipe_planned_before_an_argument_existed_still_resumes_at_its_default():
+    """The MLP's temperature (added later, default 1.0) is absent from older plan.json recipes; only a non-default value differs."""
+    from mia_lightning.contract.identity import RECIPE_KEY, differing_keys, with_added_defaults
+
+    model = "mia_lightning.models.tabular_mlp.TabularMLP"
+    old = {RECIPE_KEY: {"model": {"class_path": model, "init_args": {"hidden": [64]}}}}
+    same = {RECIPE_KEY: {"model": {"class_path": model, "init_args": {"hidden": [64], "temperature": 1.0}}}}
+    hotter = {RECIPE_KEY: {"model": {"class_path": model, "init_args": {"hidden": [64], "temperature": 4.0}}}}
+    assert differing_keys(with_added_defaults(old, same), same) == []
+    assert differing_keys(with_added_defaults(old, hotter), hotter) == ["recipe.model.init_args.temperature: <absent> -> 4.0"]
+    assert differing_keys(old, same) != []  # without the rule the old experiment would be refused

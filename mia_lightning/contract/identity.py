@@ -25,6 +25,40 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
+def with_added_defaults(stored: dict, current: dict) -> dict:
+    """A copy of a stored plan.json whose recipe also holds the arguments a newer version added at their default.
+
+    A model or data argument that a later version introduced (e.g. the MLP's ``temperature``) is
+    absent from recipes planned before it; when the current recipe gives it the class's own default,
+    training is unchanged, so the experiment still resumes. Any other value is a real difference.
+    """
+    import inspect
+
+    from mia_lightning.contract.components import current_class_path
+
+    recipe = stored.get(RECIPE_KEY)
+    if not isinstance(recipe, dict) or not isinstance(current.get(RECIPE_KEY), dict):
+        return stored
+    merged = {**recipe}
+    for part in ("model", "data"):
+        old, new = recipe.get(part), current[RECIPE_KEY].get(part)
+        if not (isinstance(old, dict) and isinstance(new, dict) and isinstance(old.get("init_args"), dict)):
+            continue
+        if current_class_path(str(old.get("class_path"))) != new.get("class_path"):
+            continue
+        module_name, _, class_name = str(new["class_path"]).rpartition(".")
+        try:  # the current recipe's own class, already imported to build it
+            parameters = inspect.signature(getattr(__import__(module_name, fromlist=[class_name]), class_name)).parameters
+        except (ImportError, AttributeError, TypeError, ValueError):
+            continue
+        added = {key: value for key, value in (new.get("init_args") or {}).items()
+                 if key not in old["init_args"] and key in parameters and parameters[key].default is not inspect.Parameter.empty
+                 and parameters[key].default == value}
+        if added:
+            merged[part] = {**old, "init_args": {**old["init_args"], **added}}
+    return {**stored, RECIPE_KEY: merged}
+
+
 def differing_keys(stored: dict, current: dict) -> list[str]:
     """Dotted keys whose values differ between two JSON payloads, as 'key: stored -> current'."""
     old, new = _flatten(stored), _flatten(current)
@@ -48,7 +82,10 @@ def check_model_identities(experiment: ExperimentDir, indices: Iterable[int] | N
         recorded = done.get(RECIPE_KEY) if isinstance(done, dict) else None
         if recorded is None:
             continue
-        changed = differing_keys(recorded, planned) if isinstance(recorded, dict) else [f"{RECIPE_KEY}: {recorded!r} is not a recipe record"]
+        if isinstance(recorded, dict):  # a model trained by a newer version records the arguments it added, at their defaults
+            changed = differing_keys(recorded, with_added_defaults({RECIPE_KEY: planned}, {RECIPE_KEY: recorded})[RECIPE_KEY])
+        else:
+            changed = [f"{RECIPE_KEY}: {recorded!r} is not a recipe record"]
         if changed:
             raise MiaError(
                 f"{path}: model {index} was trained with another recipe than {experiment.plan_path} ({'; '.join(changed[:4])}"

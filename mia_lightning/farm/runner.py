@@ -33,7 +33,7 @@ from mia_lightning.contract.model_outputs import checked_outputs, save_model_out
 from mia_lightning.farm.locks import Heartbeat, release, try_claim
 from mia_lightning.farm.shards import resolve_shard
 from mia_lightning.contract.confine import confined_all
-from mia_lightning.contract.identity import DONE_FILE, RECIPE_KEY, check_model_identities, differing_keys
+from mia_lightning.contract.identity import DONE_FILE, RECIPE_KEY, check_model_identities, differing_keys, with_added_defaults
 from mia_lightning.contract.io import load_json, load_npy, save_json_atomic, save_npy_atomic, write_bytes_atomic
 
 log = logging.getLogger("mia_lightning")
@@ -121,7 +121,7 @@ def prepare_experiment(recipe: Recipe) -> PlannedFarm:
                 f"{experiment.plan_path}: planned by layout version {stored.get('version') if isinstance(stored, dict) else '?'}; "
                 f"this mia-lightning trains layout {FORMAT_VERSION}: use another --experiment.name (attack.py still reads it)"
             )
-        changed = differing_keys(with_current_class_paths(stored), plan_json)
+        changed = differing_keys(with_added_defaults(with_current_class_paths(stored), plan_json), plan_json)
         if changed:
             raise MiaError(
                 f"{experiment.plan_path}: this experiment was planned with a different recipe ({'; '.join(changed[:6])}"
