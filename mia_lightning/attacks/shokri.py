@@ -12,7 +12,7 @@ designs, both written:
   order, its ``top_k`` largest entries (Salem et al., "ML-Leaks", NDSS 2019).
 
 The score of (target, sample) is the attack model's membership probability on the target's
-posteriors (``attacks/classifiers.py``: ``mlp``, ``logistic`` or ``random_forest``). Shadows: leave-one-out by default (the
+posteriors (``attacks/classifiers.py``: ``mlp``, ``logistic``, ``random_forest`` or ``decision_tree``). Shadows: leave-one-out by default (the
 candidate models ``AttackData.shadow_candidates`` except the target, or the ``n_shadows`` lowest
 ids), so Shokri runs on any farm next to LiRA and RMIA; a plan that lists ``info.shadow_models``
 (``disjoint_shadows``) restricts the shadows to those. A shadow contributes only the samples of its
