@@ -125,3 +125,14 @@ def test_a_recipe_planned_before_an_argument_existed_still_resumes_at_its_defaul
     assert differing_keys(with_added_defaults(old, same), same) == []
     assert differing_keys(with_added_defaults(old, hotter), hotter) == ["recipe.model.init_args.temperature: <absent> -> 4.0"]
     assert differing_keys(old, same) != []  # without the rule the old experiment would be refused
+
+
+def test_a_done_json_naming_a_class_outside_the_project_is_not_resolved_for_the_added_defaults_rule():
+    """done.json is data: its class path is resolved only inside this project's packages, so the recipes stay different."""
+    from mia_lightning.contract.identity import RECIPE_KEY, differing_keys, with_added_defaults
+
+    outside = "lightning.pytorch.callbacks.EarlyStopping"  # a real Lightning class with a default patience=3
+    planned = {RECIPE_KEY: {"model": {"class_path": outside, "init_args": {"monitor": "val_loss"}}}}
+    recorded = {RECIPE_KEY: {"model": {"class_path": outside, "init_args": {"monitor": "val_loss", "patience": 3}}}}
+    assert differing_keys(with_added_defaults(planned, recorded), recorded) == ["recipe.model.init_args.patience: <absent> -> 3"]
+    assert differing_keys(with_added_defaults(planned, recorded, current_from_file=False), recorded) == []  # the user's own recipe

@@ -9,6 +9,7 @@ without a record (older layouts, imported experiments) are not checked.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Iterable
 
 from mia_lightning.errors import MiaError
@@ -25,16 +26,17 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def with_added_defaults(stored: dict, current: dict) -> dict:
+def with_added_defaults(stored: dict, current: dict, current_from_file: bool = True) -> dict:
     """A copy of a stored plan.json whose recipe also holds the arguments a newer version added at their default.
 
     A model or data argument that a later version introduced (e.g. the MLP's ``temperature``) is
     absent from recipes planned before it; when the current recipe gives it the class's own default,
     training is unchanged, so the experiment still resumes. Any other value is a real difference.
+    The class is resolved with ``resolve_class``: only a Lightning component, and only from this
+    project's packages when ``current`` was read from a file (a model's done.json) rather than being
+    the user's own recipe. No class is resolved when no argument was added.
     """
-    import inspect
-
-    from mia_lightning.contract.components import current_class_path
+    from mia_lightning.contract.components import LIGHTNING_COMPONENTS, TRUSTED_MODULES, current_class_path, resolve_class  # Lightning loads only here
 
     recipe = stored.get(RECIPE_KEY)
     if not isinstance(recipe, dict) or not isinstance(current.get(RECIPE_KEY), dict):
@@ -42,18 +44,18 @@ def with_added_defaults(stored: dict, current: dict) -> dict:
     merged = {**recipe}
     for part in ("model", "data"):
         old, new = recipe.get(part), current[RECIPE_KEY].get(part)
-        if not (isinstance(old, dict) and isinstance(new, dict) and isinstance(old.get("init_args"), dict)):
+        if not (isinstance(old, dict) and isinstance(new, dict) and isinstance(old.get("init_args"), dict) and isinstance(new.get("init_args"), dict)):
             continue
-        if current_class_path(str(old.get("class_path"))) != new.get("class_path"):
+        missing = set(new["init_args"]) - set(old["init_args"])
+        if not missing or current_class_path(str(old.get("class_path"))) != new.get("class_path"):
             continue
-        module_name, _, class_name = str(new["class_path"]).rpartition(".")
-        try:  # the current recipe's own class, already imported to build it
-            parameters = inspect.signature(getattr(__import__(module_name, fromlist=[class_name]), class_name)).parameters
-        except (ImportError, AttributeError, TypeError, ValueError):
+        try:
+            cls = resolve_class(str(new["class_path"]), LIGHTNING_COMPONENTS, TRUSTED_MODULES if current_from_file else None)
+            parameters = inspect.signature(cls).parameters
+        except MiaError:  # not importable or not trusted: the recipes are compared as they are
             continue
-        added = {key: value for key, value in (new.get("init_args") or {}).items()
-                 if key not in old["init_args"] and key in parameters and parameters[key].default is not inspect.Parameter.empty
-                 and parameters[key].default == value}
+        added = {key: new["init_args"][key] for key in missing
+                 if key in parameters and parameters[key].default is not inspect.Parameter.empty and parameters[key].default == new["init_args"][key]}
         if added:
             merged[part] = {**old, "init_args": {**old["init_args"], **added}}
     return {**stored, RECIPE_KEY: merged}

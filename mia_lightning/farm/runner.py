@@ -121,7 +121,7 @@ def prepare_experiment(recipe: Recipe) -> PlannedFarm:
                 f"{experiment.plan_path}: planned by layout version {stored.get('version') if isinstance(stored, dict) else '?'}; "
                 f"this mia-lightning trains layout {FORMAT_VERSION}: use another --experiment.name (attack.py still reads it)"
             )
-        changed = differing_keys(with_added_defaults(with_current_class_paths(stored), plan_json), plan_json)
+        changed = differing_keys(with_added_defaults(with_current_class_paths(stored), plan_json, current_from_file=False), plan_json)
         if changed:
             raise MiaError(
                 f"{experiment.plan_path}: this experiment was planned with a different recipe ({'; '.join(changed[:6])}"
