@@ -7,7 +7,9 @@ overrides (cartesian product) or as an explicit list::
       name: fmnist_power_law
       root: checkpoints
       recipe: configs/images/fmnist_head.yaml
+      overrides: {plan.n_models: 16}          # optional: applied to every setting (not part of its name)
       grid: {data.init_args.shots: [1, 2, 4], data.init_args.n_classes: [2, 10]}
+      # or a list of grids (their union: e.g. a fitted scenario and the scenarios it predicts)
       # or: settings: [{name: baseline, overrides: {}}, {name: l2, overrides: {model.init_args.weight_decay: 0.01}}]
       attacks: [lira]
       params: {}
@@ -55,7 +57,8 @@ class StudyOptions:
     name: str = "study"
     root: str = "checkpoints"
     recipe: str = ""
-    grid: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
+    grid: dict | list = field(default_factory=dict)
     settings: list = field(default_factory=list)
     attacks: list = field(default_factory=lambda: ["lira"])
     params: dict = field(default_factory=dict)
@@ -77,7 +80,7 @@ def _leaf(key: str) -> str:
 
 
 def expand_settings(options: StudyOptions) -> list[Setting]:
-    """The study's settings: the explicit list, else the cartesian product of the grid (names like ``shots-4_n_classes-10``)."""
+    """The study's settings: the explicit list, else the cartesian product of the grid, or the union of the products of a list of grids."""
     if options.settings and options.grid:
         raise MiaError("study: give either grid or settings, not both")
     if options.settings:
@@ -87,16 +90,13 @@ def expand_settings(options: StudyOptions) -> list[Setting]:
                 raise MiaError(f"study.settings: {item!r} needs a name (and overrides)")
             settings.append(Setting(str(item["name"]), dict(item.get("overrides") or {})))
     elif options.grid:
-        keys = list(options.grid)
-        for key in keys:
-            if not isinstance(options.grid[key], list) or not options.grid[key]:
-                raise MiaError(f"study.grid.{key}: expected a non-empty list of values")
-        settings = [
-            Setting("_".join(f"{_leaf(k)}-{v}" for k, v in zip(keys, values)), dict(zip(keys, values)))
-            for values in itertools.product(*(options.grid[k] for k in keys))
-        ]
+        grids = options.grid if isinstance(options.grid, list) else [options.grid]
+        settings = [setting for number, grid in enumerate(grids) for setting in _grid_settings(grid, "study.grid" if len(grids) == 1 else f"study.grid[{number}]")]
     else:
         raise MiaError("study: needs a grid or a list of settings")
+    for setting in settings:
+        _check_override_keys(setting.overrides, f"study setting {setting.name!r}")
+    _check_override_keys(options.overrides, "study.overrides")
     names = [s.name for s in settings]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
@@ -107,10 +107,29 @@ def expand_settings(options: StudyOptions) -> list[Setting]:
     return settings
 
 
+def _check_override_keys(overrides: dict, where: str) -> None:
+    """Overrides may change the recipe, never where a setting's experiment lives (the study places it under its own folder)."""
+    for key in overrides:
+        if not isinstance(key, str) or key.split(".", 1)[0] in ("experiment", "study"):
+            raise MiaError(f"{where}: {key!r} cannot be overridden; the study names and places every setting's experiment itself")
+
+
+def _grid_settings(grid: Any, where: str) -> list[Setting]:
+    """The cartesian product of one grid of dotted overrides, each setting named like ``shots-4_n_classes-10``."""
+    if not isinstance(grid, dict) or not grid:
+        raise MiaError(f"{where}: expected a mapping of dotted keys to non-empty lists of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise MiaError(f"{where}.{key}: expected a non-empty list of values")
+    keys = list(grid)
+    return [Setting("_".join(f"{_leaf(k)}-{v}" for k, v in zip(keys, values)), dict(zip(keys, values)))
+            for values in itertools.product(*(grid[k] for k in keys))]
+
+
 def setting_argv(options: StudyOptions, study_dir: Path, setting: Setting) -> list[str]:
-    """The ``train.py farm`` arguments of one setting: the base recipe, its folder, and the overrides as dotted flags."""
+    """The ``train.py farm`` arguments of one setting: the base recipe, its folder, the study's overrides, then the setting's, as dotted flags."""
     argv = ["--config", options.recipe, "--experiment.root", str(study_dir / "settings"), "--experiment.name", setting.name]
-    for key, value in setting.overrides.items():
+    for key, value in {**options.overrides, **setting.overrides}.items():
         argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     return argv
 
@@ -160,7 +179,7 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
         _print_status(study_dir, settings, console)
         return None
     study_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"version": FORMAT_VERSION, "recipe": options.recipe, "settings": [{"name": s.name, "overrides": s.overrides} for s in settings],
+    payload = {"version": FORMAT_VERSION, "recipe": options.recipe, **({"overrides": options.overrides} if options.overrides else {}), "settings": [{"name": s.name, "overrides": s.overrides} for s in settings],
                "attacks": list(options.attacks), "params": options.params, "n_targets": options.n_targets}
     _check_study_file(study_dir, payload)
     rows = []

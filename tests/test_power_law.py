@@ -14,13 +14,15 @@ import yaml
 from mia_lightning.analysis import power_law
 from mia_lightning.analysis.dp_bound import curve_epsilon, curve_epsilon_clopper_pearson, dp_tpr_bound, replace_one, resolved
 from mia_lightning.analysis.power_fit import (
-    fit_power_law, interaction_test, leave_one_out_r_squared, predict, sample_advantages,
+    exclusion, fit_power_law, interaction_test, leave_one_out_r_squared, predict, sample_advantages,
 )
 from mia_lightning.analysis.power_law import member_means, nearest_neighbour_distances, spearman
 from mia_lightning.cli import train_main
 from mia_lightning.models.image import FeatureHead, autograd_gradient_norms
 
 from test_images import clear_caches, write_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def synthetic_cells(b_s: float, b_c: float, b_0: float, noise: float = 0.0, seed: int = 0, width: float = 0.02, draws: int = 1) -> list[dict]:
@@ -169,7 +171,8 @@ def test_linear_head_gradient_norm_closed_form_equals_autograd():
 
 
 def test_study_end_to_end_on_generated_images(tmp_path):
-    """train.py study over S x C on tiny generated images: every setting an experiment, then the fit, plots and per-sample correlations."""
+    """The smoke study's structure (configs/images/fmnist_power_law_smoke.yaml: a fitted scenario and an unseen one) on tiny generated images:
+    every setting an experiment, then the fit, the prediction of the unseen scenario, plots and per-sample correlations."""
     clear_caches()
     folder = write_image_folder(tmp_path / "images", n_classes=3, per_class=10)
     recipe = {
@@ -182,22 +185,39 @@ def test_study_end_to_end_on_generated_images(tmp_path):
         "farm": {"engine": "vectorised", "group_size": 8},
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(recipe))
-    study = {"study": {"name": "pl", "root": str(tmp_path / "out"), "recipe": str(tmp_path / "base.yaml"),
-                       "grid": {"data.init_args.shots": [1, 2, 4], "data.init_args.n_classes": [2, 3]}, "attacks": ["lira"],
-                       "analysis": "power_law", "analysis_params": {"bootstrap": 100, "per_sample_settings": ["shots-4_n_classes-3"]}}}
+    smoke = yaml.safe_load((ROOT / "configs/images/fmnist_power_law_smoke.yaml").read_text())["study"]
+    fitted, unseen = smoke["grid"]  # the real study's scenarios become generated ones: another backbone -> resnet10t, another dataset -> another resolution
+    draws = {"data.init_args.shots": [1, 2, 4], "data.init_args.n_classes": [2, 3], "data.init_args.subset_seed": [0]}
+    grid = [{**fitted, "data.init_args.backbone": ["resnet10t"], **draws},
+            {**{k: v for k, v in unseen.items() if k != "data.init_args.source"}, "data.init_args.img_size": [24], **draws, "data.init_args.shots": [2, 4]}]
+    largest = "backbone-resnet10t_shots-4_n_classes-3_subset_seed-0"
+    study = {"study": {**smoke, "name": "pl", "root": str(tmp_path / "out"), "recipe": str(tmp_path / "base.yaml"), "grid": grid,
+                       "analysis_params": {**smoke["analysis_params"], "bootstrap": 100, "roc_setting": largest, "per_sample_settings": [largest]}}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     assert train_main(["study", "--config", str(tmp_path / "study.yaml")]) == 0
     out = tmp_path / "out" / "pl"
     analysis = json.loads((out / "analysis.json").read_text())
-    assert [(s["shots"], s["n_classes"]) for s in analysis["settings"]] == [(1, 2), (1, 3), (2, 2), (2, 3), (4, 2), (4, 3)]
+    scenarios = [s["scenario"] for s in analysis["settings"]]
+    assert [(s["shots"], s["n_classes"]) for s in analysis["settings"]] == [(1, 2), (1, 3), (2, 2), (2, 3), (4, 2), (4, 3), (2, 2), (2, 3), (4, 2), (4, 3)]
+    assert analysis["fit_scenario"] == scenarios[0] and scenarios[6:] == [f"resnet10t/{folder} img_size=24"] * 4
+    assert json.loads((tmp_path / "out" / "pl" / "settings" / largest / "plan.json").read_text())["n_models"] == 16  # the study's overrides apply to every setting
+    transfers = [t for t in analysis["transfer"] if t["scenario"] == scenarios[6]]
+    assert len(transfers) == 3 and any(t["rmse"] is not None for t in transfers)
+    for fit, transfer in zip(analysis["fits"], transfers):
+        usable = [c for c in analysis["settings"][6:] if exclusion(c, fit["fpr"], "advantage") is None]
+        assert transfer["n_cells"] == len(usable)
+        if transfer["rmse"] is not None:  # RMSE and bias in dex by hand from the fitted coefficients
+            b = fit["coefficients"]
+            errors = [b["b_S"] * math.log10(c["shots"]) + b["b_C"] * math.log10(c["n_classes"]) + b["b_0"] - math.log10(c["tpr_at_fpr"][str(fit["fpr"])] - fit["fpr"]) for c in usable]
+            assert transfer["rmse"] == pytest.approx(math.sqrt(np.mean(np.square(errors)))) and transfer["bias"] == pytest.approx(np.mean(errors))
     fit = analysis["fits"][2]  # FPR 0.1: every setting resolves it
     assert fit["fpr"] == 0.1 and fit["quantity"] == "log10(TPR - FPR)" and ("coefficients" in fit or "error" in fit)
     assert fit["n_settings"] + len(fit["excluded"]) == 6 and analysis["fits_log_tpr"][2]["quantity"] == "log10 TPR"
     assert [q["quantile"] for q in analysis["sample_quantiles"]] == [0.5, 0.9, 1.0]
     assert analysis["dp"]["adjacency"].startswith("few-shot plans are replace-one")
-    plan = json.loads((out / "settings" / "shots-4_n_classes-3" / "plan.json").read_text())
+    plan = json.loads((out / "settings" / largest / "plan.json").read_text())
     assert plan["info"]["shots"] == 4 and plan["info"]["n_classes"] == 3 and plan["n_samples"] == 24
-    per_sample = analysis["per_sample"]["shots-4_n_classes-3"]
+    per_sample = analysis["per_sample"][largest]
     assert per_sample["gradient_norm"]["n"] == 24 and 0 <= per_sample["gradient_norm"]["p_value"] <= 1
     assert analysis["dp"]["setting"] in {s["setting"] for s in analysis["settings"]}
     page = (out / "analysis.html").read_text()  # tables and plots of the analysis as one self-contained page

@@ -10,6 +10,8 @@ import yaml
 
 from mia_lightning import study
 from mia_lightning.cli import train_main
+from mia_lightning.errors import MiaError
+from mia_lightning.study import StudyOptions, expand_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +66,21 @@ def test_a_changed_study_is_refused(tmp_path, recorded, capsys):
     capsys.readouterr()
     assert train_main(["study", "--config", str(write_study(tmp_path, grid={"trainer.max_epochs": [3]}))]) == 2
     assert "started with other settings" in capsys.readouterr().err
+
+
+def test_a_list_of_grids_is_the_union_of_their_products():
+    options = StudyOptions(recipe="r.yaml", grid=[{"a.b": [1, 2], "c.d": ["x"]}, {"a.b": [3], "e.f": [0.5, 1]}])
+    assert [(s.name, s.overrides) for s in expand_settings(options)] == [
+        ("b-1_d-x", {"a.b": 1, "c.d": "x"}), ("b-2_d-x", {"a.b": 2, "c.d": "x"}),
+        ("b-3_f-0.5", {"a.b": 3, "e.f": 0.5}), ("b-3_f-1", {"a.b": 3, "e.f": 1})]
+    with pytest.raises(MiaError, match="'b-1' repeats"):
+        expand_settings(StudyOptions(recipe="r.yaml", grid=[{"a.b": [1]}, {"a.b": [1]}]))
+    with pytest.raises(MiaError, match="'experiment.root' cannot be overridden"):
+        expand_settings(StudyOptions(recipe="r.yaml", grid=[{"a.b": [1]}], overrides={"experiment.root": "/elsewhere"}))
+    with pytest.raises(MiaError, match="'experiment.name' cannot be overridden"):
+        expand_settings(StudyOptions(recipe="r.yaml", settings=[{"name": "a", "overrides": {"experiment.name": "../b"}}]))
+    with pytest.raises(MiaError, match=r"study.grid\[1\].a.b: expected a non-empty list"):
+        expand_settings(StudyOptions(recipe="r.yaml", grid=[{"a.b": [1]}, {"a.b": []}]))
 
 
 @pytest.mark.parametrize("changes,phrase", [
