@@ -28,9 +28,10 @@ the model (``PrivacyStateMixin`` saves them in the checkpoint) and into the logg
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import lightning as L
 import numpy as np
@@ -86,8 +87,9 @@ class PrivacyStateMixin:
         self.dp_state = state if isinstance(state, dict) else None
 
 
+@functools.lru_cache(maxsize=256)
 def noise_for_budget(target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """The smallest noise multiplier whose ``steps`` Poisson-subsampled Gaussian steps spend at most (epsilon, delta)."""
+    """The smallest noise multiplier whose ``steps`` Poisson-subsampled Gaussian steps spend at most (epsilon, delta) (memoised: the models of a farm share it)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
@@ -100,6 +102,20 @@ def noise_for_budget(target_epsilon: float, target_delta: float, sample_rate: fl
             f"DPSGD target_epsilon {target_epsilon} (delta {target_delta:g}) cannot be reached in {steps} steps at sample rate "
             f"{sample_rate:.4g} ({' '.join(str(err).split())[:80]}); raise target_epsilon or train fewer epochs"
         ) from None
+
+
+@functools.lru_cache(maxsize=256)
+def accountant_epsilon(accountant: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Epsilon at ``delta`` of an opacus accountant with this history ((noise, rate, steps) entries).
+
+    Memoised: the PRV accountant takes about a second per call, and the models of a farm (or the
+    epochs of one model) repeat the same history.
+    """
+    from opacus.accountants import create_accountant
+
+    counted = create_accountant(accountant)
+    counted.history = [tuple(entry) for entry in history]
+    return float(counted.get_epsilon(delta=delta))
 
 
 class DPSGD(L.Callback):
@@ -213,7 +229,21 @@ class DPSGD(L.Callback):
             return 0.0
         if self.sigma == 0:
             return math.inf
-        return float(accountant.get_epsilon(delta=self.delta))
+        return accountant_epsilon(self.accountant_name, tuple(tuple(entry) for entry in accountant.history), self.delta)
+
+    def allowed_steps(self) -> int:
+        """Steps the run takes: the planned ones, or with a given ``noise_multiplier`` and a target the most whose epsilon stays within it (the budget stop, found ahead)."""
+        if self.target_epsilon is None or self.noise_multiplier is None or self.sigma == 0:
+            return self.planned_steps
+        low, high = 1, self.planned_steps  # epsilon grows with the steps; one step fits (checked when planning)
+        while low < high:
+            middle = (low + high + 1) // 2
+            history = ((self.sigma, self.sample_rate, middle),)
+            if accountant_epsilon(self.accountant_name, history, self.delta) <= self.target_epsilon:
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Budget stop: end training before a step would spend more than the target epsilon.
@@ -240,8 +270,8 @@ class DPSGD(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state = self.state()
         pl_module.dp_state = state
-        for key in ("epsilon", "delta", "noise_multiplier", "steps"):
-            pl_module.log(f"dp_{key}", float(state[key]), on_epoch=True)
+        for key, value in state_metrics(state).items():
+            pl_module.log(key, value, on_epoch=True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Detach opacus' hooks (prediction and checkpointing see the plain module) and record the final state."""
@@ -252,3 +282,13 @@ class DPSGD(L.Callback):
         self.hooks = None
         for parameter in pl_module.parameters():
             parameter.grad = None
+
+
+def state_metrics(state: dict[str, Any]) -> dict[str, float]:
+    """The DP metrics a farm's ``done.json`` records per model (``dp_epsilon``, ``dp_delta``, ``dp_noise_multiplier``, ``dp_steps``)."""
+    return {f"dp_{key}": float(state[key]) for key in ("epsilon", "delta", "noise_multiplier", "steps")}
+
+
+def dp_callbacks(callbacks: Iterable[Any]) -> list[DPSGD]:
+    """The DP-SGD callbacks among a run's callbacks (a model trained under DP fixes its feature scaling without its training data)."""
+    return [callback for callback in callbacks if isinstance(callback, DPSGD)]

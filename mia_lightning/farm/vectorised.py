@@ -8,10 +8,16 @@ slices ``StreamBatchSampler`` yields the sequential farm), so for the same seeds
 sequential farms make the same updates. Models in one group must take the same number of steps with
 the same batch size, so jobs are grouped by (batch size, steps) first; a plan of random halves gives
 one or two groups. ``group_size`` bounds memory: activations grow linearly with it.
+
+DP-SGD: a recipe whose ``trainer.callbacks`` is the ``DPSGD`` callback trains linear heads
+(``hidden: []``) here too (``models.dp_heads.DPHeadEnsemble``: closed-form per-sample gradients, each
+model its own Poisson batches, noise and accountant), grouped by training-set size so each group
+shares one sample rate and step count; other families with DP-SGD train on the sequential engine.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
@@ -24,10 +30,13 @@ from torch.utils.data import DataLoader
 from mia_lightning.data.streams import StreamBatchSampler, index_stream, steps_per_epoch
 from mia_lightning.data.tabular import TabularDataModule
 from mia_lightning.data.text import TextDataModule
+from mia_lightning.defences.dp_ensemble import EnsemblePrivacy
+from mia_lightning.defences.dp_sgd import DPSGD, state_metrics
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.farm.engine import FarmSetup, ModelJob, TrainedModel, fit
 from mia_lightning.farm.progress import GroupProgress
+from mia_lightning.models.dp_heads import DPHeadEnsemble
 from mia_lightning.models.ensemble import VectorisedMLP
 from mia_lightning.models.lstm import LSTMClassifier
 from mia_lightning.models.lstm_ensemble import VectorisedLSTM, stackable, unstackable_args
@@ -41,11 +50,12 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> float:
     return float((logits[ids, 0].argmax(-1) == labels[ids]).mean()) if ids.size else float("nan")
 
 
-def _mlp_ensemble(models: list[TabularMLP], datamodule: TabularDataModule) -> tuple[VectorisedMLP, int]:
-    """The MLP ensemble on the pool's features (and query views, image DataModules); activations per predicted sample and model."""
+def _mlp_ensemble(models: list[TabularMLP], datamodule: TabularDataModule, privacy: EnsemblePrivacy | None = None) -> tuple[VectorisedMLP, int]:
+    """The MLP ensemble on the pool's features (and query views, image DataModules), DP-SGD heads with ``privacy``; activations per predicted sample and model."""
     pool = datamodule.pool
     views = getattr(datamodule, "pool_views", None)
-    ensemble = VectorisedMLP(models, torch.from_numpy(pool.features), torch.from_numpy(pool.labels), None if views is None else torch.from_numpy(views))
+    tensors = (torch.from_numpy(pool.features), torch.from_numpy(pool.labels), None if views is None else torch.from_numpy(views))
+    ensemble = VectorisedMLP(models, *tensors) if privacy is None else DPHeadEnsemble(models, *tensors, privacy=privacy)
     widest = max(pool.n_features, *(w.shape[-1] for w in ensemble.weights))
     return ensemble, widest * (1 if views is None else views.shape[1])
 
@@ -65,21 +75,30 @@ class Family:
     """A model family the engine stacks: its model and data classes, how a group becomes one ensemble module, and where that pays.
 
     ``faster_on`` lists the device types on which the ensemble beats the sequential farm in models/min
-    (``farm.engine: auto`` trains the family vectorised there only); ``refuses`` says why a recipe's
-    model arguments cannot stack (None when they can).
+    (``farm.engine: auto`` trains the family vectorised there only); ``prepare`` fits state on each
+    model's training subset before training (never under DP-SGD); ``refuses`` says why a recipe's model
+    arguments cannot stack (None when they can); ``private`` says why they cannot train with DP-SGD here.
     """
 
     model: type
     data: type
-    stack: Callable[[list, L.LightningDataModule], tuple[L.LightningModule, int]]
+    stack: Callable[..., tuple[L.LightningModule, int]]
     faster_on: frozenset[str]
     prepare: Callable[[L.LightningModule, L.LightningDataModule], None] = lambda model, datamodule: None
     refuses: Callable[[Mapping[str, Any]], str | None] = lambda args: None
+    private: Callable[[Mapping[str, Any]], str | None] = lambda args: "its ensemble has no DP-SGD"
+
+
+def _dp_head_refusal(args: Mapping[str, Any]) -> str | None:
+    """Why DP-SGD cannot train these MLP arguments vectorised (closed-form per-sample gradients exist for one linear layer at temperature 1)."""
+    if list(args.get("hidden", [128])) or float(args.get("temperature", 1.0)) != 1.0:
+        return "DP-SGD on the vectorised engine trains linear heads only (model.init_args.hidden: [], temperature 1)"
+    return None
 
 
 FAMILIES = (
     Family(TabularMLP, TabularDataModule, _mlp_ensemble, frozenset({"cpu", "cuda"}),
-           prepare=lambda model, datamodule: model.fit_standardizer(*datamodule.train_feature_stats())),
+           prepare=lambda model, datamodule: model.fit_standardizer(*datamodule.train_feature_stats()), private=_dp_head_refusal),
     # On the CPU nn.LSTM's fused oneDNN kernel already trains one model at about the matmul peak (README, Farm).
     Family(LSTMClassifier, TextDataModule, _lstm_ensemble, frozenset({"cuda"}), refuses=unstackable_args),
 )
@@ -98,19 +117,24 @@ def choose_engine(setup: FarmSetup, derived_models: bool = False) -> tuple[str, 
     """``farm.engine: auto``: ``vectorised`` when the recipe's family stacks and its ensemble is the faster engine on the recipe's device, else ``sequential``; with the reason."""
     if derived_models:
         return "sequential", "the plan derives models from others (parents), which only the sequential engine trains"
-    if setup.callbacks:
+    if setup.callbacks and not _only_dp_sgd(setup):
         return "sequential", "trainer.callbacks act on one Lightning run per model"
     try:
         family = family_of(setup)
     except MiaError:
         return "sequential", f"{setup.model.class_path} on {setup.data.class_path} has no vectorised ensemble"
-    reason = family.refuses(setup.model.init_args)
+    reason = family.refuses(setup.model.init_args) or (family.private(setup.model.init_args) if setup.callbacks else None)
     if reason:
         return "sequential", reason
     device = device_type(setup.trainer)
     if device not in family.faster_on:
         return "sequential", f"the {family.model.__name__} ensemble is slower than the sequential farm on {device} (README, Farm)"
     return "vectorised", f"the {family.model.__name__} ensemble is the faster engine on {device}"
+
+
+def _only_dp_sgd(setup: FarmSetup) -> bool:
+    """Whether the recipe's only callback is the ``DPSGD`` callback (the one the vectorised engine applies itself)."""
+    return len(setup.callbacks) == 1 and issubclass(setup.callbacks[0].resolve(), DPSGD)
 
 
 def family_of(setup: FarmSetup) -> Family:
@@ -140,8 +164,12 @@ class VectorisedEngine:
         self.family = family_of(setup)
         if group_size < 1:
             raise MiaError(f"--farm.group_size {group_size}: must be at least 1")
-        if setup.callbacks:
-            raise MiaError("trainer.callbacks act on one Lightning run per model; use farm.engine: sequential with them")
+        self.private = bool(setup.callbacks)
+        if self.private and not _only_dp_sgd(setup):
+            raise MiaError("trainer.callbacks act on one Lightning run per model; use farm.engine: sequential with them (the DPSGD callback alone trains vectorised)")
+        reason = self.family.private(setup.model.init_args) if self.private else None
+        if reason:
+            raise MiaError(f"{reason}; use farm.engine: sequential")
         self.setup = setup
         self.group_size = group_size
         self.progress = progress
@@ -159,30 +187,47 @@ class VectorisedEngine:
         return min(limits)
 
     def run(self, jobs: list[ModelJob]) -> Iterator[TrainedModel]:
-        groups: dict[tuple[int, int], list[tuple[ModelJob, L.LightningDataModule]]] = defaultdict(list)
+        groups: dict[tuple[int, int, int], list[tuple[ModelJob, L.LightningDataModule]]] = defaultdict(list)
         for job in jobs:
             if job.parent is not None:
                 raise MiaError(f"model {job.index} continues from model {job.parent}; derived models need farm.engine: sequential")
             datamodule = self.setup.build_datamodule(job)
             sampler = StreamBatchSampler(datamodule.train_indices, datamodule.hparams.batch_size, seed=job.seed)
-            groups[(sampler.batch_size, self._total_steps(len(sampler)))].append((job, datamodule))
-        for (batch_size, steps), members in groups.items():
+            groups[(int(datamodule.train_indices.size) if self.private else 0, sampler.batch_size, self._total_steps(len(sampler)))].append((job, datamodule))
+        for (_, batch_size, steps), members in groups.items():
             for start in range(0, len(members), self.group_size):
                 yield from self._train_group(members[start : start + self.group_size], batch_size, steps)
+
+    def _privacy(self, members: list[tuple[ModelJob, L.LightningDataModule]], models: list[L.LightningModule]) -> EnsemblePrivacy:
+        """Each model's own ``DPSGD`` from the recipe, planned on its training subset (noise, rate, delta, accountant), with its Poisson sampler and noise generator."""
+        callbacks = []
+        for (job, datamodule), model in zip(members, models):
+            callback = self.setup.build_callbacks()[0]
+            callback.check_recipe(datamodule, model, self.setup.trainer.get("max_epochs"))
+            callbacks.append(callback)
+        return EnsemblePrivacy(callbacks, [datamodule.train_indices for _, datamodule in members], [job.seed for job, _ in members],
+                               max_steps=self.setup.trainer.get("max_steps"))
 
     def _train_group(self, members: list[tuple[ModelJob, L.LightningDataModule]], batch_size: int, steps: int) -> Iterator[TrainedModel]:
         models = []
         for job, datamodule in members:
             model = self.setup.build_model(datamodule, job.seed)
-            self.family.prepare(model, datamodule)
+            if not self.private:  # under DP-SGD the scaling stays the identity: training-set statistics would leak outside the guarantee
+                self.family.prepare(model, datamodule)
             models.append(model)
         first = members[0][1]
-        ensemble, width = self.family.stack(models, first)
-        streams = torch.stack([index_stream(datamodule.train_indices, batch_size, steps, job.seed) for job, datamodule in members], dim=1)
-        epoch_steps = steps_per_epoch(first.train_indices.size, batch_size)
+        if self.private:
+            privacy = self._privacy(members, models)
+            ensemble, width = self.family.stack(models, first, privacy)
+            batches, steps = privacy.batches(), privacy.steps
+            epoch_steps = math.ceil(1.0 / privacy.callbacks[0].sample_rate)
+        else:
+            ensemble, width = self.family.stack(models, first)
+            batches = torch.stack([index_stream(datamodule.train_indices, batch_size, steps, job.seed) for job, datamodule in members], dim=1)
+            epoch_steps = steps_per_epoch(first.train_indices.size, batch_size)
         callbacks = [GroupProgress([job.index for job, _ in members], epoch_steps, steps)] if self.progress else []
         trainer = self.setup.build_trainer(max_epochs=1, max_steps=-1, callbacks=callbacks, enable_progress_bar=False, limit_val_batches=0)
-        fit(trainer, ensemble, train_dataloaders=DataLoader(streams, batch_size=None, shuffle=False))
+        fit(trainer, ensemble, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False))
         labels = first.pool_labels()
         predict_batch = max(1, PREDICT_ELEMENTS // (len(members) * width))
         predictor = self.setup.build_trainer(devices=1, enable_progress_bar=False)
@@ -192,4 +237,6 @@ class VectorisedEngine:
         for k, ((job, datamodule), model) in enumerate(zip(members, ensemble.unstack())):
             held_out = np.setdiff1d(everyone, job.train_indices)
             metrics = {"train_acc": _accuracy(logits[k], labels, datamodule.train_indices), "val_acc": _accuracy(logits[k], labels, held_out)}
+            if getattr(model, "dp_state", None) is not None:
+                metrics |= state_metrics(model.dp_state)
             yield TrainedModel(job.index, model, logits[k], metrics)

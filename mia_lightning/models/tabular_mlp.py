@@ -2,7 +2,9 @@
 
 The feature standardisation is a buffer of the model, fitted on the model's own training subset
 (``fit_standardizer`` / ``on_fit_start``), so a checkpoint alone reproduces the model's logits
-on raw pool features. With ``hidden=[]`` it is a linear (logistic-regression) head.
+on raw pool features. With ``hidden=[]`` it is a linear (logistic-regression) head. Under DP-SGD
+(``defences.dp_sgd.DPSGD``) the scaling stays the identity: statistics of the training subset would
+release membership information outside the DP guarantee.
 
 ``temperature`` T != 1 divides the logits by T inside the model, so it trains and answers at
 temperature T and the exported logits are the released model's (softmax(z / T) is what it
@@ -17,6 +19,7 @@ import torch
 import torchmetrics
 from torch import nn
 
+from mia_lightning.defences.dp_sgd import PrivacyStateMixin, dp_callbacks
 from mia_lightning.models.steps import ClassifierSteps
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -47,7 +50,7 @@ def build_mlp(n_features: int, n_classes: int, hidden: list[int], dropout: float
     return nn.Sequential(*layers)
 
 
-class TabularMLP(ClassifierSteps, L.LightningModule):
+class TabularMLP(ClassifierSteps, PrivacyStateMixin, L.LightningModule):
     """An MLP classifier on tabular features (depth, width, dropout, optimiser and weight decay configurable)."""
 
     def __init__(
@@ -81,9 +84,9 @@ class TabularMLP(ClassifierSteps, L.LightningModule):
         self.feature_std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
 
     def on_fit_start(self) -> None:
-        """Fit the scaling on this model's training subset, unless the model continues a parent's training (the farm sets ``continues_from_parent``)."""
+        """Fit the scaling on this model's training subset, unless the model continues a parent's training (the farm sets ``continues_from_parent``) or trains under DP-SGD."""
         datamodule = self.trainer.datamodule
-        if getattr(self, "continues_from_parent", False):
+        if getattr(self, "continues_from_parent", False) or dp_callbacks(self.trainer.callbacks):
             return
         if datamodule is not None and hasattr(datamodule, "train_feature_stats"):
             self.fit_standardizer(*(t.to(self.device) for t in datamodule.train_feature_stats()))

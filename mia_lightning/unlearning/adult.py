@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader
 
 from mia_lightning.downloads import RegistryFile, cache_dir, registry_file
 from mia_lightning.data.tabular import TabularDataModule
@@ -104,21 +103,6 @@ class AdultDataModule(TabularDataModule):
         super().__init__(source=str(csv), label_column=LABEL, missing=missing, batch_size=batch_size, train_indices=train_indices,
                          seed=seed, num_workers=num_workers)
         self.adult = {"source": source, "split": split, "n_rows": n_rows, "subset_seed": subset_seed}
-        self.poisson_sample_rate: float | None = None
-
-    def enable_poisson_sampling(self, batch_size: int) -> float:
-        """For DP-SGD (``mia_lightning.defences.dp_sgd.DPSGD``): training batches become Poisson samples of expected size ``batch_size``; returns the rate."""
-        self.poisson_sample_rate = min(1.0, batch_size / self.train_indices.size)
-        return self.poisson_sample_rate
-
-    def train_dataloader(self) -> DataLoader:
-        """The tabular stream of minibatches, or Poisson-sampled batches once DP-SGD asked for them."""
-        if self.poisson_sample_rate is None:
-            return super().train_dataloader()
-        from mia_lightning.defences.dp_sgd import PoissonBatchSampler
-
-        sampler = PoissonBatchSampler(self.train_indices, self.poisson_sample_rate, seed=self.hparams.seed)
-        return DataLoader(self._dataset(), batch_sampler=sampler, num_workers=self.hparams.num_workers)
 
     @property
     def dataset_id(self) -> str:
