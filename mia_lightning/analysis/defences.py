@@ -7,6 +7,10 @@ and 1% FPR with the audit's bootstrap intervals, the empirical epsilon lower bou
 (``results.json``), and for DP-SGD settings the accountant's epsilon of each target (``done.json``
 metric ``dp_epsilon``, written by ``mia_lightning.defences.dp_sgd.DPSGD``; the largest over targets).
 
+With ``dp_bounds`` every DP-SGD setting also gets its ROC plot (``roc_dp_<setting>.png``) beside the
+(epsilon, delta) region its accountant guarantees, drawn and compared as the replace-one region that
+few-shot / LiRA-half plans need (``analysis.dp_bound``), read only at resolved ROC vertices.
+
 "helps?" compares the ``attack`` output's TPR at 1% FPR with its baseline's (``baseline``, or the
 setting named for it in ``baselines``, e.g. the undefended model of another family): ``yes`` when the
 setting's bootstrap interval lies entirely below the baseline's, ``worse`` when entirely above, ``no``
@@ -21,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from mia_lightning.analysis.dp_bound import ADJACENCY_NOTE, MIN_EVENTS, bound_curves, bound_text, compare, resolved
 from mia_lightning.console import console
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
@@ -28,7 +33,8 @@ from mia_lightning.contract.io import load_json
 from mia_lightning.report.cells import UNRESOLVED, unresolved
 from mia_lightning.contract.confine import confined, confined_all
 from mia_lightning.report.html import ANALYSIS_PAGE, write_tables_page
-from mia_lightning.report.figures import plot_privacy_utility
+from mia_lightning.metrics import roc_curve
+from mia_lightning.report.figures import plot_dp_bound, plot_privacy_utility
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
 
@@ -90,18 +96,39 @@ def _pairs(experiment: ExperimentDir, targets: list[int]) -> tuple[np.ndarray, n
     return members, audited
 
 
-def accountant_epsilon(experiment: ExperimentDir, targets: list[int]) -> float | None:
-    """The largest DP-SGD accountant epsilon over the targets (``done.json`` metric ``dp_epsilon``), or None without DP."""
-    values = []
+def accountant_budget(experiment: ExperimentDir, targets: list[int]) -> tuple[float | None, float | None]:
+    """The largest DP-SGD accountant epsilon and delta over the targets (``done.json`` metrics ``dp_epsilon``, ``dp_delta``), None without DP."""
+    epsilons, deltas = [], []
     for t in targets:
         done = experiment.model_dir(t) / "done.json"
         metrics = load_json(done).get("metrics", {}) if done.is_file() else {}
         if "dp_epsilon" in metrics:
-            values.append(float(metrics["dp_epsilon"]))
-    return max(values) if values else None
+            epsilons.append(float(metrics["dp_epsilon"]))
+        if "dp_delta" in metrics:
+            deltas.append(float(metrics["dp_delta"]))
+    return (max(epsilons) if epsilons else None), (max(deltas) if deltas else None)
 
 
-def _attack_entry(row: dict, output: str, members: np.ndarray, audited: np.ndarray, bootstrap: int, seed: int) -> dict[str, Any] | None:
+def dp_roc(study_dir: Path, setting: dict, scores: np.ndarray, members: np.ndarray, audited: np.ndarray, attack: str, levels: tuple[str, ...]) -> dict:
+    """The attack's ROC of one DP-SGD setting against its accountant's (epsilon, delta) drawn as replace-one, compared at resolved vertices; writes ``roc_dp_<setting>.png``."""
+    curve = roc_curve(np.where(audited, scores, np.nan), members)
+    epsilon, delta = setting["accountant_epsilon"], setting["accountant_delta"]
+    bounds = [(epsilon, delta)] if np.isfinite(epsilon) and delta is not None else []
+    result = {**compare(curve, bounds), "plot": f"roc_dp_{setting['setting']}.png"}
+    entry = setting["attacks"][attack]
+    points = [(attack, np.array([float(l) for l in levels]), np.array([entry[f"tpr@{l}"] for l in levels]), np.array([entry[f"tpr@{l}_ci"] for l in levels]).T)]
+    first, second = resolved(curve.fpr, curve.tpr, curve.n_positives, curve.n_negatives)
+    read = first | second
+    budget = f"accountant ({epsilon:.2f}, {delta:.2g}) add/remove" if bounds else "eps = inf: no DP bound"
+    adjacency = ADJACENCY_NOTE.replace(": ", ":\n", 1)
+    title = (f"{attack} on {setting['setting']}: {budget}; bars: bootstrap 95% at FPR {', '.join(levels)}\n{adjacency}\n"
+             f"ROC drawn only at resolved vertices (>= {MIN_EVENTS} events), where the bound is read")
+    plot_dp_bound(confined(Path(study_dir), Path(study_dir) / result["plot"]), [(f"{attack} ROC (resolved vertices)", curve.fpr[read], curve.tpr[read])],
+                  bound_curves(bounds), title, points)
+    return result
+
+
+def _attack_entry(row: dict, output: str, members: np.ndarray, audited: np.ndarray, bootstrap: int, seed: int, levels: tuple[str, ...]) -> dict[str, Any] | None:
     result = row["results"].get(output)
     if result is None:
         return None
@@ -112,8 +139,8 @@ def _attack_entry(row: dict, output: str, members: np.ndarray, audited: np.ndarr
     return {
         "auc": result["auc"],
         "auc_ci": auc_ci,
-        **{f"tpr@{level}": result["tpr_at_fpr"][level] for level in LEVELS},
-        **{f"tpr@{level}_ci": boot.get(level, result["tpr_at_fpr_ci"][level]) for level in LEVELS},
+        **{f"tpr@{level}": result["tpr_at_fpr"][level] for level in levels},
+        **{f"tpr@{level}_ci": boot.get(level, result["tpr_at_fpr_ci"][level]) for level in levels},
         "empirical_epsilon": (result.get("empirical_epsilon") or {}).get("epsilon_lower_bound"),
         "min_resolvable_fpr": result.get("min_resolvable_fpr", 0.0),
     }
@@ -141,8 +168,8 @@ def pareto_front(accuracy: np.ndarray, leakage: np.ndarray) -> np.ndarray:
     return ~dominated
 
 
-def defence_table(settings: list[dict], outputs: list[str]) -> TableRecord:
-    """The defences table: one row per setting (utility, each output's AUC and TPRs with intervals, epsilon, verdict)."""
+def defence_table(settings: list[dict], outputs: list[str], levels: tuple[str, ...] = LEVELS) -> TableRecord:
+    """The defences table: one row per setting (utility, each output's AUC and TPRs with intervals, epsilon, the DP-bound comparison when made, verdict)."""
 
     def pct(value: float | None, ci: list[float] | None = None) -> str:
         if value is None:
@@ -153,7 +180,8 @@ def defence_table(settings: list[dict], outputs: list[str]) -> TableRecord:
         return output.replace("_online", "").replace("_per_class", "/class").replace("_", " ")
 
     header = ["setting", "test acc %", "gap pts", "DP eps", *[f"{short(o)} AUC" for o in outputs],
-              *[f"{short(o)} TPR@{float(l) * 100:g}%" for o in outputs if not o.startswith("shokri") for l in LEVELS], "emp. eps", "helps?"]
+              *[f"{short(o)} TPR@{float(l) * 100:g}%" for o in outputs if not o.startswith("shokri") for l in levels], "emp. eps",
+              *(["ROC vs DP bound (replace-one)"] if any("dp_bound" in s for s in settings) else []), "helps?"]
     rows = []
     for s in settings:
         cells = [s["setting"], pct(s["test_accuracy"]), pct(s["train_test_gap"]), "-" if s["accountant_epsilon"] is None else f"{s['accountant_epsilon']:.2f}"]
@@ -165,24 +193,34 @@ def defence_table(settings: list[dict], outputs: list[str]) -> TableRecord:
                 continue
             entry = s["attacks"].get(o)
             cells += ["-" if entry is None else pct(entry[f"tpr@{l}"], entry[f"tpr@{l}_ci"]) + (UNRESOLVED if unresolved(entry, float(l)) else "")
-                      for l in LEVELS]
+                      for l in levels]
         emp = [e["empirical_epsilon"] for e in s["attacks"].values() if e.get("empirical_epsilon") is not None]
-        cells += ["-" if not emp else f"{max(emp):.2f}", s["helps"]]
+        cells.append("-" if not emp else f"{max(emp):.2f}")
+        if "ROC vs DP bound (replace-one)" in header:
+            bounds = (s.get("dp_bound") or {}).get("bounds") or []
+            cells.append("; ".join(bound_text(b) for b in bounds) or "-")
+        cells.append(s["helps"])
         rows.append(cells)
     return TableRecord("defences: utility and membership leakage per setting (95% bootstrap intervals; TPR in %; (!) FPR not resolved by the scores)",
                        header, rows, left=tuple(header))
 
 
 def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attack: str = "lira_online",
-            outputs: list[str] | None = None, bootstrap: int = 200, seed: int = 0, baselines: dict[str, str] | None = None) -> dict:
+            outputs: list[str] | None = None, bootstrap: int = 200, seed: int = 0, baselines: dict[str, str] | None = None,
+            levels: list[float] | None = None, dp_bounds: bool = False) -> dict:
     """The defences table (printed), ``privacy_utility.png`` under ``study_dir``, and the JSON summary (returned).
 
     ``baselines`` maps a setting to the undefended setting it is judged against (another model family
-    has its own baseline); every other setting is judged against ``baseline``.
+    has its own baseline); every other setting is judged against ``baseline``. ``levels``: the FPRs
+    of the TPR columns (default 0.1% and 1%; the audit computes 0.1%, 1%, 10%). ``dp_bounds``: a ROC
+    plot per DP-SGD setting with its accountant's bound (module docstring).
     """
     outputs = list(outputs or DEFAULT_OUTPUTS)
+    levels_used = tuple(str(float(l)) for l in levels) if levels else LEVELS
+    if "0.01" not in levels_used:
+        raise MiaError(f"study.analysis_params.levels {levels}: must include 0.01 (the helps? rule reads TPR at 1% FPR)")
     baselines = dict(baselines or {})
-    confined_all(Path(study_dir), [Path(study_dir) / PLOT_FILE, Path(study_dir) / ANALYSIS_PAGE])  # no link leads the files out of the study
+    confined_all(Path(study_dir), [Path(study_dir) / PLOT_FILE, Path(study_dir) / ANALYSIS_PAGE, *(Path(study_dir) / f"roc_dp_{name}.png" for name in (r["setting"] for r in rows))])  # no link leads the files out of the study
     names = [row["setting"] for row in rows]
     if baseline not in names:
         raise MiaError(f"study.analysis_params.baseline {baseline!r}: no such setting; settings are {', '.join(names)}")
@@ -199,6 +237,7 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
         targets = row["results"][attack]["targets"]
         members, audited = _pairs(experiment, targets)
         utility = row.get("utility") or {}
+        epsilon, delta = accountant_budget(experiment, targets)
         settings.append({
             "setting": row["setting"],
             "overrides": row["overrides"],
@@ -206,9 +245,13 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
             "test_accuracy": utility.get("test_accuracy"),
             "train_accuracy": utility.get("train_accuracy"),
             "train_test_gap": utility.get("train_test_gap"),
-            "accountant_epsilon": accountant_epsilon(experiment, targets),
-            "attacks": {o: e for o in outputs if (e := _attack_entry(row, o, members, audited, bootstrap, seed)) is not None},
+            "accountant_epsilon": epsilon,
+            "accountant_delta": delta,
+            "attacks": {o: e for o in outputs if (e := _attack_entry(row, o, members, audited, bootstrap, seed, levels_used)) is not None},
         })
+        if dp_bounds and epsilon is not None:
+            scores = np.load(Path(row["experiment"]) / "attacks" / "latest" / attack / "scores.npy")
+            settings[-1]["dp_bound"] = dp_roc(Path(study_dir), settings[-1], scores, members, audited, attack, levels_used)
     judged_by = {name: baselines.get(name, baseline) for name in names}
     for s in settings:
         s["baseline"] = judged_by[s["setting"]]
@@ -220,10 +263,11 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
         s["pareto"] = bool(on_front)
     if plotted:
         plot_privacy_utility(plotted, attack, front, Path(study_dir) / PLOT_FILE)
-    table = defence_table(settings, outputs)
+    table = defence_table(settings, outputs, levels_used)
     print_tables([table], console)
-    write_tables_page(confined(Path(study_dir), Path(study_dir) / ANALYSIS_PAGE), f"Defences study: {Path(study_dir).name}", [table],
-                      [(Path(study_dir) / PLOT_FILE, "test accuracy against TPR@1%FPR per defence")])
-    return {"attack": attack, "baseline": baseline, "baselines": baselines, "bootstrap": bootstrap, "plot": PLOT_FILE,
+    figures = [(Path(study_dir) / PLOT_FILE, "test accuracy against TPR@1%FPR per defence")]
+    figures += [(Path(study_dir) / s["dp_bound"]["plot"], f"{attack} ROC of {s['setting']} against its DP bound") for s in settings if "dp_bound" in s]
+    write_tables_page(confined(Path(study_dir), Path(study_dir) / ANALYSIS_PAGE), f"Defences study: {Path(study_dir).name}", [table], figures)
+    return {"attack": attack, "baseline": baseline, "baselines": baselines, "bootstrap": bootstrap, "plot": PLOT_FILE, "levels": list(levels_used),
             "helps_rule": "yes: the TPR@1%FPR bootstrap interval lies entirely below its baseline's; worse: entirely above; no: they overlap",
             "settings": settings}

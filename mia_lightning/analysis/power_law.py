@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mia_lightning.analysis.dp_bound import bound_curves, compare
+from mia_lightning.analysis.dp_bound import bound_curves, bound_text, compare
 from mia_lightning.analysis.power_fit import fit_power_law, fit_sample_quantiles, predict, sample_advantages
 from mia_lightning.console import console
 from mia_lightning.errors import MiaError
@@ -215,16 +215,11 @@ def power_law_tables(settings: list[dict], fits: dict, transfer: list[dict], qua
 
 def dp_line(dp: dict) -> str:
     """One line: which DP regions (add/remove, read as replace-one) contain the resolved ROC of the compared setting, and the smallest eps that does."""
-    lines = [_bound_text(b) for b in dp["bounds"]]
+    lines = [bound_text(b) for b in dp["bounds"]]
     smallest = ", ".join(f"replace-one {e['replace_one']:.2f} (Clopper-Pearson over pairs {e['replace_one_clopper_pearson']:.2f}; add/remove >= {e['add_remove_at_least']:.2f}) at delta {d}"
                          for d, e in dp["curve_epsilon"].items())
     return (f"(eps, delta)-DP regions vs the ROC of {dp['setting']} (vertices with >= {dp['min_events']} events; {dp['adjacency']}): "
             + "; ".join(lines) + f"; smallest eps containing the curve: {smallest}")
-
-
-def _bound_text(bound: dict) -> str:
-    where = "inside" if bound["curve_inside"] else f"left by {bound['max_excess']:.3f} TPR at FPR {bound['at_fpr']:.2g}"
-    return f"({bound['epsilon']:g}, {bound['delta']:g}): {where}"
 
 
 def _rho(result: dict) -> str:
