@@ -223,5 +223,7 @@ def test_study_end_to_end_on_generated_images(tmp_path):
     page = (out / "analysis.html").read_text()  # tables and plots of the analysis as one self-contained page
     assert "<script" not in page and page.count("data:image/png;base64,") == 3
     assert all(f">{s['setting']}</td>" in page for s in analysis["settings"]) and "two-way bootstrap" in page
+    twin = (out / "analysis.md").read_text()  # the same tables as Markdown
+    assert all(f"| {s['setting']} |" in twin for s in analysis["settings"]) and twin.count("\n|---|") == page.count("<table")
     for name in ("power_law.png", "dp_bound.png", "per_sample.png"):
         assert (out / name).stat().st_size > 1000

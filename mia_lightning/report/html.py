@@ -25,7 +25,7 @@ from mia_lightning.contract.io import load_json, write_bytes_atomic
 from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report.cells import auc_cell, interval_key, percent, results_header, results_row, tpr_cell, unresolved
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
-from mia_lightning.report.markdown import VULNERABLE_COLUMNS, epsilon_paragraphs, load_records, vulnerable_samples
+from mia_lightning.report.markdown import VULNERABLE_COLUMNS, epsilon_paragraphs, load_records, markdown_table, vulnerable_samples
 from mia_lightning.report.table import TableRecord
 from mia_lightning.contract.runs import latest_run
 from mia_lightning.utility import UTILITY_FILE, utility_line
@@ -253,12 +253,15 @@ def record_table(record: TableRecord) -> str:
 def write_tables_page(path: Path, title: str, records: list[TableRecord], images: list[tuple[Path, str]] = (), notes: list[str] = ()) -> Path:
     """A self-contained page of ``TableRecord``s and inline figures (a study's analysis, the unlearning report), written atomically.
 
-    The same style and cell marks as report.html, so a study or unlearning table reads like the audit it summarises.
+    The same style and cell marks as report.html, so a study or unlearning table reads like the audit it summarises;
+    the same tables go to a Markdown twin beside it (``path`` with ``.md``: to paste into a paper or a README).
     """
     sections = [f"<h1>{_esc(title)}</h1>", *(f"<p class=\"note\">{_esc(note)}</p>" for note in notes),
                 *(record_table(record) for record in records), *(_image(image, alt) for image, alt in images),
                 f"<p class=\"note\">{_esc(interval_key())}. Written by mia-lightning {_esc(__version__)}.</p>"]
     write_bytes_atomic(path, _page(title, sections).encode())
+    markdown = [f"# {title}", "", *(f"{note}\n" for note in notes), *(markdown_table(record) for record in records), f"{interval_key()}.", ""]
+    write_bytes_atomic(path.with_suffix(".md"), "\n".join(markdown).encode())
     return path
 
 

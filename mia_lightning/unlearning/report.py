@@ -222,8 +222,7 @@ def main(argv: list[str]) -> int:
     for summary in summaries:
         root = Path(summary["experiment"])
         save_json_atomic(root / "unlearning_report.json", summary)
-        write_bytes_atomic(root / "unlearning_report.md", markdown(summary).encode())
-        write_tables_page(root / "unlearning_report.html", f"Unlearning audit: {root.name}", tables(summary),
+        write_tables_page(root / "unlearning_report.html", f"Unlearning audit: {root.name}", tables(summary),  # and its twin unlearning_report.md
                           [(root / "attacks" / "latest" / "roc.png", "ROC of the best output of each attack family and the baselines (log-log)")],
                           [FIGURE_NOTE])
         print_tables(tables(summary), console)
