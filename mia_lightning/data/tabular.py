@@ -151,6 +151,11 @@ def load_tabular(source: str, label_column: str | None = None, missing: str = "e
     return _load_csv(Path(source), label_column, missing)
 
 
+def _mean_std(features: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    x = features.astype(np.float64)
+    return torch.from_numpy(x.mean(0)).float(), torch.from_numpy(x.std(0)).float()
+
+
 class TabularDataModule(L.LightningDataModule):
     """Trains one model on its membership subset of a tabular pool; predicts on the whole pool.
 
@@ -204,8 +209,11 @@ class TabularDataModule(L.LightningDataModule):
 
     def train_feature_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the features over this model's training subset only (no leakage from the pool)."""
-        x = self.pool.features[self.train_indices].astype(np.float64)
-        return torch.from_numpy(x.mean(0)).float(), torch.from_numpy(x.std(0)).float()
+        return _mean_std(self.pool.features[self.train_indices])
+
+    def pool_feature_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std over the whole audit pool: the same for every model whatever it trained on (the scaling under DP-SGD)."""
+        return _mean_std(self.pool.features)
 
     def _dataset(self) -> TensorDataset:
         return TensorDataset(torch.from_numpy(self.pool.features), torch.from_numpy(self.pool.labels))

@@ -76,7 +76,7 @@ class Family:
 
     ``faster_on`` lists the device types on which the ensemble beats the sequential farm in models/min
     (``farm.engine: auto`` trains the family vectorised there only); ``prepare`` fits state on each
-    model's training subset before training (never under DP-SGD); ``refuses`` says why a recipe's model
+    model's training subset before training (under DP-SGD, ``private``, on data that does not depend on it); ``refuses`` says why a recipe's model
     arguments cannot stack (None when they can); ``private`` says why they cannot train with DP-SGD here.
     """
 
@@ -84,7 +84,7 @@ class Family:
     data: type
     stack: Callable[..., tuple[L.LightningModule, int]]
     faster_on: frozenset[str]
-    prepare: Callable[[L.LightningModule, L.LightningDataModule], None] = lambda model, datamodule: None
+    prepare: Callable[[L.LightningModule, L.LightningDataModule, bool], None] = lambda model, datamodule, private: None
     refuses: Callable[[Mapping[str, Any]], str | None] = lambda args: None
     private: Callable[[Mapping[str, Any]], str | None] = lambda args: "its ensemble has no DP-SGD"
 
@@ -98,7 +98,8 @@ def _dp_head_refusal(args: Mapping[str, Any]) -> str | None:
 
 FAMILIES = (
     Family(TabularMLP, TabularDataModule, _mlp_ensemble, frozenset({"cpu", "cuda"}),
-           prepare=lambda model, datamodule: model.fit_standardizer(*datamodule.train_feature_stats()), private=_dp_head_refusal),
+           prepare=lambda model, datamodule, private: model.fit_standardizer(*(datamodule.pool_feature_stats() if private else datamodule.train_feature_stats())),
+           private=_dp_head_refusal),
     # On the CPU nn.LSTM's fused oneDNN kernel already trains one model at about the matmul peak (README, Farm).
     Family(LSTMClassifier, TextDataModule, _lstm_ensemble, frozenset({"cuda"}), refuses=unstackable_args),
 )
@@ -212,8 +213,7 @@ class VectorisedEngine:
         models = []
         for job, datamodule in members:
             model = self.setup.build_model(datamodule, job.seed)
-            if not self.private:  # under DP-SGD the scaling stays the identity: training-set statistics would leak outside the guarantee
-                self.family.prepare(model, datamodule)
+            self.family.prepare(model, datamodule, self.private)  # under DP-SGD never from the training subset: it would leak outside the guarantee
             models.append(model)
         first = members[0][1]
         if self.private:

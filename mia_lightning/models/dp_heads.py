@@ -3,7 +3,7 @@
 Manual optimisation: each step computes the closed-form clipped per-sample gradient sums of every
 head on its own Poisson batch, adds each model's noise, hands the result to the recipe's optimiser
 (one elementwise optimiser over the stacked parameters is K optimisers) and counts the step on every
-model's accountant. The feature scaling is the identity (never fitted on the training subsets).
+model's accountant. The feature scaling comes from the whole pool (never from a model's training subset).
 """
 
 from __future__ import annotations

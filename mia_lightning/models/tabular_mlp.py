@@ -3,8 +3,9 @@
 The feature standardisation is a buffer of the model, fitted on the model's own training subset
 (``fit_standardizer`` / ``on_fit_start``), so a checkpoint alone reproduces the model's logits
 on raw pool features. With ``hidden=[]`` it is a linear (logistic-regression) head. Under DP-SGD
-(``defences.dp_sgd.DPSGD``) the scaling stays the identity: statistics of the training subset would
-release membership information outside the DP guarantee.
+(``defences.dp_sgd.DPSGD``) the scaling comes from the whole audit pool instead (``pool_feature_stats``):
+statistics of the training subset would release membership outside the DP guarantee, while the pool's
+are the same for every model whatever it trained on.
 
 ``temperature`` T != 1 divides the logits by T inside the model, so it trains and answers at
 temperature T and the exported logits are the released model's (softmax(z / T) is what it
@@ -84,12 +85,12 @@ class TabularMLP(ClassifierSteps, PrivacyStateMixin, L.LightningModule):
         self.feature_std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
 
     def on_fit_start(self) -> None:
-        """Fit the scaling on this model's training subset, unless the model continues a parent's training (the farm sets ``continues_from_parent``) or trains under DP-SGD."""
+        """Fit the scaling on this model's training subset (on the whole pool under DP-SGD), unless the model continues a parent's training (the farm sets ``continues_from_parent``)."""
         datamodule = self.trainer.datamodule
-        if getattr(self, "continues_from_parent", False) or dp_callbacks(self.trainer.callbacks):
+        if getattr(self, "continues_from_parent", False) or datamodule is None or not hasattr(datamodule, "train_feature_stats"):
             return
-        if datamodule is not None and hasattr(datamodule, "train_feature_stats"):
-            self.fit_standardizer(*(t.to(self.device) for t in datamodule.train_feature_stats()))
+        stats = datamodule.pool_feature_stats() if dp_callbacks(self.trainer.callbacks) else datamodule.train_feature_stats()
+        self.fit_standardizer(*(t.to(self.device) for t in stats))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.net((x - self.feature_mean) / self.feature_std)
