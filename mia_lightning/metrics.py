@@ -145,7 +145,7 @@ SCAN_CELLS = 1 << 20
 """Sorted positions x replicates per block of the bootstrap's scan (its float64 temporaries stay near 8 MiB)."""
 
 
-def poisson_weights(rng: np.random.Generator, replicates: int, n_targets: int, n_units: int) -> tuple[np.ndarray, np.ndarray]:
+def _poisson_weights(rng: np.random.Generator, replicates: int, n_targets: int, n_units: int) -> tuple[np.ndarray, np.ndarray]:
     """Poisson(1) weights, float32 [B, n_targets] and [B, n_units], drawn replicate by replicate, targets first (the seed's order)."""
     u, v = np.empty((replicates, n_targets), dtype=np.float32), np.empty((replicates, n_units), dtype=np.float32)
     for b in range(replicates):
@@ -275,7 +275,7 @@ def bootstrap_intervals(
     replicates = min(replicates, max(BOOTSTRAP_MIN, BOOTSTRAP_WORK // prefix))
     auc_replicates = 0 if auc is None else min(replicates, max(BOOTSTRAP_MIN, BOOTSTRAP_WORK // size))
 
-    u, v = poisson_weights(np.random.default_rng(seed), replicates, n_targets, n_units)
+    u, v = _poisson_weights(np.random.default_rng(seed), replicates, n_targets, n_units)
     if user_of is not None:
         v = v[:, user_of]
     scored = np.zeros(members.size, dtype=bool)
