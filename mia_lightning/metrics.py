@@ -278,10 +278,13 @@ def bootstrap_intervals(
     u, v = _poisson_weights(np.random.default_rng(seed), replicates, n_targets, n_units)
     if user_of is not None:
         v = v[:, user_of]
-    scored = np.zeros(members.size, dtype=bool)
-    scored[pairs.order] = True
-    scored = scored.reshape(members.shape)
-    n_pos, n_neg = (np.einsum("bn,bn->b", (u @ side.astype(np.float32)).astype(np.float64), v) for side in (members & scored, ~members & scored))
+    if pairs.order.size == members.size:  # every pair has a finite score
+        member_pairs, nonmember_pairs = members, ~members
+    else:
+        scored = np.zeros(members.size, dtype=bool)
+        scored[pairs.order] = True
+        member_pairs, nonmember_pairs = members & scored.reshape(members.shape), ~members & scored.reshape(members.shape)
+    n_pos, n_neg = (np.einsum("bn,bn->b", (u @ side.astype(np.float32)).astype(np.float64), v) for side in (member_pairs, nonmember_pairs))
     target, sample = np.divmod(pairs.order, n_samples)
     target, sample, member = target.astype(np.int32), sample.astype(np.int32), pairs.member.astype(np.float32)
     scan = _WeightedScan.start(u, v, levels_arr * n_neg[:, None])
@@ -335,7 +338,7 @@ def evaluate_scores(
         "n_members": pairs.n_members,
         "n_nonmembers": pairs.n_nonmembers,
         "auc": auc_from_counts(tp, fp),
-        "balanced_accuracy": float(np.max(1.0 - (full.fpr + (1.0 - full.tpr)) / 2.0)),
+        "balanced_accuracy": float(1.0 - np.min(full.fpr + (1.0 - full.tpr)) / 2.0),  # max of 1 - x / 2: rounding is monotone
         "tpr_at_fpr": {str(level): float(value) for level, value in zip(fpr_levels, at)},
         "tpr_at_fpr_ci": {
             str(level): list(clopper_pearson(int(round(value * pairs.n_members)), pairs.n_members)) for level, value in zip(fpr_levels, at)
