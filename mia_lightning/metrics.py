@@ -28,6 +28,7 @@ statistic over the whole sorted order, ``auc_bootstrap_replicates`` of them: at 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -193,7 +194,8 @@ class _WeightedScan:
         """Scan sorted positions ``at``..``stop`` (each position's ``target`` / ``sample`` id, float32 ``member``, bool tie-group ``ends``).
 
         Where every position of a block ends its tie group, a non-member at position c adds
-        w_c x 2 TP_c to the doubled area and FP is needed only until each threshold is passed.
+        w_c x 2 TP_c to the doubled area, and FP per position is summed only for a replicate whose
+        threshold falls inside the block (each threshold falls in one block).
         """
         block = max(1, SCAN_CELLS // self.u.shape[0])
         for first in range(self.at, stop, block):
@@ -204,33 +206,35 @@ class _WeightedScan:
             tp = np.cumsum(hits, axis=1, dtype=np.float64)
             tp += self.tp[:, None]
             untied = bool(ends[part].all()) and bool(first == 0 or ends[first - 1])
-            open_levels = ((self.weight - self.tp)[:, None] <= self.thresholds).any()
+            fp_before = self.weight - self.tp
             self.weight += weights.sum(axis=1, dtype=np.float64)
             self.tp = tp[:, -1].copy()
             if untied:
                 self.area2 += 2 * np.einsum("bc,bc->b", misses, tp)
-                if not open_levels:
-                    self.end_tp, self.end_fp = self.tp.copy(), self.weight - self.tp
-                    continue
+                self._cross(tp, fp_before, self.weight - self.tp, lambda b: np.cumsum(misses[b], dtype=np.float64) + fp_before[b])
+                self.end_tp, self.end_fp = self.tp.copy(), self.weight - self.tp
+                continue
             fp = np.cumsum(misses, axis=1, dtype=np.float64)
-            fp += self.end_fp[:, None] if untied else (self.weight - self.tp - fp[:, -1])[:, None]
-            if not untied:
-                tp, fp = tp[:, ends[part]], fp[:, ends[part]]
-                if not tp.shape[1]:
-                    continue
-                gained = np.diff(fp, axis=1, prepend=self.end_fp[:, None])
-                before = np.concatenate([self.end_tp[:, None], tp[:, :-1]], axis=1)
-                self.area2 += np.einsum("bc,bc->b", gained, tp) + np.einsum("bc,bc->b", gained, before)
-            self._cross(tp, fp)
+            fp += fp_before[:, None]
+            tp, fp = tp[:, ends[part]], fp[:, ends[part]]
+            if not tp.shape[1]:
+                continue
+            gained = np.diff(fp, axis=1, prepend=self.end_fp[:, None])
+            before = np.concatenate([self.end_tp[:, None], tp[:, :-1]], axis=1)
+            self.area2 += np.einsum("bc,bc->b", gained, tp) + np.einsum("bc,bc->b", gained, before)
+            self._cross(tp, self.end_fp, fp[:, -1], lambda b: fp[b])
             self.end_tp, self.end_fp = tp[:, -1].copy(), fp[:, -1].copy()
         self.at = max(self.at, stop)
 
-    def _cross(self, tp: np.ndarray, fp: np.ndarray) -> None:
-        """Update ``best`` from one block's tie-group ends (TP, FP [B, ends])."""
-        whole = fp[:, -1:] <= self.thresholds  # every end of the block is within the threshold
+    def _cross(self, tp: np.ndarray, fp_before: np.ndarray, fp_last: np.ndarray, row_fp: Callable[[int], np.ndarray]) -> None:
+        """Update ``best`` from one block's tie-group ends: TP [B, ends], the FP at the last end before the block and at the
+        block's last end [B], and ``row_fp(b)``, replicate b's FP at the block's ends (computed only where a threshold falls inside)."""
+        whole = fp_last[:, None] <= self.thresholds  # every end of the block is within the threshold
         self.best = np.where(whole, tp[:, -1:], self.best)
-        for b, level in zip(*np.nonzero((fp[:, :1] <= self.thresholds) & ~whole)):  # each (replicate, level) crosses in one block
-            self.best[b, level] = tp[b, np.searchsorted(fp[b], self.thresholds[b, level], side="right") - 1]
+        for b, level in zip(*np.nonzero((fp_before[:, None] <= self.thresholds) & ~whole)):  # each (replicate, level) crosses in one block
+            at = np.searchsorted(row_fp(b), self.thresholds[b, level], side="right") - 1
+            if at >= 0:  # otherwise the last end before the block, already in ``best``
+                self.best[b, level] = tp[b, at]
 
 
 def bootstrap_intervals(
