@@ -121,13 +121,20 @@ def roc_from_counts(tp: np.ndarray, fp: np.ndarray) -> RocCurve:
     return RocCurve(fpr=fp / fp[-1], tpr=tp / tp[-1], n_positives=int(round(tp[-1])), n_negatives=int(round(fp[-1])))
 
 
+COUNT_BLOCK = 1 << 20
+"""ROC vertices per block when a summary (AUC, balanced accuracy) is reduced over all of them."""
+
+
 def auc_from_counts(tp: np.ndarray, fp: np.ndarray) -> float:
     """Area under the ROC with ties counted half: exactly the Mann-Whitney statistic.
 
     Twice the trapezoid sum, sum d_fp * (tp_before + tp_after), is an integer below 2 P N, exact in
-    float64 for any audit below 2^52 pairs.
+    float64 for any audit below 2^52 pairs (so summing it in blocks, whose temporaries stay small, changes nothing).
     """
-    area2 = np.dot(np.diff(fp), tp[:-1] + tp[1:])
+    area2 = 0.0
+    for start in range(0, fp.size - 1, COUNT_BLOCK):
+        stop = min(start + COUNT_BLOCK, fp.size - 1)
+        area2 += np.dot(np.diff(fp[start:stop + 1]), tp[start:stop] + tp[start + 1:stop + 1])
     return float(area2 / (2 * tp[-1] * fp[-1]))
 
 
@@ -313,6 +320,15 @@ def bootstrap_intervals(
     return result
 
 
+def _balanced_accuracy(roc: RocCurve) -> float:
+    """max over vertices of 1 - (FPR + FNR) / 2, as 1 - min(FPR + FNR) / 2 (the same number: rounding is monotone), in blocks."""
+    smallest = np.inf
+    for start in range(0, roc.fpr.size, COUNT_BLOCK):
+        part = slice(start, start + COUNT_BLOCK)
+        smallest = min(smallest, float(np.min(roc.fpr[part] + (1.0 - roc.tpr[part]))))
+    return float(1.0 - smallest / 2.0)
+
+
 def evaluate_scores(
     scores: np.ndarray,
     members: np.ndarray,
@@ -342,13 +358,13 @@ def evaluate_scores(
         "n_members": pairs.n_members,
         "n_nonmembers": pairs.n_nonmembers,
         "auc": auc_from_counts(tp, fp),
-        "balanced_accuracy": float(1.0 - np.min(full.fpr + (1.0 - full.tpr)) / 2.0),  # max of 1 - x / 2: rounding is monotone
+        "balanced_accuracy": _balanced_accuracy(full),
         "tpr_at_fpr": {str(level): float(value) for level, value in zip(fpr_levels, at)},
         "tpr_at_fpr_ci": {
             str(level): list(clopper_pearson(int(round(value * pairs.n_members)), pairs.n_members)) for level, value in zip(fpr_levels, at)
         },
         "n_distinct_scores": int(tp.size - 1),
-        "min_resolvable_fpr": float(full.fpr[np.argmax(full.fpr > 0)]),
+        "min_resolvable_fpr": float(full.fpr[np.searchsorted(full.fpr, 0.0, side="right")]),  # the first vertex past FPR 0
     }
     del full, tp, fp
     if bootstrap and scores.ndim == 2:

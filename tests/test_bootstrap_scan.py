@@ -98,10 +98,12 @@ def test_replicates_that_need_more_than_the_prefix_scan_further(monkeypatch, see
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_block_size_changes_nothing(monkeypatch, ties):
-    """Weights are integers and every sum is exact in float64, so any cut of the order into blocks gives the same intervals."""
+    """Weights and counts are integers and every sum is exact in float64, so any cut of the order into blocks gives the same
+    intervals, AUC and balanced accuracy."""
     scores, members = generated(9, ties, True, n_targets=8, n_samples=200)
     results = []
-    for cells in (1, 5, 64, 1 << 20):
+    for cells, vertices in ((1, 1), (5, 3), (64, 50), (1 << 20, 1 << 20)):
         monkeypatch.setattr(metrics_module, "SCAN_CELLS", cells)
+        monkeypatch.setattr(metrics_module, "COUNT_BLOCK", vertices)
         results.append(evaluate_scores(scores, members, bootstrap=20, seed=1)[0])
     assert all(result == results[0] for result in results[1:])
