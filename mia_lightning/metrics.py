@@ -28,6 +28,7 @@ statistic over the whole sorted order, ``auc_bootstrap_replicates`` of them: at 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -120,13 +121,20 @@ def roc_from_counts(tp: np.ndarray, fp: np.ndarray) -> RocCurve:
     return RocCurve(fpr=fp / fp[-1], tpr=tp / tp[-1], n_positives=int(round(tp[-1])), n_negatives=int(round(fp[-1])))
 
 
+COUNT_BLOCK = 1 << 20
+"""ROC vertices per block when a summary (AUC, balanced accuracy) is reduced over all of them."""
+
+
 def auc_from_counts(tp: np.ndarray, fp: np.ndarray) -> float:
     """Area under the ROC with ties counted half: exactly the Mann-Whitney statistic.
 
     Twice the trapezoid sum, sum d_fp * (tp_before + tp_after), is an integer below 2 P N, exact in
-    float64 for any audit below 2^52 pairs.
+    float64 for any audit below 2^52 pairs (so summing it in blocks, whose temporaries stay small, changes nothing).
     """
-    area2 = np.dot(np.diff(fp), tp[:-1] + tp[1:])
+    area2 = 0.0
+    for start in range(0, fp.size - 1, COUNT_BLOCK):
+        stop = min(start + COUNT_BLOCK, fp.size - 1)
+        area2 += np.dot(np.diff(fp[start:stop + 1]), tp[start:stop] + tp[start + 1:stop + 1])
     return float(area2 / (2 * tp[-1] * fp[-1]))
 
 
@@ -141,20 +149,99 @@ def roc_curve(scores: np.ndarray, members: np.ndarray) -> RocCurve:
     return roc_from_counts(*SortedPairs.build(scores, members).counts())
 
 
-def _weighted_counts(u: np.ndarray, v: np.ndarray, target: np.ndarray, sample: np.ndarray, member: np.ndarray, ends: np.ndarray | None) -> tuple:
-    """Weighted cumulative (TP, FP) along the sorted order for pair weights u[target] * v[sample]."""
-    weights = u[target] * v[sample]
-    tp = np.cumsum(weights * member, dtype=np.float64)
-    fp = np.cumsum(weights, dtype=np.float64)
-    fp -= tp
-    return tp, fp, ends
+SCAN_CELLS = 1 << 20
+"""Sorted positions x replicates per block of the bootstrap's scan (its float64 temporaries stay near 8 MiB)."""
 
 
-def _auc_of_weighted(tp: np.ndarray, fp: np.ndarray, ends: np.ndarray | None) -> float:
-    """Weighted AUC (ties half) from cumulative weighted counts over the WHOLE sorted order."""
-    if ends is not None:
-        tp, fp = tp[ends], fp[ends]
-    return auc_from_counts(np.concatenate([[0.0], tp]), np.concatenate([[0.0], fp]))
+def _poisson_weights(rng: np.random.Generator, replicates: int, n_targets: int, n_units: int) -> tuple[np.ndarray, np.ndarray]:
+    """Poisson(1) weights, float32 [B, n_targets] and [B, n_units], drawn replicate by replicate, targets first (the seed's order)."""
+    u, v = np.empty((replicates, n_targets), dtype=np.float32), np.empty((replicates, n_units), dtype=np.float32)
+    for b in range(replicates):
+        u[b], v[b] = rng.poisson(1.0, n_targets), rng.poisson(1.0, n_units)
+    return u, v
+
+
+@dataclass
+class _WeightedScan:
+    """Weighted cumulative (TP, FP) of B bootstrap replicates along the sorted order, advanced block by block.
+
+    Pair weights are u[target] * v[sample] (small integers), so every sum is an exact integer in
+    float64 and nothing depends on how the order is cut into blocks. Keeps, per replicate, the TP at
+    the last tie-group end whose FP is at most each threshold (``best``) and twice the area under
+    the weighted ROC so far (``area2``, ties counted half).
+    """
+
+    u: np.ndarray
+    v: np.ndarray
+    thresholds: np.ndarray
+    tp: np.ndarray
+    weight: np.ndarray
+    end_tp: np.ndarray
+    end_fp: np.ndarray
+    best: np.ndarray
+    area2: np.ndarray
+    at: int = 0
+
+    @classmethod
+    def start(cls, u: np.ndarray, v: np.ndarray, thresholds: np.ndarray) -> "_WeightedScan":
+        """A scan at position 0 for weights u [B, n_targets], v [B, n_samples] and FP thresholds [B, L]."""
+        zeros = np.zeros(u.shape[0])
+        return cls(u, v, thresholds, zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy(), np.zeros(thresholds.shape), zeros.copy())
+
+    def subset(self, rows: np.ndarray) -> "_WeightedScan":
+        """The scan of replicates ``rows`` only, at the same position (to carry a few of them further down the order)."""
+        return _WeightedScan(self.u[rows], self.v[rows], self.thresholds[rows], self.tp[rows], self.weight[rows], self.end_tp[rows],
+                             self.end_fp[rows], self.best[rows], self.area2[rows], self.at)
+
+    def absorb(self, rows: np.ndarray, other: "_WeightedScan") -> None:
+        """Take back the answers of ``subset(rows)`` after it advanced further."""
+        self.best[rows], self.area2[rows], self.tp[rows], self.weight[rows] = other.best, other.area2, other.tp, other.weight
+
+    def advance(self, stop: int, target: np.ndarray, sample: np.ndarray, member: np.ndarray, ends: np.ndarray) -> None:
+        """Scan sorted positions ``at``..``stop`` (each position's ``target`` / ``sample`` id, float32 ``member``, bool tie-group ``ends``).
+
+        Where every position of a block ends its tie group, a non-member at position c adds
+        w_c x 2 TP_c to the doubled area, and FP per position is summed only for a replicate whose
+        threshold falls inside the block (each threshold falls in one block).
+        """
+        block = max(1, SCAN_CELLS // self.u.shape[0])
+        for first in range(self.at, stop, block):
+            part = slice(first, min(first + block, stop))
+            weights = np.take(self.u, target[part], axis=1) * np.take(self.v, sample[part], axis=1)
+            hits = weights * member[part]
+            misses = weights - hits
+            tp = np.cumsum(hits, axis=1, dtype=np.float64)
+            tp += self.tp[:, None]
+            untied = bool(ends[part].all()) and bool(first == 0 or ends[first - 1])
+            fp_before = self.weight - self.tp
+            self.weight += weights.sum(axis=1, dtype=np.float64)
+            self.tp = tp[:, -1].copy()
+            if untied:
+                self.area2 += 2 * np.einsum("bc,bc->b", misses, tp)
+                self._cross(tp, fp_before, self.weight - self.tp, lambda b: np.cumsum(misses[b], dtype=np.float64) + fp_before[b])
+                self.end_tp, self.end_fp = self.tp.copy(), self.weight - self.tp
+                continue
+            fp = np.cumsum(misses, axis=1, dtype=np.float64)
+            fp += fp_before[:, None]
+            tp, fp = tp[:, ends[part]], fp[:, ends[part]]
+            if not tp.shape[1]:
+                continue
+            gained = np.diff(fp, axis=1, prepend=self.end_fp[:, None])
+            before = np.concatenate([self.end_tp[:, None], tp[:, :-1]], axis=1)
+            self.area2 += np.einsum("bc,bc->b", gained, tp) + np.einsum("bc,bc->b", gained, before)
+            self._cross(tp, self.end_fp, fp[:, -1], lambda b: fp[b])
+            self.end_tp, self.end_fp = tp[:, -1].copy(), fp[:, -1].copy()
+        self.at = max(self.at, stop)
+
+    def _cross(self, tp: np.ndarray, fp_before: np.ndarray, fp_last: np.ndarray, row_fp: Callable[[int], np.ndarray]) -> None:
+        """Update ``best`` from one block's tie-group ends: TP [B, ends], the FP at the last end before the block and at the
+        block's last end [B], and ``row_fp(b)``, replicate b's FP at the block's ends (computed only where a threshold falls inside)."""
+        whole = fp_last[:, None] <= self.thresholds  # every end of the block is within the threshold
+        self.best = np.where(whole, tp[:, -1:], self.best)
+        for b, level in zip(*np.nonzero((fp_before[:, None] <= self.thresholds) & ~whole)):  # each (replicate, level) crosses in one block
+            at = np.searchsorted(row_fp(b), self.thresholds[b, level], side="right") - 1
+            if at >= 0:  # otherwise the last end before the block, already in ``best``
+                self.best[b, level] = tp[b, at]
 
 
 def bootstrap_intervals(
@@ -173,17 +260,17 @@ def bootstrap_intervals(
     draws one Poisson(1) weight per user and gives it to all of the user's samples.
 
     ``members`` is the bool [n_targets, n_samples] matrix the pairs came from and ``point`` the
-    measured TPR at each level (the interval's centre). Every replicate
-    reuses the one sort and re-weights only the prefix of the sorted order that reaches 1.5 x the
-    largest FPR level (a replicate that needs more uses the whole order); large audits use fewer
-    replicates (``BOOTSTRAP_WORK``). The AUC (centre ``auc``, when given) needs the whole order, so
-    only the first ``BOOTSTRAP_WORK / pairs`` replicates (at least ``BOOTSTRAP_MIN``) measure it.
+    measured TPR at each level (the interval's centre). All replicates reuse the one sort and are
+    scanned together (``_WeightedScan``), re-weighting only the prefix of the sorted order that
+    reaches 1.5 x the largest FPR level; a replicate that needs more continues down the order, and
+    large audits use fewer replicates (``BOOTSTRAP_WORK``). The AUC (centre ``auc``, when given)
+    needs the whole order, so only the first ``BOOTSTRAP_WORK / pairs`` replicates (at least
+    ``BOOTSTRAP_MIN``) measure it.
     Returns ``{"tpr": {level: [low, high], ..., "n_replicates": B}, "auc": [low, high], "auc_replicates": B'}``
     (point +- 1.96 x the replicates' standard deviation, clipped to [0, 1]); ``{}`` when off.
     """
     if replicates <= 0 or pairs.order.size == 0:
         return {}
-    rng = np.random.default_rng(seed)
     n_targets, n_samples = members.shape
     if groups is None:
         user_of, n_units = None, n_samples
@@ -193,51 +280,53 @@ def bootstrap_intervals(
         _, user_of = np.unique(groups, return_inverse=True)
         n_units = int(user_of.max()) + 1 if user_of.size else 0
     levels_arr = np.asarray(levels, dtype=np.float64)
-    scored = np.zeros(members.size, dtype=bool)
-    scored[pairs.order] = True
-    scored = scored.reshape(members.shape)
-    pos_matrix = (members & scored).astype(np.float32)
-    neg_matrix = (~members & scored).astype(np.float32)
+    size = pairs.member.size
     reach = 1.5 * levels_arr.max() * pairs.n_nonmembers
-    prefix = min(pairs.member.size, int(np.searchsorted(np.cumsum(~pairs.member), reach, side="right")) + 1)
-
-    def slices(stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        target, sample = np.divmod(pairs.order[:stop], n_samples)
-        ends = pairs.last_of_tie[:stop]
-        return target.astype(np.int32), sample.astype(np.int32), pairs.member[:stop].astype(np.float32), None if ends.all() else ends
-
-    short, full = slices(prefix), None
+    prefix = min(size, int(np.searchsorted(np.cumsum(~pairs.member), reach, side="right")) + 1)
     replicates = min(replicates, max(BOOTSTRAP_MIN, BOOTSTRAP_WORK // prefix))
-    auc_replicates = 0 if auc is None else min(replicates, max(BOOTSTRAP_MIN, BOOTSTRAP_WORK // pairs.member.size))
-    draws = np.full((replicates, len(levels)), np.nan)
-    auc_draws = np.full(auc_replicates, np.nan)
-    for b in range(replicates):
-        u, v = rng.poisson(1.0, n_targets).astype(np.float32), rng.poisson(1.0, n_units).astype(np.float32)
-        if user_of is not None:
-            v = v[user_of]
-        n_pos, n_neg = float(u @ pos_matrix @ v), float(u @ neg_matrix @ v)
-        if n_pos == 0 or n_neg == 0:
-            continue
-        whole = b < auc_replicates
-        tp, fp, ends = _weighted_counts(u, v, *short)
-        if (whole or fp[-1] < levels_arr.max() * n_neg) and prefix < pairs.member.size:  # this replicate reaches further down the order
-            full = full or slices(pairs.member.size)
-            tp, fp, ends = _weighted_counts(u, v, *full)
-        if whole:
-            auc_draws[b] = _auc_of_weighted(tp, fp, ends)
-        tp_at_ends, fp_at_ends = (tp, fp) if ends is None else (tp[ends], fp[ends])
-        last = np.searchsorted(fp_at_ends, levels_arr * n_neg, side="right") - 1  # last tie-group end with FPR <= level
-        reached = last >= 0  # otherwise only the threshold above every score (TPR 0) qualifies
-        draws[b] = 0.0
-        draws[b, reached] = tp_at_ends[last[reached]] / n_pos
+    auc_replicates = 0 if auc is None else min(replicates, max(BOOTSTRAP_MIN, BOOTSTRAP_WORK // size))
+
+    u, v = _poisson_weights(np.random.default_rng(seed), replicates, n_targets, n_units)
+    if user_of is not None:
+        v = v[:, user_of]
+    if pairs.order.size == members.size:  # every pair has a finite score
+        member_pairs, nonmember_pairs = members, ~members
+    else:
+        scored = np.zeros(members.size, dtype=bool)
+        scored[pairs.order] = True
+        member_pairs, nonmember_pairs = members & scored.reshape(members.shape), ~members & scored.reshape(members.shape)
+    n_pos, n_neg = (np.einsum("bn,bn->b", (u @ side.astype(np.float32)).astype(np.float64), v) for side in (member_pairs, nonmember_pairs))
+    target, sample = np.divmod(pairs.order, n_samples)
+    target, sample, member = target.astype(np.int32), sample.astype(np.int32), pairs.member.astype(np.float32)
+    scan = _WeightedScan.start(u, v, levels_arr * n_neg[:, None])
+    scan.advance(prefix, target, sample, member, pairs.last_of_tie)
+    further = np.flatnonzero((np.arange(replicates) < auc_replicates) | (scan.weight - scan.tp <= levels_arr.max() * n_neg))
+    if further.size and prefix < size:  # these replicates reach further down the order (the AUC needs all of it)
+        rest = scan.subset(further)
+        rest.advance(size, target, sample, member, pairs.last_of_tie)
+        scan.absorb(further, rest)
+
+    usable = (n_pos > 0) & (n_neg > 0)
+    draws = np.where(usable[:, None], scan.best / np.where(usable, n_pos, 1.0)[:, None], np.nan)
     spread = 1.959964 * np.nanstd(draws, axis=0, ddof=1)
     intervals = {str(level): [float(max(0.0, p - s)), float(min(1.0, p + s))] for level, p, s in zip(levels, point, spread)}
-    result: dict = {"tpr": {**intervals, "n_replicates": int(np.isfinite(draws[:, 0]).sum())}}
+    result: dict = {"tpr": {**intervals, "n_replicates": int(usable.sum())}}
     if auc is not None:
+        whole = slice(0, auc_replicates)
+        auc_draws = np.where(usable[whole], scan.area2[whole] / np.where(usable[whole], 2 * scan.tp[whole] * (scan.weight - scan.tp)[whole], 1.0), np.nan)
         auc_spread = 1.959964 * float(np.nanstd(auc_draws, ddof=1))
         result |= {"auc": [float(max(0.0, auc - auc_spread)), float(min(1.0, auc + auc_spread))],
-                   "auc_replicates": int(np.isfinite(auc_draws).sum())}
+                   "auc_replicates": int(usable[whole].sum())}
     return result
+
+
+def _balanced_accuracy(roc: RocCurve) -> float:
+    """max over vertices of 1 - (FPR + FNR) / 2, as 1 - min(FPR + FNR) / 2 (the same number: rounding is monotone), in blocks."""
+    smallest = np.inf
+    for start in range(0, roc.fpr.size, COUNT_BLOCK):
+        part = slice(start, start + COUNT_BLOCK)
+        smallest = min(smallest, float(np.min(roc.fpr[part] + (1.0 - roc.tpr[part]))))
+    return float(1.0 - smallest / 2.0)
 
 
 def evaluate_scores(
@@ -269,13 +358,13 @@ def evaluate_scores(
         "n_members": pairs.n_members,
         "n_nonmembers": pairs.n_nonmembers,
         "auc": auc_from_counts(tp, fp),
-        "balanced_accuracy": float(np.max(1.0 - (full.fpr + (1.0 - full.tpr)) / 2.0)),
+        "balanced_accuracy": _balanced_accuracy(full),
         "tpr_at_fpr": {str(level): float(value) for level, value in zip(fpr_levels, at)},
         "tpr_at_fpr_ci": {
             str(level): list(clopper_pearson(int(round(value * pairs.n_members)), pairs.n_members)) for level, value in zip(fpr_levels, at)
         },
         "n_distinct_scores": int(tp.size - 1),
-        "min_resolvable_fpr": float(full.fpr[np.argmax(full.fpr > 0)]),
+        "min_resolvable_fpr": float(full.fpr[np.searchsorted(full.fpr, 0.0, side="right")]),  # the first vertex past FPR 0
     }
     del full, tp, fp
     if bootstrap and scores.ndim == 2:

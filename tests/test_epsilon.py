@@ -311,3 +311,21 @@ def test_degenerate_inputs():
         one_run_epsilon(scores, members, confidence=1.0)
     with pytest.raises(MiaError, match="delta"):
         independent_runs_epsilon(scores[:4], members[:4], scores[4:], members[4:], delta=-1e-5)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_blocks_of_samples_change_no_bound(monkeypatch, ties):
+    """The test selection runs block by block over samples; any block size gives the same result (NaN scores, ties, both directions)."""
+    import mia_lightning.privacy.epsilon as epsilon_module
+
+    rng = np.random.default_rng(4)
+    members = rng.random((40, 300)) < 0.5
+    scores = rng.normal(size=members.shape) + np.where(rng.random(300) < 0.5, 6.0, -6.0) * members
+    scores = np.round(scores, 1) if ties else scores
+    scores[rng.random(scores.shape) < 0.05] = np.nan
+    results = []
+    for elements in (1, 100, 1 << 18):
+        monkeypatch.setattr(epsilon_module, "TESTS_BLOCK_ELEMENTS", elements)
+        results.append(independent_runs_epsilon(scores[:20], members[:20], scores[20:], members[20:]))
+    assert results[0]["epsilon_lower_bound"] > 0
+    assert all(result == results[0] for result in results[1:])

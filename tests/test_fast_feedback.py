@@ -67,3 +67,27 @@ def test_every_built_in_attack_is_registered_by_the_module_the_lazy_table_names(
     modules = {f"mia_lightning.attacks.{path.stem}" for path in (ROOT / "mia_lightning" / "attacks").glob("*.py")
                if "@register_attack" in path.read_text()}
     assert modules <= registered, f"modules that register attacks missing from BUILT_IN_ATTACKS: {modules - registered}"
+
+
+UNUSED_BY_AN_AUDIT = ("timm", "transformers", "opacus", "sklearn", "pandas", "datasets", "torchvision", "tensorboard", "mlflow")
+
+AUDIT_PROBE = """
+import json, sys
+from mia_lightning.cli import attack_main
+import mia_lightning.audit
+entry = sorted(name for name in %r if name in sys.modules)
+import lightning  # scoring runs in Trainer.predict: what Lightning itself imports is the audit's floor
+lightning_brings = set(sys.modules)
+code = attack_main(["--experiment", sys.argv[1], "--attack", "lira", "thresholds", "--bootstrap", "5"])
+print(json.dumps({"code": code, "entry": entry, "audit": sorted(name for name in %r if name in sys.modules and name not in lightning_brings)}))
+""" % (HEAVY + UNUSED_BY_AN_AUDIT, UNUSED_BY_AN_AUDIT)
+
+
+def test_an_audit_imports_only_what_it_uses(tmp_path):
+    """Importing the audit entry point loads no heavy package; running LiRA and the thresholds adds none beyond Lightning's own."""
+    experiment = write_synthetic_experiment(tmp_path / "exp", n_models=6, n_samples=40, seed=2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MIA_LIGHTNING_RUNTIME": "0"}
+    out = subprocess.run([sys.executable, "-c", AUDIT_PROBE, str(experiment)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"code": 0, "entry": [], "audit": []}

@@ -136,15 +136,31 @@ def _descending_order(scores: np.ndarray, kind: str | None = None) -> np.ndarray
     return np.argsort(np.where(np.isnan(scores), np.inf, np.clip(-scores, -big, big)), axis=1, kind=kind)
 
 
+TESTS_BLOCK_ELEMENTS = 1 << 18
+"""Scores per block of samples in ``_best_tests`` (its dozen temporaries stay in cache instead of one [n, k] array each)."""
+
+
 def _best_tests(scores: np.ndarray, members: np.ndarray, delta: float, side: float) -> dict[str, np.ndarray]:
     """Per sample, the threshold test with the largest bound on these models ([k, n] inputs, NaN = no score).
 
     Sorts each sample's k scores once and reads every cut between distinct scores from cumulative
     counts; the Clopper-Pearson bounds come from one table over counts <= k and the two directions
-    are compared as ratios (log is monotone), so the cost is about that of the sort.
+    are compared as ratios (log is monotone), so the cost is about that of the sort. Samples are
+    independent, so they are taken in blocks.
     Returns per-sample "bound", "threshold" (member iff score >= threshold) and "members_found"
     (True: TPR vs FPR; False: TNR vs FNR).
     """
+    k, n = scores.shape
+    scored = ~np.isnan(scores)
+    n_pos = np.count_nonzero(scored & members, axis=0)
+    table = _clopper_pearson_table(k, np.concatenate([n_pos, np.count_nonzero(scored, axis=0) - n_pos]), side).ravel()
+    step = max(1, TESTS_BLOCK_ELEMENTS // max(k, 1))
+    blocks = [_best_tests_block(scores[:, start:start + step], members[:, start:start + step], table, delta) for start in range(0, max(n, 1), step)]
+    return {key: np.concatenate([block[key] for block in blocks]) for key in ("bound", "threshold", "members_found")}
+
+
+def _best_tests_block(scores: np.ndarray, members: np.ndarray, table: np.ndarray, delta: float) -> dict[str, np.ndarray]:
+    """``_best_tests`` on one block of samples, with the Clopper-Pearson lower bounds ``table`` (flat [(k + 1) x (k + 1)])."""
     k = scores.shape[0]
     by_sample = np.ascontiguousarray(scores.T)
     order = _descending_order(by_sample, kind="stable")
@@ -158,7 +174,6 @@ def _best_tests(scores: np.ndarray, members: np.ndarray, delta: float, side: flo
     tp = tp[:, :-1]  # cut after ranked position p - 1: the p highest are called members
     tn = n_neg - (position - tp)
     cut = (position < n_scored) & (ranked[:, :-1] != ranked[:, 1:]) & (n_pos > 0) & (n_neg > 0)
-    table = _clopper_pearson_table(k, np.concatenate([n_pos.ravel(), n_neg.ravel()]), side).ravel()
     tpr_low = table[tp * (k + 1) + n_pos]
     tnr_low = table[np.maximum(tn, 0) * (k + 1) + n_neg]
     members_found = np.maximum(tpr_low - delta, 0.0) / (1.0 - tnr_low)  # (TPR_low - delta) / FPR_high
