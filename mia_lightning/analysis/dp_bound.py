@@ -111,7 +111,7 @@ def compare(curve, bounds: list[tuple[float, float]]) -> dict:
 def bound_text(bound: dict) -> str:
     """One comparison of ``compare`` as text: whether the resolved vertices stay inside the region, else by how much they leave it and where."""
     where = "inside" if bound["curve_inside"] else f"left by {bound['max_excess']:.3f} TPR at FPR {bound['at_fpr']:.2g}"
-    return f"({bound['epsilon']:g}, {bound['delta']:g}): {where}"
+    return f"({bound['epsilon']:.3g}, {bound['delta']:.3g}): {where}"
 
 
 def bound_curves(bounds: list[tuple[float, float]], grid: np.ndarray | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
