@@ -12,6 +12,10 @@ Case 4, the LSTM recipe (configs/text/imdb_lstm.yaml): 16 LSTM classifiers on th
 pool (``--lstm_epochs`` overrides its 8 epochs), sequential farm vs the LSTM ensemble
 (``models.lstm_ensemble``), GFLOP/s counted as 3 x 2 x the multiply-adds of the input and recurrent
 projections of every token plus the head.
+Case 5, the FiLM recipe (configs/images/fmnist_film.yaml: ImageNet MobileNetV2 at 96 px, S = 4 shots x
+C = 5 classes, B = 20): ``--image_models`` models fine-tuned ``film`` and then ``full`` (``--image_epochs``
+overrides the recipe's 30 epochs), sequential farm vs the image ensemble (``models.image_ensemble``),
+GFLOP/s counted by torch's ``FlopCounterMode`` on one model's training step (forward + backward).
 Case 3 (``--contention``): the quickstart farm as users run it, ``train.py farm`` in a fresh
 process, wall time measured side by side with and without a competing CPU load (another process
 keeping every core busy with matrix products), and with the runtime defaults of
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 import yaml
 
+from mia_lightning.data.images import make_few_shot_plan
 from mia_lightning.data.plan import PlanSpec, make_lira_plan
 from mia_lightning.data.streams import steps_per_epoch
 from mia_lightning.data.tabular import load_tabular
@@ -140,6 +145,36 @@ def lstm_case(trainer: dict, args: argparse.Namespace, peak: float) -> None:
                 setup, jobs, args.sequential_models, group, peak, lstm_training_flops(setup, jobs, steps), fused=False)
 
 
+def image_training_flops(setup: FarmSetup, jobs: list[ModelJob], steps: int) -> float:
+    """Forward + backward FLOPs of training every image job: ``FlopCounterMode`` on one model's step at the recipe's batch, times steps and models."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    datamodule = setup.build_datamodule(jobs[0])
+    model = setup.build_model(datamodule, jobs[0].seed).train()
+    x, y = next(iter(datamodule.train_dataloader()))
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops() * steps * len(jobs)
+
+
+def image_case(trainer: dict, args: argparse.Namespace, peak: float) -> None:
+    """Case 5: the fmnist_film recipe fine-tuned film and full, sequential farm vs image ensemble."""
+    recipe = yaml.safe_load((ROOT / "configs/images/fmnist_film.yaml").read_text())
+    image_trainer = {**trainer, "max_epochs": args.image_epochs or recipe["trainer"]["max_epochs"]}
+    data = ComponentSpec(recipe["data"]["class_path"], recipe["data"]["init_args"])
+    labels = FarmSetup(data, ComponentSpec(recipe["model"]["class_path"], recipe["model"]["init_args"]), image_trainer).build_datamodule().pool_labels()
+    keep = make_few_shot_plan(PlanSpec("bench", labels.size, args.image_models, recipe["plan"]["seed"]), labels).keep
+    jobs = [ModelJob(i, np.flatnonzero(keep[i]), model_seed(recipe["plan"]["seed"], i)) for i in range(args.image_models)]
+    batch = min(recipe["data"]["init_args"]["batch_size"], jobs[0].train_indices.size)
+    steps = image_trainer["max_epochs"] * steps_per_epoch(jobs[0].train_indices.size, batch)
+    for finetune in ("film", "full"):
+        setup = FarmSetup(data, ComponentSpec(recipe["model"]["class_path"], {**recipe["model"]["init_args"], "finetune": finetune}), image_trainer)
+        for group in args.image_groups:
+            compare(f"case 5: {args.image_models} MobileNetV2 {finetune} fine-tunings of configs/images/fmnist_film.yaml, "
+                    f"{image_trainer['max_epochs']} epochs of {batch} images, groups of {group}",
+                    setup, jobs, args.image_sequential, group, peak, image_training_flops(setup, jobs, steps), fused=False)
+
+
 def _burn(stop: "multiprocessing.synchronize.Event") -> None:
     """A competing job: matrix products on every core until told to stop."""
     torch.set_num_threads(os.cpu_count() or 1)
@@ -189,10 +224,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's max_epochs")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--families", nargs="+", choices=("mlp", "lstm"), default=["mlp", "lstm"], help="which cases to run (mlp: cases 1-3, lstm: case 4)")
+    parser.add_argument("--families", nargs="+", choices=("mlp", "lstm", "image"), default=["mlp", "lstm", "image"],
+                        help="which cases to run (mlp: cases 1-3, lstm: case 4, image: case 5)")
     parser.add_argument("--lstm_models", type=int, default=16)
     parser.add_argument("--lstm_epochs", type=int, default=None, help="override the LSTM recipe's 8 epochs")
     parser.add_argument("--lstm_groups", type=int, nargs="+", default=[16], help="farm.group_size values to time the LSTM ensemble with")
+    parser.add_argument("--image_models", type=int, default=8)
+    parser.add_argument("--image_epochs", type=int, default=None, help="override the FiLM recipe's 30 epochs")
+    parser.add_argument("--image_sequential", type=int, default=2, help="image models the sequential farm is timed on (extrapolated)")
+    parser.add_argument("--image_groups", type=int, nargs="+", default=[8], help="farm.group_size values to time the image ensemble with")
     parser.add_argument("--contention", action="store_true", help="also case 3: train.py farm with and without a competing CPU load")
     args = parser.parse_args()
     configure_logging()
@@ -209,6 +249,8 @@ def main() -> None:
     mlp = FarmSetup(ComponentSpec(recipe["data"]["class_path"], recipe["data"]["init_args"]), ComponentSpec(recipe["model"]["class_path"], recipe["model"]["init_args"]), trainer)
     if "lstm" in args.families:
         lstm_case(trainer, args, peak)
+    if "image" in args.families:
+        image_case(trainer, args, peak)
     if "mlp" not in args.families:
         return
     jobs = jobs_for(1797, args.models)

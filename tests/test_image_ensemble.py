@@ -104,7 +104,7 @@ FULL_BATCH = {"precision": "64-true", "img_size": 32, "batch_size": 9, "epochs":
 
 @pytest.mark.parametrize("finetune,weights,args,tolerance", [
     ("film", "file", {}, 5e-4),
-    ("full", "random", FULL_BATCH, 1e-5),
+    ("full", "random", FULL_BATCH, 1e-4),
     ("full", "file", {**FULL_BATCH, "optimizer": "sgd", "lr": 0.02, "weight_decay": 1e-3}, 1e-6),
 ])
 def test_same_seeds_give_the_same_image_models(folder, weights_file, finetune, weights, args, tolerance):
@@ -112,7 +112,7 @@ def test_same_seeds_give_the_same_image_models(folder, weights_file, finetune, w
 
     Tolerances are the single model's own rounding sensitivity. FiLM with Adam in float32 moves its
     tensors by up to 2e-5 between 1 and 2 threads (Adam divides tiny gradients by their own size):
-    5e-4 on tensors, 1e-4 on logits (Adam in full fine-tuning: 1e-5). Full fine-tuning with train-mode BatchNorm over batches of 4 at
+    5e-4 on tensors, 1e-4 on logits (Adam in full fine-tuning: 1e-4, measured up to 1.1e-5). Full fine-tuning with train-mode BatchNorm over batches of 4 at
     16 px (1 x 1 pixels in the last stage) is chaotic: 0.2 on a running variance between 1 and 2
     threads, 1e-2 on weights even in float64 (the float32 loss of ``ClassifierSteps`` rounds). So it
     is compared on full batches at 32 px in float64: in float32 the single model's own oneDNN

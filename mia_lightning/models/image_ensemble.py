@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from typing import Callable
 
 import lightning as L
@@ -150,7 +151,8 @@ class VectorisedImageClassifier(PerModelClipping, L.LightningModule):
         def one_model(tensors: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
             return functional_call(skeleton, {**tensors, **shared}, (images,))
 
-        with FrozenBatchNormAsAffine():
+        with FrozenBatchNormAsAffine(), warnings.catch_warnings():  # timm's global pooling calls as_strided_, which vmap loops per model: a tiny op
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
             return vmap(one_model, in_dims=(0, None if shared_input else 0), randomness="different")(per_model, x)
 
     def _images(self, ids: torch.Tensor) -> torch.Tensor:
