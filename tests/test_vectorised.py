@@ -122,6 +122,7 @@ def test_other_families_need_the_sequential_engine():
 
 
 TEXT = ("mia_lightning.data.text.TextDataModule", "mia_lightning.models.lstm.LSTMClassifier")
+IMAGES = ("mia_lightning.data.images.ImageDataModule", "mia_lightning.models.image.ImageClassifier")
 
 
 @pytest.mark.parametrize(
@@ -135,7 +136,8 @@ TEXT = ("mia_lightning.data.text.TextDataModule", "mia_lightning.models.lstm.LST
         (*TEXT, {"adv_reg": 1.0}, {"accelerator": "gpu"}, (), False, "sequential"),
         (*TEXT, {}, {"accelerator": "gpu"}, (ComponentSpec("lightning.pytorch.callbacks.EarlyStopping", {"monitor": "val_loss"}),), False, "sequential"),
         ("mia_lightning.data.tabular.TabularDataModule", "mia_lightning.models.tabular_mlp.TabularMLP", {}, {"accelerator": "cpu"}, (), True, "sequential"),
-        ("mia_lightning.data.images.ImageDataModule", "mia_lightning.models.image.ImageClassifier", {}, {"accelerator": "gpu"}, (), False, "sequential"),
+        (*IMAGES, {"finetune": "film"}, {"accelerator": "cpu"}, (), False, "sequential"),  # 0.98x (FiLM) / 0.72x (full) on the CPU (docs/images.md)
+        (*IMAGES, {"finetune": "full"}, {"accelerator": "gpu"}, (), False, "vectorised"),
     ],
 )
 def test_auto_engine_picks_the_faster_engine_that_can_train_the_recipe(data, model, model_args, trainer, callbacks, derived, expected):

@@ -281,9 +281,14 @@ def query_view(x: torch.Tensor, query: tuple[bool, int, int]) -> torch.Tensor:
     return padded[..., top : top + height, left : left + width]
 
 
+def query_views(x: torch.Tensor, queries: tuple[tuple[bool, int, int], ...]) -> torch.Tensor:
+    """Every query's view of images x [b, ch, H, W], stacked: [b, Q, ch, H, W] (what models predict on)."""
+    return torch.stack([query_view(x, q) for q in queries], dim=1)
+
+
 @dataclass(frozen=True)
 class ImagePreprocess:
-    """uint8 images [b, H, W, c] -> float [b, channels, size, size]: scale to [0, 1], match channels, resize (antialiased bilinear), normalise."""
+    """uint8 images [b, H, W, c] -> float [b, channels, size, size]: scale to [0, 1], match channels, resize (antialiased bilinear), normalise (on the images' device)."""
 
     size: int
     channels: int
@@ -295,11 +300,11 @@ class ImagePreprocess:
         if x.shape[1] == 1 and self.channels == 3:
             x = x.expand(-1, 3, -1, -1)
         elif x.shape[1] == 3 and self.channels == 1:
-            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        mean = torch.tensor(self.mean[: self.channels]).view(1, -1, 1, 1)
-        std = torch.tensor(self.std[: self.channels]).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean[: self.channels], device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std[: self.channels], device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
 
@@ -327,7 +332,7 @@ class ImageCollate:
         labels = torch.tensor([label for _, label in items], dtype=torch.long)
         if self.queries is None:
             return x, labels
-        return torch.stack([query_view(x, q) for q in self.queries], dim=1), labels
+        return query_views(x, self.queries), labels
 
 
 # ------------------------------------------------------------------------------------- the image source

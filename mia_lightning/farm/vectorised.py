@@ -1,7 +1,8 @@
 """The vectorised farm engine: groups of up to ``group_size`` models trained by one Lightning run.
 
 Families that stack (``FAMILIES``): tabular MLPs and linear heads on tabular or cached features
-(``models.ensemble.VectorisedMLP``) and LSTM text classifiers (``models.lstm_ensemble.VectorisedLSTM``).
+(``models.ensemble.VectorisedMLP``), LSTM text classifiers (``models.lstm_ensemble.VectorisedLSTM``)
+and timm image classifiers fine-tuned on pixels (``models.image_ensemble.VectorisedImageClassifier``).
 Each model keeps its own seed, initialisation (built exactly as the sequential engine builds it),
 feature scaling and minibatch stream (``data.streams.index_stream``: the concatenation of the epoch
 slices ``StreamBatchSampler`` yields the sequential farm), so for the same seeds the vectorised and
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterator, Mapping
 
 import lightning as L
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mia_lightning.data.images import ImageDataModule, query_views
 from mia_lightning.data.streams import StreamBatchSampler, index_stream, steps_per_epoch
 from mia_lightning.data.tabular import TabularDataModule
 from mia_lightning.data.text import TextDataModule
@@ -38,6 +41,8 @@ from mia_lightning.farm.engine import FarmSetup, ModelJob, TrainedModel, fit
 from mia_lightning.farm.progress import GroupProgress
 from mia_lightning.models.dp_heads import DPHeadEnsemble
 from mia_lightning.models.ensemble import VectorisedMLP
+from mia_lightning.models.image import ImageClassifier
+from mia_lightning.models.image_ensemble import VectorisedImageClassifier, largest_activation
 from mia_lightning.models.lstm import LSTMClassifier
 from mia_lightning.models.lstm_ensemble import VectorisedLSTM, stackable, unstackable_args
 from mia_lightning.models.tabular_mlp import TabularMLP
@@ -68,6 +73,16 @@ def _lstm_ensemble(models: list[LSTMClassifier], datamodule: TextDataModule) -> 
     ensemble = VectorisedLSTM(models, torch.from_numpy(datamodule.tokens), torch.from_numpy(datamodule.pool_labels()))
     hp = ensemble.hparams
     return ensemble, datamodule.tokens.shape[1] * 5 * hp.hidden_size * hp.num_layers * (2 if hp.bidirectional else 1)
+
+
+def _image_ensemble(models: list[ImageClassifier], datamodule: ImageDataModule) -> tuple[VectorisedImageClassifier, int]:
+    """The image-classifier ensemble on the pool's pixels; activations per predicted sample and model (every query view at the largest layer output)."""
+    spec = datamodule.spec
+    pool = datamodule.pool
+    ensemble = VectorisedImageClassifier(models, torch.from_numpy(pool.images), torch.from_numpy(pool.labels), spec.preprocess(),
+                                         partial(query_views, queries=spec.parsed_queries))
+    one = spec.preprocess()(torch.from_numpy(pool.images[:1]))
+    return ensemble, len(spec.parsed_queries) * largest_activation(models[0], one)
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,9 @@ FAMILIES = (
            private=_dp_head_refusal),
     # On the CPU nn.LSTM's fused oneDNN kernel already trains one model at about the matmul peak (README, Farm).
     Family(LSTMClassifier, TextDataModule, _lstm_ensemble, frozenset({"cuda"}), refuses=unstackable_args),
+    # On the CPU one model's step at the few-shot batch already runs its layers near their best per-sample cost: the ensemble
+    # trains fmnist_film at 0.98x (FiLM) / 0.72x (full) of the sequential farm (docs/images.md, README Farm; stacking_bound.py).
+    Family(ImageClassifier, ImageDataModule, _image_ensemble, frozenset({"cuda"})),
 )
 """Families in lookup order: the first whose model and data classes the recipe's classes derive from."""
 
