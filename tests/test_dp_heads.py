@@ -201,23 +201,15 @@ def test_dp_heads_study_end_to_end_on_generated_images(tmp_path):
 
     from mia_lightning.cli import train_main
     from mia_lightning.farm.checkpoints import load_model_checkpoint
-    from test_images import clear_caches, write_image_folder
+    from test_images import clear_caches, image_recipe, write_image_folder
 
     root = Path(__file__).resolve().parents[1]
     clear_caches()
     folder = write_image_folder(tmp_path / "images", n_classes=2, per_class=16)
-    recipe = {
-        "experiment": {"name": "base", "root": str(tmp_path / "out")},
-        "plan": {"n_models": 8, "seed": 0, "kind": "few_shot"},
-        "data": {"class_path": "mia_lightning.data.images.ImageFeatureDataModule",
-                 "init_args": {"source": str(folder), "shots": 8, "n_classes": 2, "backbone": "resnet10t", "weights": "random", "img_size": 16, "batch_size": 8}},
-        "model": {"class_path": "mia_lightning.models.image.FeatureHead", "init_args": {"hidden": [], "lr": 0.05}},
-        "trainer": {"max_epochs": 3, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
-        "farm": {"engine": "auto", "group_size": 8},
-    }
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(recipe))
+    base = image_recipe(tmp_path, folder, **{"plan.n_models": 8, "data.init_args.shots": 8, "data.init_args.n_classes": 2, "data.init_args.queries": None,
+                                             "data.init_args.batch_size": 8, "trainer.max_epochs": 3, "farm.engine": "auto", "farm.group_size": 8})
     real = yaml.safe_load((root / "configs/images/fmnist_dp_heads.yaml").read_text())["study"]
-    study = {"study": {**real, "name": "dp", "root": str(tmp_path / "out"), "recipe": str(tmp_path / "base.yaml"),
+    study = {"study": {**real, "name": "dp", "root": str(tmp_path / "out"), "recipe": str(base),
                        "overrides": {"data.init_args.shots": 8, "data.init_args.n_classes": 2}, "analysis_params": {**real["analysis_params"], "bootstrap": 50}}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     assert train_main(["study", "--config", str(tmp_path / "study.yaml")]) == 0

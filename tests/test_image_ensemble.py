@@ -17,11 +17,11 @@ from mia_lightning.contract.components import ComponentSpec
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.data.images import ImagePreprocess, make_few_shot_plan, query_views
 from mia_lightning.data.plan import PlanSpec
-from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, model_seed
-from mia_lightning.farm.vectorised import VectorisedEngine
+from mia_lightning.farm.engine import FarmSetup, ModelJob, model_seed
 from mia_lightning.models.image import ImageClassifier
 from mia_lightning.models.image_ensemble import VectorisedImageClassifier
 
+from engine_equivalence import assert_engines_agree, assert_experiments_agree
 from test_images import TRAINER, clear_caches, image_recipe, write_image_folder
 
 N_IMAGES = 18  # 3 classes x 2 x 3 shots
@@ -122,18 +122,9 @@ def test_same_seeds_give_the_same_image_models(folder, weights_file, finetune, w
     setup = image_setup(folder, finetune, weights_file if weights == "file" else "random", **args)
     keep = make_few_shot_plan(PlanSpec("x", N_IMAGES, 3, seed=1), setup.build_datamodule().pool_labels()).keep
     jobs = [ModelJob(i, np.flatnonzero(keep[i]), model_seed(1, i)) for i in range(3)]
-    sequential = {r.index: r for r in SequentialEngine(setup).run(jobs)}
-    vectorised = {r.index: r for r in VectorisedEngine(setup, group_size=2).run(jobs)}
-    assert sorted(sequential) == sorted(vectorised) == [0, 1, 2]
-    for index, seq in sequential.items():
-        vec = vectorised[index]
-        assert type(vec.module) is ImageClassifier and vec.logits.shape == (N_IMAGES, 2, 3) and vec.logits.dtype == np.float32
-        seq_state, vec_state = seq.module.state_dict(), vec.module.state_dict()
-        assert seq_state.keys() == vec_state.keys()
-        for key in seq_state:
-            torch.testing.assert_close(vec_state[key], seq_state[key], rtol=tolerance, atol=tolerance, msg=lambda m, key=key: f"{key}: {m}")
-        np.testing.assert_allclose(vec.logits, seq.logits, rtol=min(1e-4, tolerance), atol=min(1e-4, tolerance))
-        assert 0.0 <= vec.metrics["train_acc"] <= 1.0 and 0.0 <= vec.metrics["val_acc"] <= 1.0
+    logits_tol = min(1e-4, tolerance)
+    vectorised = assert_engines_agree(setup, jobs, ImageClassifier, (N_IMAGES, 2, 3), (tolerance, tolerance), (logits_tol, logits_tol))
+    assert all(0.0 <= vec.metrics["train_acc"] <= 1.0 and 0.0 <= vec.metrics["val_acc"] <= 1.0 for vec in vectorised.values())
     assert not np.allclose(vectorised[0].logits, vectorised[1].logits, atol=1e-3)  # models differ: own seeds and subsets
     assert not np.allclose(vectorised[0].logits[:, 0], vectorised[0].logits[:, 1], atol=1e-3)  # the mirror view is another query
 
@@ -165,12 +156,7 @@ def test_cli_farm_vectorised_writes_what_the_sequential_farm_writes(tmp_path, fo
         assert train_main(["farm", "--config", str(pixel_recipe(tmp_path / engine, folder, engine, "random"))]) == 0
         experiments[engine] = ExperimentDir(tmp_path / engine / "out" / "pixels")
     seq, vec = experiments["sequential"], experiments["vectorised"]
-    np.testing.assert_array_equal(vec.keep, seq.keep)
-    np.testing.assert_array_equal(np.load(vec.root / "labels.npy"), np.load(seq.root / "labels.npy"))
-    for index in range(4):
-        assert sorted(p.name for p in vec.model_dir(index).iterdir()) == sorted(p.name for p in seq.model_dir(index).iterdir())
-        np.testing.assert_allclose(np.load(vec.model_dir(index) / "logits.npy"), np.load(seq.model_dir(index) / "logits.npy"), rtol=1e-4, atol=1e-4)
-        assert yaml.safe_load((vec.model_dir(index) / "done.json").read_text())["engine"] == "vectorised"
+    assert_experiments_agree(seq, vec, 4)
     assert train_main(["export", "--experiment", str(vec.root)]) == 0  # the unstacked checkpoints reload and re-export the same logits
     for index in range(4):
         np.testing.assert_allclose(np.load(vec.model_dir(index) / "logits.npy"), np.load(seq.model_dir(index) / "logits.npy"), rtol=1e-4, atol=1e-4)

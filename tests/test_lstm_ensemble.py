@@ -13,12 +13,13 @@ from mia_lightning.contract.components import ComponentSpec
 from mia_lightning.data.plan import PlanSpec, make_lira_plan
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
-from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, model_seed
+from mia_lightning.farm.engine import FarmSetup, ModelJob, model_seed
 from mia_lightning.farm.vectorised import VectorisedEngine
 from mia_lightning.models.lstm import LSTMClassifier
 from mia_lightning.models.lstm_ensemble import VectorisedLSTM
 from mia_lightning.models.stacked_lstm import stacked_lstm
 
+from engine_equivalence import assert_engines_agree, assert_experiments_agree
 from test_text import fresh_caches, write_recipe, write_reviews  # noqa: F401  (shared builders; the fixture clears the text caches)
 
 N_REVIEWS = 60
@@ -78,17 +79,7 @@ def text_jobs(n_models: int = 3) -> list[ModelJob]:
 def test_same_seeds_give_the_same_lstms(tmp_path, model_args):
     """Weights and pool logits of every model match the sequential Lightning farm to float32 tolerance (groups of 2 split 3 jobs)."""
     setup, jobs = text_setup(write_reviews(tmp_path / "r.csv", n=N_REVIEWS), **model_args), text_jobs()
-    sequential = {r.index: r for r in SequentialEngine(setup).run(jobs)}
-    vectorised = {r.index: r for r in VectorisedEngine(setup, group_size=2).run(jobs)}
-    assert sorted(sequential) == sorted(vectorised) == [0, 1, 2]
-    for index, seq in sequential.items():
-        vec = vectorised[index]
-        assert type(vec.module) is LSTMClassifier and vec.logits.shape == (N_REVIEWS, 1, 2) and vec.logits.dtype == np.float32
-        seq_state, vec_state = seq.module.state_dict(), vec.module.state_dict()
-        assert seq_state.keys() == vec_state.keys()
-        for key in seq_state:
-            torch.testing.assert_close(vec_state[key], seq_state[key], rtol=1e-4, atol=1e-5, msg=key)
-        np.testing.assert_allclose(vec.logits, seq.logits, rtol=1e-4, atol=1e-4)
+    vectorised = assert_engines_agree(setup, jobs, LSTMClassifier, (N_REVIEWS, 1, 2), (1e-4, 1e-5), (1e-4, 1e-4))
     assert not np.allclose(vectorised[0].logits, vectorised[1].logits, atol=1e-2)  # models differ: own seeds and subsets
 
 
@@ -122,13 +113,7 @@ def test_cli_farm_vectorised_writes_what_the_sequential_farm_writes(tmp_path):
         path.write_text(yaml.safe_dump(recipe))
         assert train_main(["farm", "--config", str(path)]) == 0
         experiments[engine] = ExperimentDir(tmp_path / engine / "tiny_text")
-    seq, vec = experiments["sequential"], experiments["vectorised"]
-    np.testing.assert_array_equal(vec.keep, seq.keep)
-    np.testing.assert_array_equal(np.load(vec.root / "labels.npy"), np.load(seq.root / "labels.npy"))
-    for index in range(4):
-        assert sorted(p.name for p in vec.model_dir(index).iterdir()) == sorted(p.name for p in seq.model_dir(index).iterdir())
-        np.testing.assert_allclose(np.load(vec.model_dir(index) / "logits.npy"), np.load(seq.model_dir(index) / "logits.npy"), rtol=1e-4, atol=1e-4)
-        assert yaml.safe_load((vec.model_dir(index) / "done.json").read_text())["engine"] == "vectorised"
+    assert_experiments_agree(experiments["sequential"], experiments["vectorised"], 4)
 
 
 def test_cli_farm_auto_engine_trains_lstms_sequentially_on_the_cpu(tmp_path, capsys):

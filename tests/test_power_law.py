@@ -20,7 +20,7 @@ from mia_lightning.analysis.power_law import member_means, nearest_neighbour_dis
 from mia_lightning.cli import train_main
 from mia_lightning.models.image import FeatureHead, autograd_gradient_norms
 
-from test_images import clear_caches, write_image_folder
+from test_images import clear_caches, image_recipe, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,23 +175,15 @@ def test_study_end_to_end_on_generated_images(tmp_path):
     every setting an experiment, then the fit, the prediction of the unseen scenario, plots and per-sample correlations."""
     clear_caches()
     folder = write_image_folder(tmp_path / "images", n_classes=3, per_class=10)
-    recipe = {
-        "experiment": {"name": "base", "root": str(tmp_path / "out")},
-        "plan": {"n_models": 8, "seed": 0, "kind": "few_shot"},
-        "data": {"class_path": "mia_lightning.data.images.ImageFeatureDataModule",
-                 "init_args": {"source": str(folder), "shots": 1, "n_classes": 2, "backbone": "resnet10t", "weights": "random", "img_size": 16, "batch_size": 64}},
-        "model": {"class_path": "mia_lightning.models.image.FeatureHead", "init_args": {"hidden": [], "lr": 0.05}},
-        "trainer": {"max_epochs": 20, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
-        "farm": {"engine": "vectorised", "group_size": 8},
-    }
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(recipe))
+    base = image_recipe(tmp_path, folder, **{"plan.n_models": 8, "data.init_args.shots": 1, "data.init_args.n_classes": 2, "data.init_args.queries": None,
+                                             "trainer.max_epochs": 20, "farm.group_size": 8})
     smoke = yaml.safe_load((ROOT / "configs/images/fmnist_power_law_smoke.yaml").read_text())["study"]
     fitted, unseen = smoke["grid"]  # the real study's scenarios become generated ones: another backbone -> resnet10t, another dataset -> another resolution
     draws = {"data.init_args.shots": [1, 2, 4], "data.init_args.n_classes": [2, 3], "data.init_args.subset_seed": [0]}
     grid = [{**fitted, "data.init_args.backbone": ["resnet10t"], **draws},
             {**{k: v for k, v in unseen.items() if k != "data.init_args.source"}, "data.init_args.img_size": [24], **draws, "data.init_args.shots": [2, 4]}]
     largest = "backbone-resnet10t_shots-4_n_classes-3_subset_seed-0"
-    study = {"study": {**smoke, "name": "pl", "root": str(tmp_path / "out"), "recipe": str(tmp_path / "base.yaml"), "grid": grid,
+    study = {"study": {**smoke, "name": "pl", "root": str(tmp_path / "out"), "recipe": str(base), "grid": grid,
                        "analysis_params": {**smoke["analysis_params"], "bootstrap": 100, "roc_setting": largest, "per_sample_settings": [largest]}}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     assert train_main(["study", "--config", str(tmp_path / "study.yaml")]) == 0
