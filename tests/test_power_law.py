@@ -103,6 +103,7 @@ def test_prediction_of_another_scenario_against_hand_values():
     errors = np.array([-0.1, 0.1, -0.3])  # predicted - measured, in dex
     assert result["rmse"] == pytest.approx(np.sqrt((errors**2).mean())) and result["bias"] == pytest.approx(errors.mean())
     assert result["outside_fitted_range"] == 1 and result["n_cells"] == 3
+    assert result["cells"] == ["1", "4", "64"] and np.allclose(np.subtract(result["predicted"], result["measured"]), errors)  # the plotted points
 
 
 def test_per_sample_advantage_against_a_loop():
@@ -213,9 +214,9 @@ def test_study_end_to_end_on_generated_images(tmp_path):
     assert per_sample["gradient_norm"]["n"] == 24 and 0 <= per_sample["gradient_norm"]["p_value"] <= 1
     assert analysis["dp"]["setting"] in {s["setting"] for s in analysis["settings"]}
     page = (out / "analysis.html").read_text()  # tables and plots of the analysis as one self-contained page
-    assert "<script" not in page and page.count("data:image/png;base64,") == 3
+    assert "<script" not in page and page.count("data:image/png;base64,") == 4  # power law, predictions, DP bound, per sample
     assert all(f">{s['setting']}</td>" in page for s in analysis["settings"]) and "two-way bootstrap" in page
     twin = (out / "analysis.md").read_text()  # the same tables as Markdown
     assert all(f"| {s['setting']} |" in twin for s in analysis["settings"]) and twin.count("\n|---|") == page.count("<table")
-    for name in ("power_law.png", "dp_bound.png", "per_sample.png"):
+    for name in ("power_law.png", "predictions.png", "dp_bound.png", "per_sample.png"):
         assert (out / name).stat().st_size > 1000

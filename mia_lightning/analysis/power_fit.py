@@ -195,7 +195,8 @@ def fit_power_law(cells: list[dict], level: float, replicates: int = 2000, seed:
 def predict(fit: dict, cells: list[dict], level: float, quantity: str = "advantage") -> dict:
     """How well ``fit`` (from one scenario) predicts the usable cells of another: RMSE and bias (mean predicted - measured) in dex, R^2.
 
-    Also counts the cells outside the fitted range of S and C (extrapolation: the fit makes no claim there).
+    Also counts the cells outside the fitted range of S and C (extrapolation: the fit makes no claim there),
+    and keeps each usable cell's predicted and measured regressand (for the predicted-vs-measured plot).
     """
     key = str(level)
     usable = [c for c in cells if exclusion(c, level, quantity) is None]
@@ -209,7 +210,8 @@ def predict(fit: dict, cells: list[dict], level: float, quantity: str = "advanta
     s_range, c_range = fit["range"]["shots"], fit["range"]["classes"]
     outside = (shots < s_range[0]) | (shots > s_range[1]) | (classes < c_range[0]) | (classes > c_range[1])
     return {"fpr": level, "n_cells": len(usable), "rmse": float(np.sqrt(np.mean((predicted - y) ** 2))), "bias": float(np.mean(predicted - y)),
-            "r2": r_squared(y, predicted), "outside_fitted_range": int(outside.sum())}
+            "r2": r_squared(y, predicted), "outside_fitted_range": int(outside.sum()),
+            "cells": [c["setting"] for c in usable], "predicted": predicted.tolist(), "measured": y.tolist()}
 
 
 def sample_advantages(scores: np.ndarray, members: np.ndarray, level: float) -> np.ndarray:

@@ -37,7 +37,7 @@ from mia_lightning.contract.io import load_json
 from mia_lightning.report.cells import tpr_cell
 from mia_lightning.contract.confine import confined, confined_all
 from mia_lightning.report.html import ANALYSIS_PAGE, write_tables_page
-from mia_lightning.report.figures import plot_dp_bound, plot_per_sample, plot_power_law
+from mia_lightning.report.figures import plot_dp_bound, plot_per_sample, plot_power_law, plot_predictions
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
 
@@ -262,7 +262,7 @@ def analyse(
     study_dir = Path(study_dir)
     if not rows:
         raise MiaError("power_law analysis: the study has no audited settings")
-    confined_all(study_dir, [study_dir / name for name in ("power_law.png", "per_sample.png", "dp_bound.png", ANALYSIS_PAGE)])  # before any is written
+    confined_all(study_dir, [study_dir / name for name in ("power_law.png", "predictions.png", "per_sample.png", "dp_bound.png", ANALYSIS_PAGE)])  # before any is written
     settings = [_setting_summary(row, attack) for row in rows]
     scenarios = list(dict.fromkeys(s["scenario"] for s in settings))
     main = fit_scenario or scenarios[0]
@@ -280,6 +280,8 @@ def analyse(
     for cell in cells[main]:
         del cell["sample_advantages"]
     plot_power_law(study_dir / "power_law.png", cells[main], fits[main], main)
+    if transfer:
+        plot_predictions(study_dir / "predictions.png", transfer, main)
     samples, pooled = _per_sample_correlations(by_name, per_sample_settings or [], attack)
     if samples:
         plot_per_sample(study_dir / "per_sample.png", samples)
@@ -298,6 +300,8 @@ def analyse(
     print_tables(tables, console)
     console.print(dp_line(dp))
     figures = [(study_dir / name, alt) for name, alt in (("power_law.png", "advantage against shots per class"), ("dp_bound.png", "ROC against DP bounds"))]
+    if transfer:
+        figures.insert(1, (study_dir / "predictions.png", "unseen scenarios: predicted against measured advantage"))
     if samples:
         figures.append((study_dir / "per_sample.png", "per-sample vulnerability"))
     write_tables_page(confined(study_dir, study_dir / ANALYSIS_PAGE), f"Power-law study: {Path(study_dir).name}", tables, figures, [dp_line(dp)])
@@ -314,5 +318,6 @@ def analyse(
         "per_sample_pooled": {"gradient_norm": pooled.get("gradient_norm_correlation"), "nn_distance": pooled.get("nn_distance_correlation")} if pooled else None,
         "dp": dp,
         "files": {"power_law": str(study_dir / "power_law.png"), "dp_bound": str(study_dir / "dp_bound.png"),
+                  **({"predictions": str(study_dir / "predictions.png")} if transfer else {}),
                   **({"per_sample": str(study_dir / "per_sample.png")} if samples else {})},
     }

@@ -52,6 +52,35 @@ def plot_power_law(path: Path, cells: list[dict], fits: list[dict], scenario: st
     save_figure(fig, path)
 
 
+def plot_predictions(path: Path, transfer: list[dict], fitted_on: str) -> None:
+    """Predicted against measured log10(TPR - FPR) of every unseen scenario's usable cells, one panel per FPR level, with y = x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted({t["fpr"] for t in transfer})
+    scenarios = list(dict.fromkeys(t["scenario"] for t in transfer))
+    colours = plt.cm.tab10(np.arange(max(len(scenarios), 1)) % 10)
+    fig, axes = plt.subplots(1, max(len(levels), 1), figsize=(4.6 * max(len(levels), 1), 4.4), squeeze=False)
+    for ax, level in zip(axes[0], levels):
+        values = []
+        for colour, scenario in zip(colours, scenarios):
+            t = next((t for t in transfer if t["scenario"] == scenario and t["fpr"] == level), None)
+            if t is None or t.get("rmse") is None:
+                continue
+            ax.scatter(t["measured"], t["predicted"], s=14, color=colour, label=f"{scenario}: RMSE {t['rmse']:.2f}, bias {t['bias']:+.2f}")
+            values += [*t["measured"], *t["predicted"]]
+        if values:
+            low, high = min(values) - 0.1, max(values) + 0.1
+            ax.plot([low, high], [low, high], color="grey", ls=":", lw=1)
+        ax.set(xlabel="measured log10(TPR - FPR)", ylabel="predicted log10(TPR - FPR)", title=f"FPR {level:g}")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"unseen scenarios predicted by the fit on {fitted_on} (dex = log10 units; dotted: y = x)", fontsize=8)
+    save_figure(fig, path)
+
+
 def plot_dp_bound(path: Path, curves: list[tuple[str, np.ndarray, np.ndarray]], bound_curves: list[tuple[str, np.ndarray, np.ndarray]], title: str,
                   points: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] | None = None) -> None:
     """Measured ROCs (log-log) with the DP upper bounds on TPR (``(label, fpr, tpr bound)``, computed by the analysis).
