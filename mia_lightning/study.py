@@ -25,6 +25,7 @@ farm is skipped by the farm itself, an audited setting (``setting.json``) is not
 from __future__ import annotations
 
 import importlib
+import inspect
 import itertools
 import json
 import time
@@ -141,6 +142,17 @@ def analysis_function(name: str) -> Callable[..., dict]:
     return getattr(importlib.import_module(module), function)
 
 
+def _check_analysis_params(analyse: Callable[..., dict], options: StudyOptions) -> None:
+    """Refuse an analysis parameter the analysis does not take before any setting trains (a typo would otherwise cost the whole sweep)."""
+    parameters = inspect.signature(analyse).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [name for name in parameters if name not in ("study_dir", "rows")]
+    unknown = sorted(set(options.analysis_params) - set(accepted))
+    if unknown:
+        raise MiaError(f"study.analysis_params.{unknown[0]}: not a parameter of the {options.analysis} analysis; it takes {', '.join(accepted)}")
+
+
 def _check_study_file(study_dir: Path, payload: dict) -> None:
     """Write study.json, or check that an existing one describes the same study."""
     path = study_dir / "study.json"
@@ -174,6 +186,8 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
         raise MiaError(f"study.recipe {options.recipe!r}: no such farm recipe file")
     settings = expand_settings(options)
     analyse = analysis_function(options.analysis) if options.analysis else None
+    if analyse is not None:
+        _check_analysis_params(analyse, options)
     study_dir = Path(options.root) / options.name
     if status_only:
         _print_status(study_dir, settings, console)

@@ -1,4 +1,4 @@
-"""Defences analysis: the AUC bootstrap against rank AUC, the Pareto front and the helps? rule by hand, the table from audited experiments."""
+"""Defences analysis: the Pareto front and the helps? rule by hand, the table from audited experiments (their intervals the audit's)."""
 
 from __future__ import annotations
 
@@ -8,28 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mia_lightning.analysis.defences import analyse, bootstrap_auc, pareto_front, sorted_pairs, verdict, weighted_auc
+from mia_lightning.analysis.defences import analyse, pareto_front, verdict
 from mia_lightning.attacks.module import score_targets
 from mia_lightning.attacks import AttackData, create_attack
 from mia_lightning.errors import MiaError
-from mia_lightning.metrics import evaluate_scores, rank_auc
+from mia_lightning.metrics import evaluate_scores
 from synthetic import synthetic_arrays
-
-
-def test_bootstrap_auc_interval_covers_the_rank_auc_and_shrinks_with_data():
-    rng = np.random.default_rng(0)
-    members = rng.random((8, 400)) < 0.5
-    scores = rng.normal(size=members.shape) + members * 0.8
-    scores[0, :5] = np.round(scores[0, :5])  # some ties
-    audited = np.ones_like(members)
-    low, high = bootstrap_auc(scores, members, audited, replicates=300)
-    point = rank_auc(scores.ravel(), members.ravel())
-    assert low < point < high and high - low < 0.08
-    member, group, _, _ = sorted_pairs(scores, members, audited)
-    assert weighted_auc(member, group, np.ones(member.size)) == pytest.approx(point, abs=1e-12)  # unit weights: the rank AUC
-    small = bootstrap_auc(scores[:2, :50], members[:2, :50], audited[:2, :50], replicates=300)
-    assert small[1] - small[0] > high - low
-    assert bootstrap_auc(scores, members, audited, replicates=0) is None
 
 
 def test_pareto_front_and_verdict_by_hand():
@@ -72,11 +56,12 @@ def audited_experiment(root: Path, effect: float, dp_epsilon: float | None = Non
 
 def test_analysis_table_from_audited_settings(tmp_path, capsys):
     rows = [audited_experiment(tmp_path / "baseline", effect=6.0), audited_experiment(tmp_path / "dp", effect=0.0, dp_epsilon=7.9)]
-    summary = analyse(tmp_path, rows, outputs=["lira_online", "lira_offline"], bootstrap=100)
+    summary = analyse(tmp_path, rows, outputs=["lira_online", "lira_offline"])
     base, dp = summary["settings"]
     assert base["helps"] == "baseline" and dp["helps"].startswith("yes")  # no membership effect at all: leakage drops
     assert dp["accountant_epsilon"] == 7.9 and base["accountant_epsilon"] is None
     assert base["attacks"]["lira_online"]["auc"] > 0.8 and base["attacks"]["lira_online"]["auc_ci"][0] > 0.75
+    assert base["attacks"]["lira_online"]["auc_ci"] == rows[0]["results"]["lira_online"]["auc_ci_bootstrap"]  # the audit's interval, not a second bootstrap
     assert abs(dp["attacks"]["lira_online"]["auc"] - 0.5) < 0.1
     assert (tmp_path / "privacy_utility.png").is_file()
     out = capsys.readouterr().out
@@ -96,17 +81,17 @@ def test_a_plot_linked_out_of_the_study_is_refused_before_anything_is_written(tm
     outside.write_bytes(b"not yours")
     (tmp_path / "privacy_utility.png").symlink_to(outside)
     with pytest.raises(MiaError, match="a symbolic link leading outside"):
-        analyse(tmp_path, rows, outputs=["lira_online"], bootstrap=10)
+        analyse(tmp_path, rows, outputs=["lira_online"])
     assert outside.read_bytes() == b"not yours" and not (tmp_path / "analysis.html").exists()
 
 
 def test_a_setting_is_judged_against_its_own_familys_baseline(tmp_path):
     rows = [audited_experiment(tmp_path / "baseline", effect=0.0), audited_experiment(tmp_path / "other", effect=6.0),
             audited_experiment(tmp_path / "other_dp", effect=0.0, dp_epsilon=1.0)]
-    summary = analyse(tmp_path, rows, outputs=["lira_online"], bootstrap=50, baselines={"other_dp": "other"})
+    summary = analyse(tmp_path, rows, outputs=["lira_online"], baselines={"other_dp": "other"})
     base, other, dp = summary["settings"]
     assert base["helps"] == other["helps"] == "baseline" and dp["baseline"] == "other"
     assert dp["helps"].startswith("yes")  # against the main baseline (no effect either) it would read "no"
-    assert analyse(tmp_path, rows, outputs=["lira_online"], bootstrap=50)["settings"][2]["helps"].startswith("no")
+    assert analyse(tmp_path, rows, outputs=["lira_online"])["settings"][2]["helps"].startswith("no")
     with pytest.raises(MiaError, match="baselines 'other_dp': 'missing'"):
         analyse(tmp_path, rows, baselines={"other_dp": "missing"})

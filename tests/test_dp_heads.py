@@ -210,7 +210,7 @@ def test_dp_heads_study_end_to_end_on_generated_images(tmp_path):
                                              "data.init_args.batch_size": 8, "trainer.max_epochs": 3, "farm.engine": "auto", "farm.group_size": 8})
     real = yaml.safe_load((root / "configs/images/fmnist_dp_heads.yaml").read_text())["study"]
     study = {"study": {**real, "name": "dp", "root": str(tmp_path / "out"), "recipe": str(base),
-                       "overrides": {"data.init_args.shots": 8, "data.init_args.n_classes": 2}, "analysis_params": {**real["analysis_params"], "bootstrap": 50}}}
+                       "overrides": {"data.init_args.shots": 8, "data.init_args.n_classes": 2}, "analysis_params": real["analysis_params"]}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     assert train_main(["study", "--config", str(tmp_path / "study.yaml")]) == 0
     out = tmp_path / "out" / "dp"

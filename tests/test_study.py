@@ -88,6 +88,7 @@ def test_a_list_of_grids_is_the_union_of_their_products():
     ({"grid": {}, "settings": []}, "needs a grid or a list of settings"),
     ({"settings": [{"name": "a"}, {"name": "a"}], "grid": {}}, "'a' repeats"),
     ({"recipe": "missing.yaml"}, "no such farm recipe"),
+    ({"analysis": "defences", "analysis_params": {"bootstrap": 200}}, "study.analysis_params.bootstrap: not a parameter of the defences analysis; it takes baseline,"),
 ])
 def test_bad_studies_are_one_line(tmp_path, recorded, capsys, changes, phrase):
     assert train_main(["study", "--config", str(write_study(tmp_path, **changes))]) == 2

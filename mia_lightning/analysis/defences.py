@@ -1,10 +1,9 @@
 """Defences compared honestly: one row per study setting (baseline and each defence), one table, one plot.
 
 Per setting (an audited farm): test accuracy and train-test gap of the targets (the run's
-``utility.json``, ``mia_lightning.utility``), every requested attack output's AUC with a two-way
-(targets x samples) Poisson bootstrap 95% interval computed here from its ``scores.npy``, TPR at 0.1%
-and 1% FPR with the audit's bootstrap intervals, the empirical epsilon lower bound of the audit
-(``results.json``), and for DP-SGD settings the accountant's epsilon of each target (``done.json``
+``utility.json``, ``mia_lightning.utility``), every requested attack output's AUC and TPR at 0.1%
+and 1% FPR (``levels``) with the audit's two-way bootstrap 95% intervals over the units it sampled
+(targets x samples, or users), the empirical epsilon lower bound of the audit (``results.json``), and for DP-SGD settings the accountant's epsilon of each target (``done.json``
 metric ``dp_epsilon``, written by ``mia_lightning.defences.dp_sgd.DPSGD``; the largest over targets).
 
 With ``dp_bounds`` every DP-SGD setting also gets its ROC plot (``roc_dp_<setting>.png``) beside the
@@ -41,47 +40,6 @@ from mia_lightning.report.terminal import print_tables
 DEFAULT_OUTPUTS = ("lira_online", "rmia_online", "shokri_per_class", "shokri_shared")
 PLOT_FILE = "privacy_utility.png"
 LEVELS = ("0.001", "0.01")
-
-
-def weighted_auc(member: np.ndarray, group: np.ndarray, weight: np.ndarray) -> float:
-    """Weighted Mann-Whitney AUC of pairs sorted by score: ``group`` numbers the tie groups in increasing score order (ties count one half)."""
-    neg = np.where(member, 0.0, weight)
-    pos = np.where(member, weight, 0.0)
-    neg_per_group = np.bincount(group, neg)
-    below = np.cumsum(neg_per_group) - neg_per_group  # non-member weight strictly below each tie group
-    total_pos, total_neg = pos.sum(), neg.sum()
-    if total_pos == 0 or total_neg == 0:
-        return float("nan")
-    return float((pos * (below[group] + 0.5 * neg_per_group[group])).sum() / (total_pos * total_neg))
-
-
-def sorted_pairs(scores: np.ndarray, members: np.ndarray, audited: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(member, tie group, target, sample) of the audited, finite (target, sample) pairs in increasing score order."""
-    valid = audited & np.isfinite(scores)
-    target, sample = np.nonzero(valid)
-    values, member = scores[valid], members[valid]
-    order = np.argsort(values, kind="stable")
-    values = values[order]
-    group = np.cumsum(np.r_[True, values[1:] != values[:-1]]) - 1
-    return member[order], group, target[order], sample[order]
-
-
-def bootstrap_auc(scores: np.ndarray, members: np.ndarray, audited: np.ndarray, replicates: int, seed: int = 0) -> list[float] | None:
-    """95% percentile interval of the AUC over (target, sample) pairs: two-way Poisson bootstrap (one weight per target, one per sample).
-
-    ``scores`` float [T, n] (NaN = unscored), ``members`` and ``audited`` bool [T, n]; one sort, then
-    ``weighted_auc`` per replicate.
-    """
-    if replicates <= 0:
-        return None
-    member, group, target, sample = sorted_pairs(scores, members, audited)
-    if member.all() or not member.any():
-        return None
-    rng = np.random.default_rng(seed)
-    draws = [weighted_auc(member, group, rng.poisson(1.0, scores.shape[0])[target] * rng.poisson(1.0, scores.shape[1])[sample].astype(np.float64))
-             for _ in range(replicates)]
-    draws = [d for d in draws if np.isfinite(d)]
-    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))] if draws else None
 
 
 def _pairs(experiment: ExperimentDir, targets: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -128,17 +86,15 @@ def dp_roc(study_dir: Path, setting: dict, scores: np.ndarray, members: np.ndarr
     return result
 
 
-def _attack_entry(row: dict, output: str, members: np.ndarray, audited: np.ndarray, bootstrap: int, seed: int, levels: tuple[str, ...]) -> dict[str, Any] | None:
+def _attack_entry(row: dict, output: str, levels: tuple[str, ...]) -> dict[str, Any] | None:
+    """One output's AUC, TPRs and intervals as the audit wrote them (``results.json``: two-way bootstrap over the sampled units)."""
     result = row["results"].get(output)
     if result is None:
         return None
-    folder = Path(row["experiment"]) / "attacks" / "latest" / output
-    scores_path = folder / "scores.npy"
-    auc_ci = bootstrap_auc(np.load(scores_path), members, audited, bootstrap, seed) if scores_path.is_file() else None
     boot = result.get("tpr_at_fpr_ci_bootstrap") or {}
     return {
         "auc": result["auc"],
-        "auc_ci": auc_ci,
+        "auc_ci": result.get("auc_ci_bootstrap"),
         **{f"tpr@{level}": result["tpr_at_fpr"][level] for level in levels},
         **{f"tpr@{level}_ci": boot.get(level, result["tpr_at_fpr_ci"][level]) for level in levels},
         "empirical_epsilon": (result.get("empirical_epsilon") or {}).get("epsilon_lower_bound"),
@@ -206,7 +162,7 @@ def defence_table(settings: list[dict], outputs: list[str], levels: tuple[str, .
 
 
 def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attack: str = "lira_online",
-            outputs: list[str] | None = None, bootstrap: int = 200, seed: int = 0, baselines: dict[str, str] | None = None,
+            outputs: list[str] | None = None, baselines: dict[str, str] | None = None,
             levels: list[float] | None = None, dp_bounds: bool = False) -> dict:
     """The defences table (printed), ``privacy_utility.png`` under ``study_dir``, and the JSON summary (returned).
 
@@ -227,15 +183,12 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
     for setting, its_baseline in baselines.items():
         if setting not in names or its_baseline not in names:
             raise MiaError(f"study.analysis_params.baselines {setting!r}: {its_baseline!r}: both must be settings; settings are {', '.join(names)}")
-    if bootstrap < 0:
-        raise MiaError(f"study.analysis_params.bootstrap {bootstrap}: must be >= 0")
     settings = []
     for row in rows:
         if attack not in row["results"]:
             raise MiaError(f"study.analysis_params.attack {attack!r}: setting {row['setting']!r} has no such result ({', '.join(sorted(row['results']))}); add its attack to study.attacks")
         experiment = ExperimentDir(Path(row["experiment"]))
         targets = row["results"][attack]["targets"]
-        members, audited = _pairs(experiment, targets)
         utility = row.get("utility") or {}
         epsilon, delta = accountant_budget(experiment, targets)
         settings.append({
@@ -247,9 +200,10 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
             "train_test_gap": utility.get("train_test_gap"),
             "accountant_epsilon": epsilon,
             "accountant_delta": delta,
-            "attacks": {o: e for o in outputs if (e := _attack_entry(row, o, members, audited, bootstrap, seed, levels_used)) is not None},
+            "attacks": {o: e for o in outputs if (e := _attack_entry(row, o, levels_used)) is not None},
         })
         if dp_bounds and epsilon is not None:
+            members, audited = _pairs(experiment, targets)
             scores = np.load(Path(row["experiment"]) / "attacks" / "latest" / attack / "scores.npy")
             settings[-1]["dp_bound"] = dp_roc(Path(study_dir), settings[-1], scores, members, audited, attack, levels_used)
     judged_by = {name: baselines.get(name, baseline) for name in names}
@@ -268,6 +222,6 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
     figures = [(Path(study_dir) / PLOT_FILE, "test accuracy against TPR@1%FPR per defence")]
     figures += [(Path(study_dir) / s["dp_bound"]["plot"], f"{attack} ROC of {s['setting']} against its DP bound") for s in settings if "dp_bound" in s]
     write_tables_page(confined(Path(study_dir), Path(study_dir) / ANALYSIS_PAGE), f"Defences study: {Path(study_dir).name}", [table], figures)
-    return {"attack": attack, "baseline": baseline, "baselines": baselines, "bootstrap": bootstrap, "plot": PLOT_FILE, "levels": list(levels_used),
+    return {"attack": attack, "baseline": baseline, "baselines": baselines, "plot": PLOT_FILE, "levels": list(levels_used),
             "helps_rule": "yes: the TPR@1%FPR bootstrap interval lies entirely below its baseline's; worse: entirely above; no: they overlap",
             "settings": settings}
