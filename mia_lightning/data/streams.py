@@ -2,7 +2,8 @@
 
 A model's epoch is ``ceil(len(train) / batch_size)`` batches of exactly ``batch_size`` indices
 cut from an endless sequence of seeded permutations of its training subset. Both farms draw the
-same stream for the same seed, so for the same seeds they make the same updates.
+same stream for the same seed, so for the same seeds they make the same updates. Under DP-SGD a
+DataModule's batches are Poisson samples instead (``MembershipBatches``, the one place that chooses).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from mia_lightning.defences.dp_sgd import PoissonBatchSampler
 
 
 def balanced_half(n: int, seed: int) -> np.ndarray:
@@ -60,3 +63,23 @@ class StreamBatchSampler(Sampler[list[int]]):
         stream = index_stream(self.train_indices, self.batch_size, steps * (self.epoch + 1), self.seed)
         self.epoch += 1
         yield from stream[-steps:, self.rank :: self.world_size].tolist()
+
+
+class MembershipBatches:
+    """Mixin of a DataModule with ``train_indices``: its training batch sampler is the seeded minibatch stream, or Poisson batches once DP-SGD asked for them."""
+
+    poisson_sample_rate: float | None = None
+    """Set by ``enable_poisson_sampling`` (DP-SGD); None: the seeded minibatch stream."""
+
+    def enable_poisson_sampling(self, batch_size: int) -> float:
+        """For DP-SGD (``mia_lightning.defences.dp_sgd.DPSGD``): training batches become Poisson samples of expected size ``batch_size``; returns the rate."""
+        self.poisson_sample_rate = min(1.0, batch_size / self.train_indices.size)
+        return self.poisson_sample_rate
+
+    def train_batch_sampler(self) -> Sampler[list[int]]:
+        """The Poisson sampler under DP-SGD, else this rank's share of the seeded stream of ``batch_size`` minibatches."""
+        if self.poisson_sample_rate is not None:
+            return PoissonBatchSampler(self.train_indices, self.poisson_sample_rate, seed=self.hparams.seed)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return StreamBatchSampler(self.train_indices, self.hparams.batch_size, seed=self.hparams.seed, rank=rank, world_size=world)

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from mia_lightning.data.streams import StreamBatchSampler, balanced_half
-from mia_lightning.defences.dp_sgd import PoissonBatchSampler
+from mia_lightning.data.streams import MembershipBatches, balanced_half
 from mia_lightning.errors import MiaError
 
 BUNDLED = ("digits", "breast_cancer", "wine", "iris")
@@ -156,7 +155,7 @@ def _mean_std(features: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x.mean(0)).float(), torch.from_numpy(x.std(0)).float()
 
 
-class TabularDataModule(L.LightningDataModule):
+class TabularDataModule(MembershipBatches, L.LightningDataModule):
     """Trains one model on its membership subset of a tabular pool; predicts on the whole pool.
 
     ``train_indices`` is the model's training subset (from the plan's keep row); without it a
@@ -164,9 +163,6 @@ class TabularDataModule(L.LightningDataModule):
     epoch has ``ceil(len(train) / batch_size)`` steps drawn from a seeded stream of permutations
     (the same stream the vectorised ensemble uses).
     """
-
-    poisson_sample_rate: float | None = None
-    """Set by ``enable_poisson_sampling`` (DP-SGD); None: the seeded minibatch stream."""
 
     def __init__(
         self,
@@ -218,20 +214,9 @@ class TabularDataModule(L.LightningDataModule):
     def _dataset(self) -> TensorDataset:
         return TensorDataset(torch.from_numpy(self.pool.features), torch.from_numpy(self.pool.labels))
 
-    def enable_poisson_sampling(self, batch_size: int) -> float:
-        """For DP-SGD (``mia_lightning.defences.dp_sgd.DPSGD``): training batches become Poisson samples of expected size ``batch_size``; returns the rate."""
-        self.poisson_sample_rate = min(1.0, batch_size / self.train_indices.size)
-        return self.poisson_sample_rate
-
     def train_dataloader(self) -> DataLoader:
         """The seeded stream of minibatches, or Poisson-sampled batches once DP-SGD asked for them."""
-        if self.poisson_sample_rate is not None:
-            sampler = PoissonBatchSampler(self.train_indices, self.poisson_sample_rate, seed=self.hparams.seed)
-        else:
-            trainer = self.trainer
-            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-            sampler = StreamBatchSampler(self.train_indices, self.hparams.batch_size, seed=self.hparams.seed, rank=rank, world_size=world)
-        return DataLoader(self._dataset(), batch_sampler=sampler, num_workers=self.hparams.num_workers)
+        return DataLoader(self._dataset(), batch_sampler=self.train_batch_sampler(), num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         """Held-out part of the pool (not in this model's training subset): utility of the model."""

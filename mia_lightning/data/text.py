@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from mia_lightning.data.text_sources import hf_columns, read_csv_columns
 from mia_lightning.downloads import RegistryFile, registry_file
-from mia_lightning.data.streams import StreamBatchSampler, balanced_half
+from mia_lightning.data.streams import MembershipBatches, balanced_half
 from mia_lightning.errors import MiaError
 
 log = logging.getLogger("mia_lightning")
@@ -210,7 +210,7 @@ def encoded_pool(source: str, text_column: str, label_column: str, hf_split: str
     return {"pool": pool, "tokens": encode(tokens, vocabulary, max_len, truncate), "vocabulary": vocabulary, "reference": reference}
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(MembershipBatches, L.LightningDataModule):
     """A text classifier's data: trains on its membership subset of the pool, predicts on the whole pool.
 
     ``train_indices`` is the model's training subset (the plan's keep row; without it a seeded half).
@@ -263,7 +263,6 @@ class TextDataModule(L.LightningDataModule):
             raise MiaError(f"train_indices must be non-empty ids in [0, {n})")
         self.val_indices = self._validation_ids(indices)
         self.train_indices = np.setdiff1d(indices, self.val_indices) if val_split == "train" else indices
-        self.poisson_sample_rate: float | None = None
 
     def _validation_ids(self, indices: np.ndarray) -> np.ndarray:
         hp, rng = self.hparams, np.random.default_rng([self.hparams.seed, 7])
@@ -300,25 +299,13 @@ class TextDataModule(L.LightningDataModule):
         """Model arguments the data decides: vocabulary size (with padding and unknown) and number of classes."""
         return {"vocab_size": int(self.hparams.vocab_size), "n_classes": len(self.pool.class_names)}
 
-    def enable_poisson_sampling(self, batch_size: int) -> float:
-        """Make every training batch a Poisson sample of the training subset (DP-SGD) of expected size ``batch_size``; returns the sample rate."""
-        self.poisson_sample_rate = min(1.0, batch_size / self.train_indices.size)
-        return self.poisson_sample_rate
-
     def _dataset(self, ids: np.ndarray | None = None) -> TensorDataset:
         tokens, labels = torch.from_numpy(self.tokens), torch.from_numpy(self.pool.labels)
         return TensorDataset(tokens, labels) if ids is None else TensorDataset(tokens[ids], labels[ids])
 
     def train_dataloader(self) -> Any:
         hp = self.hparams
-        if self.poisson_sample_rate is not None:
-            from mia_lightning.defences.dp_sgd import PoissonBatchSampler
-
-            sampler = PoissonBatchSampler(self.train_indices, self.poisson_sample_rate, seed=hp.seed)
-        else:
-            trainer = self.trainer
-            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-            sampler = StreamBatchSampler(self.train_indices, hp.batch_size, seed=hp.seed, rank=rank, world_size=world)
+        sampler = self.train_batch_sampler()
         members = DataLoader(self._dataset(), batch_sampler=sampler, num_workers=hp.num_workers)
         if not len(self.reference_labels):
             return members
