@@ -136,3 +136,22 @@ def test_verdict_names_the_lowest_fpr_where_an_interval_clears_chance():
     none = record("none", {"0.001": 0.001, "0.01": 0.01, "0.1": 0.1}, {"0.001": [0.0, 0.003], "0.01": [0.0, 0.02], "0.1": [0.05, 0.15]})
     text, leaks = verdict([none])
     assert not leaks and "No leakage detected" in text and "at 0.1% FPR" in text and "Not evidence of privacy" in text
+
+
+def test_a_tables_page_and_its_markdown_twin_hold_the_same_tables_and_never_follow_a_link_out(tmp_path):
+    from mia_lightning.errors import MiaError
+    from mia_lightning.report.html import write_tables_page
+    from mia_lightning.report.table import TableRecord
+
+    record = TableRecord("scores per setting", ["setting", "AUC"], [["baseline", "0.762 [0.749, 0.775]"], ["dropout", "0.550 [0.540, 0.559]"]])
+    page = write_tables_page(tmp_path / "analysis.html", "Study: s", [record], notes=["a note"])
+    twin = (tmp_path / "analysis.md").read_text()
+    assert twin.startswith("# Study: s\n") and "a note" in twin and "| dropout | 0.550 [0.540, 0.559] |" in twin and "baseline" in page.read_text()
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.md"
+    outside.write_text("not yours")
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    (folder / "analysis.md").symlink_to(outside)
+    with pytest.raises(MiaError, match="a symbolic link leading outside"):
+        write_tables_page(folder / "analysis.html", "Study: s", [record])
+    assert outside.read_text() == "not yours" and not (folder / "analysis.html").exists()  # refused before either file is written

@@ -3,8 +3,9 @@
 Per setting (an audited farm): test accuracy and train-test gap of the targets (the run's
 ``utility.json``, ``mia_lightning.utility``), every requested attack output's AUC and TPR at 0.1%
 and 1% FPR (``levels``) with the audit's two-way bootstrap 95% intervals over the units it sampled
-(targets x samples, or users), the empirical epsilon lower bound of the audit (``results.json``), and for DP-SGD settings the accountant's epsilon of each target (``done.json``
-metric ``dp_epsilon``, written by ``mia_lightning.defences.dp_sgd.DPSGD``; the largest over targets).
+(targets x samples, or users), the empirical epsilon lower bound of the audit (``results.json``),
+and for DP-SGD settings the accountant's epsilon of each target (``done.json`` metric
+``dp_epsilon``, written by ``mia_lightning.defences.dp_sgd.DPSGD``; the largest over targets).
 
 With ``dp_bounds`` every DP-SGD setting also gets its ROC plot (``roc_dp_<setting>.png``) beside the
 (epsilon, delta) region its accountant guarantees, drawn and compared as the replace-one region that

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from mia_lightning.version import __version__
-from mia_lightning.contract.confine import confined
+from mia_lightning.contract.confine import confined, confined_all
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json, write_bytes_atomic
 from mia_lightning.metrics import FPR_LEVELS
@@ -255,13 +255,16 @@ def write_tables_page(path: Path, title: str, records: list[TableRecord], images
 
     The same style and cell marks as report.html, so a study or unlearning table reads like the audit it summarises;
     the same tables go to a Markdown twin beside it (``path`` with ``.md``: to paste into a paper or a README).
+    Neither file may be a link leading out of their folder (checked before either is written).
     """
+    twin = path.with_suffix(".md")
+    confined_all(path.parent, [path, twin])
     sections = [f"<h1>{_esc(title)}</h1>", *(f"<p class=\"note\">{_esc(note)}</p>" for note in notes),
                 *(record_table(record) for record in records), *(_image(image, alt) for image, alt in images),
                 f"<p class=\"note\">{_esc(interval_key())}. Written by mia-lightning {_esc(__version__)}.</p>"]
     write_bytes_atomic(path, _page(title, sections).encode())
     markdown = [f"# {title}", "", *(f"{note}\n" for note in notes), *(markdown_table(record) for record in records), f"{interval_key()}.", ""]
-    write_bytes_atomic(path.with_suffix(".md"), "\n".join(markdown).encode())
+    write_bytes_atomic(twin, "\n".join(markdown).encode())
     return path
 
 
