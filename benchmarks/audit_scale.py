@@ -4,9 +4,12 @@ Builds the experiment once (sizes as flags; default 256 x 50,000 x 2 x 10, 1 GB 
 then measures side by side in this run:
 - the floor: ``numpy.load`` of every model's logits plus one ``np.sort`` of the M x n pooled scores
   per attack output (the least any audit must do);
+- the import floor: a child process that only imports the attack LightningModule (Python, torch, Lightning);
 - ``attack.py --attack <attacks>`` as a subprocess: wall time and peak RSS (``ru_maxrss`` of the child),
   plus its per-stage timing lines (``MIA_LIGHTNING_TIMING=1``).
-Prints the ratios wall / floor and peak RSS / logits size.
+Prints the ratios wall / floor, (wall - imports) / floor and peak RSS / logits size. The benchmark runs
+under the allocator settings ``attack.py`` itself uses (``runtime.apply_runtime_defaults``), so both
+sides of a ratio load the logits the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from mia_lightning.runtime import apply_runtime_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = {"lira": 5, "rmia": 2, "thresholds": 4, "reference": 1}
@@ -62,6 +67,13 @@ def floor_seconds(root: Path, n_models: int, n_outputs: int) -> tuple[float, flo
     return load_s, sort_s, load_s + sort_s
 
 
+def import_seconds() -> float:
+    """Wall time of a child process that imports only what scoring needs (the attack LightningModule and its imports)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import mia_lightning.attacks.module"], check=True, cwd=ROOT)
+    return time.perf_counter() - start
+
+
 def run_audit(root: Path, attacks: list[str], extra: list[str]) -> tuple[float, float, str]:
     """(wall s, peak RSS GB, output) of ``attack.py`` in a child process."""
     env = dict(os.environ, MIA_LIGHTNING_TIMING="1")
@@ -76,6 +88,7 @@ def run_audit(root: Path, attacks: list[str], extra: list[str]) -> tuple[float, 
 
 
 def main() -> None:
+    apply_runtime_defaults()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=256)
     parser.add_argument("--samples", type=int, default=50_000)
@@ -95,12 +108,15 @@ def main() -> None:
             print(f"built {args.models} x {args.samples} x {args.queries} x {args.classes} ({size / 1e9:.2f} GB of logits) in {time.perf_counter() - start:.1f} s")
         n_outputs = sum(OUTPUTS.get(a, 1) for a in (OUTPUTS if args.attacks == ["all"] else args.attacks))
         load_s, sort_s, floor = floor_seconds(root, args.models, n_outputs)
+        imports = import_seconds()
         wall, peak_gb, output = run_audit(root, args.attacks, args.extra)
         stages = [line for line in output.splitlines() if line.startswith("timing")]
         print(f"experiment : {args.models} models x {args.samples} samples x {args.queries} queries x {args.classes} classes, logits {size / 1e9:.2f} GB")
         print(f"floor      : numpy.load {load_s:.2f} s + {n_outputs} x np.sort of {args.models * args.samples:,} scores {sort_s:.2f} s = {floor:.2f} s")
         print(f"attack.py --attack {' '.join(args.attacks)} {' '.join(args.extra)}: wall {wall:.1f} s, peak RSS {peak_gb:.2f} GB")
-        print(f"ratios     : wall / floor {wall / floor:.1f}x, peak RSS / logits {peak_gb * 1024**3 / size:.2f}x")
+        print(f"imports    : python -c 'import mia_lightning.attacks.module' {imports:.2f} s")
+        print(f"ratios     : wall / floor {wall / floor:.1f}x, (wall - imports) / floor {(wall - imports) / floor:.1f}x, "
+              f"peak RSS / logits {peak_gb * 1024**3 / size:.2f}x")
         for line in stages:
             print("  " + line)
 

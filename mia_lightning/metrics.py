@@ -32,6 +32,8 @@ from typing import Callable
 
 import numpy as np
 
+from mia_lightning.runtime import numpy_parallel_map, numpy_threads
+
 FPR_LEVELS: tuple[float, ...] = (0.001, 0.01, 0.1)
 BOOTSTRAP_REPLICATES = 100
 CURVE_POINTS = 1000
@@ -194,8 +196,9 @@ class _WeightedScan:
                              self.end_fp[rows], self.best[rows], self.area2[rows], self.at)
 
     def absorb(self, rows: np.ndarray, other: "_WeightedScan") -> None:
-        """Take back the answers of ``subset(rows)`` after it advanced further."""
-        self.best[rows], self.area2[rows], self.tp[rows], self.weight[rows] = other.best, other.area2, other.tp, other.weight
+        """Take back the state of ``subset(rows)`` after it advanced further (``at`` stays: the other replicates did not move)."""
+        for name in ("best", "area2", "tp", "weight", "end_tp", "end_fp"):
+            getattr(self, name)[rows] = getattr(other, name)
 
     def advance(self, stop: int, target: np.ndarray, sample: np.ndarray, member: np.ndarray, ends: np.ndarray) -> None:
         """Scan sorted positions ``at``..``stop`` (each position's ``target`` / ``sample`` id, float32 ``member``, bool tie-group ``ends``).
@@ -242,6 +245,24 @@ class _WeightedScan:
             at = np.searchsorted(row_fp(b), self.thresholds[b, level], side="right") - 1
             if at >= 0:  # otherwise the last end before the block, already in ``best``
                 self.best[b, level] = tp[b, at]
+
+
+def _advance_in_threads(scan: _WeightedScan, rows: np.ndarray, stop: int, order: tuple[np.ndarray, ...]) -> None:
+    """Advance replicates ``rows`` of ``scan`` to position ``stop``, a share of the replicates per thread.
+
+    Replicates are independent and every sum is an exact integer, so the split changes no number.
+    """
+    shares = [share for share in np.array_split(rows, numpy_threads()) if share.size]
+
+    def advance(share: np.ndarray) -> _WeightedScan:
+        part = scan.subset(share)
+        part.advance(stop, *order)
+        return part
+
+    for share, part in zip(shares, numpy_parallel_map(advance, shares)):
+        scan.absorb(share, part)
+    if rows.size == scan.u.shape[0]:
+        scan.at = max(scan.at, stop)
 
 
 def bootstrap_intervals(
@@ -299,12 +320,11 @@ def bootstrap_intervals(
     target, sample = np.divmod(pairs.order, n_samples)
     target, sample, member = target.astype(np.int32), sample.astype(np.int32), pairs.member.astype(np.float32)
     scan = _WeightedScan.start(u, v, levels_arr * n_neg[:, None])
-    scan.advance(prefix, target, sample, member, pairs.last_of_tie)
+    order = (target, sample, member, pairs.last_of_tie)
+    _advance_in_threads(scan, np.arange(replicates), prefix, order)
     further = np.flatnonzero((np.arange(replicates) < auc_replicates) | (scan.weight - scan.tp <= levels_arr.max() * n_neg))
     if further.size and prefix < size:  # these replicates reach further down the order (the AUC needs all of it)
-        rest = scan.subset(further)
-        rest.advance(size, target, sample, member, pairs.last_of_tie)
-        scan.absorb(further, rest)
+        _advance_in_threads(scan, further, size, order)
 
     usable = (n_pos > 0) & (n_neg > 0)
     draws = np.where(usable[:, None], scan.best / np.where(usable, n_pos, 1.0)[:, None], np.nan)

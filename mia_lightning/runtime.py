@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, TypeVar
 
 DEFAULTS: dict[str, str] = {
     "OMP_WAIT_POLICY": "PASSIVE",
@@ -37,3 +39,24 @@ def apply_runtime_defaults() -> None:
     os.environ.update(missing)
     if any(key.startswith("MALLOC_") for key in missing) and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+MAX_NUMPY_THREADS = 4
+
+
+def numpy_threads() -> int:
+    """Threads for ``numpy_parallel_map``: the cores this process may run on, at most ``MAX_NUMPY_THREADS``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_NUMPY_THREADS))
+
+
+def numpy_parallel_map(function: Callable[[_Item], _Result], items: Iterable[_Item]) -> list[_Result]:
+    """``[function(item) for item in items]`` in ``numpy_threads()`` threads: numpy releases the GIL in its array loops,
+    so independent blocks of array work (models, replicates, samples) run on every core; results keep the items' order."""
+    items = list(items)
+    if len(items) < 2 or numpy_threads() == 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(numpy_threads(), len(items))) as pool:
+        return list(pool.map(function, items))

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from mia_lightning.runtime import numpy_parallel_map
+
 UTILITY_FILE = "utility.json"
 UTILITY_VERSION = 1
 
@@ -59,9 +61,9 @@ def model_utility(logits: np.ndarray, labels: np.ndarray, members: np.ndarray) -
 def utility_report(logits_of: Any, labels: np.ndarray, keep: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
     """``utility.json`` payload for the target models: per-model accuracies, their mean/std, gap, pooled per-class metrics.
 
-    ``logits_of(i)`` returns model i's logits [n, Q, C] (one model in memory at a time).
+    ``logits_of(i)`` returns model i's logits [n, Q, C] (one model per thread in memory at a time).
     """
-    per_model = [model_utility(logits_of(int(t)), labels, keep[int(t)]) for t in targets]
+    per_model = numpy_parallel_map(lambda t: model_utility(logits_of(int(t)), labels, keep[int(t)]), targets)
     test = np.array([m["test_accuracy"] for m in per_model])
     train = np.array([m["train_accuracy"] for m in per_model])
     confusion = np.sum([m["confusion"] for m in per_model], axis=0)

@@ -107,3 +107,15 @@ def test_block_size_changes_nothing(monkeypatch, ties):
         monkeypatch.setattr(metrics_module, "COUNT_BLOCK", vertices)
         results.append(evaluate_scores(scores, members, bootstrap=20, seed=1)[0])
     assert all(result == results[0] for result in results[1:])
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_thread_count_changes_nothing(monkeypatch, ties):
+    """Replicates are split over threads (``runtime.numpy_threads``); one thread, three or more than replicates give the same record."""
+    monkeypatch.setattr(metrics_module, "SCAN_CELLS", 41)
+    scores, members = generated(4, ties, True, n_targets=8, n_samples=200)
+    results = []
+    for threads in (1, 3, 64):
+        monkeypatch.setattr(metrics_module, "numpy_threads", lambda threads=threads: threads)
+        results.append(evaluate_scores(scores, members, bootstrap=40, seed=2)[0])
+    assert all(result == results[0] for result in results[1:])

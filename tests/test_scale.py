@@ -13,6 +13,7 @@ from scipy.special import logsumexp
 from synthetic import synthetic_arrays, write_synthetic_experiment
 
 from mia_lightning.attacks import AttackData, base, create_attack
+from mia_lightning.attacks import module
 from mia_lightning.attacks.module import score_targets
 from mia_lightning.audit import run_audit
 from mia_lightning.contract.experiment import ExperimentDir
@@ -73,3 +74,18 @@ def test_scoring_batches_do_not_change_scores(experiment):
         all_at_once = score_targets(create_attack(family), data, np.arange(9), batch_size=9)
         for name in one:
             np.testing.assert_array_equal(one[name], all_at_once[name], err_msg=name)
+
+
+@pytest.mark.parametrize("family", ["lira", "rmia", "thresholds", "reference"])
+def test_threaded_scoring_equals_one_thread(experiment, monkeypatch, family):
+    """Attacks with ``threaded_scoring`` score a share of each target batch per thread: the same numbers and warnings as one thread."""
+    data = AttackData.from_experiment(ExperimentDir(experiment))
+    results = []
+    for threads in (1, 4):
+        monkeypatch.setattr(module, "numpy_threads", lambda threads=threads: threads)
+        attack = create_attack(family)
+        results.append((score_targets(attack, data, np.arange(9), batch_size=9), attack._flagged))
+    (serial, serial_flags), (threaded, threaded_flags) = results
+    assert create_attack(family).threaded_scoring and serial_flags == threaded_flags
+    for name in serial:
+        np.testing.assert_array_equal(serial[name], threaded[name], err_msg=name)

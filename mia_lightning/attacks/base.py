@@ -12,9 +12,8 @@ import difflib
 import importlib
 import inspect
 import logging
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from jsonargparse import ArgumentParser
 from scipy.special import softmax
 
 from mia_lightning.errors import MiaError
+from mia_lightning.runtime import numpy_parallel_map
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.model_outputs import ModelOutputs
 from mia_lightning.data.plan import model_dependence
@@ -169,8 +169,7 @@ class AttackData:
             stop = min(start + size, M)
             values[start:stop] = confidence_statistics(self.logits[start:stop], self.labels)[which]
 
-        with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 4)) as pool:
-            list(pool.map(fill, range(0, M, size)))
+        numpy_parallel_map(fill, range(0, M, size))
         return values
 
     @cached_property
@@ -268,10 +267,14 @@ class Attack(ABC):
     as independent trials); such attacks are skipped on farms whose models derive from each other (unlearning plans)."""
     label: ClassVar[str | None] = None
     """How warnings name the attack (defaults to ``name``)."""
+    threaded_scoring: ClassVar[bool] = False
+    """Whether ``score`` is numpy array work that only reads what ``fit`` computed (and ``flag_samples``), so scoring may
+    split a batch of targets over threads (``attacks/module.py``); attacks that run torch models or sklearn stay serial."""
 
     def __init__(self) -> None:
         self.data: AttackData | None = None
         self._flagged: dict[str, set[int]] = {}
+        self._flag_lock = threading.Lock()
 
     @classmethod
     def unmet_requirement(cls, data: AttackData) -> str | None:
@@ -306,7 +309,8 @@ class Attack(ABC):
     def flag_samples(self, flags: np.ndarray, reason: str) -> None:
         """Remember the samples (last axis of ``flags``) for which ``reason`` held for some target."""
         ids = np.flatnonzero(np.asarray(flags).reshape(-1, flags.shape[-1]).any(axis=0))
-        self._flagged.setdefault(reason, set()).update(ids.tolist())
+        with self._flag_lock:
+            self._flagged.setdefault(reason, set()).update(ids.tolist())
 
     def report_warnings(self) -> None:
         """Log, once after all targets are scored, how many samples fell back or were left out, per reason."""

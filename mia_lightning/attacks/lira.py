@@ -65,6 +65,7 @@ class LiRA(Attack):
     name = "lira"
     label = "LiRA"
     outputs = ("lira_online", "lira_online_fixed", "lira_offline", "lira_offline_fixed", "global_threshold")
+    threaded_scoring = True
     min_models = 2
 
     def __init__(

@@ -2,7 +2,8 @@
 
 ``setup`` fits the attack's shared statistics once; each predict batch is a tensor of positions in
 the target list, and ``predict_step`` writes its scores straight into preallocated float64 arrays
-[T, n] per output (Lightning keeps no copy of the predictions, so scores exist once in memory).
+[T, n] per output (Lightning keeps no copy of the predictions, so scores exist once in memory). An
+attack whose scoring is plain numpy (``Attack.threaded_scoring``) scores a share of each batch per thread.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from mia_lightning.attacks.base import Attack, AttackData
 from mia_lightning.phases import Phase
+from mia_lightning.runtime import numpy_parallel_map, numpy_threads
 
 
 class AttackModule(L.LightningModule):
@@ -34,6 +36,11 @@ class AttackModule(L.LightningModule):
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         rows = batch.cpu().numpy()
+        shares = np.array_split(rows, numpy_threads()) if self.attack.threaded_scoring else [rows]
+        numpy_parallel_map(self._score_rows, [share for share in shares if share.size])
+
+    def _score_rows(self, rows: np.ndarray) -> None:
+        """Score the targets at positions ``rows`` into the preallocated arrays (threads write disjoint rows)."""
         for name, values in self.attack.score(self.targets[rows]).items():
             self.scores[name][rows] = values
 

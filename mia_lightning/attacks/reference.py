@@ -30,6 +30,7 @@ class ReferenceAttack(Attack):
     name = "reference"
     label = "attack R"
     outputs = ("reference_attack_r",)
+    threaded_scoring = True
     min_models = 2
 
     def __init__(self, n_shadows: int | None = None) -> None:

@@ -46,6 +46,7 @@ class RMIA(Attack):
     name = "rmia"
     label = "RMIA"
     outputs = ("rmia_online", "rmia_offline")
+    threaded_scoring = True
     min_models = 2
 
     def __init__(self, gamma: float = 1.0, a: float | None = None, n_shadows: int | None = None) -> None:

@@ -47,6 +47,7 @@ class ThresholdAttacks(Attack):
 
     name = "thresholds"
     outputs = ("loss", "confidence", "entropy", "modified_entropy")
+    threaded_scoring = True
     requires_logits = True
     shadow_free = True
 

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import special
 
 from mia_lightning.errors import MiaError
+from mia_lightning.runtime import numpy_parallel_map
 
 INDEPENDENT_RUNS_CITATION = (
     "Jagielski, Ullman and Oprea, 'Auditing Differentially Private Machine Learning: How Private is Private SGD?', "
@@ -146,7 +147,7 @@ def _best_tests(scores: np.ndarray, members: np.ndarray, delta: float, side: flo
     Sorts each sample's k scores once and reads every cut between distinct scores from cumulative
     counts; the Clopper-Pearson bounds come from one table over counts <= k and the two directions
     are compared as ratios (log is monotone), so the cost is about that of the sort. Samples are
-    independent, so they are taken in blocks.
+    independent, so they are taken in blocks, a block per thread at a time.
     Returns per-sample "bound", "threshold" (member iff score >= threshold) and "members_found"
     (True: TPR vs FPR; False: TNR vs FNR).
     """
@@ -155,7 +156,8 @@ def _best_tests(scores: np.ndarray, members: np.ndarray, delta: float, side: flo
     n_pos = np.count_nonzero(scored & members, axis=0)
     table = _clopper_pearson_table(k, np.concatenate([n_pos, np.count_nonzero(scored, axis=0) - n_pos]), side).ravel()
     step = max(1, TESTS_BLOCK_ELEMENTS // max(k, 1))
-    blocks = [_best_tests_block(scores[:, start:start + step], members[:, start:start + step], table, delta) for start in range(0, max(n, 1), step)]
+    blocks = numpy_parallel_map(lambda start: _best_tests_block(scores[:, start:start + step], members[:, start:start + step], table, delta),
+                                range(0, max(n, 1), step))
     return {key: np.concatenate([block[key] for block in blocks]) for key in ("bound", "threshold", "members_found")}
 
 
