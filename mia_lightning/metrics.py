@@ -152,12 +152,12 @@ def roc_curve(scores: np.ndarray, members: np.ndarray) -> RocCurve:
 
 
 SCAN_CELLS = 1 << 20
-"""Sorted positions x replicates per block of the bootstrap's scan (its float64 temporaries stay near 8 MiB)."""
+"""Sorted positions x replicates per block of the bootstrap's scan (its int64 temporaries stay near 8 MiB)."""
 
 
 def _poisson_weights(rng: np.random.Generator, replicates: int, n_targets: int, n_units: int) -> tuple[np.ndarray, np.ndarray]:
-    """Poisson(1) weights, float32 [B, n_targets] and [B, n_units], drawn replicate by replicate, targets first (the seed's order)."""
-    u, v = np.empty((replicates, n_targets), dtype=np.float32), np.empty((replicates, n_units), dtype=np.float32)
+    """Poisson(1) weights, int32 [B, n_targets] and [B, n_units], drawn replicate by replicate, targets first (the seed's order)."""
+    u, v = np.empty((replicates, n_targets), dtype=np.int32), np.empty((replicates, n_units), dtype=np.int32)
     for b in range(replicates):
         u[b], v[b] = rng.poisson(1.0, n_targets), rng.poisson(1.0, n_units)
     return u, v
@@ -167,10 +167,11 @@ def _poisson_weights(rng: np.random.Generator, replicates: int, n_targets: int, 
 class _WeightedScan:
     """Weighted cumulative (TP, FP) of B bootstrap replicates along the sorted order, advanced block by block.
 
-    Pair weights are u[target] * v[sample] (small integers), so every sum is an exact integer in
-    float64 and nothing depends on how the order is cut into blocks. Keeps, per replicate, the TP at
-    the last tie-group end whose FP is at most each threshold (``best``) and twice the area under
-    the weighted ROC so far (``area2``, ties counted half).
+    Pair weights are u[target] * v[sample] (small integers), so the counts are int64 sums, exact
+    whatever way the order is cut into blocks (integer prefix sums also run several times faster
+    than float ones: they vectorise). Keeps, per replicate, the TP at the last tie-group end whose
+    FP is at most each threshold (``best``) and twice the area under the weighted ROC so far
+    (``area2``, ties counted half; each block adds an exact int64 sum to it, in float64).
     """
 
     u: np.ndarray
@@ -187,8 +188,9 @@ class _WeightedScan:
     @classmethod
     def start(cls, u: np.ndarray, v: np.ndarray, thresholds: np.ndarray) -> "_WeightedScan":
         """A scan at position 0 for weights u [B, n_targets], v [B, n_samples] and FP thresholds [B, L]."""
-        zeros = np.zeros(u.shape[0])
-        return cls(u, v, thresholds, zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy(), np.zeros(thresholds.shape), zeros.copy())
+        zeros = np.zeros(u.shape[0], dtype=np.int64)
+        return cls(u, v, thresholds, zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy(), np.zeros(thresholds.shape, dtype=np.int64),
+                   np.zeros(u.shape[0]))
 
     def subset(self, rows: np.ndarray) -> "_WeightedScan":
         """The scan of replicates ``rows`` only, at the same position (to carry a few of them further down the order)."""
@@ -201,7 +203,7 @@ class _WeightedScan:
             getattr(self, name)[rows] = getattr(other, name)
 
     def advance(self, stop: int, target: np.ndarray, sample: np.ndarray, member: np.ndarray, ends: np.ndarray) -> None:
-        """Scan sorted positions ``at``..``stop`` (each position's ``target`` / ``sample`` id, float32 ``member``, bool tie-group ``ends``).
+        """Scan sorted positions ``at``..``stop`` (each position's ``target`` / ``sample`` id, int32 0/1 ``member``, bool tie-group ``ends``).
 
         Where every position of a block ends its tie group, a non-member at position c adds
         w_c x 2 TP_c to the doubled area, and FP per position is summed only for a replicate whose
@@ -213,18 +215,18 @@ class _WeightedScan:
             weights = np.take(self.u, target[part], axis=1) * np.take(self.v, sample[part], axis=1)
             hits = weights * member[part]
             misses = weights - hits
-            tp = np.cumsum(hits, axis=1, dtype=np.float64)
+            tp = np.cumsum(hits, axis=1, dtype=np.int64)
             tp += self.tp[:, None]
             untied = bool(ends[part].all()) and bool(first == 0 or ends[first - 1])
             fp_before = self.weight - self.tp
-            self.weight += weights.sum(axis=1, dtype=np.float64)
+            self.weight += weights.sum(axis=1, dtype=np.int64)
             self.tp = tp[:, -1].copy()
             if untied:
                 self.area2 += 2 * np.einsum("bc,bc->b", misses, tp)
-                self._cross(tp, fp_before, self.weight - self.tp, lambda b: np.cumsum(misses[b], dtype=np.float64) + fp_before[b])
+                self._cross(tp, fp_before, self.weight - self.tp, lambda b: np.cumsum(misses[b], dtype=np.int64) + fp_before[b])
                 self.end_tp, self.end_fp = self.tp.copy(), self.weight - self.tp
                 continue
-            fp = np.cumsum(misses, axis=1, dtype=np.float64)
+            fp = np.cumsum(misses, axis=1, dtype=np.int64)
             fp += fp_before[:, None]
             tp, fp = tp[:, ends[part]], fp[:, ends[part]]
             if not tp.shape[1]:
@@ -316,9 +318,9 @@ def bootstrap_intervals(
         scored = np.zeros(members.size, dtype=bool)
         scored[pairs.order] = True
         member_pairs, nonmember_pairs = members & scored.reshape(members.shape), ~members & scored.reshape(members.shape)
-    n_pos, n_neg = (np.einsum("bn,bn->b", (u @ side.astype(np.float32)).astype(np.float64), v) for side in (member_pairs, nonmember_pairs))
+    n_pos, n_neg = (np.einsum("bn,bn->b", (u.astype(np.float32) @ side.astype(np.float32)).astype(np.float64), v) for side in (member_pairs, nonmember_pairs))
     target, sample = np.divmod(pairs.order, n_samples)
-    target, sample, member = target.astype(np.int32), sample.astype(np.int32), pairs.member.astype(np.float32)
+    target, sample, member = target.astype(np.int32), sample.astype(np.int32), pairs.member.astype(np.int32)
     scan = _WeightedScan.start(u, v, levels_arr * n_neg[:, None])
     order = (target, sample, member, pairs.last_of_tie)
     _advance_in_threads(scan, np.arange(replicates), prefix, order)
@@ -333,7 +335,7 @@ def bootstrap_intervals(
     result: dict = {"tpr": {**intervals, "n_replicates": int(usable.sum())}}
     if auc is not None:
         whole = slice(0, auc_replicates)
-        auc_draws = np.where(usable[whole], scan.area2[whole] / np.where(usable[whole], 2 * scan.tp[whole] * (scan.weight - scan.tp)[whole], 1.0), np.nan)
+        auc_draws = np.where(usable[whole], scan.area2[whole] / np.where(usable[whole], 2.0 * scan.tp[whole] * (scan.weight - scan.tp)[whole], 1.0), np.nan)
         auc_spread = 1.959964 * float(np.nanstd(auc_draws, ddof=1))
         result |= {"auc": [float(max(0.0, auc - auc_spread)), float(min(1.0, auc + auc_spread))],
                    "auc_replicates": int(usable[whole].sum())}
