@@ -26,3 +26,24 @@ def test_a_value_the_user_set_is_kept():
 
 def test_switched_off():
     assert run({"MIA_LIGHTNING_RUNTIME": "0"}) == ["None", "None", "None"]
+
+
+def test_numpy_parallel_map_keeps_order_and_stays_within_the_cores(monkeypatch):
+    """Results come back in the items' order whatever the threads finish first; the thread count never exceeds the usable cores."""
+    import threading
+    import time
+
+    from mia_lightning import runtime
+
+    monkeypatch.setattr(runtime, "MAX_NUMPY_THREADS", 64)
+    assert runtime.numpy_threads() <= len(os.sched_getaffinity(0))
+    monkeypatch.setattr(runtime, "numpy_threads", lambda: 3)
+    seen = set()
+
+    def slow_square(x: int) -> int:
+        time.sleep(0.01 * (5 - x))  # the first items finish last
+        seen.add(threading.get_ident())
+        return x * x
+
+    assert runtime.numpy_parallel_map(slow_square, range(5)) == [0, 1, 4, 9, 16]
+    assert len(seen) > 1
