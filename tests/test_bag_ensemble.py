@@ -20,7 +20,8 @@ from mia_lightning.farm.checkpoints import load_model_checkpoint
 from mia_lightning.farm.engine import FarmSetup, ModelJob, model_seed
 from mia_lightning.farm.vectorised import VectorisedEngine, choose_engine
 from mia_lightning.models.bag import BagOfWordsClassifier, bag_of_words
-from mia_lightning.models.bag_ensemble import BagInputs, VectorisedBag, packed_bags
+from mia_lightning.models import bag_ensemble
+from mia_lightning.models.bag_ensemble import BagInputs, BagSum, VectorisedBag, bag_transpose, packed_bags
 from mia_lightning.models.lstm import make_optimizer
 
 from engine_equivalence import assert_engines_agree, assert_experiments_agree
@@ -47,6 +48,18 @@ def test_packed_bags_scatter_back_to_the_dense_bag_of_words():
     assert ids.shape[1] == max(len(set(row) - {0}) for row in tokens.tolist())  # cut to the most distinct words of a row
     dense = torch.zeros(len(tokens), 30).scatter_add_(1, ids, weights)
     torch.testing.assert_close(dense, bag_of_words(tokens, 30), rtol=0, atol=0)
+
+
+def test_bag_sum_backward_against_finite_differences_and_in_chunks(monkeypatch):
+    """The hand-written backward (``bag_transpose``) by gradcheck, and the same product whether ``index_add_`` runs in one chunk or many."""
+    torch.manual_seed(2)
+    ids, weights = packed_bags(generated_tokens(n=12))
+    table = torch.randn(30, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: BagSum.apply(t, ids, weights.double()), (table,))
+    values = torch.randn(12, 4, dtype=torch.float64)
+    whole = bag_transpose(ids, weights, values, 30)
+    monkeypatch.setattr(bag_ensemble, "SCATTER_ELEMENTS", 3 * ids.shape[1] * 4)  # 3 bags per chunk
+    torch.testing.assert_close(bag_transpose(ids, weights, values, 30), whole, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")

@@ -3,7 +3,8 @@
 A linear head z = W^T x + b under cross-entropy has the per-sample gradients grad_W = x (p - e_y)^T and
 grad_b = p - e_y (p = softmax(z)), so a sample's gradient norm over all of the head's parameters is
 ||p - e_y|| sqrt(||x||^2 + 1) and the sum of clipped gradients is one batched product
-X^T diag(s) (P - Y): no per-sample gradient is ever stored. Every model k follows the rules of the
+X^T diag(s) (P - Y): no per-sample gradient is ever stored. x comes dense [K, B, d] or in any form
+that gives ||x||^2 and X^T (``HeadInputs``: the bag-of-words ensemble's sparse bags). Every model k follows the rules of the
 ``DPSGD`` callback (``defences.dp_sgd``, Abadi et al., CCS 2016) with its own instance of it, built
 from the recipe's ``trainer.callbacks``:
 
