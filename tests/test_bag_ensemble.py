@@ -26,6 +26,7 @@ from mia_lightning.models.lstm import make_optimizer
 
 from engine_equivalence import assert_engines_agree, assert_experiments_agree
 from test_dp_heads import per_sample_gradients
+from test_lstm_ensemble import farms_on_both_engines
 from test_text import fresh_caches, write_recipe, write_reviews  # noqa: F401  (shared builders; the fixture clears the text caches)
 
 N_REVIEWS = 60
@@ -113,19 +114,14 @@ def test_same_seeds_give_the_same_bags(tmp_path, model_args):
 
 
 def test_cli_farm_vectorised_writes_what_the_sequential_farm_writes(tmp_path):
-    """``train.py farm`` with both engines on a bag recipe: same keep masks, labels and files per model, logits to 1e-4, done.json names the engine."""
-    source = write_reviews(tmp_path / "r.csv", n=N_REVIEWS)
-    experiments = {}
-    for engine in ("sequential", "vectorised"):
-        path = write_recipe(source, tmp_path / engine)
-        recipe = yaml.safe_load(path.read_text())
-        recipe["trainer"].pop("callbacks")
-        recipe["model"] = {"class_path": "mia_lightning.models.bag.BagOfWordsClassifier", "init_args": {"embedding_dim": 4, "lr": 0.05}}
-        recipe["farm"] = {"engine": engine, "group_size": 3}
-        path.write_text(yaml.safe_dump(recipe))
-        assert train_main(["farm", "--config", str(path)]) == 0
-        experiments[engine] = ExperimentDir(tmp_path / engine / "tiny_text")
-    assert_experiments_agree(experiments["sequential"], experiments["vectorised"], 4)
+    """``train.py farm`` with both engines on a bag recipe: same keep masks, labels and files per model, logits to 1e-4, done.json names the
+    engine; the unstacked checkpoints reload and re-export the same logits."""
+    experiments = farms_on_both_engines(tmp_path, {"class_path": "mia_lightning.models.bag.BagOfWordsClassifier", "init_args": {"embedding_dim": 4, "lr": 0.05}})
+    seq, vec = experiments["sequential"], experiments["vectorised"]
+    assert_experiments_agree(seq, vec, 4)
+    assert train_main(["export", "--experiment", str(vec.root)]) == 0
+    for index in range(4):
+        np.testing.assert_allclose(np.load(vec.model_dir(index) / "logits.npy"), np.load(seq.model_dir(index) / "logits.npy"), rtol=1e-4, atol=1e-4)
 
 
 def test_clipped_sums_on_sparse_bags_equal_per_sample_gradients_of_the_dense_model():
