@@ -4,9 +4,9 @@ A linear head z = W^T x + b under cross-entropy has the per-sample gradients gra
 grad_b = p - e_y (p = softmax(z)), so a sample's gradient norm over all of the head's parameters is
 ||p - e_y|| sqrt(||x||^2 + 1) and the sum of clipped gradients is one batched product
 X^T diag(s) (P - Y): no per-sample gradient is ever stored. x comes dense [K, B, d] or in any form
-that gives ||x||^2 and X^T (``HeadInputs``: the bag-of-words ensemble's sparse bags). Every model k follows the rules of the
-``DPSGD`` callback (``defences.dp_sgd``, Abadi et al., CCS 2016) with its own instance of it, built
-from the recipe's ``trainer.callbacks``:
+that gives ||x||^2 and X^T (``HeadInputs``: the bag-of-words ensemble's sparse bags). Every model k
+follows the rules of the ``DPSGD`` callback (``defences.dp_sgd``, Abadi et al., CCS 2016) with its own
+instance of it, built from the recipe's ``trainer.callbacks``:
 
 - Poisson sampling: model k's batches come from its own ``PoissonBatchSampler`` over its own training
   ids (rate q = batch_size / n_train, seeded by the model's data seed, as the sequential farm seeds it),

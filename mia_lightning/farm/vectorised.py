@@ -2,7 +2,8 @@
 
 Families that stack (``FAMILIES``): tabular MLPs and linear heads on tabular or cached features
 (``models.ensemble.VectorisedMLP``), bag-of-words text classifiers (``models.bag_ensemble.VectorisedBag``),
-LSTM text classifiers (``models.lstm_ensemble.VectorisedLSTM``) and timm image classifiers fine-tuned on pixels (``models.image_ensemble.VectorisedImageClassifier``).
+LSTM text classifiers (``models.lstm_ensemble.VectorisedLSTM``) and timm image classifiers fine-tuned
+on pixels (``models.image_ensemble.VectorisedImageClassifier``).
 Each model keeps its own seed, initialisation (built exactly as the sequential engine builds it),
 feature scaling and minibatch stream (``data.streams.index_stream``: the concatenation of the epoch
 slices ``StreamBatchSampler`` yields the sequential farm), so for the same seeds the vectorised and
@@ -11,10 +12,10 @@ the same batch size, so jobs are grouped by (batch size, steps) first; a plan of
 one or two groups. ``group_size`` bounds memory: activations grow linearly with it.
 
 DP-SGD: a recipe whose ``trainer.callbacks`` is the ``DPSGD`` callback trains linear heads
-(``hidden: []``, ``models.dp_heads.DPHeadEnsemble``) and linear bag-of-words classifiers (``embedding_dim: 0``,
-``models.bag_ensemble.DPBagEnsemble``) here too (closed-form per-sample gradients, each model its own
-Poisson batches, noise and accountant), grouped by training-set size so each group
-shares one sample rate and step count; other families with DP-SGD train on the sequential engine.
+(``hidden: []``, ``models.dp_heads.DPHeadEnsemble``) and linear bag-of-words classifiers
+(``embedding_dim: 0``, ``models.bag_ensemble.DPBagEnsemble``) here too (closed-form per-sample
+gradients, each model its own Poisson batches, noise and accountant), grouped by training-set size so
+each group shares one sample rate and step count; other families with DP-SGD train on the sequential engine.
 """
 
 from __future__ import annotations
@@ -69,10 +70,14 @@ def _mlp_ensemble(models: list[TabularMLP], datamodule: TabularDataModule, priva
 
 
 def _bag_ensemble(models: list[BagOfWordsClassifier], datamodule: TextDataModule, privacy: EnsemblePrivacy | None = None) -> tuple[VectorisedBag, int]:
-    """The bag-of-words ensemble on the pool's token ids, DP-SGD linear classifiers with ``privacy``; activations per predicted sample and model (its packed bag: offset ids and weights, and layer outputs)."""
+    """The bag-of-words ensemble on the pool's token ids, DP-SGD linear classifiers with ``privacy``.
+
+    Activations per predicted sample and model: its packed bag (offset ids and weights, 3 floats' worth
+    per word), the summed embedding and the logits.
+    """
     tensors = (torch.from_numpy(datamodule.tokens), torch.from_numpy(datamodule.pool_labels()))
     ensemble = VectorisedBag(models, *tensors) if privacy is None else DPBagEnsemble(models, *tensors, privacy=privacy)
-    return ensemble, 3 * ensemble.pool_ids.shape[1] + ensemble.head_weight.shape[1] + ensemble.head_weight.shape[2]
+    return ensemble, 3 * ensemble.pool_ids.shape[1] + ensemble.hparams.embedding_dim + 2 * ensemble.hparams.n_classes
 
 
 def _lstm_ensemble(models: list[LSTMClassifier], datamodule: TextDataModule) -> tuple[VectorisedLSTM, int]:

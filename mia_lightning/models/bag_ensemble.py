@@ -4,8 +4,8 @@ Model k's first layer is a table ``table[k]`` [V, W] (the bag of embeddings' [V,
 ``embedding_dim: 0`` the linear classifier's weight [V, C]) and its bag vector x is sparse: each
 review's distinct words weigh 1 / sqrt(k) (``models.bag.bag_weights``, the one definition of the
 features). So x^T table[k] is a weighted sum of table rows, one ``F.embedding_bag`` over all K models
-(model k's ids offset by k V; backward: ``bag_transpose``, one ``index_add_``), and the dense [K, B, V] bag vector is never built: a step reads
-K x B x (distinct words) rows instead of K x B x V floats. The pool's bags are computed once, their
+(model k's ids offset by k V; backward: ``bag_transpose``, one ``index_add_``), and the dense
+[K, B, V] bag vector is never built: a step reads K x B x (distinct words) rows instead of K x B x V floats. The pool's bags are computed once, their
 words packed to the front of each row and cut to the longest review's count of distinct words.
 
 Adam, AdamW and SGD act elementwise, so one optimiser over the stacked parameters is K independent
@@ -163,7 +163,8 @@ class DPBagEnsemble(PrivateHeadSteps, VectorisedBag):
     def __init__(self, models: list[BagOfWordsClassifier], pool_tokens: torch.Tensor, pool_labels: torch.Tensor, privacy: EnsemblePrivacy) -> None:
         super().__init__(models, pool_tokens, pool_labels)
         if self.embedding is not None:
-            raise MiaError("DP-SGD on the vectorised farm trains the linear bag-of-words classifier (model.init_args.embedding_dim: 0); use farm.engine: sequential")
+            raise MiaError("DP-SGD on the vectorised farm trains the linear bag-of-words classifier (model.init_args.embedding_dim: 0); "
+                           "use farm.engine: sequential")
         self.private_init(privacy)
 
     def head_inputs(self, ids: torch.Tensor) -> tuple[BagInputs, torch.Tensor]:
