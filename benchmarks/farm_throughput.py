@@ -16,6 +16,12 @@ Case 5, the FiLM recipe (configs/images/fmnist_film.yaml: ImageNet MobileNetV2 a
 C = 5 classes, B = 20): ``--image_models`` models fine-tuned ``film`` and then ``full`` (``--image_epochs``
 overrides the recipe's 30 epochs), sequential farm vs the image ensemble (``models.image_ensemble``),
 timed in ``--image_rounds`` alternating rounds (the fastest of each farm counts), GFLOP/s from torch's ``FlopCounterMode`` count of one model's forward pass (``image_training_flops``).
+Case 6, the bag-of-words settings of the defences study (configs/text/imdb_defences.yaml on
+configs/text/imdb_lstm.yaml): ``--bag_models`` linear bag-of-words classifiers (20,000-review pool,
+vocabulary 5,000, 256 tokens, batch 1,024, Adam 0.05) undefended (``bow_baseline``, 10 epochs) and under
+DP-SGD at epsilon 8 (``bow_dp_eps8``, 3 epochs of Poisson batches, opacus on the sequential farm), sequential
+farm vs the bag ensemble (``models.bag_ensemble``); GFLOP/s counted as the dense model's 3 x 2 x V x C
+multiply-adds per sample (the ensemble sums sparse bags, so it does less work than it is credited with).
 Case 3 (``--contention``): the quickstart farm as users run it, ``train.py farm`` in a fresh
 process, wall time measured side by side with and without a competing CPU load (another process
 keeping every core busy with matrix products), and with the runtime defaults of
@@ -149,6 +155,24 @@ def lstm_case(trainer: dict, args: argparse.Namespace, peak: float) -> None:
                 setup, jobs, args.sequential_models, group, peak, lstm_training_flops(setup, jobs, steps), fused=False)
 
 
+def bag_case(trainer: dict, args: argparse.Namespace, peak: float) -> None:
+    """Case 6: the bow_baseline and bow_dp_eps8 settings of the defences study, sequential farm vs bag ensemble."""
+    recipe = yaml.safe_load((ROOT / "configs/text/imdb_lstm.yaml").read_text())
+    settings = {s["name"]: s["overrides"] for s in yaml.safe_load((ROOT / "configs/text/imdb_defences.yaml").read_text())["study"]["settings"]}
+    for name in ("bow_baseline", "bow_dp_eps8"):
+        overrides = settings[name]
+        data = {**recipe["data"]["init_args"], **{k.rsplit(".", 1)[1]: v for k, v in overrides.items() if k.startswith("data.init_args.")}}
+        callbacks = tuple(ComponentSpec(c["class_path"], c["init_args"]) for c in overrides.get("trainer.callbacks", []))
+        bag_trainer = {**trainer, "max_epochs": args.bag_epochs or overrides["trainer.max_epochs"]}
+        model = overrides["model"]
+        setup = FarmSetup(ComponentSpec(recipe["data"]["class_path"], data), ComponentSpec(model["class_path"], model["init_args"]), bag_trainer, callbacks)
+        jobs = jobs_for(data["n_rows"], args.bag_models, recipe["plan"]["seed"])
+        steps = bag_trainer["max_epochs"] * steps_per_epoch(jobs[0].train_indices.size, data["batch_size"])
+        flops = 6 * data["vocab_size"] * 2 * data["batch_size"] * steps * len(jobs)
+        compare(f"case 6: {args.bag_models} bag-of-words classifiers of configs/text/imdb_defences.yaml {name}, {bag_trainer['max_epochs']} epochs, "
+                f"groups of {args.bag_models}", setup, jobs, args.bag_sequential, args.bag_models, peak, flops, fused=False, rounds=args.bag_rounds)
+
+
 def image_training_flops(setup: FarmSetup, jobs: list[ModelJob], steps: int) -> float:
     """Training FLOPs of every image job: the forward pass counted by ``FlopCounterMode`` at the recipe's batch, x 3 for full fine-tuning
     (input and weight gradients), x 2 for FiLM (input gradients only: the frozen convolutions need no weight gradient), x steps and models.
@@ -234,8 +258,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's max_epochs")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--families", nargs="+", choices=("mlp", "lstm", "image"), default=["mlp", "lstm", "image"],
-                        help="which cases to run (mlp: cases 1-3, lstm: case 4, image: case 5)")
+    parser.add_argument("--families", nargs="+", choices=("mlp", "lstm", "image", "bag"), default=["mlp", "lstm", "image", "bag"],
+                        help="which cases to run (mlp: cases 1-3, lstm: case 4, image: case 5, bag: case 6)")
     parser.add_argument("--lstm_models", type=int, default=16)
     parser.add_argument("--lstm_epochs", type=int, default=None, help="override the LSTM recipe's 8 epochs")
     parser.add_argument("--lstm_groups", type=int, nargs="+", default=[16], help="farm.group_size values to time the LSTM ensemble with")
@@ -244,6 +268,10 @@ def main() -> None:
     parser.add_argument("--image_sequential", type=int, default=2, help="image models the sequential farm is timed on (extrapolated)")
     parser.add_argument("--image_groups", type=int, nargs="+", default=[8], help="farm.group_size values to time the image ensemble with")
     parser.add_argument("--image_rounds", type=int, default=3, help="alternating timing rounds of the image farms; the fastest of each counts")
+    parser.add_argument("--bag_models", type=int, default=16)
+    parser.add_argument("--bag_epochs", type=int, default=None, help="override the bow settings' epochs (10 undefended, 3 under DP-SGD)")
+    parser.add_argument("--bag_sequential", type=int, default=2, help="bag models the sequential farm is timed on (extrapolated)")
+    parser.add_argument("--bag_rounds", type=int, default=2, help="alternating timing rounds of the bag farms; the fastest of each counts")
     parser.add_argument("--contention", action="store_true", help="also case 3: train.py farm with and without a competing CPU load")
     args = parser.parse_args()
     configure_logging()
@@ -262,6 +290,8 @@ def main() -> None:
         lstm_case(trainer, args, peak)
     if "image" in args.families:
         image_case(trainer, args, peak)
+    if "bag" in args.families:
+        bag_case(trainer, args, peak)
     if "mlp" not in args.families:
         return
     jobs = jobs_for(1797, args.models)

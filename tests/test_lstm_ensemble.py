@@ -101,18 +101,25 @@ def test_dropout_trains_in_the_ensemble(tmp_path):
     assert all(r.metrics["train_acc"] > 0.8 for r in results)
 
 
-def test_cli_farm_vectorised_writes_what_the_sequential_farm_writes(tmp_path):
-    """``train.py farm`` with both engines: same keep masks and labels, same files per model, logits to tolerance, done.json names the engine."""
+def farms_on_both_engines(tmp_path, model: dict | None = None) -> dict[str, ExperimentDir]:
+    """``train.py farm`` of the tiny text recipe (4 models; ``model`` replaces its LSTM) with each engine, groups of 3; the experiments by engine."""
     source = write_reviews(tmp_path / "r.csv", n=N_REVIEWS)
     experiments = {}
     for engine in ("sequential", "vectorised"):
         path = write_recipe(source, tmp_path / engine)
         recipe = yaml.safe_load(path.read_text())
         recipe["trainer"].pop("callbacks")
+        recipe["model"] = model or recipe["model"]
         recipe["farm"] = {"engine": engine, "group_size": 3}
         path.write_text(yaml.safe_dump(recipe))
         assert train_main(["farm", "--config", str(path)]) == 0
         experiments[engine] = ExperimentDir(tmp_path / engine / "tiny_text")
+    return experiments
+
+
+def test_cli_farm_vectorised_writes_what_the_sequential_farm_writes(tmp_path):
+    """``train.py farm`` with both engines: same keep masks and labels, same files per model, logits to tolerance, done.json names the engine."""
+    experiments = farms_on_both_engines(tmp_path)
     assert_experiments_agree(experiments["sequential"], experiments["vectorised"], 4)
 
 

@@ -123,6 +123,8 @@ def test_other_families_need_the_sequential_engine():
 
 TEXT = ("mia_lightning.data.text.TextDataModule", "mia_lightning.models.lstm.LSTMClassifier")
 IMAGES = ("mia_lightning.data.images.ImageDataModule", "mia_lightning.models.image.ImageClassifier")
+BAG = ("mia_lightning.data.text.TextDataModule", "mia_lightning.models.bag.BagOfWordsClassifier")
+DP_SGD = (ComponentSpec("mia_lightning.defences.dp_sgd.DPSGD", {"target_epsilon": 8.0}),)
 
 
 @pytest.mark.parametrize(
@@ -136,6 +138,10 @@ IMAGES = ("mia_lightning.data.images.ImageDataModule", "mia_lightning.models.ima
         (*TEXT, {"adv_reg": 1.0}, {"accelerator": "gpu"}, (), False, "sequential"),
         (*TEXT, {}, {"accelerator": "gpu"}, (ComponentSpec("lightning.pytorch.callbacks.EarlyStopping", {"monitor": "val_loss"}),), False, "sequential"),
         ("mia_lightning.data.tabular.TabularDataModule", "mia_lightning.models.tabular_mlp.TabularMLP", {}, {"accelerator": "cpu"}, (), True, "sequential"),
+        (*BAG, {}, {"accelerator": "cpu"}, (), False, "vectorised"),  # found before the LSTM family on the same DataModule
+        (*BAG, {"embedding_dim": 16}, {"accelerator": "cpu"}, (), False, "vectorised"),
+        (*BAG, {}, {"accelerator": "cpu"}, DP_SGD, False, "vectorised"),  # closed-form DP-SGD of the linear classifier
+        (*BAG, {"embedding_dim": 16}, {"accelerator": "cpu"}, DP_SGD, False, "sequential"),
         (*IMAGES, {"finetune": "film"}, {"accelerator": "cpu"}, (), False, "sequential"),  # 0.98x (FiLM) / 0.72x (full) on the CPU (docs/images.md)
         (*IMAGES, {"finetune": "full"}, {"accelerator": "gpu"}, (), False, "vectorised"),
     ],

@@ -3,9 +3,10 @@
 A linear head z = W^T x + b under cross-entropy has the per-sample gradients grad_W = x (p - e_y)^T and
 grad_b = p - e_y (p = softmax(z)), so a sample's gradient norm over all of the head's parameters is
 ||p - e_y|| sqrt(||x||^2 + 1) and the sum of clipped gradients is one batched product
-X^T diag(s) (P - Y): no per-sample gradient is ever stored. Every model k follows the rules of the
-``DPSGD`` callback (``defences.dp_sgd``, Abadi et al., CCS 2016) with its own instance of it, built
-from the recipe's ``trainer.callbacks``:
+X^T diag(s) (P - Y): no per-sample gradient is ever stored. x comes dense [K, B, d] or in any form
+that gives ||x||^2 and X^T (``HeadInputs``: the bag-of-words ensemble's sparse bags). Every model k
+follows the rules of the ``DPSGD`` callback (``defences.dp_sgd``, Abadi et al., CCS 2016) with its own
+instance of it, built from the recipe's ``trainer.callbacks``:
 
 - Poisson sampling: model k's batches come from its own ``PoissonBatchSampler`` over its own training
   ids (rate q = batch_size / n_train, seeded by the model's data seed, as the sequential farm seeds it),
@@ -22,7 +23,7 @@ The privatised gradient is handed to the recipe's optimiser (post-processing, as
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -35,17 +36,41 @@ PAD = -1
 """Index of an empty slot in a padded batch [K, B] (models draw batches of different sizes)."""
 
 
-def clipped_gradient_sums(x: torch.Tensor, residual: torch.Tensor, valid: torch.Tensor, max_grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class HeadInputs(Protocol):
+    """Inputs x [K, B, d] of K linear heads in whatever form a family stores them (dense, or a sparse bag of words)."""
+
+    def squared_norms(self) -> torch.Tensor:
+        """||x||^2 per model and sample [K, B]."""
+
+    def transposed_product(self, weighted: torch.Tensor) -> torch.Tensor:
+        """X^T weighted [K, d, C] for weighted [K, B, C]."""
+
+
+class DenseInputs:
+    """``HeadInputs`` of a dense tensor x [K, B, d]."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def squared_norms(self) -> torch.Tensor:
+        return (self.x * self.x).sum(-1)
+
+    def transposed_product(self, weighted: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(self.x.transpose(1, 2), weighted)
+
+
+def clipped_gradient_sums(x: torch.Tensor | HeadInputs, residual: torch.Tensor, valid: torch.Tensor, max_grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum over each model's batch of the clipped per-sample gradients of its linear head.
 
-    ``x`` [K, B, d] inputs of the head, ``residual`` [K, B, C] softmax minus one-hot, ``valid`` bool
-    [K, B] (padding is False), ``max_grad_norm`` [K]; returns grad_W [K, d, C], grad_b [K, 1, C] and the
-    unclipped per-sample norms [K, B].
+    ``x`` [K, B, d] inputs of the head (a tensor or any ``HeadInputs``), ``residual`` [K, B, C] softmax
+    minus one-hot, ``valid`` bool [K, B] (padding is False), ``max_grad_norm`` [K]; returns grad_W
+    [K, d, C], grad_b [K, 1, C] and the unclipped per-sample norms [K, B].
     """
-    norms = torch.linalg.vector_norm(residual, dim=-1) * torch.sqrt((x * x).sum(-1) + 1.0)
+    inputs = DenseInputs(x) if isinstance(x, torch.Tensor) else x
+    norms = torch.linalg.vector_norm(residual, dim=-1) * torch.sqrt(inputs.squared_norms() + 1.0)
     scale = (max_grad_norm[:, None] / (norms + 1e-6)).clamp(max=1.0) * valid
     weighted = residual * scale.unsqueeze(-1)
-    return torch.bmm(x.transpose(1, 2), weighted), weighted.sum(1, keepdim=True), norms
+    return inputs.transposed_product(weighted), weighted.sum(1, keepdim=True), norms
 
 
 def noise_seed(seed: int) -> int:
@@ -103,9 +128,9 @@ class EnsemblePrivacy:
             self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in self.seeds]
         return torch.stack([torch.randn(shape, generator=generator, device=device) for generator in self.generators])
 
-    def privatise(self, x: torch.Tensor, residual: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def privatise(self, x: torch.Tensor | HeadInputs, residual: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The DP-SGD gradients (grad_W [K, d, C], grad_b [K, 1, C]): clipped sums plus each model's noise, over its expected batch."""
-        device = x.device
+        device = residual.device
         grad_w, grad_b, _ = clipped_gradient_sums(x, residual, valid, self.max_grad_norm.to(device))
         std, expected = self.noise_std.to(device), self.expected_batch.to(device)
         if bool((std > 0).any()):

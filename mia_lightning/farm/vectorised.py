@@ -1,8 +1,9 @@
 """The vectorised farm engine: groups of up to ``group_size`` models trained by one Lightning run.
 
 Families that stack (``FAMILIES``): tabular MLPs and linear heads on tabular or cached features
-(``models.ensemble.VectorisedMLP``), LSTM text classifiers (``models.lstm_ensemble.VectorisedLSTM``)
-and timm image classifiers fine-tuned on pixels (``models.image_ensemble.VectorisedImageClassifier``).
+(``models.ensemble.VectorisedMLP``), bag-of-words text classifiers (``models.bag_ensemble.VectorisedBag``),
+LSTM text classifiers (``models.lstm_ensemble.VectorisedLSTM``) and timm image classifiers fine-tuned
+on pixels (``models.image_ensemble.VectorisedImageClassifier``).
 Each model keeps its own seed, initialisation (built exactly as the sequential engine builds it),
 feature scaling and minibatch stream (``data.streams.index_stream``: the concatenation of the epoch
 slices ``StreamBatchSampler`` yields the sequential farm), so for the same seeds the vectorised and
@@ -11,9 +12,10 @@ the same batch size, so jobs are grouped by (batch size, steps) first; a plan of
 one or two groups. ``group_size`` bounds memory: activations grow linearly with it.
 
 DP-SGD: a recipe whose ``trainer.callbacks`` is the ``DPSGD`` callback trains linear heads
-(``hidden: []``) here too (``models.dp_heads.DPHeadEnsemble``: closed-form per-sample gradients, each
-model its own Poisson batches, noise and accountant), grouped by training-set size so each group
-shares one sample rate and step count; other families with DP-SGD train on the sequential engine.
+(``hidden: []``, ``models.dp_heads.DPHeadEnsemble``) and linear bag-of-words classifiers
+(``embedding_dim: 0``, ``models.bag_ensemble.DPBagEnsemble``) here too (closed-form per-sample
+gradients, each model its own Poisson batches, noise and accountant), grouped by training-set size so
+each group shares one sample rate and step count; other families with DP-SGD train on the sequential engine.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.farm.engine import FarmSetup, ModelJob, TrainedModel, fit
 from mia_lightning.farm.progress import GroupProgress
+from mia_lightning.models.bag import BagOfWordsClassifier
+from mia_lightning.models.bag_ensemble import DPBagEnsemble, VectorisedBag
 from mia_lightning.models.dp_heads import DPHeadEnsemble
 from mia_lightning.models.ensemble import VectorisedMLP
 from mia_lightning.models.image import ImageClassifier
@@ -63,6 +67,17 @@ def _mlp_ensemble(models: list[TabularMLP], datamodule: TabularDataModule, priva
     ensemble = VectorisedMLP(models, *tensors) if privacy is None else DPHeadEnsemble(models, *tensors, privacy=privacy)
     widest = max(pool.n_features, *(w.shape[-1] for w in ensemble.weights))
     return ensemble, widest * (1 if views is None else views.shape[1])
+
+
+def _bag_ensemble(models: list[BagOfWordsClassifier], datamodule: TextDataModule, privacy: EnsemblePrivacy | None = None) -> tuple[VectorisedBag, int]:
+    """The bag-of-words ensemble on the pool's token ids, DP-SGD linear classifiers with ``privacy``.
+
+    Activations per predicted sample and model: its packed bag (offset ids and weights, 3 floats' worth
+    per word), the summed embedding and the logits.
+    """
+    tensors = (torch.from_numpy(datamodule.tokens), torch.from_numpy(datamodule.pool_labels()))
+    ensemble = VectorisedBag(models, *tensors) if privacy is None else DPBagEnsemble(models, *tensors, privacy=privacy)
+    return ensemble, 3 * ensemble.pool_ids.shape[1] + ensemble.hparams.embedding_dim + 2 * ensemble.hparams.n_classes
 
 
 def _lstm_ensemble(models: list[LSTMClassifier], datamodule: TextDataModule) -> tuple[VectorisedLSTM, int]:
@@ -111,10 +126,19 @@ def _dp_head_refusal(args: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _dp_bag_refusal(args: Mapping[str, Any]) -> str | None:
+    """Why DP-SGD cannot train these bag-of-words arguments vectorised (closed-form per-sample gradients exist for the linear classifier)."""
+    if int(args.get("embedding_dim", 0)):
+        return "DP-SGD on the vectorised engine trains the linear bag-of-words classifier only (model.init_args.embedding_dim: 0)"
+    return None
+
+
 FAMILIES = (
     Family(TabularMLP, TabularDataModule, _mlp_ensemble, frozenset({"cpu", "cuda"}),
            prepare=lambda model, datamodule, private: model.fit_standardizer(*(datamodule.pool_feature_stats() if private else datamodule.train_feature_stats())),
            private=_dp_head_refusal),
+    # Before the LSTM family (both read TextDataModule); faster on the CPU: see benchmarks/farm_throughput.py case 6 (docs/text.md).
+    Family(BagOfWordsClassifier, TextDataModule, _bag_ensemble, frozenset({"cpu"}), private=_dp_bag_refusal),
     # On the CPU nn.LSTM's fused oneDNN kernel already trains one model at about the matmul peak (README, Farm).
     Family(LSTMClassifier, TextDataModule, _lstm_ensemble, frozenset({"cuda"}), refuses=unstackable_args),
     # On the CPU one model's step at the few-shot batch already runs its layers near their best per-sample cost: the ensemble

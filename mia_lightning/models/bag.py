@@ -32,15 +32,28 @@ PAD_ID = 0
 """The padding id of ``mia_lightning.data.text`` (models sit below data in the layers, so it is restated here)."""
 
 
+def bag_weights(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bag of words of token ids [b, L] in sparse form: ids [b, L] (each row's tokens sorted) and float weights [b, L].
+
+    The first copy of each of a row's k distinct words (padding left out) weighs 1 / sqrt(k), repeats and
+    padding 0: the one definition of the features, which ``bag_of_words`` scatters into a dense vector and
+    the stacked ensemble (``models.bag_ensemble``) sums embeddings over.
+    """
+    ids = tokens.sort(dim=1).values
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    first &= ids != PAD_ID
+    counts = first.sum(dim=1, keepdim=True).clamp(min=1)
+    return ids, first / counts.sqrt()
+
+
 def bag_of_words(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """float [b, vocab_size]: presence of each vocabulary id in each row of ``tokens`` [b, L] (padding ignored), scaled to unit L2 norm.
 
     A row of padding only maps to the zero vector.
     """
-    present = torch.zeros(tokens.shape[0], vocab_size, device=tokens.device)
-    present.scatter_(1, tokens, 1.0)
-    present[:, PAD_ID] = 0.0
-    return present / present.sum(dim=1, keepdim=True).clamp(min=1.0).sqrt()
+    ids, weights = bag_weights(tokens)
+    return torch.zeros(tokens.shape[0], vocab_size, device=tokens.device).scatter_add_(1, ids, weights)
 
 
 class BagOfWordsClassifier(ClassifierSteps, PrivacyStateMixin, L.LightningModule):
@@ -68,7 +81,7 @@ class BagOfWordsClassifier(ClassifierSteps, PrivacyStateMixin, L.LightningModule
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [b, C] of token ids [b, L]."""
-        features = bag_of_words(tokens, self.hparams.vocab_size)
+        features = bag_of_words(tokens, self.hparams.vocab_size).to(self.head.weight.dtype)
         return self.head(features if self.embedding is None else self.embedding(features))
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
