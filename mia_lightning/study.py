@@ -89,6 +89,8 @@ def expand_settings(options: StudyOptions) -> list[Setting]:
         for item in options.settings:
             if not isinstance(item, dict) or "name" not in item:
                 raise MiaError(f"study.settings: {item!r} needs a name (and overrides)")
+            if not isinstance(item.get("overrides") or {}, dict):
+                raise MiaError(f"study.settings {item['name']!r}: overrides must be a mapping of dotted keys to values, got {item['overrides']!r}")
             settings.append(Setting(str(item["name"]), dict(item.get("overrides") or {})))
     elif options.grid:
         grids = options.grid if isinstance(options.grid, list) else [options.grid]

@@ -87,6 +87,7 @@ def test_a_list_of_grids_is_the_union_of_their_products():
     ({"analysis": "nonsense"}, "study.analysis 'nonsense': unknown"),
     ({"grid": {}, "settings": []}, "needs a grid or a list of settings"),
     ({"settings": [{"name": "a"}, {"name": "a"}], "grid": {}}, "'a' repeats"),
+    ({"settings": [{"name": "a", "overrides": [1, 2]}], "grid": {}}, "study.settings 'a': overrides must be a mapping"),
     ({"recipe": "missing.yaml"}, "no such farm recipe"),
     ({"analysis": "defences", "analysis_params": {"bootstrap": 200}}, "study.analysis_params.bootstrap: not a parameter of the defences analysis; it takes baseline,"),
 ])
