@@ -137,6 +137,25 @@ def setting_argv(options: StudyOptions, study_dir: Path, setting: Setting) -> li
     return argv
 
 
+def check_setting_recipes(options: StudyOptions, study_dir: Path, settings: list[Setting]) -> None:
+    """Parse every setting's farm recipe and check the attacks before study.json is written: a typo found later would lock the study to it."""
+    from mia_lightning.audit import resolve_attacks, resolve_targets
+    from mia_lightning.console import parse
+    from mia_lightning.farm.config import farm_parser, recipe_from_namespace
+
+    try:
+        resolve_attacks(options.attacks, options.params)
+    except MiaError as err:
+        raise MiaError(f"study.attacks / study.params: {err}") from None
+    parser = farm_parser()
+    for setting in settings:
+        try:
+            recipe = recipe_from_namespace(parser, parse(parser, setting_argv(options, study_dir, setting)))
+            resolve_targets(recipe.plan.n_models, None, options.n_targets)
+        except MiaError as err:
+            raise MiaError(f"study setting {setting.name!r}: {err}") from None
+
+
 def analysis_function(name: str) -> Callable[..., dict]:
     if name not in ANALYSES:
         raise MiaError(f"study.analysis {name!r}: unknown; choose one of {', '.join(sorted(ANALYSES))}")
@@ -194,6 +213,7 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
     if status_only:
         _print_status(study_dir, settings, console)
         return None
+    check_setting_recipes(options, study_dir, settings)
     study_dir.mkdir(parents=True, exist_ok=True)
     payload = {"version": FORMAT_VERSION, "recipe": options.recipe, **({"overrides": options.overrides} if options.overrides else {}), "settings": [{"name": s.name, "overrides": s.overrides} for s in settings],
                "attacks": list(options.attacks), "params": options.params, "n_targets": options.n_targets}

@@ -89,6 +89,12 @@ def test_a_list_of_grids_is_the_union_of_their_products():
     ({"settings": [{"name": "a"}, {"name": "a"}], "grid": {}}, "'a' repeats"),
     ({"settings": [{"name": "a", "overrides": [1, 2]}], "grid": {}}, "study.settings 'a': overrides must be a mapping"),
     ({"recipe": "missing.yaml"}, "no such farm recipe"),
+    # typos the farm or the audit would find only after study.json is written (which would lock the study to them)
+    ({"overrides": {"model.init_args.nonexistent": 3}}, "study setting 'weight_decay-0.0_max_epochs-1': train.py farm: "),
+    ({"grid": {"farm.engine": ["vectorized"]}}, "study setting 'engine-vectorized': --farm.engine 'vectorized': choose one of"),
+    ({"attacks": ["lirra"]}, "unknown attack 'lirra'; did you mean lira"),
+    ({"params": {"lira": {"n_shadows": 4}}}, "--params 'lira': not an attack of this run (thresholds)"),
+    ({"n_targets": 9}, "--n_targets 9: must be between 1 and the number of models (4)"),
     ({"analysis": "defences", "analysis_params": {"bootstrap": 200}}, "study.analysis_params.bootstrap: not a parameter of the defences analysis; it takes baseline,"),
 ])
 def test_bad_studies_are_one_line(tmp_path, recorded, capsys, changes, phrase):
