@@ -24,10 +24,12 @@ farm is skipped by the farm itself, an audited setting (``setting.json``) is not
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import itertools
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,16 +139,24 @@ def setting_argv(options: StudyOptions, study_dir: Path, setting: Setting) -> li
     return argv
 
 
+def study_outputs(options: StudyOptions) -> list[str]:
+    """The attack outputs the study's attacks write (``lira`` -> ``lira_online``, ...); the attacks and their params are checked first."""
+    from mia_lightning.attacks import ATTACKS
+    from mia_lightning.audit import resolve_attacks
+
+    try:
+        names, _ = resolve_attacks(options.attacks, options.params)
+    except MiaError as err:
+        raise MiaError(f"study.attacks / study.params: {err}") from None
+    return [output for name in names for output in ATTACKS.outputs().get(name, (name,))]
+
+
 def check_setting_recipes(options: StudyOptions, study_dir: Path, settings: list[Setting]) -> None:
-    """Parse every setting's farm recipe and check the attacks before study.json is written: a typo found later would lock the study to it."""
-    from mia_lightning.audit import resolve_attacks, resolve_targets
+    """Parse every setting's farm recipe and check n_targets before study.json is written: a typo found later would lock the study to it."""
+    from mia_lightning.audit import resolve_targets
     from mia_lightning.console import parse
     from mia_lightning.farm.config import farm_parser, recipe_from_namespace
 
-    try:
-        resolve_attacks(options.attacks, options.params)
-    except MiaError as err:
-        raise MiaError(f"study.attacks / study.params: {err}") from None
     parser = farm_parser()
     for setting in settings:
         try:
@@ -163,8 +173,11 @@ def analysis_function(name: str) -> Callable[..., dict]:
     return getattr(importlib.import_module(module), function)
 
 
-def _check_analysis_params(analyse: Callable[..., dict], options: StudyOptions) -> None:
-    """Refuse an analysis parameter the analysis does not take before any setting trains (a typo would otherwise cost the whole sweep)."""
+def _check_analysis_params(analyse: Callable[..., dict], options: StudyOptions, settings: list[Setting], outputs: list[str]) -> None:
+    """Refuse an analysis parameter the analysis does not take, of the wrong type, or naming no setting or output of the study, before any setting trains (a typo would otherwise cost the whole sweep).
+
+    The analysis module's ``check_params(settings, outputs, **params)``, when it has one, checks the values (``analyse`` calls it too).
+    """
     parameters = inspect.signature(analyse).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
@@ -172,6 +185,16 @@ def _check_analysis_params(analyse: Callable[..., dict], options: StudyOptions) 
     unknown = sorted(set(options.analysis_params) - set(accepted))
     if unknown:
         raise MiaError(f"study.analysis_params.{unknown[0]}: not a parameter of the {options.analysis} analysis; it takes {', '.join(accepted)}")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_function_arguments(analyse, skip={"study_dir", "rows"})
+    try:
+        values = parser.parse_object(options.analysis_params).as_dict()
+    except argparse.ArgumentError as err:
+        key = next((name for name in options.analysis_params if f'key "{name}"' in str(err)), "?")
+        raise MiaError(f"study.analysis_params.{key}={options.analysis_params.get(key)!r}: expected {parameters[key].annotation if key in parameters else 'another type'}") from None
+    check = getattr(sys.modules[analyse.__module__], "check_params", None)
+    if check is not None:
+        check([setting.name for setting in settings], outputs, **values)
 
 
 def _check_study_file(study_dir: Path, payload: dict) -> None:
@@ -206,9 +229,10 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
     if not options.recipe or not Path(options.recipe).is_file():
         raise MiaError(f"study.recipe {options.recipe!r}: no such farm recipe file")
     settings = expand_settings(options)
+    outputs = study_outputs(options)
     analyse = analysis_function(options.analysis) if options.analysis else None
     if analyse is not None:
-        _check_analysis_params(analyse, options)
+        _check_analysis_params(analyse, options, settings, outputs)
     study_dir = Path(options.root) / options.name
     if status_only:
         _print_status(study_dir, settings, console)

@@ -14,6 +14,8 @@ from mia_lightning.errors import MiaError
 from mia_lightning.study import StudyOptions, expand_settings
 
 ROOT = Path(__file__).resolve().parents[1]
+FIRST = "weight_decay-0.0_max_epochs-1"
+"""The first setting of ``write_study``'s grid."""
 
 
 def write_study(tmp_path: Path, **changes) -> Path:
@@ -95,6 +97,20 @@ def test_a_list_of_grids_is_the_union_of_their_products():
     ({"attacks": ["lirra"]}, "unknown attack 'lirra'; did you mean lira"),
     ({"params": {"lira": {"n_shadows": 4}}}, "--params 'lira': not an attack of this run (thresholds)"),
     ({"n_targets": 9}, "--n_targets 9: must be between 1 and the number of models (4)"),
+    # analysis parameters that name no setting or output, or wrong types: refused before the sweep trains, not after it
+    ({"analysis": "defences", "analysis_params": {"baseline": "nope", "attack": "loss", "outputs": ["loss"]}}, "study.analysis_params.baseline 'nope': no such setting; settings are weight_decay-0.0_max_epochs-1, "),
+    ({"analysis": "defences", "analysis_params": {"baseline": FIRST, "attack": "loss", "outputs": ["loss"], "levels": [0.01, 0.05]}},
+     "study.analysis_params.levels 0.05: the audit reports TPR at FPR 0.001, 0.01, 0.1 only"),
+    ({"analysis": "defences", "analysis_params": {"baseline": FIRST, "outputs": ["loss"]}}, "attack 'lira_online': not one of analysis_params.outputs (loss)"),
+    ({"analysis": "defences", "analysis_params": {"baseline": FIRST}}, "attack 'lira_online': the study's attacks write no such output (loss, confidence, entropy, modified_entropy)"),
+    ({"analysis": "defences", "analysis_params": {"baseline": FIRST, "levels": ["abc", 0.01]}}, "study.analysis_params.levels=['abc', 0.01]: expected list[float] | None"),
+    ({"analysis": "defences", "analysis_params": {"baseline": FIRST, "outputs": "loss"}}, "study.analysis_params.outputs='loss': expected list[str] | None"),
+    ({"analysis": "power_law", "analysis_params": {"attack": "loss", "roc_setting": "nope"}}, "study.analysis_params.roc_setting 'nope': not a setting of the study"),
+    ({"analysis": "power_law", "analysis_params": {"attack": "loss", "per_sample_settings": [FIRST, "nope"]}}, "per_sample_settings 'nope': not a setting"),
+    ({"analysis": "power_law", "analysis_params": {"attack": "loss", "dp_bounds": [[1.0]]}}, "study.analysis_params.dp_bounds [1.0]: each bound is [epsilon > 0, 0 <= delta < 1]"),
+    ({"analysis": "power_law", "analysis_params": {"attack": "loss", "sample_fpr": 0.0}}, "study.analysis_params.sample_fpr 0.0: must lie strictly between 0 and 1"),
+    ({"analysis": "power_law", "analysis_params": {"attack": "loss", "bootstrap": 0}}, "study.analysis_params.bootstrap 0: needs at least 1"),
+    ({"analysis": "power_law", "analysis_params": {"bootstrap": "many"}}, "study.analysis_params.bootstrap='many': expected int"),
     ({"analysis": "defences", "analysis_params": {"bootstrap": 200}}, "study.analysis_params.bootstrap: not a parameter of the defences analysis; it takes baseline,"),
 ])
 def test_bad_studies_are_one_line(tmp_path, recorded, capsys, changes, phrase):
