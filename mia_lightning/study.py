@@ -107,9 +107,14 @@ def expand_settings(options: StudyOptions) -> list[Setting]:
     if duplicated:
         raise MiaError(f"study.settings: names must be unique, {duplicated[0]!r} repeats")
     for name in names:
-        if not name or "/" in name or name.startswith("."):
-            raise MiaError(f"study setting name {name!r}: must be a plain folder name")
+        check_folder_name(name, "study setting name")
     return settings
+
+
+def check_folder_name(name: str, where: str) -> None:
+    """A study or setting name becomes one folder of the study: no separators, not hidden, not empty."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise MiaError(f"{where} {name!r}: must be a plain folder name (no '/', not empty, not starting with '.')")
 
 
 def _check_override_keys(overrides: dict, where: str) -> None:
@@ -233,7 +238,11 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
     analyse = analysis_function(options.analysis) if options.analysis else None
     if analyse is not None:
         _check_analysis_params(analyse, options, settings, outputs)
+    check_folder_name(options.name, "study.name")
     study_dir = Path(options.root) / options.name
+    for folder in (Path(options.root), study_dir):
+        if folder.exists() and not folder.is_dir():
+            raise MiaError(f"{folder}: a file, not a folder; choose another study.root or study.name")
     if status_only:
         _print_status(study_dir, settings, console)
         return None

@@ -91,6 +91,8 @@ def test_a_list_of_grids_is_the_union_of_their_products():
     ({"settings": [{"name": "a"}, {"name": "a"}], "grid": {}}, "'a' repeats"),
     ({"settings": [{"name": "a", "overrides": [1, 2]}], "grid": {}}, "study.settings 'a': overrides must be a mapping"),
     ({"recipe": "missing.yaml"}, "no such farm recipe"),
+    ({"name": "../elsewhere"}, "study.name '../elsewhere': must be a plain folder name"),
+    ({"name": ""}, "study.name '': must be a plain folder name"),
     # typos the farm or the audit would find only after study.json is written (which would lock the study to them)
     ({"overrides": {"model.init_args.nonexistent": 3}}, "study setting 'weight_decay-0.0_max_epochs-1': train.py farm: "),
     ({"grid": {"farm.engine": ["vectorized"]}}, "study setting 'engine-vectorized': --farm.engine 'vectorized': choose one of"),
@@ -117,3 +119,13 @@ def test_bad_studies_are_one_line(tmp_path, recorded, capsys, changes, phrase):
     assert train_main(["study", "--config", str(write_study(tmp_path, **changes))]) == 2
     assert phrase in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("file", ["out", "out/sweep"])
+def test_a_study_root_or_folder_that_is_a_file_is_one_line(tmp_path, recorded, capsys, file):
+    path = write_study(tmp_path)
+    (tmp_path / file).parent.mkdir(exist_ok=True)
+    (tmp_path / file).write_text("mine")
+    assert train_main(["study", "--config", str(path)]) == 2
+    assert f"{tmp_path / file}: a file, not a folder; choose another study.root or study.name" in capsys.readouterr().err
+    assert (tmp_path / file).read_text() == "mine"
