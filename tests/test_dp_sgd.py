@@ -121,10 +121,19 @@ def test_settings_that_cannot_work_fail_in_one_line(reviews, kwargs, model_kwarg
         trainer(DPSGD(**kwargs), max_epochs=1).fit(model, datamodule=dm)
 
 
-@pytest.mark.parametrize("kwargs", [{"target_epsilon": None}, {"target_epsilon": -1.0}, {"target_delta": 1.0}, {"max_grad_norm": 0.0}, {"accountant": "gdp2"}])
+@pytest.mark.parametrize("kwargs", [{"target_epsilon": None}, {"target_epsilon": -1.0}, {"target_delta": 1.0}, {"max_grad_norm": 0.0}, {"accountant": "gdp2"},
+                                    {"target_epsilon": float("inf")}, {"target_epsilon": None, "noise_multiplier": float("inf")},
+                                    {"max_grad_norm": float("inf")}])
 def test_bad_arguments_are_refused_at_construction(kwargs):
     with pytest.raises(MiaError):
         DPSGD(**kwargs)
+
+
+def test_an_infinite_target_epsilon_is_refused_not_trained_with_the_noise_search_cap():
+    """target_epsilon .inf trained with noise 10 (the search's cap, epsilon 0.08); no DP is spelled target_epsilon: null, noise_multiplier: 0."""
+    with pytest.raises(MiaError, match=r"target_epsilon inf: must be positive and finite \(no DP: target_epsilon: null, noise_multiplier: 0\)"):
+        DPSGD(target_epsilon=float("inf"))
+    assert DPSGD(target_epsilon=None, noise_multiplier=0.0).noise_multiplier == 0.0
 
 
 def test_poisson_sampler_includes_each_sample_with_the_rate():

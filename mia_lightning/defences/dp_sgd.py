@@ -136,14 +136,14 @@ class DPSGD(L.Callback):
             raise MiaError(f"DPSGD accountant {accountant!r}: choose one of {', '.join(ACCOUNTANTS)}")
         if target_epsilon is None and noise_multiplier is None:
             raise MiaError("DPSGD: give target_epsilon (the noise is derived from it) or noise_multiplier")
-        if target_epsilon is not None and not target_epsilon > 0:
-            raise MiaError(f"DPSGD target_epsilon {target_epsilon}: must be positive")
+        if target_epsilon is not None and not 0 < target_epsilon < math.inf:
+            raise MiaError(f"DPSGD target_epsilon {target_epsilon}: must be positive and finite (no DP: target_epsilon: null, noise_multiplier: 0)")
         if target_delta is not None and not 0.0 < target_delta < 1.0:
             raise MiaError(f"DPSGD target_delta {target_delta}: must lie in (0, 1)")
-        if noise_multiplier is not None and not noise_multiplier >= 0:
-            raise MiaError(f"DPSGD noise_multiplier {noise_multiplier}: must be >= 0")
-        if not max_grad_norm > 0:
-            raise MiaError(f"DPSGD max_grad_norm {max_grad_norm}: must be positive")
+        if noise_multiplier is not None and not 0 <= noise_multiplier < math.inf:
+            raise MiaError(f"DPSGD noise_multiplier {noise_multiplier}: must be >= 0 and finite")
+        if not 0 < max_grad_norm < math.inf:
+            raise MiaError(f"DPSGD max_grad_norm {max_grad_norm}: must be positive and finite")
         self.target_epsilon, self.target_delta = target_epsilon, target_delta
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self.batch_size, self.accountant_name, self.seed = batch_size, accountant, seed
