@@ -99,6 +99,8 @@ def test_a_list_of_grids_is_the_union_of_their_products():
     ({"attacks": ["lirra"]}, "unknown attack 'lirra'; did you mean lira"),
     ({"params": {"lira": {"n_shadows": 4}}}, "--params 'lira': not an attack of this run (thresholds)"),
     ({"n_targets": 9}, "--n_targets 9: must be between 1 and the number of models (4)"),
+    ({"grid": {}, "settings": [{"name": "dp", "overrides": {"trainer.callbacks": [{"class_path": "mia_lightning.defences.dp_sgd.DPSGD", "init_args": {"target_epsilon": -1.0}}]}}]},
+     "study setting 'dp': DPSGD target_epsilon -1.0: must be positive and finite"),
     # analysis parameters that name no setting or output, or wrong types: refused before the sweep trains, not after it
     ({"analysis": "defences", "analysis_params": {"baseline": "nope", "attack": "loss", "outputs": ["loss"]}}, "study.analysis_params.baseline 'nope': no such setting; settings are weight_decay-0.0_max_epochs-1, "),
     ({"analysis": "defences", "analysis_params": {"baseline": FIRST, "attack": "loss", "outputs": ["loss"], "levels": [0.01, 0.05]}},
