@@ -46,6 +46,10 @@ class FarmOptions:
     shard: str | None = None
     stale_after_s: float = 120.0
 
+    def __post_init__(self) -> None:
+        if self.group_size < 1:  # checked with the recipe, before the experiment is prepared or a study records it
+            raise MiaError(f"--farm.group_size {self.group_size}: must be at least 1")
+
 
 @dataclass
 class AuditOptions:
