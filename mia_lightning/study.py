@@ -19,7 +19,7 @@ overrides (cartesian product) or as an explicit list::
 Layout: ``<root>/<name>/study.json`` (the grid and recipe, checked on every resume), one ordinary
 experiment per setting under ``settings/<setting>/`` (trained by the farm, audited by one attack
 run), and the analysis's ``analysis.json`` plus its plots. Resumable setting by setting: a finished
-farm is skipped by the farm itself, an audited setting (``setting.json``) is not audited again.
+farm is skipped by the farm itself, an audited setting (``setting.json``, its attack run still published) is not audited again.
 """
 
 from __future__ import annotations
@@ -227,6 +227,13 @@ def _row(setting: Setting, experiment: ExperimentDir) -> dict:
     return {"setting": setting.name, "overrides": setting.overrides, "experiment": experiment.root, "results": results, "utility": utility}
 
 
+def audited(experiment: ExperimentDir) -> bool:
+    """Whether the study audited the setting's experiment and its attack run is still there (a deleted run is audited again)."""
+    from mia_lightning.contract.runs import has_published_run
+
+    return (experiment.root / SETTING_FILE).is_file() and has_published_run(experiment)
+
+
 def run_study(options: StudyOptions, console: Console, status_only: bool = False) -> dict | None:
     """Train and audit every setting not yet done, then run the analysis; returns its result."""
     from mia_lightning.audit import run_audit
@@ -257,8 +264,8 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
     for number, setting in enumerate(settings, start=1):
         experiment = ExperimentDir(confined(study_dir, study_dir / "settings" / setting.name))
         marker = experiment.root / SETTING_FILE
-        if not marker.is_file():
-            remaining = sum(not (study_dir / "settings" / later.name / SETTING_FILE).is_file() for later in settings[number - 1:])
+        if not audited(experiment):
+            remaining = sum(not audited(ExperimentDir(study_dir / "settings" / later.name)) for later in settings[number - 1:])
             eta = f", about {(time.perf_counter() - started) / trained * remaining / 60:.0f} min left" if trained else ""
             console.rule(f"study {options.name}: setting {number}/{len(settings)} {setting.name} ({remaining} to train{eta})")
             trained += 1
@@ -282,7 +289,7 @@ def _print_status(study_dir: Path, settings: list[Setting], console: Console) ->
     table.add_column("state")
     for setting in settings:
         root = study_dir / "settings" / setting.name
-        state = "audited" if (root / SETTING_FILE).is_file() else "planned" if (root / "plan.json").is_file() else "missing"
+        state = "audited" if audited(ExperimentDir(root)) else "planned" if (root / "plan.json").is_file() else "missing"
         table.add_row(setting.name, state)
     console.print(table)
 

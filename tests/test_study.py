@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,19 @@ def test_grid_study_trains_audits_and_analyses_each_setting(tmp_path, recorded):
     runs = {name: json.loads((out / "settings" / name / "setting.json").read_text())["run"] for name in names}
     assert train_main(["study", "--config", str(path)]) == 0
     assert runs == {name: json.loads((out / "settings" / name / "setting.json").read_text())["run"] for name in names}
+
+
+def test_a_setting_whose_attack_run_was_deleted_is_audited_again(tmp_path, recorded, capsys):
+    path = write_study(tmp_path, grid={"trainer.max_epochs": [1, 2]})
+    assert train_main(["study", "--config", str(path)]) == 0
+    settings = tmp_path / "out/sweep/settings"
+    kept = json.loads((settings / "max_epochs-1/setting.json").read_text())["run"]
+    shutil.rmtree(settings / "max_epochs-2" / "attacks")
+    assert train_main(["study", "--config", str(path), "--status"]) == 0
+    assert "max_epochs-2 │ planned" in capsys.readouterr().out
+    assert train_main(["study", "--config", str(path)]) == 0  # was: "no published attack run; run attack.py" (with its default attacks, not the study's)
+    assert (settings / "max_epochs-2/attacks/latest/loss/results.json").is_file() and recorded[-1][1]["setting"] == "max_epochs-2"
+    assert json.loads((settings / "max_epochs-1/setting.json").read_text())["run"] == kept
 
 
 def test_a_changed_study_is_refused(tmp_path, recorded, capsys):
