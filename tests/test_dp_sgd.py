@@ -143,3 +143,16 @@ def test_poisson_sampler_includes_each_sample_with_the_rate():
     assert abs(np.mean(sizes) - 50) < 5 and len(set(sizes)) > 1  # Poisson: sizes vary around q n
     counts = np.bincount(np.concatenate([b for _ in range(10) for b in sampler]), minlength=1000)
     assert abs(counts.mean() - 10) < 0.5  # 200 steps at q = 0.05: each sample about 10 times
+
+
+def test_a_batchnorm_model_is_told_what_trains_under_dp_not_the_lstm_fix():
+    """The refusal named model.init_args.lstm for every model (an ImageClassifier has no such option) and cut opacus' reason mid-word."""
+    class BatchNormed(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+
+    with pytest.raises(MiaError) as err:
+        DPSGD(target_epsilon=1.0)._check_module(BatchNormed())
+    assert str(err.value) == ("DPSGD: BatchNormed has layers opacus cannot privatise (BatchNorm cannot support training with differential privacy); "
+                              "train layers opacus supports, e.g. linear heads on frozen backbone features (configs/images/fmnist_dp_heads.yaml)")

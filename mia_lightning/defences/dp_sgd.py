@@ -157,7 +157,10 @@ class DPSGD(L.Callback):
             raise MiaError(f"DPSGD: {type(pl_module).__name__} uses manual optimisation (e.g. adv_reg > 0); DP-SGD needs automatic optimisation")
         problems = ModuleValidator.validate(pl_module, strict=False)
         if problems:
-            raise MiaError(f"DPSGD: {type(pl_module).__name__} has layers opacus cannot privatise ({str(problems[0]).splitlines()[0][:120]}); e.g. set model.init_args.lstm: opacus")
+            reason = str(problems[0]).splitlines()[0].split(". ")[0][:160]
+            fix = ("set model.init_args.lstm: opacus" if "lstm" in pl_module.hparams else
+                   "train layers opacus supports, e.g. linear heads on frozen backbone features (configs/images/fmnist_dp_heads.yaml)")
+            raise MiaError(f"DPSGD: {type(pl_module).__name__} has layers opacus cannot privatise ({reason}); {fix}")
 
     def _plan_budget(self, n_train: int, sample_rate: float, max_epochs: int | None) -> None:
         """Expected batch, delta, planned steps and the noise multiplier; refuses settings that cannot reach the target."""
