@@ -156,3 +156,11 @@ def test_a_batchnorm_model_is_told_what_trains_under_dp_not_the_lstm_fix():
         DPSGD(target_epsilon=1.0)._check_module(BatchNormed())
     assert str(err.value) == ("DPSGD: BatchNormed has layers opacus cannot privatise (BatchNorm cannot support training with differential privacy); "
                               "train layers opacus supports, e.g. linear heads on frozen backbone features (configs/images/fmnist_dp_heads.yaml)")
+
+
+def test_a_training_set_smaller_than_the_minimum_batch_is_named_not_the_batch_size():
+    """Few-shot heads with 4 training samples and batch_size 64 were told to raise the batch size (expected batch = n_train there)."""
+    with pytest.raises(MiaError, match=r"^DPSGD: expected batch 4 is below 8; each model trains on only 4 samples; give it at least 8 \(e.g. more shots or classes\)$"):
+        DPSGD(target_epsilon=1.0)._plan_budget(4, 1.0, 1)
+    with pytest.raises(MiaError, match=r"^DPSGD: expected batch 1 is below 8; raise the batch size$"):
+        DPSGD(target_epsilon=1.0)._plan_budget(100, 0.01, 1)

@@ -169,7 +169,9 @@ class DPSGD(L.Callback):
         self.n_train, self.sample_rate = n_train, sample_rate
         self.expected_batch = max(1, int(round(sample_rate * n_train)))
         if self.expected_batch < MIN_EXPECTED_BATCH:
-            raise MiaError(f"DPSGD: expected batch {self.expected_batch} is below {MIN_EXPECTED_BATCH}; raise the batch size")
+            fix = ("raise the batch size" if n_train >= MIN_EXPECTED_BATCH else
+                   f"each model trains on only {n_train} samples; give it at least {MIN_EXPECTED_BATCH} (e.g. more shots or classes)")
+            raise MiaError(f"DPSGD: expected batch {self.expected_batch} is below {MIN_EXPECTED_BATCH}; {fix}")
         self.delta = self.target_delta if self.target_delta is not None else 1.0 / (10 * n_train)
         if max_epochs is None or max_epochs < 1:
             raise MiaError("DPSGD: set trainer.max_epochs (the budget is spread over the planned epochs)")
