@@ -6,7 +6,7 @@ overrides (cartesian product) or as an explicit list::
     study:
       name: fmnist_power_law
       root: checkpoints
-      recipe: configs/images/fmnist_head.yaml
+      recipe: recipe:images/fmnist_head      # or a path to a farm recipe
       overrides: {plan.n_models: 16}          # optional: applied to every setting (not part of its name)
       grid: {data.init_args.shots: [1, 2, 4], data.init_args.n_classes: [2, 10]}
       # or a list of grids (their union: e.g. a fitted scenario and the scenarios it predicts)
@@ -136,9 +136,23 @@ def _grid_settings(grid: Any, where: str) -> list[Setting]:
             for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def recipe_file(recipe: str) -> Path:
+    """The base farm recipe's file: a path, or a shipped recipe ``recipe:<name>`` (found in a checkout and an installed wheel alike)."""
+    from mia_lightning.recipe_files import PREFIX, recipe_path
+
+    if recipe.startswith(PREFIX):
+        try:
+            return recipe_path(recipe)
+        except MiaError as err:
+            raise MiaError(f"study.recipe: {err}") from None
+    if not recipe or not Path(recipe).is_file():
+        raise MiaError(f"study.recipe {recipe!r}: no such farm recipe file (a path, or recipe:<name> for a shipped one)")
+    return Path(recipe)
+
+
 def setting_argv(options: StudyOptions, study_dir: Path, setting: Setting) -> list[str]:
     """The ``train.py farm`` arguments of one setting: the base recipe, its folder, the study's overrides, then the setting's, as dotted flags."""
-    argv = ["--config", options.recipe, "--experiment.root", str(study_dir / "settings"), "--experiment.name", setting.name]
+    argv = ["--config", str(recipe_file(options.recipe)), "--experiment.root", str(study_dir / "settings"), "--experiment.name", setting.name]
     for key, value in {**options.overrides, **setting.overrides}.items():
         argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     return argv
@@ -239,8 +253,7 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
     from mia_lightning.audit import run_audit
     from mia_lightning.cli import farm_main
 
-    if not options.recipe or not Path(options.recipe).is_file():
-        raise MiaError(f"study.recipe {options.recipe!r}: no such farm recipe file")
+    recipe_file(options.recipe)
     settings = expand_settings(options)
     outputs = study_outputs(options)
     analyse = analysis_function(options.analysis) if options.analysis else None

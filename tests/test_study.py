@@ -145,3 +145,18 @@ def test_a_study_root_or_folder_that_is_a_file_is_one_line(tmp_path, recorded, c
     assert train_main(["study", "--config", str(path)]) == 2
     assert f"{tmp_path / file}: a file, not a folder; choose another study.root or study.name" in capsys.readouterr().err
     assert (tmp_path / file).read_text() == "mine"
+
+
+SHIPPED_STUDIES = sorted(path.relative_to(ROOT / "configs").with_suffix("").as_posix() for path in (ROOT / "configs").rglob("*.yaml")
+                         if "study" in (yaml.safe_load(path.read_text()) or {}))
+
+
+@pytest.mark.parametrize("name", SHIPPED_STUDIES)
+def test_shipped_studies_resolve_their_recipe_outside_a_checkout(name, tmp_path, monkeypatch, capsys):
+    """study.recipe was a checkout-relative path (configs/...), so `mia-lightning train study --config recipe:<name>` failed anywhere else."""
+    monkeypatch.chdir(tmp_path)
+    assert train_main(["study", "--config", f"recipe:{name}", "--study.root", str(tmp_path), "--status"]) == 0, capsys.readouterr().err
+    spec = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["study"]
+    options = StudyOptions(**{**spec, "root": str(tmp_path)})
+    study.check_setting_recipes(options, tmp_path / options.name, expand_settings(options))  # every setting's farm recipe parses
+    assert not any(tmp_path.iterdir())
