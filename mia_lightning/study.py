@@ -264,6 +264,8 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
     for folder in (Path(options.root), study_dir):
         if folder.exists() and not folder.is_dir():
             raise MiaError(f"{folder}: a file, not a folder; choose another study.root or study.name")
+    if ExperimentDir(study_dir).plan_path.is_file():
+        raise MiaError(f"{study_dir}: an experiment's folder (plan.json), not a study; choose another study.name or study.root")
     if status_only:
         _print_status(study_dir, settings, console)
         return None

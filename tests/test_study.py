@@ -160,3 +160,18 @@ def test_shipped_studies_resolve_their_recipe_outside_a_checkout(name, tmp_path,
     options = StudyOptions(**{**spec, "root": str(tmp_path)})
     study.check_setting_recipes(options, tmp_path / options.name, expand_settings(options))  # every setting's farm recipe parses
     assert not any(tmp_path.iterdir())
+
+
+def test_a_study_and_an_experiment_never_share_a_folder(tmp_path, recorded, capsys):
+    """The farm trained an experiment into a study's folder (plan.json, models/ beside study.json), and a study wrote study.json into an experiment."""
+    path = write_study(tmp_path, grid={"trainer.max_epochs": [1]})
+    assert train_main(["study", "--config", str(path)]) == 0
+    farm = ["farm", "--config", str(tmp_path / "base.yaml"), "--experiment.root", str(tmp_path / "out"), "--experiment.name", "sweep"]
+    capsys.readouterr()
+    assert train_main(farm) == 2
+    assert f"{tmp_path / 'out/sweep'}: a study's folder (study.json), not an experiment" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out/sweep").iterdir()) == ["analysis.json", "settings", "study.json"]
+    assert train_main(["study", "--config", str(write_study(tmp_path, name="sweep_2", root=str(tmp_path / "out/sweep/settings"), grid={"trainer.max_epochs": [1]})),
+                       "--study.name", "max_epochs-1"]) == 2
+    assert "max_epochs-1: an experiment's folder (plan.json), not a study" in capsys.readouterr().err
+    assert not (tmp_path / "out/sweep/settings/max_epochs-1/study.json").exists()
