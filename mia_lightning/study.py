@@ -256,6 +256,8 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
     recipe_file(options.recipe)
     settings = expand_settings(options)
     outputs = study_outputs(options)
+    if options.analysis_params and not options.analysis:
+        raise MiaError(f"study.analysis_params {sorted(options.analysis_params)}: given without study.analysis; name the analysis ({', '.join(sorted(ANALYSES))})")
     analyse = analysis_function(options.analysis) if options.analysis else None
     if analyse is not None:
         _check_analysis_params(analyse, options, settings, outputs)

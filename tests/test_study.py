@@ -105,6 +105,7 @@ def test_a_list_of_grids_is_the_union_of_their_products():
     ({"settings": [{"name": "a"}, {"name": "a"}], "grid": {}}, "'a' repeats"),
     ({"settings": [{"name": "a", "overrides": [1, 2]}], "grid": {}}, "study.settings 'a': overrides must be a mapping"),
     ({"recipe": "missing.yaml"}, "no such farm recipe"),
+    ({"analysis": None, "analysis_params": {"bootstrap": 200}}, "study.analysis_params ['bootstrap']: given without study.analysis; name the analysis (defences, power_law"),
     ({"name": "../elsewhere"}, "study.name '../elsewhere': must be a plain folder name"),
     ({"name": ""}, "study.name '': must be a plain folder name"),
     # typos the farm or the audit would find only after study.json is written (which would lock the study to them)
