@@ -158,8 +158,11 @@ def setting_argv(options: StudyOptions, study_dir: Path, setting: Setting) -> li
     return argv
 
 
-def study_outputs(options: StudyOptions) -> list[str]:
-    """The attack outputs the study's attacks write (``lira`` -> ``lira_online``, ...); the attacks and their params are checked first."""
+def study_outputs(options: StudyOptions) -> list[str] | None:
+    """The attack outputs the study's attacks write (``lira`` -> ``lira_online``, ...), None when an attack's depend on its run (``unlearning``).
+
+    The attacks and their params are checked first.
+    """
     from mia_lightning.attacks import ATTACKS
     from mia_lightning.audit import resolve_attacks
 
@@ -167,7 +170,8 @@ def study_outputs(options: StudyOptions) -> list[str]:
         names, _ = resolve_attacks(options.attacks, options.params)
     except MiaError as err:
         raise MiaError(f"study.attacks / study.params: {err}") from None
-    return [output for name in names for output in ATTACKS.outputs().get(name, (name,))]
+    declared = ATTACKS.outputs()
+    return None if any(name not in declared for name in names) else [output for name in names for output in declared[name]]
 
 
 def check_setting_recipes(options: StudyOptions, study_dir: Path, settings: list[Setting]) -> None:
@@ -193,7 +197,7 @@ def analysis_function(name: str) -> Callable[..., dict]:
     return getattr(importlib.import_module(module), function)
 
 
-def _check_analysis_params(analyse: Callable[..., dict], options: StudyOptions, settings: list[Setting], outputs: list[str]) -> None:
+def _check_analysis_params(analyse: Callable[..., dict], options: StudyOptions, settings: list[Setting], outputs: list[str] | None) -> None:
     """Refuse an analysis parameter the analysis does not take, of the wrong type, or naming no setting or output of the study, before any setting trains (a typo would otherwise cost the whole sweep).
 
     The analysis module's ``check_params(settings, outputs, **params)``, when it has one, checks the values (``analyse`` calls it too).

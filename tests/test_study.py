@@ -176,3 +176,9 @@ def test_a_study_and_an_experiment_never_share_a_folder(tmp_path, recorded, caps
                        "--study.name", "max_epochs-1"]) == 2
     assert "max_epochs-1: an experiment's folder (plan.json), not a study" in capsys.readouterr().err
     assert not (tmp_path / "out/sweep/settings/max_epochs-1/study.json").exists()
+
+
+def test_the_outputs_a_study_writes_are_unknown_when_an_attack_names_them_at_run_time():
+    """The analysis checks its attack output against these; the unlearning attack's outputs depend on its parameters."""
+    assert study.study_outputs(StudyOptions(attacks=["thresholds", "rmia"])) == ["loss", "confidence", "entropy", "modified_entropy", "rmia_online", "rmia_offline"]
+    assert study.study_outputs(StudyOptions(attacks=["thresholds", "unlearning"])) is None
