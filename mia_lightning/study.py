@@ -51,6 +51,8 @@ ANALYSES: dict[str, str] = {
 """``study.analysis`` name -> ``module:function(study_dir, rows, **params) -> dict``."""
 
 SETTING_FILE = "setting.json"
+RECIPE_DIGEST = "recipe_sha256"
+"""study.json's record of the base recipe's content: a recipe edited mid-study would train the remaining settings differently."""
 
 
 @dataclass
@@ -221,15 +223,33 @@ def _check_analysis_params(analyse: Callable[..., dict], options: StudyOptions, 
         check([setting.name for setting in settings], outputs, **values)
 
 
+def recipe_digest(recipe: str) -> str:
+    """sha256 of the base recipe's content (parsed, so comments and layout do not count): study.json records it."""
+    import hashlib
+
+    import yaml
+
+    path = recipe_file(recipe)
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise MiaError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]}); fix the study's base recipe") from None
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _check_study_file(study_dir: Path, payload: dict) -> None:
-    """Write study.json, or check that an existing one describes the same study."""
+    """Write study.json, or check that an existing one describes the same study (a study started before the recipe digest was recorded is compared without it)."""
     path = study_dir / "study.json"
     if path.is_file():
         stored = load_json(path)
-        if stored != payload:
+        compared = payload if not isinstance(stored, dict) or RECIPE_DIGEST in stored else {k: v for k, v in payload.items() if k != RECIPE_DIGEST}
+        if stored != compared:
             from mia_lightning.contract.identity import differing_keys
 
-            changed = differing_keys(stored if isinstance(stored, dict) else {}, payload)
+            changed = differing_keys(stored if isinstance(stored, dict) else {}, compared)
+            if [key.split(":")[0] for key in changed] == [RECIPE_DIGEST]:
+                raise MiaError(f"{path}: the base recipe {payload['recipe']} changed since this study started (its settings would mix recipes); "
+                               "restore it or use another study.name")
             raise MiaError(f"{path}: this study was started with other settings ({'; '.join(changed[:4])}); use another study.name")
         return
     save_json_atomic(path, payload)
@@ -277,7 +297,7 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
         return None
     check_setting_recipes(options, study_dir, settings)
     study_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"version": FORMAT_VERSION, "recipe": options.recipe, **({"overrides": options.overrides} if options.overrides else {}), "settings": [{"name": s.name, "overrides": s.overrides} for s in settings],
+    payload = {"version": FORMAT_VERSION, "recipe": options.recipe, RECIPE_DIGEST: recipe_digest(options.recipe), **({"overrides": options.overrides} if options.overrides else {}), "settings": [{"name": s.name, "overrides": s.overrides} for s in settings],
                "attacks": list(options.attacks), "params": options.params, "n_targets": options.n_targets}
     _check_study_file(study_dir, payload)
     rows = []

@@ -182,3 +182,20 @@ def test_the_outputs_a_study_writes_are_unknown_when_an_attack_names_them_at_run
     """The analysis checks its attack output against these; the unlearning attack's outputs depend on its parameters."""
     assert study.study_outputs(StudyOptions(attacks=["thresholds", "rmia"])) == ["loss", "confidence", "entropy", "modified_entropy", "rmia_online", "rmia_offline"]
     assert study.study_outputs(StudyOptions(attacks=["thresholds", "unlearning"])) is None
+
+
+def test_a_base_recipe_edited_mid_study_is_refused(tmp_path, recorded, capsys):
+    """The remaining settings trained with the edited recipe and the analysis mixed them with the finished ones; study.json now records the recipe's content."""
+    path = write_study(tmp_path, grid={"trainer.max_epochs": [1]})
+    assert train_main(["study", "--config", str(path)]) == 0
+    base = tmp_path / "base.yaml"
+    base.write_text("# a comment and another layout do not count\n" + yaml.safe_dump(yaml.safe_load(base.read_text()), default_flow_style=True))
+    assert train_main(["study", "--config", str(path)]) == 0
+    stored = json.loads((tmp_path / "out/sweep/study.json").read_text())
+    base.write_text(base.read_text().replace("hidden: [8]", "hidden: [16]"))
+    capsys.readouterr()
+    assert train_main(["study", "--config", str(path)]) == 2
+    assert f"the base recipe {base} changed since this study started (its settings would mix recipes); restore it" in capsys.readouterr().err
+    del stored["recipe_sha256"]  # a study started before the digest was recorded still resumes
+    (tmp_path / "out/sweep/study.json").write_text(json.dumps(stored))
+    assert train_main(["study", "--config", str(path)]) == 0
