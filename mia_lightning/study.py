@@ -237,12 +237,22 @@ def recipe_digest(recipe: str) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _same_file(stored: Any, recipe: str) -> bool:
+    """Whether study.json's recipe and the current one name the same file, however spelled."""
+    try:
+        return isinstance(stored, str) and recipe_file(stored).resolve() == recipe_file(recipe).resolve()
+    except MiaError:
+        return False
+
+
 def _check_study_file(study_dir: Path, payload: dict) -> None:
     """Write study.json, or check that an existing one describes the same study (a study started before the recipe digest was recorded is compared without it)."""
     path = study_dir / "study.json"
     if path.is_file():
         stored = load_json(path)
         compared = payload if not isinstance(stored, dict) or RECIPE_DIGEST in stored else {k: v for k, v in payload.items() if k != RECIPE_DIGEST}
+        if isinstance(stored, dict) and stored.get("recipe") != payload["recipe"] and _same_file(stored.get("recipe"), payload["recipe"]):
+            compared = {**compared, "recipe": stored["recipe"]}  # configs/x.yaml then recipe:x (the shipped studies' spelling) in a checkout
         if stored != compared:
             from mia_lightning.contract.identity import differing_keys
 

@@ -199,3 +199,13 @@ def test_a_base_recipe_edited_mid_study_is_refused(tmp_path, recorded, capsys):
     del stored["recipe_sha256"]  # a study started before the digest was recorded still resumes
     (tmp_path / "out/sweep/study.json").write_text(json.dumps(stored))
     assert train_main(["study", "--config", str(path)]) == 0
+
+
+def test_a_study_started_with_a_recipe_path_resumes_with_its_recipe_reference(tmp_path, recorded, monkeypatch):
+    """The shipped studies now say recipe:<name> where they said configs/<name>.yaml; a study started with the path resumes."""
+    monkeypatch.chdir(ROOT)
+    tiny = {"plan.n_models": 4, "trainer.max_epochs": 1, "model.init_args.hidden": [8], "trainer.enable_progress_bar": False}
+    assert train_main(["study", "--config", str(write_study(tmp_path, recipe="configs/tabular/digits_sequential.yaml", overrides=tiny, grid={"model.init_args.weight_decay": [0.0]}))]) == 0
+    run = json.loads((tmp_path / "out/sweep/settings/weight_decay-0.0/setting.json").read_text())["run"]
+    assert train_main(["study", "--config", str(write_study(tmp_path, recipe="recipe:tabular/digits_sequential", overrides=tiny, grid={"model.init_args.weight_decay": [0.0]}))]) == 0
+    assert json.loads((tmp_path / "out/sweep/settings/weight_decay-0.0/setting.json").read_text())["run"] == run
