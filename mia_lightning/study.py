@@ -168,6 +168,8 @@ def study_outputs(options: StudyOptions) -> list[str] | None:
     from mia_lightning.attacks import ATTACKS
     from mia_lightning.audit import resolve_attacks
 
+    if not options.attacks:
+        raise MiaError("study.attacks: empty; name the attacks that audit every setting, e.g. [lira]")
     try:
         names, _ = resolve_attacks(options.attacks, options.params)
     except MiaError as err:

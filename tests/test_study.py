@@ -112,6 +112,7 @@ def test_a_list_of_grids_is_the_union_of_their_products():
     ({"overrides": {"model.init_args.nonexistent": 3}}, "study setting 'weight_decay-0.0_max_epochs-1': train.py farm: "),
     ({"grid": {"farm.engine": ["vectorized"]}}, "study setting 'engine-vectorized': --farm.engine 'vectorized': choose one of"),
     ({"attacks": ["lirra"]}, "unknown attack 'lirra'; did you mean lira"),
+    ({"attacks": []}, "study.attacks: empty; name the attacks that audit every setting"),
     ({"params": {"lira": {"n_shadows": 4}}}, "--params 'lira': not an attack of this run (thresholds)"),
     ({"n_targets": 9}, "--n_targets 9: must be between 1 and the number of models (4)"),
     ({"grid": {}, "settings": [{"name": "dp", "overrides": {"trainer.callbacks": [{"class_path": "mia_lightning.defences.dp_sgd.DPSGD", "init_args": {"target_epsilon": -1.0}}]}}]},
