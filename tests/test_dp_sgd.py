@@ -123,7 +123,7 @@ def test_settings_that_cannot_work_fail_in_one_line(reviews, kwargs, model_kwarg
 
 @pytest.mark.parametrize("kwargs", [{"target_epsilon": None}, {"target_epsilon": -1.0}, {"target_delta": 1.0}, {"max_grad_norm": 0.0}, {"accountant": "gdp2"},
                                     {"target_epsilon": float("inf")}, {"target_epsilon": None, "noise_multiplier": float("inf")},
-                                    {"max_grad_norm": float("inf")}])
+                                    {"max_grad_norm": float("inf")}, {"batch_size": 0}, {"batch_size": -5}])
 def test_bad_arguments_are_refused_at_construction(kwargs):
     with pytest.raises(MiaError):
         DPSGD(**kwargs)

@@ -144,6 +144,8 @@ class DPSGD(L.Callback):
             raise MiaError(f"DPSGD noise_multiplier {noise_multiplier}: must be >= 0 and finite")
         if not 0 < max_grad_norm < math.inf:
             raise MiaError(f"DPSGD max_grad_norm {max_grad_norm}: must be positive and finite")
+        if batch_size is not None and batch_size < 1:
+            raise MiaError(f"DPSGD batch_size {batch_size}: the expected Poisson batch must be at least 1 (or null: the DataModule's batch_size)")
         self.target_epsilon, self.target_delta = target_epsilon, target_delta
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self.batch_size, self.accountant_name, self.seed = batch_size, accountant, seed
