@@ -6,7 +6,7 @@ overrides (cartesian product) or as an explicit list::
     study:
       name: fmnist_power_law
       root: checkpoints
-      recipe: configs/images/fmnist_head.yaml
+      recipe: recipe:images/fmnist_head      # or a path to a farm recipe
       overrides: {plan.n_models: 16}          # optional: applied to every setting (not part of its name)
       grid: {data.init_args.shots: [1, 2, 4], data.init_args.n_classes: [2, 10]}
       # or a list of grids (their union: e.g. a fitted scenario and the scenarios it predicts)
@@ -19,15 +19,17 @@ overrides (cartesian product) or as an explicit list::
 Layout: ``<root>/<name>/study.json`` (the grid and recipe, checked on every resume), one ordinary
 experiment per setting under ``settings/<setting>/`` (trained by the farm, audited by one attack
 run), and the analysis's ``analysis.json`` plus its plots. Resumable setting by setting: a finished
-farm is skipped by the farm itself, an audited setting (``setting.json``) is not audited again.
+farm is skipped by the farm itself, an audited setting (``setting.json``, its attack run still published) is not audited again.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import itertools
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,8 @@ ANALYSES: dict[str, str] = {
 """``study.analysis`` name -> ``module:function(study_dir, rows, **params) -> dict``."""
 
 SETTING_FILE = "setting.json"
+RECIPE_DIGEST = "recipe_sha256"
+"""study.json's record of the base recipe's content: a recipe edited mid-study would train the remaining settings differently."""
 
 
 @dataclass
@@ -89,6 +93,8 @@ def expand_settings(options: StudyOptions) -> list[Setting]:
         for item in options.settings:
             if not isinstance(item, dict) or "name" not in item:
                 raise MiaError(f"study.settings: {item!r} needs a name (and overrides)")
+            if not isinstance(item.get("overrides") or {}, dict):
+                raise MiaError(f"study.settings {item['name']!r}: overrides must be a mapping of dotted keys to values, got {item['overrides']!r}")
             settings.append(Setting(str(item["name"]), dict(item.get("overrides") or {})))
     elif options.grid:
         grids = options.grid if isinstance(options.grid, list) else [options.grid]
@@ -103,9 +109,14 @@ def expand_settings(options: StudyOptions) -> list[Setting]:
     if duplicated:
         raise MiaError(f"study.settings: names must be unique, {duplicated[0]!r} repeats")
     for name in names:
-        if not name or "/" in name or name.startswith("."):
-            raise MiaError(f"study setting name {name!r}: must be a plain folder name")
+        check_folder_name(name, "study setting name")
     return settings
+
+
+def check_folder_name(name: str, where: str) -> None:
+    """A study or setting name becomes one folder of the study: no separators, not hidden, not empty."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise MiaError(f"{where} {name!r}: must be a plain folder name (no '/', not empty, not starting with '.')")
 
 
 def _check_override_keys(overrides: dict, where: str) -> None:
@@ -127,12 +138,60 @@ def _grid_settings(grid: Any, where: str) -> list[Setting]:
             for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def recipe_file(recipe: str) -> Path:
+    """The base farm recipe's file: a path, or a shipped recipe ``recipe:<name>`` (found in a checkout and an installed wheel alike)."""
+    from mia_lightning.recipe_files import PREFIX, recipe_path
+
+    if recipe.startswith(PREFIX):
+        try:
+            return recipe_path(recipe)
+        except MiaError as err:
+            raise MiaError(f"study.recipe: {err}") from None
+    if not recipe or not Path(recipe).is_file():
+        raise MiaError(f"study.recipe {recipe!r}: no such farm recipe file (a path, or recipe:<name> for a shipped one)")
+    return Path(recipe)
+
+
 def setting_argv(options: StudyOptions, study_dir: Path, setting: Setting) -> list[str]:
     """The ``train.py farm`` arguments of one setting: the base recipe, its folder, the study's overrides, then the setting's, as dotted flags."""
-    argv = ["--config", options.recipe, "--experiment.root", str(study_dir / "settings"), "--experiment.name", setting.name]
+    argv = ["--config", str(recipe_file(options.recipe)), "--experiment.root", str(study_dir / "settings"), "--experiment.name", setting.name]
     for key, value in {**options.overrides, **setting.overrides}.items():
         argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     return argv
+
+
+def study_outputs(options: StudyOptions) -> list[str] | None:
+    """The attack outputs the study's attacks write (``lira`` -> ``lira_online``, ...), None when an attack's depend on its run (``unlearning``).
+
+    The attacks and their params are checked first.
+    """
+    from mia_lightning.attacks import ATTACKS
+    from mia_lightning.audit import resolve_attacks
+
+    if not options.attacks:
+        raise MiaError("study.attacks: empty; name the attacks that audit every setting, e.g. [lira]")
+    try:
+        names, _ = resolve_attacks(options.attacks, options.params)
+    except MiaError as err:
+        raise MiaError(f"study.attacks / study.params: {err}") from None
+    declared = ATTACKS.outputs()
+    return None if any(name not in declared for name in names) else [output for name in names for output in declared[name]]
+
+
+def check_setting_recipes(options: StudyOptions, study_dir: Path, settings: list[Setting]) -> None:
+    """Parse every setting's farm recipe, build its callbacks and check n_targets before study.json is written: a typo found later would lock the study to it."""
+    from mia_lightning.audit import resolve_targets
+    from mia_lightning.console import parse
+    from mia_lightning.farm.config import farm_parser, recipe_from_namespace
+
+    parser = farm_parser()
+    for setting in settings:
+        try:
+            recipe = recipe_from_namespace(parser, parse(parser, setting_argv(options, study_dir, setting)))
+            recipe.setup.build_callbacks()  # their constructors check their arguments (DPSGD's epsilon, delta, clipping)
+            resolve_targets(recipe.plan.n_models, None, options.n_targets)
+        except MiaError as err:
+            raise MiaError(f"study setting {setting.name!r}: {err}") from None
 
 
 def analysis_function(name: str) -> Callable[..., dict]:
@@ -142,8 +201,11 @@ def analysis_function(name: str) -> Callable[..., dict]:
     return getattr(importlib.import_module(module), function)
 
 
-def _check_analysis_params(analyse: Callable[..., dict], options: StudyOptions) -> None:
-    """Refuse an analysis parameter the analysis does not take before any setting trains (a typo would otherwise cost the whole sweep)."""
+def _check_analysis_params(analyse: Callable[..., dict], options: StudyOptions, settings: list[Setting], outputs: list[str] | None) -> None:
+    """Refuse an analysis parameter the analysis does not take, of the wrong type, or naming no setting or output of the study, before any setting trains (a typo would otherwise cost the whole sweep).
+
+    The analysis module's ``check_params(settings, outputs, **params)``, when it has one, checks the values (``analyse`` calls it too).
+    """
     parameters = inspect.signature(analyse).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
@@ -151,17 +213,55 @@ def _check_analysis_params(analyse: Callable[..., dict], options: StudyOptions) 
     unknown = sorted(set(options.analysis_params) - set(accepted))
     if unknown:
         raise MiaError(f"study.analysis_params.{unknown[0]}: not a parameter of the {options.analysis} analysis; it takes {', '.join(accepted)}")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_function_arguments(analyse, skip={"study_dir", "rows"})
+    try:
+        values = parser.parse_object(options.analysis_params).as_dict()
+    except argparse.ArgumentError as err:
+        key = next((name for name in options.analysis_params if f'key "{name}"' in str(err)), "?")
+        raise MiaError(f"study.analysis_params.{key}={options.analysis_params.get(key)!r}: expected {parameters[key].annotation if key in parameters else 'another type'}") from None
+    check = getattr(sys.modules[analyse.__module__], "check_params", None)
+    if check is not None:
+        check([setting.name for setting in settings], outputs, **values)
+
+
+def recipe_digest(recipe: str) -> str:
+    """sha256 of the base recipe's content (parsed, so comments and layout do not count): study.json records it."""
+    import hashlib
+
+    import yaml
+
+    path = recipe_file(recipe)
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise MiaError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]}); fix the study's base recipe") from None
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _same_file(stored: Any, recipe: str) -> bool:
+    """Whether study.json's recipe and the current one name the same file, however spelled."""
+    try:
+        return isinstance(stored, str) and recipe_file(stored).resolve() == recipe_file(recipe).resolve()
+    except MiaError:
+        return False
 
 
 def _check_study_file(study_dir: Path, payload: dict) -> None:
-    """Write study.json, or check that an existing one describes the same study."""
+    """Write study.json, or check that an existing one describes the same study (a study started before the recipe digest was recorded is compared without it)."""
     path = study_dir / "study.json"
     if path.is_file():
         stored = load_json(path)
-        if stored != payload:
+        compared = payload if not isinstance(stored, dict) or RECIPE_DIGEST in stored else {k: v for k, v in payload.items() if k != RECIPE_DIGEST}
+        if isinstance(stored, dict) and stored.get("recipe") != payload["recipe"] and _same_file(stored.get("recipe"), payload["recipe"]):
+            compared = {**compared, "recipe": stored["recipe"]}  # configs/x.yaml then recipe:x (the shipped studies' spelling) in a checkout
+        if stored != compared:
             from mia_lightning.contract.identity import differing_keys
 
-            changed = differing_keys(stored if isinstance(stored, dict) else {}, payload)
+            changed = differing_keys(stored if isinstance(stored, dict) else {}, compared)
+            if [key.split(":")[0] for key in changed] == [RECIPE_DIGEST]:
+                raise MiaError(f"{path}: the base recipe {payload['recipe']} changed since this study started (its settings would mix recipes); "
+                               "restore it or use another study.name")
             raise MiaError(f"{path}: this study was started with other settings ({'; '.join(changed[:4])}); use another study.name")
         return
     save_json_atomic(path, payload)
@@ -177,23 +277,39 @@ def _row(setting: Setting, experiment: ExperimentDir) -> dict:
     return {"setting": setting.name, "overrides": setting.overrides, "experiment": experiment.root, "results": results, "utility": utility}
 
 
+def audited(experiment: ExperimentDir) -> bool:
+    """Whether the study audited the setting's experiment and its attack run is still there (a deleted run is audited again)."""
+    from mia_lightning.contract.runs import has_published_run
+
+    return (experiment.root / SETTING_FILE).is_file() and has_published_run(experiment)
+
+
 def run_study(options: StudyOptions, console: Console, status_only: bool = False) -> dict | None:
     """Train and audit every setting not yet done, then run the analysis; returns its result."""
     from mia_lightning.audit import run_audit
     from mia_lightning.cli import farm_main
 
-    if not options.recipe or not Path(options.recipe).is_file():
-        raise MiaError(f"study.recipe {options.recipe!r}: no such farm recipe file")
+    recipe_file(options.recipe)
     settings = expand_settings(options)
+    outputs = study_outputs(options)
+    if options.analysis_params and not options.analysis:
+        raise MiaError(f"study.analysis_params {sorted(options.analysis_params)}: given without study.analysis; name the analysis ({', '.join(sorted(ANALYSES))})")
     analyse = analysis_function(options.analysis) if options.analysis else None
     if analyse is not None:
-        _check_analysis_params(analyse, options)
+        _check_analysis_params(analyse, options, settings, outputs)
+    check_folder_name(options.name, "study.name")
     study_dir = Path(options.root) / options.name
+    for folder in (Path(options.root), study_dir):
+        if folder.exists() and not folder.is_dir():
+            raise MiaError(f"{folder}: a file, not a folder; choose another study.root or study.name")
+    if ExperimentDir(study_dir).plan_path.is_file():
+        raise MiaError(f"{study_dir}: an experiment's folder (plan.json), not a study; choose another study.name or study.root")
     if status_only:
         _print_status(study_dir, settings, console)
         return None
+    check_setting_recipes(options, study_dir, settings)
     study_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"version": FORMAT_VERSION, "recipe": options.recipe, **({"overrides": options.overrides} if options.overrides else {}), "settings": [{"name": s.name, "overrides": s.overrides} for s in settings],
+    payload = {"version": FORMAT_VERSION, "recipe": options.recipe, RECIPE_DIGEST: recipe_digest(options.recipe), **({"overrides": options.overrides} if options.overrides else {}), "settings": [{"name": s.name, "overrides": s.overrides} for s in settings],
                "attacks": list(options.attacks), "params": options.params, "n_targets": options.n_targets}
     _check_study_file(study_dir, payload)
     rows = []
@@ -201,8 +317,8 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
     for number, setting in enumerate(settings, start=1):
         experiment = ExperimentDir(confined(study_dir, study_dir / "settings" / setting.name))
         marker = experiment.root / SETTING_FILE
-        if not marker.is_file():
-            remaining = sum(not (study_dir / "settings" / later.name / SETTING_FILE).is_file() for later in settings[number - 1:])
+        if not audited(experiment):
+            remaining = sum(not audited(ExperimentDir(study_dir / "settings" / later.name)) for later in settings[number - 1:])
             eta = f", about {(time.perf_counter() - started) / trained * remaining / 60:.0f} min left" if trained else ""
             console.rule(f"study {options.name}: setting {number}/{len(settings)} {setting.name} ({remaining} to train{eta})")
             trained += 1
@@ -226,7 +342,7 @@ def _print_status(study_dir: Path, settings: list[Setting], console: Console) ->
     table.add_column("state")
     for setting in settings:
         root = study_dir / "settings" / setting.name
-        state = "audited" if (root / SETTING_FILE).is_file() else "planned" if (root / "plan.json").is_file() else "missing"
+        state = "audited" if audited(ExperimentDir(root)) else "planned" if (root / "plan.json").is_file() else "missing"
         table.add_row(setting.name, state)
     console.print(table)
 

@@ -42,6 +42,8 @@ CASES = {
     "zero devices": (SEQUENTIAL, ["--trainer.devices", "0"], "not a valid input"),
     "unknown plan kind": (QUICKSTART, ["--plan.kind", "halves"], "unknown plan kind"),
     "callback that is not a callback": (SEQUENTIAL, ["--trainer.callbacks", '[{"class_path": "os.system"}]'], "not a lightning.Callback subclass"),
+    "zero group size": (QUICKSTART, ["--farm.group_size", "0"], "--farm.group_size 0: must be at least 1"),
+    "stale claims at once": (QUICKSTART, ["--farm.stale_after_s", "0"], "--farm.stale_after_s 0.0: must be positive"),
 }
 
 

@@ -95,3 +95,11 @@ def test_a_setting_is_judged_against_its_own_familys_baseline(tmp_path):
     assert analyse(tmp_path, rows, outputs=["lira_online"])["settings"][2]["helps"].startswith("no")
     with pytest.raises(MiaError, match="baselines 'other_dp': 'missing'"):
         analyse(tmp_path, rows, baselines={"other_dp": "missing"})
+
+
+def test_a_truncated_scores_file_is_a_one_line_error(tmp_path):
+    rows = [audited_experiment(tmp_path / "baseline", effect=6.0), audited_experiment(tmp_path / "dp", effect=0.0, dp_epsilon=7.9)]
+    scores = tmp_path / "dp" / "attacks" / "latest" / "lira_online" / "scores.npy"
+    scores.write_bytes(scores.read_bytes()[:100])
+    with pytest.raises(MiaError, match=r"scores.npy: unreadable attack scores .*; re-run attack.py on the experiment"):
+        analyse(tmp_path, rows, outputs=["lira_online"], dp_bounds=True)

@@ -121,10 +121,19 @@ def test_settings_that_cannot_work_fail_in_one_line(reviews, kwargs, model_kwarg
         trainer(DPSGD(**kwargs), max_epochs=1).fit(model, datamodule=dm)
 
 
-@pytest.mark.parametrize("kwargs", [{"target_epsilon": None}, {"target_epsilon": -1.0}, {"target_delta": 1.0}, {"max_grad_norm": 0.0}, {"accountant": "gdp2"}])
+@pytest.mark.parametrize("kwargs", [{"target_epsilon": None}, {"target_epsilon": -1.0}, {"target_delta": 1.0}, {"max_grad_norm": 0.0}, {"accountant": "gdp2"},
+                                    {"target_epsilon": float("inf")}, {"target_epsilon": None, "noise_multiplier": float("inf")},
+                                    {"max_grad_norm": float("inf")}, {"batch_size": 0}, {"batch_size": -5}])
 def test_bad_arguments_are_refused_at_construction(kwargs):
     with pytest.raises(MiaError):
         DPSGD(**kwargs)
+
+
+def test_an_infinite_target_epsilon_is_refused_not_trained_with_the_noise_search_cap():
+    """target_epsilon .inf trained with noise 10 (the search's cap, epsilon 0.08); no DP is spelled target_epsilon: null, noise_multiplier: 0."""
+    with pytest.raises(MiaError, match=r"target_epsilon inf: must be positive and finite \(no DP: target_epsilon: null, noise_multiplier: 0\)"):
+        DPSGD(target_epsilon=float("inf"))
+    assert DPSGD(target_epsilon=None, noise_multiplier=0.0).noise_multiplier == 0.0
 
 
 def test_poisson_sampler_includes_each_sample_with_the_rate():
@@ -134,3 +143,24 @@ def test_poisson_sampler_includes_each_sample_with_the_rate():
     assert abs(np.mean(sizes) - 50) < 5 and len(set(sizes)) > 1  # Poisson: sizes vary around q n
     counts = np.bincount(np.concatenate([b for _ in range(10) for b in sampler]), minlength=1000)
     assert abs(counts.mean() - 10) < 0.5  # 200 steps at q = 0.05: each sample about 10 times
+
+
+def test_a_batchnorm_model_is_told_what_trains_under_dp_not_the_lstm_fix():
+    """The refusal named model.init_args.lstm for every model (an ImageClassifier has no such option) and cut opacus' reason mid-word."""
+    class BatchNormed(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+
+    with pytest.raises(MiaError) as err:
+        DPSGD(target_epsilon=1.0)._check_module(BatchNormed())
+    assert str(err.value) == ("DPSGD: BatchNormed has layers opacus cannot privatise (BatchNorm cannot support training with differential privacy); "
+                              "train layers opacus supports, e.g. linear heads on frozen backbone features (configs/images/fmnist_dp_heads.yaml)")
+
+
+def test_a_training_set_smaller_than_the_minimum_batch_is_named_not_the_batch_size():
+    """Few-shot heads with 4 training samples and batch_size 64 were told to raise the batch size (expected batch = n_train there)."""
+    with pytest.raises(MiaError, match=r"^DPSGD: expected batch 4 is below 8; each model trains on only 4 samples; give it at least 8 \(e.g. more shots or classes\)$"):
+        DPSGD(target_epsilon=1.0)._plan_budget(4, 1.0, 1)
+    with pytest.raises(MiaError, match=r"^DPSGD: expected batch 1 is below 8; raise the batch size$"):
+        DPSGD(target_epsilon=1.0)._plan_budget(100, 0.01, 1)

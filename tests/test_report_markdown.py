@@ -70,3 +70,12 @@ def test_unresolved_fprs_are_flagged_alike_in_the_terminal_and_report_md(tmp_pat
     unresolved_levels = sum(level < rmia["min_resolvable_fpr"] for level in (0.001, 0.01, 0.1))
     assert line.count("(!)") == unresolved_levels + 1 and "[" not in line  # those TPR cells and min FPR
     assert " ".join(key.split()[:10]) in " ".join(terminal.split())
+
+
+def test_a_pipe_or_line_break_in_a_cell_keeps_the_markdown_table_shape():
+    """A setting named 'l2|0.1' (study names allow it) or a multi-line cell split its row in analysis.md."""
+    from mia_lightning.report.markdown import markdown_table
+    from mia_lightning.report.table import TableRecord
+
+    text = markdown_table(TableRecord("t", ["setting", "AUC"], [["l2|0.1", "0.61"], ["two\nlines", "0.5"]]))
+    assert text.splitlines()[2:] == ["| setting | AUC |", "|---|---|", "| l2\\|0.1 | 0.61 |", "| two lines | 0.5 |"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from mia_lightning.errors import MiaError
 from mia_lightning.study import StudyOptions, expand_settings
 
 ROOT = Path(__file__).resolve().parents[1]
+FIRST = "weight_decay-0.0_max_epochs-1"
+"""The first setting of ``write_study``'s grid."""
 
 
 def write_study(tmp_path: Path, **changes) -> Path:
@@ -61,6 +64,19 @@ def test_grid_study_trains_audits_and_analyses_each_setting(tmp_path, recorded):
     assert runs == {name: json.loads((out / "settings" / name / "setting.json").read_text())["run"] for name in names}
 
 
+def test_a_setting_whose_attack_run_was_deleted_is_audited_again(tmp_path, recorded, capsys):
+    path = write_study(tmp_path, grid={"trainer.max_epochs": [1, 2]})
+    assert train_main(["study", "--config", str(path)]) == 0
+    settings = tmp_path / "out/sweep/settings"
+    kept = json.loads((settings / "max_epochs-1/setting.json").read_text())["run"]
+    shutil.rmtree(settings / "max_epochs-2" / "attacks")
+    assert train_main(["study", "--config", str(path), "--status"]) == 0
+    assert "max_epochs-2 │ planned" in capsys.readouterr().out
+    assert train_main(["study", "--config", str(path)]) == 0  # was: "no published attack run; run attack.py" (with its default attacks, not the study's)
+    assert (settings / "max_epochs-2/attacks/latest/loss/results.json").is_file() and recorded[-1][1]["setting"] == "max_epochs-2"
+    assert json.loads((settings / "max_epochs-1/setting.json").read_text())["run"] == kept
+
+
 def test_a_changed_study_is_refused(tmp_path, recorded, capsys):
     assert train_main(["study", "--config", str(write_study(tmp_path, grid={"trainer.max_epochs": [1]}))]) == 0
     capsys.readouterr()
@@ -87,10 +103,110 @@ def test_a_list_of_grids_is_the_union_of_their_products():
     ({"analysis": "nonsense"}, "study.analysis 'nonsense': unknown"),
     ({"grid": {}, "settings": []}, "needs a grid or a list of settings"),
     ({"settings": [{"name": "a"}, {"name": "a"}], "grid": {}}, "'a' repeats"),
+    ({"settings": [{"name": "a", "overrides": [1, 2]}], "grid": {}}, "study.settings 'a': overrides must be a mapping"),
     ({"recipe": "missing.yaml"}, "no such farm recipe"),
+    ({"analysis": None, "analysis_params": {"bootstrap": 200}}, "study.analysis_params ['bootstrap']: given without study.analysis; name the analysis (defences, power_law"),
+    ({"name": "../elsewhere"}, "study.name '../elsewhere': must be a plain folder name"),
+    ({"name": ""}, "study.name '': must be a plain folder name"),
+    # typos the farm or the audit would find only after study.json is written (which would lock the study to them)
+    ({"overrides": {"model.init_args.nonexistent": 3}}, "study setting 'weight_decay-0.0_max_epochs-1': train.py farm: "),
+    ({"grid": {"farm.engine": ["vectorized"]}}, "study setting 'engine-vectorized': --farm.engine 'vectorized': choose one of"),
+    ({"attacks": ["lirra"]}, "unknown attack 'lirra'; did you mean lira"),
+    ({"attacks": []}, "study.attacks: empty; name the attacks that audit every setting"),
+    ({"params": {"lira": {"n_shadows": 4}}}, "--params 'lira': not an attack of this run (thresholds)"),
+    ({"n_targets": 9}, "--n_targets 9: must be between 1 and the number of models (4)"),
+    ({"grid": {}, "settings": [{"name": "dp", "overrides": {"trainer.callbacks": [{"class_path": "mia_lightning.defences.dp_sgd.DPSGD", "init_args": {"target_epsilon": -1.0}}]}}]},
+     "study setting 'dp': DPSGD target_epsilon -1.0: must be positive and finite"),
+    # analysis parameters that name no setting or output, or wrong types: refused before the sweep trains, not after it
+    ({"analysis": "defences", "analysis_params": {"baseline": "nope", "attack": "loss", "outputs": ["loss"]}}, "study.analysis_params.baseline 'nope': no such setting; settings are weight_decay-0.0_max_epochs-1, "),
+    ({"analysis": "defences", "analysis_params": {"baseline": FIRST, "attack": "loss", "outputs": ["loss"], "levels": [0.01, 0.05]}},
+     "study.analysis_params.levels 0.05: the audit reports TPR at FPR 0.001, 0.01, 0.1 only"),
+    ({"analysis": "defences", "analysis_params": {"baseline": FIRST, "outputs": ["loss"]}}, "attack 'lira_online': not one of analysis_params.outputs (loss)"),
+    ({"analysis": "defences", "analysis_params": {"baseline": FIRST}}, "attack 'lira_online': the study's attacks write no such output (loss, confidence, entropy, modified_entropy)"),
+    ({"analysis": "defences", "analysis_params": {"baseline": FIRST, "levels": ["abc", 0.01]}}, "study.analysis_params.levels=['abc', 0.01]: expected list[float] | None"),
+    ({"analysis": "defences", "analysis_params": {"baseline": FIRST, "outputs": "loss"}}, "study.analysis_params.outputs='loss': expected list[str] | None"),
+    ({"analysis": "power_law", "analysis_params": {"attack": "loss", "roc_setting": "nope"}}, "study.analysis_params.roc_setting 'nope': not a setting of the study"),
+    ({"analysis": "power_law", "analysis_params": {"attack": "loss", "per_sample_settings": [FIRST, "nope"]}}, "per_sample_settings 'nope': not a setting"),
+    ({"analysis": "power_law", "analysis_params": {"attack": "loss", "dp_bounds": [[1.0]]}}, "study.analysis_params.dp_bounds [1.0]: each bound is [epsilon > 0, 0 <= delta < 1]"),
+    ({"analysis": "power_law", "analysis_params": {"attack": "loss", "sample_fpr": 0.0}}, "study.analysis_params.sample_fpr 0.0: must lie strictly between 0 and 1"),
+    ({"analysis": "power_law", "analysis_params": {"attack": "loss", "bootstrap": 0}}, "study.analysis_params.bootstrap 0: needs at least 1"),
+    ({"analysis": "power_law", "analysis_params": {"bootstrap": "many"}}, "study.analysis_params.bootstrap='many': expected int"),
     ({"analysis": "defences", "analysis_params": {"bootstrap": 200}}, "study.analysis_params.bootstrap: not a parameter of the defences analysis; it takes baseline,"),
 ])
 def test_bad_studies_are_one_line(tmp_path, recorded, capsys, changes, phrase):
     assert train_main(["study", "--config", str(write_study(tmp_path, **changes))]) == 2
     assert phrase in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("file", ["out", "out/sweep"])
+def test_a_study_root_or_folder_that_is_a_file_is_one_line(tmp_path, recorded, capsys, file):
+    path = write_study(tmp_path)
+    (tmp_path / file).parent.mkdir(exist_ok=True)
+    (tmp_path / file).write_text("mine")
+    assert train_main(["study", "--config", str(path)]) == 2
+    assert f"{tmp_path / file}: a file, not a folder; choose another study.root or study.name" in capsys.readouterr().err
+    assert (tmp_path / file).read_text() == "mine"
+
+
+SHIPPED_STUDIES = sorted(path.relative_to(ROOT / "configs").with_suffix("").as_posix() for path in (ROOT / "configs").rglob("*.yaml")
+                         if "study" in (yaml.safe_load(path.read_text()) or {}))
+
+
+@pytest.mark.parametrize("name", SHIPPED_STUDIES)
+def test_shipped_studies_resolve_their_recipe_outside_a_checkout(name, tmp_path, monkeypatch, capsys):
+    """study.recipe was a checkout-relative path (configs/...), so `mia-lightning train study --config recipe:<name>` failed anywhere else."""
+    monkeypatch.chdir(tmp_path)
+    assert train_main(["study", "--config", f"recipe:{name}", "--study.root", str(tmp_path), "--status"]) == 0, capsys.readouterr().err
+    spec = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["study"]
+    options = StudyOptions(**{**spec, "root": str(tmp_path)})
+    study.check_setting_recipes(options, tmp_path / options.name, expand_settings(options))  # every setting's farm recipe parses
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_study_and_an_experiment_never_share_a_folder(tmp_path, recorded, capsys):
+    """The farm trained an experiment into a study's folder (plan.json, models/ beside study.json), and a study wrote study.json into an experiment."""
+    path = write_study(tmp_path, grid={"trainer.max_epochs": [1]})
+    assert train_main(["study", "--config", str(path)]) == 0
+    farm = ["farm", "--config", str(tmp_path / "base.yaml"), "--experiment.root", str(tmp_path / "out"), "--experiment.name", "sweep"]
+    capsys.readouterr()
+    assert train_main(farm) == 2
+    assert f"{tmp_path / 'out/sweep'}: a study's folder (study.json), not an experiment" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out/sweep").iterdir()) == ["analysis.json", "settings", "study.json"]
+    assert train_main(["study", "--config", str(write_study(tmp_path, name="sweep_2", root=str(tmp_path / "out/sweep/settings"), grid={"trainer.max_epochs": [1]})),
+                       "--study.name", "max_epochs-1"]) == 2
+    assert "max_epochs-1: an experiment's folder (plan.json), not a study" in capsys.readouterr().err
+    assert not (tmp_path / "out/sweep/settings/max_epochs-1/study.json").exists()
+
+
+def test_the_outputs_a_study_writes_are_unknown_when_an_attack_names_them_at_run_time():
+    """The analysis checks its attack output against these; the unlearning attack's outputs depend on its parameters."""
+    assert study.study_outputs(StudyOptions(attacks=["thresholds", "rmia"])) == ["loss", "confidence", "entropy", "modified_entropy", "rmia_online", "rmia_offline"]
+    assert study.study_outputs(StudyOptions(attacks=["thresholds", "unlearning"])) is None
+
+
+def test_a_base_recipe_edited_mid_study_is_refused(tmp_path, recorded, capsys):
+    """The remaining settings trained with the edited recipe and the analysis mixed them with the finished ones; study.json now records the recipe's content."""
+    path = write_study(tmp_path, grid={"trainer.max_epochs": [1]})
+    assert train_main(["study", "--config", str(path)]) == 0
+    base = tmp_path / "base.yaml"
+    base.write_text("# a comment and another layout do not count\n" + yaml.safe_dump(yaml.safe_load(base.read_text()), default_flow_style=True))
+    assert train_main(["study", "--config", str(path)]) == 0
+    stored = json.loads((tmp_path / "out/sweep/study.json").read_text())
+    base.write_text(base.read_text().replace("hidden: [8]", "hidden: [16]"))
+    capsys.readouterr()
+    assert train_main(["study", "--config", str(path)]) == 2
+    assert f"the base recipe {base} changed since this study started (its settings would mix recipes); restore it" in capsys.readouterr().err
+    del stored["recipe_sha256"]  # a study started before the digest was recorded still resumes
+    (tmp_path / "out/sweep/study.json").write_text(json.dumps(stored))
+    assert train_main(["study", "--config", str(path)]) == 0
+
+
+def test_a_study_started_with_a_recipe_path_resumes_with_its_recipe_reference(tmp_path, recorded, monkeypatch):
+    """The shipped studies now say recipe:<name> where they said configs/<name>.yaml; a study started with the path resumes."""
+    monkeypatch.chdir(ROOT)
+    tiny = {"plan.n_models": 4, "trainer.max_epochs": 1, "model.init_args.hidden": [8], "trainer.enable_progress_bar": False}
+    assert train_main(["study", "--config", str(write_study(tmp_path, recipe="configs/tabular/digits_sequential.yaml", overrides=tiny, grid={"model.init_args.weight_decay": [0.0]}))]) == 0
+    run = json.loads((tmp_path / "out/sweep/settings/weight_decay-0.0/setting.json").read_text())["run"]
+    assert train_main(["study", "--config", str(write_study(tmp_path, recipe="recipe:tabular/digits_sequential", overrides=tiny, grid={"model.init_args.weight_decay": [0.0]}))]) == 0
+    assert json.loads((tmp_path / "out/sweep/settings/weight_decay-0.0/setting.json").read_text())["run"] == run

@@ -29,11 +29,11 @@ from mia_lightning.analysis.dp_bound import ADJACENCY_NOTE, MIN_EVENTS, bound_cu
 from mia_lightning.console import console
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
-from mia_lightning.contract.io import load_json
+from mia_lightning.contract.io import load_json, load_npy
 from mia_lightning.report.cells import UNRESOLVED, unresolved
 from mia_lightning.contract.confine import confined, confined_all
 from mia_lightning.report.html import ANALYSIS_PAGE, write_tables_page
-from mia_lightning.metrics import roc_curve
+from mia_lightning.metrics import FPR_LEVELS, roc_curve
 from mia_lightning.report.figures import plot_dp_bound, plot_privacy_utility
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.terminal import print_tables
@@ -162,6 +162,30 @@ def defence_table(settings: list[dict], outputs: list[str], levels: tuple[str, .
                        header, rows, left=tuple(header))
 
 
+def check_params(settings: list[str], written: list[str] | None, *, baseline: str, attack: str, outputs: list[str] | None,
+                 baselines: dict[str, str] | None, levels: list[float] | None, **unchecked: object) -> None:
+    """Refuse parameters that name no setting (``settings``) or attack output (``written``, None: not known yet) of the study, or FPRs the audit does not report.
+
+    ``train.py study`` calls it before any setting trains, ``analyse`` again; ``unchecked``: ``dp_bounds`` (a flag).
+    """
+    shown = list(outputs or DEFAULT_OUTPUTS)
+    if attack not in shown:
+        raise MiaError(f"study.analysis_params.attack {attack!r}: not one of analysis_params.outputs ({', '.join(shown)}); the helps? verdict and the plot read it there")
+    if written is not None and attack not in written:
+        raise MiaError(f"study.analysis_params.attack {attack!r}: the study's attacks write no such output ({', '.join(written)}); add its attack to study.attacks")
+    reported = [str(level) for level in FPR_LEVELS]
+    for level in levels or []:
+        if str(float(level)) not in reported:
+            raise MiaError(f"study.analysis_params.levels {level}: the audit reports TPR at FPR {', '.join(reported)} only")
+    if levels and 0.01 not in [float(level) for level in levels]:
+        raise MiaError(f"study.analysis_params.levels {levels}: must include 0.01 (the helps? rule reads TPR at 1% FPR)")
+    if baseline not in settings:
+        raise MiaError(f"study.analysis_params.baseline {baseline!r}: no such setting; settings are {', '.join(settings)}")
+    for setting, its_baseline in (baselines or {}).items():
+        if setting not in settings or its_baseline not in settings:
+            raise MiaError(f"study.analysis_params.baselines {setting!r}: {its_baseline!r}: both must be settings; settings are {', '.join(settings)}")
+
+
 def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attack: str = "lira_online",
             outputs: list[str] | None = None, baselines: dict[str, str] | None = None,
             levels: list[float] | None = None, dp_bounds: bool = False) -> dict:
@@ -172,18 +196,12 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
     of the TPR columns (default 0.1% and 1%; the audit computes 0.1%, 1%, 10%). ``dp_bounds``: a ROC
     plot per DP-SGD setting with its accountant's bound (module docstring).
     """
+    names = [row["setting"] for row in rows]
+    check_params(names, None, baseline=baseline, attack=attack, outputs=outputs, baselines=baselines, levels=levels)
     outputs = list(outputs or DEFAULT_OUTPUTS)
     levels_used = tuple(str(float(l)) for l in levels) if levels else LEVELS
-    if "0.01" not in levels_used:
-        raise MiaError(f"study.analysis_params.levels {levels}: must include 0.01 (the helps? rule reads TPR at 1% FPR)")
     baselines = dict(baselines or {})
-    confined_all(Path(study_dir), [Path(study_dir) / PLOT_FILE, Path(study_dir) / ANALYSIS_PAGE, *(Path(study_dir) / f"roc_dp_{name}.png" for name in (r["setting"] for r in rows))])  # no link leads the files out of the study
-    names = [row["setting"] for row in rows]
-    if baseline not in names:
-        raise MiaError(f"study.analysis_params.baseline {baseline!r}: no such setting; settings are {', '.join(names)}")
-    for setting, its_baseline in baselines.items():
-        if setting not in names or its_baseline not in names:
-            raise MiaError(f"study.analysis_params.baselines {setting!r}: {its_baseline!r}: both must be settings; settings are {', '.join(names)}")
+    confined_all(Path(study_dir), [Path(study_dir) / PLOT_FILE, Path(study_dir) / ANALYSIS_PAGE, *(Path(study_dir) / f"roc_dp_{name}.png" for name in names)])  # no link leads the files out of the study
     settings = []
     for row in rows:
         if attack not in row["results"]:
@@ -205,7 +223,7 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
         })
         if dp_bounds and epsilon is not None:
             members, audited = _pairs(experiment, targets)
-            scores = np.load(Path(row["experiment"]) / "attacks" / "latest" / attack / "scores.npy")
+            scores = load_npy(Path(row["experiment"]) / "attacks" / "latest" / attack / "scores.npy", "attack scores", "re-run attack.py on the experiment")
             settings[-1]["dp_bound"] = dp_roc(Path(study_dir), settings[-1], scores, members, audited, attack, levels_used)
     judged_by = {name: baselines.get(name, baseline) for name in names}
     for s in settings:

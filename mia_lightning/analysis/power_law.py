@@ -228,9 +228,6 @@ def _rho(result: dict) -> str:
 
 def _per_sample_correlations(by_name: dict, chosen: list[str], attack: str) -> tuple[dict, dict]:
     """Per-sample correlations of the chosen settings, and pooled over them on within-setting percentiles."""
-    unknown = [name for name in chosen if name not in by_name]
-    if unknown:
-        raise MiaError(f"analysis_params.per_sample_settings: {unknown[0]!r} is not a setting of the study")
     samples = {name: per_sample_vulnerability(ExperimentDir(Path(by_name[name]["experiment"])), attack) for name in chosen}
     if not samples:
         return {}, {}
@@ -238,6 +235,27 @@ def _per_sample_correlations(by_name: dict, chosen: list[str], attack: str) -> t
     pooled = {"gradient_norm_correlation": spearman(stacked["score"], stacked["gradient_norm"]),
               "nn_distance_correlation": spearman(stacked["score"], stacked["nn_distance"])}
     return samples, pooled
+
+
+def check_params(settings: list[str], written: list[str] | None, *, attack: str, bootstrap: int, roc_setting: str | None,
+                 per_sample_settings: list[str] | None, dp_bounds: list[list[float]] | None, sample_fpr: float, **unchecked: object) -> None:
+    """Refuse parameters that name no setting (``settings``) or attack output (``written``, None: not known yet) of the study, or unusable numbers.
+
+    ``train.py study`` calls it before any setting trains, ``analyse`` again; ``unchecked``: ``fit_scenario`` (checked once the settings' configs exist) and ``seed``.
+    """
+    if written is not None and attack not in written:
+        raise MiaError(f"study.analysis_params.attack {attack!r}: the study's attacks write no such output ({', '.join(written)}); add its attack to study.attacks")
+    if bootstrap < 1:
+        raise MiaError(f"study.analysis_params.bootstrap {bootstrap}: needs at least 1 bootstrap replicate (the fits' intervals)")
+    if not 0.0 < sample_fpr < 1.0:
+        raise MiaError(f"study.analysis_params.sample_fpr {sample_fpr}: must lie strictly between 0 and 1")
+    for name, chosen in (("roc_setting", [roc_setting] if roc_setting is not None else []), ("per_sample_settings", per_sample_settings or [])):
+        unknown = [setting for setting in chosen if setting not in settings]
+        if unknown:
+            raise MiaError(f"study.analysis_params.{name} {unknown[0]!r}: not a setting of the study; settings are {', '.join(settings)}")
+    for bound in dp_bounds or []:
+        if len(bound) != 2 or not bound[0] > 0 or not 0 <= bound[1] < 1:
+            raise MiaError(f"study.analysis_params.dp_bounds {bound}: each bound is [epsilon > 0, 0 <= delta < 1], e.g. [1.0, 1.0e-5]")
 
 
 def analyse(
@@ -262,6 +280,8 @@ def analyse(
     study_dir = Path(study_dir)
     if not rows:
         raise MiaError("power_law analysis: the study has no audited settings")
+    check_params([row["setting"] for row in rows], None, attack=attack, bootstrap=bootstrap, roc_setting=roc_setting,
+                 per_sample_settings=per_sample_settings, dp_bounds=dp_bounds, sample_fpr=sample_fpr)
     confined_all(study_dir, [study_dir / name for name in ("power_law.png", "predictions.png", "per_sample.png", "dp_bound.png", ANALYSIS_PAGE)])  # before any is written
     settings = [_setting_summary(row, attack) for row in rows]
     scenarios = list(dict.fromkeys(s["scenario"] for s in settings))
@@ -287,8 +307,6 @@ def analyse(
         plot_per_sample(study_dir / "per_sample.png", samples)
     bounds = [(float(e), float(d)) for e, d in (dp_bounds or DEFAULT_DP_BOUNDS)]
     name = roc_setting or max(settings, key=lambda s: s["auc"])["setting"]
-    if name not in by_name:
-        raise MiaError(f"analysis_params.roc_setting {name!r}: not a setting of the study")
     from mia_lightning.metrics import roc_curve
 
     scores, members, _ = attack_scores(ExperimentDir(Path(by_name[name]["experiment"])), attack)

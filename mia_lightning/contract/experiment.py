@@ -87,11 +87,16 @@ class ExperimentDir:
     def attack_dir(self, name: str) -> Path:
         return self.attacks_dir / name
 
+    @property
+    def is_study(self) -> bool:
+        """Whether the folder is a study's (``train.py study`` writes study.json there and its experiments under settings/)."""
+        return (self.root / "study.json").is_file()
+
     def check_exists(self) -> None:
         """Fail with a clear message when the directory is not an experiment at all."""
         if not self.root.is_dir():
             raise MiaError(f"{self.root}: no such experiment directory; run `python train.py farm --config ...` first")
-        if not self.keep_path.is_file() and (self.root / "study.json").is_file():
+        if not self.keep_path.is_file() and self.is_study:
             settings = sorted(path.name for path in (self.root / "settings").glob("*") if path.is_dir())
             examples = ", ".join(str(self.root / "settings" / name) for name in settings[:2]) or "none trained yet"
             raise MiaError(

@@ -144,10 +144,15 @@ def _refresh_entry_links(experiment: ExperimentDir, run_folder: Path) -> None:
             os.symlink(Path(LATEST) / name, link)
 
 
+def has_published_run(experiment: ExperimentDir) -> bool:
+    """Whether the experiment has a published attack run (``attacks/latest/run.json``)."""
+    return (experiment.attacks_dir / LATEST / RUN_FILE).is_file()
+
+
 def latest_run(experiment: ExperimentDir) -> tuple[Path, dict]:
     """(folder, run.json) of the published run; a one-line error when there is none."""
     link = experiment.attacks_dir / LATEST
-    if not (link / RUN_FILE).is_file():
+    if not has_published_run(experiment):
         raise MiaError(f"{experiment.attacks_dir}: no published attack run; run `python attack.py --experiment {experiment.root}` first")
     folder = link.resolve()
     return folder, load_json(folder / RUN_FILE)

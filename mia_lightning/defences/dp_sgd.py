@@ -136,14 +136,16 @@ class DPSGD(L.Callback):
             raise MiaError(f"DPSGD accountant {accountant!r}: choose one of {', '.join(ACCOUNTANTS)}")
         if target_epsilon is None and noise_multiplier is None:
             raise MiaError("DPSGD: give target_epsilon (the noise is derived from it) or noise_multiplier")
-        if target_epsilon is not None and not target_epsilon > 0:
-            raise MiaError(f"DPSGD target_epsilon {target_epsilon}: must be positive")
+        if target_epsilon is not None and not 0 < target_epsilon < math.inf:
+            raise MiaError(f"DPSGD target_epsilon {target_epsilon}: must be positive and finite (no DP: target_epsilon: null, noise_multiplier: 0)")
         if target_delta is not None and not 0.0 < target_delta < 1.0:
             raise MiaError(f"DPSGD target_delta {target_delta}: must lie in (0, 1)")
-        if noise_multiplier is not None and not noise_multiplier >= 0:
-            raise MiaError(f"DPSGD noise_multiplier {noise_multiplier}: must be >= 0")
-        if not max_grad_norm > 0:
-            raise MiaError(f"DPSGD max_grad_norm {max_grad_norm}: must be positive")
+        if noise_multiplier is not None and not 0 <= noise_multiplier < math.inf:
+            raise MiaError(f"DPSGD noise_multiplier {noise_multiplier}: must be >= 0 and finite")
+        if not 0 < max_grad_norm < math.inf:
+            raise MiaError(f"DPSGD max_grad_norm {max_grad_norm}: must be positive and finite")
+        if batch_size is not None and batch_size < 1:
+            raise MiaError(f"DPSGD batch_size {batch_size}: the expected Poisson batch must be at least 1 (or null: the DataModule's batch_size)")
         self.target_epsilon, self.target_delta = target_epsilon, target_delta
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self.batch_size, self.accountant_name, self.seed = batch_size, accountant, seed
@@ -157,7 +159,10 @@ class DPSGD(L.Callback):
             raise MiaError(f"DPSGD: {type(pl_module).__name__} uses manual optimisation (e.g. adv_reg > 0); DP-SGD needs automatic optimisation")
         problems = ModuleValidator.validate(pl_module, strict=False)
         if problems:
-            raise MiaError(f"DPSGD: {type(pl_module).__name__} has layers opacus cannot privatise ({str(problems[0]).splitlines()[0][:120]}); e.g. set model.init_args.lstm: opacus")
+            reason = str(problems[0]).splitlines()[0].split(". ")[0][:160]
+            fix = ("set model.init_args.lstm: opacus" if "lstm" in pl_module.hparams else
+                   "train layers opacus supports, e.g. linear heads on frozen backbone features (configs/images/fmnist_dp_heads.yaml)")
+            raise MiaError(f"DPSGD: {type(pl_module).__name__} has layers opacus cannot privatise ({reason}); {fix}")
 
     def _plan_budget(self, n_train: int, sample_rate: float, max_epochs: int | None) -> None:
         """Expected batch, delta, planned steps and the noise multiplier; refuses settings that cannot reach the target."""
@@ -166,7 +171,9 @@ class DPSGD(L.Callback):
         self.n_train, self.sample_rate = n_train, sample_rate
         self.expected_batch = max(1, int(round(sample_rate * n_train)))
         if self.expected_batch < MIN_EXPECTED_BATCH:
-            raise MiaError(f"DPSGD: expected batch {self.expected_batch} is below {MIN_EXPECTED_BATCH}; raise the batch size")
+            fix = ("raise the batch size" if n_train >= MIN_EXPECTED_BATCH else
+                   f"each model trains on only {n_train} samples; give it at least {MIN_EXPECTED_BATCH} (e.g. more shots or classes)")
+            raise MiaError(f"DPSGD: expected batch {self.expected_batch} is below {MIN_EXPECTED_BATCH}; {fix}")
         self.delta = self.target_delta if self.target_delta is not None else 1.0 / (10 * n_train)
         if max_epochs is None or max_epochs < 1:
             raise MiaError("DPSGD: set trainer.max_epochs (the budget is spread over the planned epochs)")

@@ -46,6 +46,12 @@ class FarmOptions:
     shard: str | None = None
     stale_after_s: float = 120.0
 
+    def __post_init__(self) -> None:
+        if self.group_size < 1:  # checked with the recipe, before the experiment is prepared or a study records it
+            raise MiaError(f"--farm.group_size {self.group_size}: must be at least 1")
+        if not self.stale_after_s > 0:  # else every live claim reads as stale and two processes train the same model
+            raise MiaError(f"--farm.stale_after_s {self.stale_after_s}: must be positive (seconds without a heartbeat before a claim is taken over)")
+
 
 @dataclass
 class AuditOptions:

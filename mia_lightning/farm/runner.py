@@ -97,6 +97,8 @@ def prepare_experiment(recipe: Recipe) -> PlannedFarm:
     planned with exactly the same recipe identity, else the differing keys are named.
     """
     experiment = recipe.experiment
+    if experiment.is_study:
+        raise MiaError(f"{experiment.root}: a study's folder (study.json), not an experiment; choose another --experiment.name or --experiment.root")
     folders = [experiment.cache_dir, experiment.models_dir, *(experiment.model_dir(i) for i in range(recipe.plan.n_models))]
     confined_all(experiment.root, folders)  # no symlink leads a model, a claim or the cache out of the experiment
     pool = recipe.setup.build_datamodule()

@@ -27,9 +27,14 @@ VULNERABILITY_ATTACK = "lira_online"
 """Preferred attack for the per-sample ranking; otherwise the one with the best TPR@0.1%FPR (then AUC)."""
 
 
+def _cell(text: str) -> str:
+    """A table cell's text with ``|`` escaped and line breaks as spaces (a setting or scenario name holding one split its row)."""
+    return " ".join(str(text).split("\n")).replace("|", "\\|")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+    lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    return lines + ["| " + " | ".join(map(_cell, row)) + " |" for row in rows]
 
 
 def markdown_table(record: TableRecord) -> str:
