@@ -43,6 +43,7 @@ CASES = {
     "unknown plan kind": (QUICKSTART, ["--plan.kind", "halves"], "unknown plan kind"),
     "callback that is not a callback": (SEQUENTIAL, ["--trainer.callbacks", '[{"class_path": "os.system"}]'], "not a lightning.Callback subclass"),
     "zero group size": (QUICKSTART, ["--farm.group_size", "0"], "--farm.group_size 0: must be at least 1"),
+    "zero farm threads": (QUICKSTART, ["--farm.threads", "0"], "--farm.threads 0: must be at least 1"),
     "stale claims at once": (QUICKSTART, ["--farm.stale_after_s", "0"], "--farm.stale_after_s 0.0: must be positive"),
 }
 

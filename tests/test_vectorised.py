@@ -160,3 +160,34 @@ def test_auto_engine_follows_the_device_lightning_would_pick(monkeypatch):
     for available, expected in ((False, "sequential"), (True, "vectorised")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
         assert resolve_engine("auto", setup)[0] == expected
+
+
+@pytest.mark.parametrize(
+    "family,trainer,threads,expected",
+    [
+        (TEXT, {"accelerator": "cpu"}, None, 1),  # nn.LSTM's small kernels: one thread trains faster (benchmarks/farm_threads.py)
+        (TEXT, {"accelerator": "gpu"}, None, None),
+        (TEXT, {"accelerator": "cpu"}, 2, 2),  # farm.threads wins
+        (BAG, {"accelerator": "cpu"}, None, None),
+        (("mia_lightning.data.tabular.TabularDataModule", "lightning.pytorch.demos.boring_classes.BoringModel"), {"accelerator": "cpu"}, None, None),
+    ],
+)
+def test_farm_threads_per_family_and_device(family, trainer, threads, expected):
+    """Torch threads of a farm process: ``farm.threads``, else the family's CPU count, else torch's default (None); always with a reason."""
+    from mia_lightning.farm.vectorised import farm_threads
+
+    chosen, why = farm_threads(FarmSetup(ComponentSpec(family[0]), ComponentSpec(family[1]), trainer), threads)
+    assert chosen == expected and (why is None) == (expected is None)
+
+
+def test_torch_threads_are_restored_after_a_farm_even_when_it_fails():
+    """A study farms in-process: a setting's thread count must not leak into the next setting or the audit."""
+    from mia_lightning.farm.runner import torch_threads
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), torch_threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("training failed")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before

@@ -39,14 +39,18 @@ class PlanOptions:
 
 @dataclass
 class FarmOptions:
-    """How the models are trained: engine (``auto``: the faster one for the family and device), models per vectorised group, shard, claim staleness."""
+    """How the models are trained: engine (``auto``: the faster one for the family and device), models per vectorised group, shard,
+    claim staleness, and torch threads per farm process (None: the family's measured best on the CPU, else torch's default)."""
 
     engine: str = "auto"
     group_size: int = 64
     shard: str | None = None
     stale_after_s: float = 120.0
+    threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise MiaError(f"--farm.threads {self.threads}: must be at least 1 (or null: the family's default)")
         if self.group_size < 1:  # checked with the recipe, before the experiment is prepared or a study records it
             raise MiaError(f"--farm.group_size {self.group_size}: must be at least 1")
         if not self.stale_after_s > 0:  # else every live claim reads as stale and two processes train the same model

@@ -13,13 +13,15 @@ import logging
 import os
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 import numpy as np
+import torch
 from rich.console import Console
 
 from mia_lightning.data.plan import make_plan
@@ -232,10 +234,33 @@ def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool 
     check_model_identities(experiment)  # a merged-in model trained with other settings is named before anything trains
     pending = sorted((i for i in mine if not is_done(experiment, i)), key=lambda i: (generation(i, parents), i))
     engine_name, why = resolve_engine(recipe.farm.engine, recipe.setup, derived_models=bool(parents))
+    from mia_lightning.farm.vectorised import farm_threads
+
+    threads, threads_why = farm_threads(recipe.setup, recipe.farm.threads)
     console.print(
         f"[bold]farm[/] {experiment.root}: {keep.shape[0]} models, shard {shard} has {len(mine)}, "
         f"{len(mine) - len(pending)} already done, engine {engine_name}" + (f" (auto: {why})" if why else "")
+        + (f", {threads} torch thread{'s' if threads > 1 else ''} ({threads_why})" if threads else "")
     )
+    with torch_threads(threads):
+        return _train_pending(recipe, console, planned, pending, engine_name, progress_bar)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Train with ``threads`` torch threads (None: leave them), then restore the process's count (a study farms in-process)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_pending(recipe: Recipe, console: Console, planned: PlannedFarm, pending: list[int], engine_name: str, progress_bar: bool) -> list[int]:
+    """Claim and train the pending models, writing each as it finishes; returns the ids trained."""
+    experiment, keep, parents = recipe.experiment, planned.keep, planned.parents
     show_bar = progress_bar and recipe.setup.trainer.get("enable_progress_bar", True) and not os.environ.get("MIA_FARM_WORKER")
     engine = build_engine(recipe, show_bar, engine_name)
     group = recipe.farm.group_size if engine.trains_groups else 1

@@ -105,7 +105,9 @@ class Family:
     """A model family the engine stacks: its model and data classes, how a group becomes one ensemble module, and where that pays.
 
     ``faster_on`` lists the device types on which the ensemble beats the sequential farm in models/min
-    (``farm.engine: auto`` trains the family vectorised there only); ``prepare`` fits state on each
+    (``farm.engine: auto`` trains the family vectorised there only); ``cpu_threads`` is the torch thread
+    count a farm process of the family trains with on the CPU when ``farm.threads`` is not set (None:
+    torch's default, every usable core); ``prepare`` fits state on each
     model's training subset before training (under DP-SGD, ``private``, on data that does not depend on it); ``refuses`` says why a recipe's model
     arguments cannot stack (None when they can); ``private`` says why they cannot train with DP-SGD here.
     """
@@ -114,6 +116,7 @@ class Family:
     data: type
     stack: Callable[..., tuple[L.LightningModule, int]]
     faster_on: frozenset[str]
+    cpu_threads: int | None = None
     prepare: Callable[[L.LightningModule, L.LightningDataModule, bool], None] = lambda model, datamodule, private: None
     refuses: Callable[[Mapping[str, Any]], str | None] = lambda args: None
     private: Callable[[Mapping[str, Any]], str | None] = lambda args: "its ensemble has no DP-SGD"
@@ -139,8 +142,10 @@ FAMILIES = (
            private=_dp_head_refusal),
     # Before the LSTM family (both read TextDataModule); faster on the CPU: see benchmarks/farm_throughput.py case 6 (docs/text.md).
     Family(BagOfWordsClassifier, TextDataModule, _bag_ensemble, frozenset({"cpu"}), private=_dp_bag_refusal),
-    # On the CPU nn.LSTM's fused oneDNN kernel already trains one model at about the matmul peak (README, Farm).
-    Family(LSTMClassifier, TextDataModule, _lstm_ensemble, frozenset({"cuda"}), refuses=unstackable_args),
+    # On the CPU nn.LSTM's fused oneDNN kernel already trains one model at about the matmul peak (README, Farm). Its steps are
+    # thousands of small kernels: with idle OpenMP threads asleep (runtime.py) two threads train 1.25-1.6x slower than one, idle
+    # or beside busy processes; spinning they are faster only on an idle machine (benchmarks/farm_threads.py, README Farm).
+    Family(LSTMClassifier, TextDataModule, _lstm_ensemble, frozenset({"cuda"}), cpu_threads=1, refuses=unstackable_args),
     # On the CPU one model's step at the few-shot batch already runs its layers near their best per-sample cost: the ensemble
     # trains fmnist_film at 0.98x (FiLM) / 0.72x (full) of the sequential farm (docs/images.md, README Farm; stacking_bound.py).
     Family(ImageClassifier, ImageDataModule, _image_ensemble, frozenset({"cuda"})),
@@ -173,6 +178,21 @@ def choose_engine(setup: FarmSetup, derived_models: bool = False) -> tuple[str, 
     if device not in family.faster_on:
         return "sequential", f"the {family.model.__name__} ensemble is slower than the sequential farm on {device} (README, Farm)"
     return "vectorised", f"the {family.model.__name__} ensemble is the faster engine on {device}"
+
+
+def farm_threads(setup: FarmSetup, threads: int | None) -> tuple[int | None, str | None]:
+    """Torch threads a farm process trains with and why: ``farm.threads`` when set, else the family's ``cpu_threads`` on the CPU, else None (torch's default)."""
+    if threads is not None:
+        return threads, "farm.threads"
+    if device_type(setup.trainer) != "cpu":
+        return None, None
+    try:
+        family = family_of(setup)
+    except MiaError:
+        return None, None
+    if family.cpu_threads is None:
+        return None, None
+    return family.cpu_threads, f"the {family.model.__name__} family's measured best on cpu"
 
 
 def _only_dp_sgd(setup: FarmSetup) -> bool:

@@ -1,0 +1,78 @@
+"""Torch threads per farm process on the CPU: ``train.py farm`` of one recipe with ``--farm.threads`` 1 and 2, side by side.
+
+Each round trains the same small farm (default: 4 models of configs/text/imdb_lstm.yaml) once per
+variant, in alternating order; ``--hogs N`` keeps N busy processes running beside it (a shared
+machine). Variants: 1 thread, 2 threads with idle OpenMP threads asleep (the project's default,
+``runtime.py``: ``OMP_WAIT_POLICY=PASSIVE``), and 2 threads spinning (``OMP_WAIT_POLICY=ACTIVE``).
+Prints each variant's median wall time and its ratio to the 1-thread farm; the logits of every
+variant are compared (the LSTM's CPU kernel gives the same numbers with 1 or 2 threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {"1 thread": ("1", "PASSIVE"), "2 threads, asleep when idle": ("2", "PASSIVE"), "2 threads, spinning": ("2", "ACTIVE")}
+
+
+def hog() -> None:
+    """Keep one core busy until terminated."""
+    while True:
+        pass
+
+
+def farm_seconds(config: str, n_models: int, root: Path, name: str, threads: str, policy: str) -> float:
+    """Wall time of ``train.py farm`` in a child process (imports included) for a fresh experiment ``root/name``."""
+    env = dict(os.environ, OMP_WAIT_POLICY=policy)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "farm", "--config", config, "--plan.n_models", str(n_models),
+                    "--experiment.root", str(root), "--experiment.name", name, "--farm.threads", threads],
+                   check=True, env=env, capture_output=True, cwd=ROOT)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/text/imdb_lstm.yaml")
+    parser.add_argument("--models", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--hogs", type=int, default=0, help="busy processes running beside the farms")
+    args = parser.parse_args()
+    hogs = [multiprocessing.Process(target=hog, daemon=True) for _ in range(args.hogs)]
+    for process in hogs:
+        process.start()
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for round_ in range(args.rounds):
+                order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))
+                for name in order:
+                    folder = f"{name.split(',')[0].replace(' ', '_')}_{VARIANTS[name][1]}_{round_}"
+                    times[name].append(farm_seconds(args.config, args.models, Path(tmp), folder, *VARIANTS[name]))
+            logits = {name: np.load(Path(tmp) / f"{name.split(',')[0].replace(' ', '_')}_{VARIANTS[name][1]}_0" / "models" / "0000" / "logits.npy")
+                      for name in VARIANTS}
+    finally:
+        for process in hogs:
+            process.terminate()
+    base = statistics.median(times["1 thread"])
+    print(f"train.py farm --config {args.config} --plan.n_models {args.models}; {args.rounds} rounds, {args.hogs} busy processes beside it, "
+          f"{os.cpu_count()} CPUs")
+    for name, values in times.items():
+        median = statistics.median(values)
+        difference = float(np.abs(logits[name] - logits["1 thread"]).max())
+        print(f"  {name:28s} {median:6.1f} s  ({base / median:.2f}x the 1-thread farm's speed; model 0 logits max |diff| {difference:.1e})")
+
+
+if __name__ == "__main__":
+    main()
