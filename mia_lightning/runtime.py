@@ -8,6 +8,11 @@
   of being mapped, page-faulted and unmapped on every allocation, which cost more than the
   arithmetic (``benchmarks/farm_throughput.py`` and ``benchmarks/audit_scale.py`` measure both).
 
+With idle threads asleep, waking a second torch thread for every small kernel can cost more than it
+computes: the LSTM family's farms train with one thread on the CPU (``farm.threads``,
+``farm/vectorised.py``). ``numpy_parallel_map`` runs independent blocks of numpy work (bootstrap
+replicates, sample blocks, target batches) one thread per usable core.
+
 A variable already set in the environment is left alone; ``MIA_LIGHTNING_RUNTIME=0`` turns all of
 this off. glibc reads ``MALLOC_*`` only at start-up, so when one is added the process re-executes
 itself once (before torch is imported).
