@@ -32,6 +32,11 @@ def hog() -> None:
         pass
 
 
+def experiment_name(variant: str, round_: int) -> str:
+    """The experiment folder of one variant's farm in one round (a plain name: no spaces or commas)."""
+    return f"{variant.split(',')[0].replace(' ', '_')}_{VARIANTS[variant][1]}_{round_}"
+
+
 def farm_seconds(config: str, n_models: int, root: Path, name: str, threads: str, policy: str) -> float:
     """Wall time of ``train.py farm`` in a child process (imports included) for a fresh experiment ``root/name``."""
     env = dict(os.environ, OMP_WAIT_POLICY=policy)
@@ -58,10 +63,8 @@ def main() -> None:
             for round_ in range(args.rounds):
                 order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))
                 for name in order:
-                    folder = f"{name.split(',')[0].replace(' ', '_')}_{VARIANTS[name][1]}_{round_}"
-                    times[name].append(farm_seconds(args.config, args.models, Path(tmp), folder, *VARIANTS[name]))
-            logits = {name: np.load(Path(tmp) / f"{name.split(',')[0].replace(' ', '_')}_{VARIANTS[name][1]}_0" / "models" / "0000" / "logits.npy")
-                      for name in VARIANTS}
+                    times[name].append(farm_seconds(args.config, args.models, Path(tmp), experiment_name(name, round_), *VARIANTS[name]))
+            logits = {name: np.load(Path(tmp) / experiment_name(name, 0) / "models" / "0000" / "logits.npy") for name in VARIANTS}
     finally:
         for process in hogs:
             process.terminate()
