@@ -1,11 +1,12 @@
-"""Torch threads per farm process on the CPU: ``train.py farm`` of one recipe with ``--farm.threads`` 1 and 2, side by side.
+"""Torch threads and worker processes of a CPU farm: ``train.py farm`` of one recipe with ``--farm.threads`` 1 and 2, one or two workers, side by side.
 
 Each round trains the same small farm (default: 4 models of configs/text/imdb_lstm.yaml) once per
 variant, in alternating order; ``--hogs N`` keeps N busy processes running beside it (a shared
-machine). Variants: 1 thread, 2 threads with idle OpenMP threads asleep (the project's default,
-``runtime.py``: ``OMP_WAIT_POLICY=PASSIVE``), and 2 threads spinning (``OMP_WAIT_POLICY=ACTIVE``).
-Prints each variant's median wall time and its ratio to the 1-thread farm; the logits of every
-variant are compared (the LSTM's CPU kernel gives the same numbers with 1 or 2 threads).
+machine). Variants: one process with 1 thread, with 2 threads whose idle OpenMP threads sleep (the
+project's default, ``runtime.py``: ``OMP_WAIT_POLICY=PASSIVE``) or spin (``OMP_WAIT_POLICY=ACTIVE``),
+and two one-thread worker processes (``--trainer.devices 2``; what ``devices: auto`` starts on 2
+cores). Prints each variant's median wall time and its ratio to the 1-thread farm; the logits of
+every variant are compared (the LSTM's CPU kernel gives the same numbers with 1 or 2 threads).
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"1 thread": ("1", "PASSIVE"), "2 threads, asleep when idle": ("2", "PASSIVE"), "2 threads, spinning": ("2", "ACTIVE")}
+VARIANTS = {  # name: (torch threads per process, OMP_WAIT_POLICY, worker processes)
+    "1 thread": ("1", "PASSIVE", "1"),
+    "2 threads, asleep when idle": ("2", "PASSIVE", "1"),
+    "2 threads, spinning": ("2", "ACTIVE", "1"),
+    "2 workers, 1 thread each": ("1", "PASSIVE", "2"),
+}
 
 
 def hog() -> None:
@@ -34,15 +40,15 @@ def hog() -> None:
 
 def experiment_name(variant: str, round_: int) -> str:
     """The experiment folder of one variant's farm in one round (a plain name: no spaces or commas)."""
-    return f"{variant.split(',')[0].replace(' ', '_')}_{VARIANTS[variant][1]}_{round_}"
+    return f"{variant.split(',')[0].replace(' ', '_')}_{'_'.join(VARIANTS[variant])}_{round_}"
 
 
-def farm_seconds(config: str, n_models: int, root: Path, name: str, threads: str, policy: str) -> float:
+def farm_seconds(config: str, n_models: int, root: Path, name: str, threads: str, policy: str, workers: str) -> float:
     """Wall time of ``train.py farm`` in a child process (imports included) for a fresh experiment ``root/name``."""
     env = dict(os.environ, OMP_WAIT_POLICY=policy)
     start = time.perf_counter()
     subprocess.run([sys.executable, str(ROOT / "train.py"), "farm", "--config", config, "--plan.n_models", str(n_models),
-                    "--experiment.root", str(root), "--experiment.name", name, "--farm.threads", threads],
+                    "--experiment.root", str(root), "--experiment.name", name, "--farm.threads", threads, "--trainer.devices", workers],
                    check=True, env=env, capture_output=True, cwd=ROOT)
     return time.perf_counter() - start
 
@@ -53,18 +59,20 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--hogs", type=int, default=0, help="busy processes running beside the farms")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="which variants to run (the 1-thread farm always runs)")
     args = parser.parse_args()
+    chosen = {name: VARIANTS[name] for name in VARIANTS if name == "1 thread" or name in args.variants}
     hogs = [multiprocessing.Process(target=hog, daemon=True) for _ in range(args.hogs)]
     for process in hogs:
         process.start()
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in chosen}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for round_ in range(args.rounds):
-                order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))
+                order = list(chosen) if round_ % 2 == 0 else list(reversed(chosen))
                 for name in order:
                     times[name].append(farm_seconds(args.config, args.models, Path(tmp), experiment_name(name, round_), *VARIANTS[name]))
-            logits = {name: np.load(Path(tmp) / experiment_name(name, 0) / "models" / "0000" / "logits.npy") for name in VARIANTS}
+            logits = {name: np.load(Path(tmp) / experiment_name(name, 0) / "models" / "0000" / "logits.npy") for name in chosen}
     finally:
         for process in hogs:
             process.terminate()

@@ -54,7 +54,7 @@ def train_farm(argv: list[str]) -> tuple[int, Path]:
 
     from mia_lightning.farm.config import farm_parser, recipe_from_namespace
     from mia_lightning.farm.shards import resolve_shard
-    from mia_lightning.farm.workers import device_count, launch_device_workers, uses_gpu
+    from mia_lightning.farm.workers import farm_workers, launch_device_workers, uses_gpu
 
     parser = farm_parser()
     cfg = parse(parser, argv)
@@ -67,13 +67,10 @@ def train_farm(argv: list[str]) -> tuple[int, Path]:
     accelerator = str(recipe.setup.trainer.get("accelerator", "auto"))
     if "LOCAL_RANK" in os.environ and uses_gpu(accelerator):  # torchrun / srun: one rank per local GPU
         recipe.setup.trainer["devices"] = [int(os.environ["LOCAL_RANK"])]
-    n_workers, gpu_ids = device_count(recipe.setup.trainer.get("devices", 1), accelerator)
+    n_workers, gpu_ids, why = farm_workers(recipe, accelerator)
     if n_workers > 1 and not os.environ.get("MIA_FARM_WORKER"):
-        from mia_lightning.farm.runner import prepare_experiment
-
-        prepare_experiment(recipe)
         use_gpu = uses_gpu(accelerator)
-        console.print(f"[bold]farm[/]: {n_workers} workers, one per {'GPU' if use_gpu else 'CPU worker'}")
+        console.print(f"[bold]farm[/]: {n_workers} worker processes, one per {'GPU' if use_gpu else 'share of the CPU cores'}" + (f" ({why})" if why else ""))
         code = launch_device_workers(argv, n_workers, resolve_shard(recipe.farm.shard), gpu_ids, use_gpu)
         if code:
             return code, recipe.experiment.root

@@ -51,10 +51,14 @@ _Result = TypeVar("_Result")
 MAX_NUMPY_THREADS = 4
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one, else every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def numpy_threads() -> int:
     """Threads for ``numpy_parallel_map``: the cores this process may run on, at most ``MAX_NUMPY_THREADS``."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, MAX_NUMPY_THREADS))
+    return max(1, min(usable_cores(), MAX_NUMPY_THREADS))
 
 
 def numpy_parallel_map(function: Callable[[_Item], _Result], items: Iterable[_Item]) -> list[_Result]:

@@ -75,6 +75,32 @@ def test_one_worker_per_device_on_cpu(tmp_path):
     assert len({d["pid"] for d in done}) == 2  # two worker processes shared the models
 
 
+def recipe_for(argv: list[str]):
+    from mia_lightning.console import parse
+    from mia_lightning.farm.config import farm_parser, recipe_from_namespace
+
+    parser = farm_parser()
+    return recipe_from_namespace(parser, parse(parser, argv[1:]))
+
+
+def test_devices_auto_fills_the_cpu_cores_at_the_farm_thread_count(tmp_path, monkeypatch):
+    from mia_lightning.contract.identity import DONE_FILE
+    from mia_lightning.farm import workers
+
+    monkeypatch.setattr(workers, "usable_cores", lambda: 4)
+    auto = ("--trainer.devices", "auto")
+    count, gpu_ids, why = workers.farm_workers(recipe_for(farm_args(tmp_path, 4, 1, *auto, "--farm.threads", "1")), "cpu")
+    assert (count, gpu_ids) == (4, None) and "1 torch thread each (farm.threads)" in why
+    assert workers.farm_workers(recipe_for(farm_args(tmp_path, 4, 1, *auto, "--farm.threads", "2")), "cpu")[0] == 2
+    assert workers.farm_workers(recipe_for(farm_args(tmp_path, 4, 1, *auto)), "cpu")[0] == 1  # torch's default threads use every core
+    assert workers.farm_workers(recipe_for(farm_args(tmp_path, 4, 1, "--farm.threads", "1")), "cpu")[0] == 1  # the recipe's devices: 1
+    recipe = recipe_for(farm_args(tmp_path, 4, 1, *auto, "--farm.threads", "1"))
+    for index in (0, 1, 3):
+        recipe.experiment.model_dir(index).mkdir(parents=True, exist_ok=True)
+        (recipe.experiment.model_dir(index) / DONE_FILE).write_text("{}")
+    assert workers.farm_workers(recipe, "cpu")[0] == 1  # one model left: no worker start-up for nothing
+
+
 def test_shards_partition_models_and_read_cluster_env():
     shards = [Shard(i, 3) for i in range(3)]
     chosen = [shard.select(list(range(10))) for shard in shards]

@@ -1,7 +1,10 @@
 """One farm worker process per device: ``--trainer.devices N`` starts N copies of the farm command.
 
 Each worker gets a sub-shard of this process's shard and one device (``CUDA_VISIBLE_DEVICES`` on
-GPUs, a share of the CPU threads on CPU); the claim files keep them from colliding. The workers
+GPUs, a share of the CPU threads on CPU); the claim files keep them from colliding. ``devices:
+auto`` means every GPU, or on the CPU as many workers as the cores hold at the farm's thread count
+(``farm.threads`` or the family's ``cpu_threads``: an LSTM farm on 2 cores runs two one-thread
+workers instead of leaving a core idle). The workers
 are ordinary ``train.py farm`` processes, so SLURM or torchrun can start the same command instead.
 Workers import the same ``mia_lightning`` as this process (its folder first on ``PYTHONPATH``, the
 working directory never on ``sys.path``), so a file or folder named like the package in the folder
@@ -18,7 +21,9 @@ from typing import Any
 
 import torch
 
-from mia_lightning.farm.shards import Shard
+from mia_lightning.farm.config import Recipe
+from mia_lightning.farm.shards import Shard, resolve_shard
+from mia_lightning.runtime import usable_cores
 
 
 def uses_gpu(accelerator: str) -> bool:
@@ -26,25 +31,53 @@ def uses_gpu(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def device_count(devices: Any, accelerator: str) -> tuple[int, list[int] | None]:
-    """(number of workers, explicit GPU ids or None) from Lightning's ``devices`` value."""
+def device_count(devices: Any, accelerator: str, cpu_threads: int | None = None) -> tuple[int, list[int] | None]:
+    """(number of workers, explicit GPU ids or None) from Lightning's ``devices`` value.
+
+    ``auto`` / ``-1`` on the CPU: ``usable cores // cpu_threads`` workers when the farm trains with a
+    fixed thread count, else one (torch's default already uses every core).
+    """
     if isinstance(devices, (list, tuple)):
         if len(devices) == 1:
             return 1, None
         return len(devices), [int(d) for d in devices]
     text = str(devices)
     if text in ("auto", "-1"):
-        return (torch.cuda.device_count() if uses_gpu(accelerator) else 1), None
+        if uses_gpu(accelerator):
+            return torch.cuda.device_count(), None
+        return (max(1, usable_cores() // cpu_threads) if cpu_threads else 1), None
     if "," in text:
         ids = [int(d) for d in text.split(",") if d.strip()]
         return len(ids), ids
     return int(text), None
 
 
+def farm_workers(recipe: Recipe, accelerator: str) -> tuple[int, list[int] | None, str | None]:
+    """(worker processes, explicit GPU ids or None, why) for a farm; prepares the experiment first when it will start workers.
+
+    ``devices: auto`` on the CPU starts ``usable cores // the farm's thread count`` workers, at most
+    one per model this shard has left to train (a worker's start-up costs seconds).
+    """
+    from mia_lightning.farm.runner import is_done, prepare_experiment
+    from mia_lightning.farm.vectorised import farm_threads
+
+    devices = recipe.setup.trainer.get("devices", "auto")  # unset is Lightning's default
+    threads, threads_why = farm_threads(recipe.setup, recipe.farm.threads)
+    n_workers, gpu_ids = device_count(devices, accelerator, threads)
+    if n_workers < 2 or os.environ.get("MIA_FARM_WORKER"):
+        return n_workers, gpu_ids, None
+    planned = prepare_experiment(recipe)
+    if str(devices) not in ("auto", "-1") or uses_gpu(accelerator):
+        return n_workers, gpu_ids, None
+    left = sum(not is_done(recipe.experiment, i) for i in resolve_shard(recipe.farm.shard).select(list(range(planned.keep.shape[0]))))
+    n_workers = min(n_workers, max(left, 1))
+    return n_workers, None, f"devices auto: {threads} torch thread{'s' if threads > 1 else ''} each ({threads_why})"
+
+
 def launch_device_workers(argv: list[str], n_workers: int, shard: Shard, gpu_ids: list[int] | None, use_gpu: bool) -> int:
     """Run ``n_workers`` farm processes concurrently; returns the worst exit code."""
     procs = []
-    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    threads = max(1, usable_cores() // n_workers)
     for part in range(n_workers):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MIA_FARM_WORKER="1")
         if use_gpu:
