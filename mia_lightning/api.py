@@ -105,16 +105,15 @@ def to_dataframe(records: Sequence[Record]) -> Any:
 
 def read_run(run_folder: Path) -> list[Record]:
     """The records of one run folder (``attacks/runs/<id>``), in the run's order."""
-    from mia_lightning.contract.runs import RUN_FILE
+    from mia_lightning.contract.runs import RUN_FILE, run_results
 
     run_folder = Path(run_folder)
-    run = load_json(run_folder / RUN_FILE)
-    names = run.get("outputs", [])
-    if not names:
+    results = run_results(run_folder, load_json(run_folder / RUN_FILE))
+    if not results:
         raise MiaError(f"{run_folder}: the run has no attack results; run `python attack.py --experiment ...` with an attack")
     utility_path = run_folder / "utility.json"
     utility = load_json(utility_path) if utility_path.is_file() else None
-    return [Record.from_results(load_json(run_folder / name / "results.json"), utility) for name in names]
+    return [Record.from_results(record, utility) for record in results.values()]
 
 
 @dataclass(frozen=True)

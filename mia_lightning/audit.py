@@ -49,6 +49,8 @@ def resolve_targets(n_models: int, targets: Sequence[int] | None, n_targets: int
 def resolve_attacks(attacks: Sequence[str], params: Any) -> tuple[list[str], dict[str, dict]]:
     """Attack families to run (``all`` = every registered one) and their checked parameters; typos are errors."""
     names = sorted(ATTACKS) if list(attacks) == ["all"] else list(dict.fromkeys(attacks))
+    if not names:
+        raise MiaError(f"--attack: no attack named; name one or more of all, {', '.join(sorted(ATTACKS))}")
     unknown = [name for name in names if name not in ATTACKS]
     if unknown:
         raise MiaError(f"--attack {unknown[0]!r}: {unknown_attack_hint(unknown[0], ('all',))}")

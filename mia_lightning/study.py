@@ -19,7 +19,9 @@ overrides (cartesian product) or as an explicit list::
 Layout: ``<root>/<name>/study.json`` (the grid and recipe, checked on every resume), one ordinary
 experiment per setting under ``settings/<setting>/`` (trained by the farm, audited by one attack
 run), and the analysis's ``analysis.json`` plus its plots. Resumable setting by setting: a finished
-farm is skipped by the farm itself, an audited setting (``setting.json``, its attack run still published) is not audited again.
+farm is skipped by the farm itself, an audited setting (``setting.json`` and the attack run it records) is not audited again.
+The rows and the analysis read the run each setting's ``setting.json`` records, never ``attacks/latest``,
+so an ``attack.py`` run by hand on a setting does not change the study.
 """
 
 from __future__ import annotations
@@ -42,13 +44,13 @@ from rich.table import Table
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
 from mia_lightning.contract.io import load_json, save_json_atomic
-from mia_lightning.contract.confine import confined
+from mia_lightning.contract.confine import confined, plain_name
 
 ANALYSES: dict[str, str] = {
     "power_law": "mia_lightning.analysis.power_law:analyse",
     "defences": "mia_lightning.analysis.defences:analyse",
 }
-"""``study.analysis`` name -> ``module:function(study_dir, rows, **params) -> dict``."""
+"""``study.analysis`` name -> ``module:function(study_dir, rows, **params) -> dict``; a row's ``run_folder`` is the setting's study run."""
 
 SETTING_FILE = "setting.json"
 RECIPE_DIGEST = "recipe_sha256"
@@ -109,14 +111,8 @@ def expand_settings(options: StudyOptions) -> list[Setting]:
     if duplicated:
         raise MiaError(f"study.settings: names must be unique, {duplicated[0]!r} repeats")
     for name in names:
-        check_folder_name(name, "study setting name")
+        plain_name(name, "study setting name")  # each becomes one folder of the study
     return settings
-
-
-def check_folder_name(name: str, where: str) -> None:
-    """A study or setting name becomes one folder of the study: no separators, not hidden, not empty."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise MiaError(f"{where} {name!r}: must be a plain folder name (no '/', not empty, not starting with '.')")
 
 
 def _check_override_keys(overrides: dict, where: str) -> None:
@@ -267,21 +263,41 @@ def _check_study_file(study_dir: Path, payload: dict) -> None:
     save_json_atomic(path, payload)
 
 
-def _row(setting: Setting, experiment: ExperimentDir) -> dict:
-    """What the analysis gets about one audited setting: its overrides, folder, results per output and utility."""
-    from mia_lightning.contract.runs import latest_run
+def study_run(experiment: ExperimentDir) -> tuple[Path, dict] | None:
+    """(folder, run.json) of the attack run the study recorded in the setting's marker; None when the setting is not audited or that run is gone.
 
-    folder, run = latest_run(experiment)
-    results = {name: load_json(folder / name / "results.json") for name in run.get("outputs", [])}
+    The study reads this run, not ``attacks/latest``: an ``attack.py`` run by hand on a setting
+    publishes a newer run there and would otherwise change the study's analysis.
+    """
+    from mia_lightning.contract.runs import run_by_id
+
+    marker = experiment.root / SETTING_FILE
+    if not marker.is_file():
+        return None
+    recorded = load_json(marker)
+    try:
+        return run_by_id(experiment, recorded.get("run") if isinstance(recorded, dict) else None, f"{marker}: run")
+    except MiaError as err:
+        raise MiaError(f"{err}; delete {marker} and re-run the study (it audits the setting again)") from None
+
+
+def _row(setting: Setting, experiment: ExperimentDir) -> dict:
+    """What the analysis gets about one audited setting: its overrides, folder, the study's attack run, results per output and utility."""
+    from mia_lightning.contract.runs import run_results
+
+    found = study_run(experiment)
+    if found is None:
+        marker = experiment.root / SETTING_FILE
+        raise MiaError(f"{marker}: the attack run it records is gone; delete {marker} and re-run the study (it audits the setting again)")
+    folder, run = found
     utility = load_json(folder / "utility.json") if (folder / "utility.json").is_file() else None
-    return {"setting": setting.name, "overrides": setting.overrides, "experiment": experiment.root, "results": results, "utility": utility}
+    return {"setting": setting.name, "overrides": setting.overrides, "experiment": experiment.root, "run_folder": folder,
+            "results": run_results(folder, run), "utility": utility}
 
 
 def audited(experiment: ExperimentDir) -> bool:
-    """Whether the study audited the setting's experiment and its attack run is still there (a deleted run is audited again)."""
-    from mia_lightning.contract.runs import has_published_run
-
-    return (experiment.root / SETTING_FILE).is_file() and has_published_run(experiment)
+    """Whether the study audited the setting's experiment and the attack run it recorded is still there (a deleted run is audited again)."""
+    return study_run(experiment) is not None
 
 
 def run_study(options: StudyOptions, console: Console, status_only: bool = False) -> dict | None:
@@ -297,7 +313,7 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
     analyse = analysis_function(options.analysis) if options.analysis else None
     if analyse is not None:
         _check_analysis_params(analyse, options, settings, outputs)
-    check_folder_name(options.name, "study.name")
+    plain_name(options.name, "study.name")
     study_dir = Path(options.root) / options.name
     for folder in (Path(options.root), study_dir):
         if folder.exists() and not folder.is_dir():

@@ -115,6 +115,21 @@ def test_bad_input_gives_the_cli_line_and_writes_nothing(audited, capsys, call, 
     assert listing(audited[0]) == before
 
 
+@pytest.mark.parametrize("attacks", [[], ()])
+def test_no_attack_named_is_a_reason_naming_the_attacks(audited, attacks):
+    """audit(attacks=[]) used to fail with 'no requested attack can run: ' and nothing after it."""
+    from mia_lightning.audit import run_audit
+
+    root, _ = audited
+    before = listing(root)
+    for call in (lambda: mia.audit(root, attacks=attacks), lambda: run_audit(root, attacks)):
+        with pytest.raises(mia.MiaError) as raised:
+            call()
+        message = str(raised.value)
+        assert message.startswith("--attack: no attack named; name one or more of all, ") and "lira, " in message and "\n" not in message
+    assert listing(root) == before
+
+
 def test_train_from_a_dict_recipe_and_a_typo_in_one(tmp_path):
     import yaml
 

@@ -11,6 +11,7 @@ import pytest
 from mia_lightning.analysis.defences import analyse, pareto_front, verdict
 from mia_lightning.attacks.module import score_targets
 from mia_lightning.attacks import AttackData, create_attack
+from mia_lightning.contract.io import save_json_atomic
 from mia_lightning.errors import MiaError
 from mia_lightning.metrics import evaluate_scores
 from synthetic import synthetic_arrays
@@ -29,8 +30,8 @@ def test_pareto_front_and_verdict_by_hand():
     assert verdict(higher, base, "a").startswith("worse ")
 
 
-def audited_experiment(root: Path, effect: float, dp_epsilon: float | None = None) -> dict:
-    """A synthetic experiment audited by LiRA, written as a study row: results.json + scores.npy in attacks/latest, done.json metrics, utility."""
+def audited_experiment(root: Path, effect: float, dp_epsilon: float | None = None, dp_delta: float | None = None) -> dict:
+    """A synthetic experiment audited by LiRA, written as a study row: results.json + scores.npy in its run folder, done.json metrics, utility."""
     keep, labels, logits, _ = synthetic_arrays(n_models=8, n_samples=600, n_classes=3, effect=effect, seed=1)
     np.save(root.mkdir(parents=True) or root / "keep.npy", keep)
     np.save(root / "labels.npy", labels)
@@ -39,18 +40,19 @@ def audited_experiment(root: Path, effect: float, dp_epsilon: float | None = Non
         folder = root / "models" / f"{m:04d}"
         folder.mkdir(parents=True)
         np.save(folder / "logits.npy", logits[m])
-        (folder / "done.json").write_text(json.dumps({"metrics": {"dp_epsilon": dp_epsilon} if dp_epsilon is not None else {}}))
+        dp = {"dp_epsilon": dp_epsilon, **({"dp_delta": dp_delta} if dp_delta is not None else {})} if dp_epsilon is not None else {}
+        save_json_atomic(folder / "done.json", {"metrics": dp})  # as the farm writes it
     data = AttackData(keep=keep, labels=labels, logits=logits)
     targets = np.arange(4)
     results = {}
     for name, scores in score_targets(create_attack("lira"), data, targets).items():
         metrics, _ = evaluate_scores(scores, keep[targets], bootstrap=50)
-        folder = root / "attacks" / "latest" / name
+        folder = root / "attacks" / "runs" / "study-run" / name
         folder.mkdir(parents=True)
         np.save(folder / "scores.npy", scores)
         results[name] = {**metrics, "targets": targets.tolist(), "empirical_epsilon": {"epsilon_lower_bound": 0.5}}
     accuracy = float((logits[:4, :, 0].argmax(-1) == labels).mean())
-    return {"setting": root.name, "overrides": {}, "experiment": root, "results": results,
+    return {"setting": root.name, "overrides": {}, "experiment": root, "run_folder": root / "attacks" / "runs" / "study-run", "results": results,
             "utility": {"test_accuracy": accuracy, "train_accuracy": 1.0, "train_test_gap": 1.0 - accuracy}}
 
 
@@ -99,7 +101,36 @@ def test_a_setting_is_judged_against_its_own_familys_baseline(tmp_path):
 
 def test_a_truncated_scores_file_is_a_one_line_error(tmp_path):
     rows = [audited_experiment(tmp_path / "baseline", effect=6.0), audited_experiment(tmp_path / "dp", effect=0.0, dp_epsilon=7.9)]
-    scores = tmp_path / "dp" / "attacks" / "latest" / "lira_online" / "scores.npy"
+    scores = rows[1]["run_folder"] / "lira_online" / "scores.npy"
     scores.write_bytes(scores.read_bytes()[:100])
-    with pytest.raises(MiaError, match=r"scores.npy: unreadable attack scores .*; re-run attack.py on the experiment"):
+    with pytest.raises(MiaError, match=r"scores.npy: unreadable attack scores .*; delete the setting's setting.json and re-run the study"):
         analyse(tmp_path, rows, outputs=["lira_online"], dp_bounds=True)
+
+
+def reject(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def test_an_undefended_dp_setting_writes_strict_json(tmp_path, capsys):
+    """DP-SGD without noise (eps = inf) used to put Infinity in done.json and analysis.json, which is not JSON: null there now, read back as inf."""
+    rows = [audited_experiment(tmp_path / "baseline", effect=6.0), audited_experiment(tmp_path / "eps-inf", effect=6.0, dp_epsilon=float("inf"), dp_delta=1e-5),
+            audited_experiment(tmp_path / "eps-1", effect=0.0, dp_epsilon=1.0, dp_delta=1e-5)]
+    done = json.loads((tmp_path / "eps-inf/models/0000/done.json").read_text(), parse_constant=reject)
+    assert done["metrics"] == {"dp_epsilon": None, "dp_delta": 1e-5}
+    summary = analyse(tmp_path, rows, outputs=["lira_online"], dp_bounds=True)
+    free = summary["settings"][1]
+    assert free["accountant_epsilon"] == float("inf") and free["dp_bound"]["bounds"] == []  # read back as infinite: no DP bound drawn
+    assert "inf" in capsys.readouterr().out
+    save_json_atomic(tmp_path / "analysis.json", summary)  # as train.py study writes it
+    written = json.loads((tmp_path / "analysis.json").read_text(), parse_constant=reject)
+    settings = {s["setting"]: s for s in written["settings"]}
+    assert settings["eps-inf"]["accountant_epsilon"] is None and settings["eps-inf"]["accountant_delta"] == 1e-5
+    assert settings["baseline"]["accountant_epsilon"] is None and settings["baseline"]["accountant_delta"] is None
+    assert settings["eps-1"]["accountant_epsilon"] == 1.0
+
+
+def test_every_json_the_package_writes_is_strict(tmp_path):
+    """NaN and +-inf anywhere in a payload (numpy floats too) become null; the text is RFC 8259 JSON."""
+    path = tmp_path / "x.json"
+    save_json_atomic(path, {"nan": float("nan"), "inf": [np.float64("inf"), -np.inf, 1.5], "nested": {"t": (np.nan, 2)}, "n": 3, "s": "inf"})
+    assert json.loads(path.read_text(), parse_constant=reject) == {"nan": None, "inf": [None, None, 1.5], "nested": {"t": [None, 2]}, "n": 3, "s": "inf"}

@@ -77,6 +77,28 @@ def test_a_setting_whose_attack_run_was_deleted_is_audited_again(tmp_path, recor
     assert json.loads((settings / "max_epochs-1/setting.json").read_text())["run"] == kept
 
 
+def test_the_analysis_reads_the_run_the_study_recorded_not_a_later_hand_run(tmp_path, recorded, capsys):
+    """attack.py run by hand on a setting publishes a newer attacks/latest; the study's rows and analysis keep reading the run setting.json records."""
+    from mia_lightning.cli import attack_main
+
+    path = write_study(tmp_path, grid={"trainer.max_epochs": [1]})
+    assert train_main(["study", "--config", str(path)]) == 0
+    setting = tmp_path / "out/sweep/settings/max_epochs-1"
+    run = json.loads((setting / "setting.json").read_text())["run"]
+    analysis = (tmp_path / "out/sweep/analysis.json").read_text()
+    assert attack_main(["--experiment", str(setting), "--attack", "thresholds", "--targets", "1", "--bootstrap", "0"]) == 0
+    assert (setting / "attacks/latest").resolve().name != run
+    assert train_main(["study", "--config", str(path)]) == 0
+    assert (tmp_path / "out/sweep/analysis.json").read_text() == analysis
+    assert recorded[-1][0]["run_folder"] == setting / "attacks/runs" / run and recorded[-1][0]["results"]["loss"]["targets"] == [0, 1, 2, 3]
+    marker = setting / "setting.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "run": "../../../../../elsewhere"}))
+    capsys.readouterr()
+    assert train_main(["study", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{marker}: run '../../../../../elsewhere': must be a plain folder name" in err and f"delete {marker} and re-run the study" in err
+
+
 def test_a_changed_study_is_refused(tmp_path, recorded, capsys):
     assert train_main(["study", "--config", str(write_study(tmp_path, grid={"trainer.max_epochs": [1]}))]) == 0
     capsys.readouterr()

@@ -246,6 +246,43 @@ def test_links_inside_the_experiment_are_fine(synthetic, tmp_path):
     assert (real / "latest/run.json").is_file()
 
 
+@pytest.mark.parametrize("name", ["../../../../elsewhere", "ABSOLUTE", "/etc", "lira_online/../../../../../elsewhere", ".hidden", ""])
+def test_output_names_read_from_run_json_never_lead_reads_elsewhere(name, synthetic, tmp_path, capsys):
+    """A crafted run.json naming ``../x`` or ``/etc`` as an output: the report, the API and a study row refuse it in one line, nothing is written."""
+    from mia_lightning.api import open_experiment
+    from mia_lightning.contract.experiment import ExperimentDir
+    from mia_lightning.contract.runs import latest_run, run_results
+
+    assert attack_main(["--experiment", str(synthetic), "--attack", "thresholds", "--bootstrap", "0"]) == 0
+    folder = (synthetic / "attacks/latest").resolve()
+    elsewhere = tmp_path / "elsewhere"  # ../../../../elsewhere from the run folder
+    shutil.copytree(folder / "loss", elsewhere)
+    name = str(elsewhere) if name == "ABSOLUTE" else name
+    run = json.loads((folder / "run.json").read_text())
+    (folder / "run.json").write_text(json.dumps({**run, "outputs": [name]}))
+    (elsewhere / "results.json").write_text(json.dumps({**json.loads((elsewhere / "results.json").read_text()), "attack": name}))
+    before = snapshot(synthetic)
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(synthetic), "--report"]) == 2
+    assert f"{folder / 'run.json'} outputs {name!r}: must be a plain folder name" in one_line_error(capsys)
+    assert snapshot(synthetic) == before and not (synthetic / "report.md").exists()
+    with pytest.raises(MiaError, match="must be a plain folder name"):
+        open_experiment(synthetic).records()
+    with pytest.raises(MiaError, match="must be a plain folder name"):
+        run_results(*latest_run(ExperimentDir(synthetic)))
+
+
+def test_a_results_json_naming_another_output_is_refused(synthetic, capsys):
+    """results.json's own ``attack`` field is joined into paths too (the report's scores): it must name the output it sits in."""
+    assert attack_main(["--experiment", str(synthetic), "--attack", "thresholds", "--bootstrap", "0"]) == 0
+    results = (synthetic / "attacks/latest").resolve() / "loss" / "results.json"
+    results.write_text(json.dumps({**json.loads(results.read_text()), "attack": "../../../../elsewhere"}))
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(synthetic), "--report"]) == 2
+    assert f"{results}: names output '../../../../elsewhere', not 'loss'" in one_line_error(capsys)
+    assert not (synthetic / "report.md").exists()
+
+
 # 4. concurrent runs, dead runs' leftovers, fields read like options ---------------------------------------------------
 
 SLOW_RUNNER = """

@@ -5,7 +5,9 @@ Per setting (an audited farm): test accuracy and train-test gap of the targets (
 and 1% FPR (``levels``) with the audit's two-way bootstrap 95% intervals over the units it sampled
 (targets x samples, or users), the empirical epsilon lower bound of the audit (``results.json``),
 and for DP-SGD settings the accountant's epsilon of each target (``done.json`` metric
-``dp_epsilon``, written by ``mia_lightning.defences.dp_sgd.DPSGD``; the largest over targets).
+``dp_epsilon``, written by ``mia_lightning.defences.dp_sgd.DPSGD``; the largest over targets). DP-SGD
+without noise has an infinite epsilon: ``null`` in ``done.json`` and in ``analysis.json`` (beside a
+non-null ``accountant_delta``; a setting without DP-SGD has both null), as JSON holds no Infinity.
 
 With ``dp_bounds`` every DP-SGD setting also gets its ROC plot (``roc_dp_<setting>.png``) beside the
 (epsilon, delta) region its accountant guarantees, drawn and compared as the replace-one region that
@@ -20,6 +22,7 @@ test accuracy against that TPR and draws the Pareto front (settings no other set
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +59,16 @@ def _pairs(experiment: ExperimentDir, targets: list[int]) -> tuple[np.ndarray, n
 
 
 def accountant_budget(experiment: ExperimentDir, targets: list[int]) -> tuple[float | None, float | None]:
-    """The largest DP-SGD accountant epsilon and delta over the targets (``done.json`` metrics ``dp_epsilon``, ``dp_delta``), None without DP."""
+    """The largest DP-SGD accountant epsilon and delta over the targets (``done.json`` metrics ``dp_epsilon``, ``dp_delta``), None without DP.
+
+    ``dp_epsilon: null`` is DP-SGD without noise (an infinite epsilon; JSON files hold no Infinity): inf here.
+    """
     epsilons, deltas = [], []
     for t in targets:
         done = experiment.model_dir(t) / "done.json"
         metrics = load_json(done).get("metrics", {}) if done.is_file() else {}
         if "dp_epsilon" in metrics:
-            epsilons.append(float(metrics["dp_epsilon"]))
+            epsilons.append(math.inf if metrics["dp_epsilon"] is None else float(metrics["dp_epsilon"]))
         if "dp_delta" in metrics:
             deltas.append(float(metrics["dp_delta"]))
     return (max(epsilons) if epsilons else None), (max(deltas) if deltas else None)
@@ -223,7 +229,7 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
         })
         if dp_bounds and epsilon is not None:
             members, audited = _pairs(experiment, targets)
-            scores = load_npy(Path(row["experiment"]) / "attacks" / "latest" / attack / "scores.npy", "attack scores", "re-run attack.py on the experiment")
+            scores = load_npy(Path(row["run_folder"]) / attack / "scores.npy", "attack scores", "delete the setting's setting.json and re-run the study")
             settings[-1]["dp_bound"] = dp_roc(Path(study_dir), settings[-1], scores, members, audited, attack, levels_used)
     judged_by = {name: baselines.get(name, baseline) for name in names}
     for s in settings:

@@ -80,7 +80,7 @@ def _setting_summary(row: dict, attack: str) -> dict:
         value = load_json(done).get("metrics", {}).get("val_acc")
         if value is not None:
             accuracies.append(float(value))
-    return {"setting": row["setting"], "experiment": str(experiment.root), "shots": int(shots), "n_classes": int(classes),
+    return {"setting": row["setting"], "experiment": str(experiment.root), "run_folder": str(row["run_folder"]), "shots": int(shots), "n_classes": int(classes),
             "scenario": scenario_name(experiment, overrides),
             "auc": results["auc"], "tpr_at_fpr": results["tpr_at_fpr"], "tpr_at_fpr_ci": results["tpr_at_fpr_ci"],
             "tpr_at_fpr_ci_bootstrap": results.get("tpr_at_fpr_ci_bootstrap") or {},
@@ -88,15 +88,13 @@ def _setting_summary(row: dict, attack: str) -> dict:
             "val_acc": float(np.mean(accuracies)) if accuracies else None}
 
 
-def attack_scores(experiment: ExperimentDir, output: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scores [T, n], members bool [T, n], target ids) of ``output`` in the experiment's latest attack run."""
+def attack_scores(experiment: ExperimentDir, folder: Path, output: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores [T, n], members bool [T, n], target ids) of ``output`` in the experiment's attack run ``folder`` (the study's run of the setting)."""
     from mia_lightning.contract.io import load_npy
-    from mia_lightning.contract.runs import latest_run
 
-    folder, _ = latest_run(experiment)
     results = load_json(folder / output / "results.json")
     targets = np.asarray(results["targets"], dtype=np.int64)
-    scores = load_npy(folder / output / "scores.npy", "attack scores", "re-run attack.py on the experiment")
+    scores = load_npy(folder / output / "scores.npy", "attack scores", "delete the setting's setting.json and re-run the study")
     return np.asarray(scores, dtype=np.float64), experiment.keep[targets], targets
 
 
@@ -131,12 +129,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> dict:
     return {"rho": float(result.statistic), "p_value": float(result.pvalue), "n": int(ok.sum())}
 
 
-def per_sample_vulnerability(experiment: ExperimentDir, output: str) -> dict:
+def per_sample_vulnerability(experiment: ExperimentDir, folder: Path, output: str) -> dict:
     """Per-sample member scores, end-of-training gradient norms and nearest-neighbour distances of one setting, and their correlations."""
     from mia_lightning.farm.checkpoints import load_model_checkpoint
     from mia_lightning.farm.export import read_recipe
 
-    scores, members, targets = attack_scores(experiment, output)
+    scores, members, targets = attack_scores(experiment, folder, output)
     datamodule, _ = read_recipe(experiment)
     if not hasattr(datamodule, "pool_features"):
         raise MiaError(f"{experiment.config_path}: {type(datamodule).__name__} has no backbone features; per-sample analysis needs an image DataModule")
@@ -228,7 +226,7 @@ def _rho(result: dict) -> str:
 
 def _per_sample_correlations(by_name: dict, chosen: list[str], attack: str) -> tuple[dict, dict]:
     """Per-sample correlations of the chosen settings, and pooled over them on within-setting percentiles."""
-    samples = {name: per_sample_vulnerability(ExperimentDir(Path(by_name[name]["experiment"])), attack) for name in chosen}
+    samples = {name: per_sample_vulnerability(ExperimentDir(Path(by_name[name]["experiment"])), Path(by_name[name]["run_folder"]), attack) for name in chosen}
     if not samples:
         return {}, {}
     stacked = {key: np.concatenate([within_setting_percentiles(samples[n][key]) for n in chosen]) for key in ("score", "gradient_norm", "nn_distance")}
@@ -294,7 +292,7 @@ def analyse(
     transfer = [{"fitted_on": main, "scenario": name, **predict(fit, cells[name], fit["fpr"])} for name in scenarios if name != main for fit in fits[main]]
     by_name = {row["setting"]: row for row in rows}
     for cell in cells[main]:
-        scores, members, _ = attack_scores(ExperimentDir(Path(cell["experiment"])), attack)
+        scores, members, _ = attack_scores(ExperimentDir(Path(cell["experiment"])), Path(cell["run_folder"]), attack)
         cell["sample_advantages"] = sample_advantages(scores, members, sample_fpr)
     quantiles = fit_sample_quantiles(cells[main], SAMPLE_QUANTILES, sample_fpr, bootstrap, seed)
     for cell in cells[main]:
@@ -309,7 +307,7 @@ def analyse(
     name = roc_setting or max(settings, key=lambda s: s["auc"])["setting"]
     from mia_lightning.metrics import roc_curve
 
-    scores, members, _ = attack_scores(ExperimentDir(Path(by_name[name]["experiment"])), attack)
+    scores, members, _ = attack_scores(ExperimentDir(Path(by_name[name]["experiment"])), Path(by_name[name]["run_folder"]), attack)
     curve = roc_curve(scores, members)
     dp = {**compare(curve, bounds), "setting": name}
     plot_dp_bound(study_dir / "dp_bound.png", [(f"{attack} on {name}", curve.fpr, curve.tpr)], bound_curves(bounds), f"{attack} on {name}: {dp['adjacency']}")

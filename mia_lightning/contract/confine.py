@@ -49,6 +49,17 @@ def confined(root: Path, path: Path) -> Path:
     return path
 
 
+def plain_name(name: object, where: str) -> str:
+    """``name`` if it is one plain folder or file name (no separator, not hidden, not empty); else a one-line ``MiaError``.
+
+    Names read from files (a run's outputs, a recorded run id) and names of study folders are joined
+    into paths: ``..``, ``/etc`` or ``a/b`` would lead a read or write elsewhere.
+    """
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        raise MiaError(f"{where} {name!r}: must be a plain folder name (no '/', not empty, not starting with '.')")
+    return name
+
+
 def confined_all(root: Path, paths: list[Path]) -> None:
     """Check every path (one-line error at the first that leaves ``root``) before anything is written."""
     for path in paths:

@@ -1,9 +1,16 @@
-"""Atomic file writes and checked reads: a killed process never leaves a half-written file."""
+"""Atomic file writes and checked reads: a killed process never leaves a half-written file.
+
+Every JSON file the package writes is strict JSON (RFC 8259): a number that is not finite (NaN,
+Infinity, -Infinity, which ``json.dumps`` would write as bare words other parsers reject) is written
+as ``null``. Each file's documentation says what a ``null`` there means (e.g. ``dp_epsilon: null`` in
+``done.json``: DP-SGD without noise, an infinite epsilon).
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -59,9 +66,20 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
+def finite_json(payload: Any) -> Any:
+    """``payload`` with every float that is not finite (NaN, +-inf) replaced by None, in nested dicts, lists and tuples: what strict JSON can hold."""
+    if isinstance(payload, float):
+        return payload if math.isfinite(payload) else None
+    if isinstance(payload, dict):
+        return {key: finite_json(value) for key, value in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [finite_json(value) for value in payload]
+    return payload
+
+
 def save_json_atomic(path: Path, payload: Any) -> None:
-    """Save JSON (indented, trailing newline) atomically."""
-    write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+    """Save strict JSON (indented, trailing newline; non-finite numbers as null, see the module docstring) atomically."""
+    write_bytes_atomic(path, (json.dumps(finite_json(payload), indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
 
 
 def load_json(path: Path) -> Any:

@@ -28,7 +28,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from mia_lightning.contract.confine import confined, confined_all
+from mia_lightning.contract.confine import confined, confined_all, plain_name
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json, save_json_atomic
@@ -156,6 +156,32 @@ def latest_run(experiment: ExperimentDir) -> tuple[Path, dict]:
         raise MiaError(f"{experiment.attacks_dir}: no published attack run; run `python attack.py --experiment {experiment.root}` first")
     folder = link.resolve()
     return folder, load_json(folder / RUN_FILE)
+
+
+def run_by_id(experiment: ExperimentDir, run_id: object, where: str) -> tuple[Path, dict] | None:
+    """(folder, run.json) of run ``run_id`` under ``attacks/runs/`` (an id read from ``where``, checked to be a plain name); None when that run is gone."""
+    folder = runs_dir(experiment) / plain_name(run_id, where)
+    return (folder, load_json(folder / RUN_FILE)) if (folder / RUN_FILE).is_file() else None
+
+
+def run_results(folder: Path, run: dict) -> dict[str, dict]:
+    """The results.json of every output ``run`` (the folder's run.json) names, by output name, in the run's order.
+
+    The names come from a file and are joined into paths, so each must be a plain folder name, and
+    each results.json must name its own output (a crafted run cannot point a report at other files).
+    """
+    where = f"{Path(folder) / RUN_FILE} outputs"
+    names = run.get("outputs", []) if isinstance(run, dict) else None
+    if not isinstance(names, list):
+        raise MiaError(f"{where}: expected a list of output names, got {names!r}; re-run attack.py on the experiment")
+    results = {}
+    for name in names:
+        path = Path(folder) / plain_name(name, where) / "results.json"
+        record = load_json(path)
+        if not isinstance(record, dict) or record.get("attack") != name:
+            raise MiaError(f"{path}: names output {record.get('attack') if isinstance(record, dict) else record!r}, not {name!r}; re-run attack.py on the experiment")
+        results[name] = record
+    return results
 
 
 def prune_runs(experiment: ExperimentDir, keep: int) -> list[str]:

@@ -20,7 +20,7 @@ from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.cells import auc_cell, interval_key, percent, results_header, results_row, tpr_cell
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
-from mia_lightning.contract.runs import latest_run
+from mia_lightning.contract.runs import latest_run, run_results
 from mia_lightning.utility import UTILITY_FILE, utility_line
 
 VULNERABILITY_ATTACK = "lira_online"
@@ -44,7 +44,7 @@ def markdown_table(record: TableRecord) -> str:
 
 def load_records(run_folder: Path, run: dict) -> list[dict]:
     """The results.json of every output of one run, in the run's order."""
-    records = [load_json(run_folder / name / "results.json") for name in run.get("outputs", [])]
+    records = list(run_results(run_folder, run).values())
     if not records:
         raise MiaError(f"{run_folder}: the run has no attack results; run `python attack.py --experiment ...` with an attack")
     return records

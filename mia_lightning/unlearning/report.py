@@ -23,8 +23,8 @@ from scipy.special import softmax
 
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
-from mia_lightning.contract.io import load_json, load_npy, save_json_atomic, write_bytes_atomic
-from mia_lightning.contract.runs import latest_run
+from mia_lightning.contract.io import load_npy, save_json_atomic, write_bytes_atomic
+from mia_lightning.contract.runs import latest_run, run_results
 from mia_lightning.contract.confine import confined_all
 from mia_lightning.report.cells import UNRESOLVED, unresolved
 from mia_lightning.report.html import write_tables_page
@@ -130,7 +130,7 @@ def summarise(experiment_dir: Path) -> dict:
     experiment.check_exists()
     unlearning = load_unlearning(experiment)
     folder, run = latest_run(experiment)
-    records = {name: load_json(folder / name / "results.json") for name in run.get("outputs", [])}
+    records = run_results(folder, run)
     keep, units = experiment.keep, target_units(unlearning)
     chen = chen_rows(folder, records, keep, units)
     if not chen and "ulira_exact" not in records:
