@@ -62,6 +62,23 @@ def test_it_learns_the_sentiment_word_of_generated_reviews(tmp_path, embedding_d
     assert accuracy(model, dm, held_out) > 0.95  # "great" / "awful" decide the label; the unique id words cannot help on held-out reviews
 
 
+def test_early_stopping_on_val_loss_reads_the_validation_cross_entropy(tmp_path):
+    """Every ClassifierSteps family logs val_loss (the bag of words did not, so EarlyStopping(monitor=val_loss) could not run on it)."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    dm = TextDataModule(source=str(write_reviews(tmp_path / "r.csv", n=400)), vocab_size=60, max_len=16, batch_size=32, seed=0,
+                        val_split="held_out", val_size=100)
+    torch.manual_seed(0)
+    model = BagOfWordsClassifier(**dm.model_kwargs(), lr=0.05)
+    trainer = quiet_trainer([EarlyStopping(monitor="val_loss", patience=1)], max_epochs=3)
+    trainer.fit(model, datamodule=dm)
+    model.eval()
+    with torch.no_grad():  # by hand: the mean cross-entropy over the validation reviews (batches weighted by their size)
+        logits = model(torch.from_numpy(dm.tokens[dm.val_indices]))
+        expected = torch.nn.functional.cross_entropy(logits, torch.from_numpy(dm.pool_labels()[dm.val_indices]).long())
+    assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_dp_sgd_run_spends_what_opacus_accounts_and_still_learns(tmp_path):
     from opacus.accountants import PRVAccountant
 

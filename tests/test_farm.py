@@ -90,7 +90,7 @@ def test_devices_auto_fills_the_cpu_cores_at_the_farm_thread_count(tmp_path, mon
     monkeypatch.setattr(workers, "usable_cores", lambda: 4)
     auto = ("--trainer.devices", "auto")
     count, gpu_ids, why = workers.farm_workers(recipe_for(farm_args(tmp_path, 4, 1, *auto, "--farm.threads", "1")), "cpu")
-    assert (count, gpu_ids) == (4, None) and "1 torch thread each (farm.threads)" in why
+    assert (count, gpu_ids) == (4, None) and "4 cores at 1 torch thread per worker, farm.threads" in why
     assert workers.farm_workers(recipe_for(farm_args(tmp_path, 4, 1, *auto, "--farm.threads", "2")), "cpu")[0] == 2
     assert workers.farm_workers(recipe_for(farm_args(tmp_path, 4, 1, *auto)), "cpu")[0] == 1  # torch's default threads use every core
     assert workers.farm_workers(recipe_for(farm_args(tmp_path, 4, 1, "--farm.threads", "1")), "cpu")[0] == 1  # the recipe's devices: 1

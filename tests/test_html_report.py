@@ -138,6 +138,14 @@ def test_verdict_names_the_lowest_fpr_where_an_interval_clears_chance():
     assert not leaks and "No leakage detected" in text and "at 0.1% FPR" in text and "Not evidence of privacy" in text
 
 
+def test_a_run_without_bootstrap_intervals_gets_no_verdict():
+    """With --bootstrap 0 only the Clopper-Pearson interval over pairs remains; it is too narrow to declare leakage."""
+    narrow = record("narrow", {"0.001": 0.004, "0.01": 0.03, "0.1": 0.2}, {})
+    narrow["tpr_at_fpr_ci"] = {"0.001": [0.003, 0.005], "0.01": [0.025, 0.035], "0.1": [0.19, 0.21]}  # would clear chance everywhere
+    text, leaks = verdict([narrow])
+    assert leaks is None and "No verdict" in text and "--bootstrap 0" in text and "Leaks" not in text
+
+
 def test_a_tables_page_and_its_markdown_twin_hold_the_same_tables_and_never_follow_a_link_out(tmp_path):
     from mia_lightning.errors import MiaError
     from mia_lightning.report.html import write_tables_page

@@ -94,8 +94,22 @@ def test_fpr_control_hand_computed():
     record = fpr_control(scores, members, alpha=0.5, alpha_interval=[0.4, 0.6], replicates=0)
     # non-members: (0, 1) -1, (0, 2) 2 flagged, (1, 1) 0.5 flagged, (1, 2) -2 -> FPR 2/4; members scored: 1, -0.5, 3 -> TPR 2/3
     assert record["fpr"] == 0.5 and record["tpr"] == pytest.approx(2 / 3)
-    assert record["n_nonmembers"] == 4 and record["n_members"] == 3 and record["fpr_consistent"]
-    assert not fpr_control(scores, members, alpha=0.01, alpha_interval=[0.001, 0.02], replicates=0)["fpr_consistent"]
+    assert record["n_nonmembers"] == 4 and record["n_members"] == 3
+    assert record["fpr_consistent"] is None and "fpr_ci_bootstrap" not in record  # no bootstrap: the pairs' interval decides nothing
+    judged = fpr_control(scores, members, alpha=0.5, alpha_interval=[0.4, 0.6], replicates=200)
+    low, high = judged["fpr_ci_bootstrap"]
+    assert low <= 0.5 <= high and judged["fpr_consistent"]
+    assert fpr_control(scores, members, alpha=0.01, alpha_interval=[0.001, 0.02], replicates=200)["fpr_consistent"] is (low <= 0.02)
+
+
+def test_fpr_control_line_never_labels_the_pairs_interval_as_the_bootstrap():
+    from mia_lightning.report.terminal import fpr_control_lines
+
+    scores = np.array([[1.0, -1.0, 2.0, np.nan], [-0.5, 0.5, -2.0, 3.0]])
+    members = np.array([[True, False, False, True], [True, False, False, True]])
+    control = fpr_control(scores, members, alpha=0.5, alpha_interval=[0.4, 0.6], replicates=0)
+    (line,) = fpr_control_lines([{"attack": "quantile_regression", "fpr_control": control}])
+    assert "{" not in line and "not judged without bootstrap intervals" in line
 
 
 def feature_data(n_models: int = 6, n: int = 1200, n_population: int = 600, seed: int = 0) -> AttackData:

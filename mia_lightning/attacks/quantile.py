@@ -156,7 +156,8 @@ def fpr_control(scores: np.ndarray, members: np.ndarray, alpha: float, alpha_int
     ``fpr_ci`` is Clopper-Pearson over pairs (too narrow when pairs share targets or samples);
     ``fpr_ci_bootstrap`` the two-way (targets x samples) Poisson bootstrap, the interval to quote.
     ``fpr_consistent`` says whether that interval meets ``alpha_interval`` (the FPRs the calibration
-    can realise, ``conformal_fpr_interval``).
+    can realise, ``conformal_fpr_interval``); None without bootstrap replicates, since the pairs'
+    interval is too narrow to decide.
     """
     scored = np.isfinite(scores)
     flagged = scored & (np.nan_to_num(scores, nan=-np.inf) > 0)
@@ -175,8 +176,10 @@ def fpr_control(scores: np.ndarray, members: np.ndarray, alpha: float, alpha_int
         ok = weighted_non > 0
         spread = 1.959964 * np.std(weighted_fp[ok] / weighted_non[ok], ddof=1)
         record["fpr_ci_bootstrap"] = [max(0.0, fpr - spread), min(1.0, fpr + spread)]
-    low, high = record.get("fpr_ci_bootstrap", record["fpr_ci"])
-    record["fpr_consistent"] = bool(low <= alpha_interval[1] and alpha_interval[0] <= high)
+        low, high = record["fpr_ci_bootstrap"]
+        record["fpr_consistent"] = bool(low <= alpha_interval[1] and alpha_interval[0] <= high)
+    else:
+        record["fpr_consistent"] = None
     return record
 
 

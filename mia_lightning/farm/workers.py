@@ -71,7 +71,7 @@ def farm_workers(recipe: Recipe, accelerator: str) -> tuple[int, list[int] | Non
         return n_workers, gpu_ids, None
     left = sum(not is_done(recipe.experiment, i) for i in resolve_shard(recipe.farm.shard).select(list(range(planned.keep.shape[0]))))
     n_workers = min(n_workers, max(left, 1))
-    return n_workers, None, f"devices auto: {threads} torch thread{'s' if threads > 1 else ''} each ({threads_why})"
+    return n_workers, None, f"devices auto: {usable_cores()} cores at {threads} torch thread{'s' if threads > 1 else ''} per worker, {threads_why}"
 
 
 def launch_device_workers(argv: list[str], n_workers: int, shard: Shard, gpu_ids: list[int] | None, use_gpu: bool) -> int:

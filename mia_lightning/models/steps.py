@@ -23,6 +23,9 @@ class ClassifierSteps:
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """``val_loss`` (the plain cross-entropy, what early stopping monitors) and ``val_acc``, averaged over the epoch."""
         x, y = batch
-        self.val_accuracy(self(x), y)
-        self.log("val_acc", self.val_accuracy, prog_bar=True)
+        logits = self(x)
+        self.val_accuracy(logits, y)
+        self.log("val_loss", F.cross_entropy(logits.float(), y), prog_bar=True, batch_size=y.numel())
+        self.log("val_acc", self.val_accuracy, prog_bar=True, batch_size=y.numel())

@@ -35,6 +35,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width:
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 .verdict { border-left: 6px solid #b3261e; background: #fdf3f2; padding: 0.8em 1.1em; margin: 1.2em 0; }
 .verdict.clear { border-color: #2e7d32; background: #f1f8f1; }
+.verdict.undecided { border-color: #8a6d00; background: #fbf7e9; }
 .verdict p { margin: 0.35em 0; } .big { font-size: 1.15em; font-weight: 600; }
 .wide { overflow-x: auto; } table { border-collapse: collapse; font-size: 0.82em; margin: 0.6em 0; } th, td { border: 1px solid #d0d0d0; padding: 0.25em 0.55em; }
 th { background: #f3f3f3; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -76,30 +77,37 @@ def result_rows(records: list[dict]) -> list[list[str]]:
     return [results_row(record) for record in records]
 
 
-def verdict(records: list[dict]) -> tuple[str, bool]:
-    """(HTML paragraphs, leaks): how much the strongest output finds, at the lowest FPR where leakage is shown.
+def verdict(records: list[dict]) -> tuple[str, bool | None]:
+    """(HTML paragraphs, leaks): how much the strongest output finds, at the lowest FPR where leakage is shown; leaks None without intervals.
 
-    A (output, FPR level) pair counts only where the output's scores resolve the level. Leakage is
-    shown at a level when the lower 95% bound of an output's TPR there (two-way bootstrap; Clopper-Pearson
-    when the run had no bootstrap) exceeds the FPR, i.e. the attack beats guessing. The verdict names
-    the lowest such level and the output with the largest lower bound there; without one, the
-    output with the largest lower bound at the lowest resolved level, as "no leakage detected".
+    A (output, FPR level) pair counts only where the output's scores resolve the level and the run
+    has its two-way bootstrap interval. Leakage is shown at a level when the interval's lower 95%
+    bound exceeds the FPR, i.e. the attack beats guessing. The verdict names the lowest such level
+    and the output with the largest lower bound there; without one, the output with the largest
+    lower bound at the lowest resolved level, as "no leakage detected". A run without bootstrap
+    intervals (``--bootstrap 0``) gets no verdict: the Clopper-Pearson interval over pairs it keeps
+    is too narrow when pairs share a model, so it could declare leakage that is not there.
     """
-    def bounds(record: dict, level: float) -> tuple[list[float], str]:
-        boot = (record.get("tpr_at_fpr_ci_bootstrap") or {}).get(str(level))
-        return (boot, "two-way bootstrap 95%") if boot else (record["tpr_at_fpr_ci"][str(level)], "Clopper-Pearson 95% over pairs")
+    def bounds(record: dict, level: float) -> list[float] | None:
+        return (record.get("tpr_at_fpr_ci_bootstrap") or {}).get(str(level))
 
-    pairs = [(record, level) for level in FPR_LEVELS for record in records if not unresolved(record, level)]
-    if not pairs:
+    resolved = [(record, level) for level in FPR_LEVELS for record in records if not unresolved(record, level)]
+    if not resolved:
         return "<p class=\"big\">No output's scores resolve an FPR of 10% or less: ties decide every reported level.</p>", False
-    shown = [(record, level) for record, level in pairs if bounds(record, level)[0][0] > level]
+    pairs = [(record, level) for record, level in resolved if bounds(record, level)]
+    if not pairs:
+        return ("<p class=\"big\">No verdict: this run has no interval over the sampled units (it ran with <code>--bootstrap 0</code>).</p>"
+                "<p>The Clopper-Pearson intervals in the table count (target, sample) pairs as independent, which they are not when "
+                "pairs share a model, so they are too narrow to decide. Re-run <code>attack.py</code> without <code>--bootstrap 0</code> "
+                "(100 replicates by default) for a verdict.</p>"), None
+    shown = [(record, level) for record, level in pairs if bounds(record, level)[0] > level]
     pool = shown or [pair for pair in pairs if pair[1] == min(level for _, level in pairs)]
-    best, level = max(pool, key=lambda pair: (-pair[1], bounds(*pair)[0][0], pair[0]["tpr_at_fpr"][str(pair[1])]))
-    (low, high), kind = bounds(best, level)
+    best, level = max(pool, key=lambda pair: (-pair[1], bounds(*pair)[0], pair[0]["tpr_at_fpr"][str(pair[1])]))
+    low, high = bounds(best, level)
     leaks = bool(shown)
     paragraphs = [
         f"<p class=\"big\">{'Leaks' if leaks else 'No leakage detected'}: <code>{_esc(best['attack'])}</code> finds "
-        f"{percent(best['tpr_at_fpr'][str(level)])} of the members at {100 * level:g}% FPR ({kind}: {percent(low)} to {percent(high)}; "
+        f"{percent(best['tpr_at_fpr'][str(level)])} of the members at {100 * level:g}% FPR (two-way bootstrap 95%: {percent(low)} to {percent(high)}; "
         f"guessing finds {100 * level:g}%).</p>",
         f"<p>Its AUC is {_esc(auc_cell(best))} (AUC {{two-way bootstrap 95%}}), over {best['n_members']} member and {best['n_nonmembers']} "
         f"non-member (target, sample) pairs of {len(best['targets'])} target models.</p>",
@@ -205,6 +213,7 @@ def _provenance(experiment: ExperimentDir, run: dict) -> str:
 def render_html(experiment: ExperimentDir, run_folder: Path, run: dict, records: list[dict], top: int = 20) -> str:
     """The whole page for one run."""
     verdict_html, leaks = verdict(records)
+    verdict_class = {True: "verdict", False: "verdict clear", None: "verdict undecided"}[leaks]
     flagged = [unresolved(record, FPR_LEVELS[0]) for record in records]
     source, vulnerable = vulnerable_samples(records, experiment, run_folder, top)
     skipped = "".join(f"<p class=\"note\">Skipped (not applicable): {_esc(line)}</p>" for line in skipped_lines(run.get("skipped") or []))
@@ -212,7 +221,7 @@ def render_html(experiment: ExperimentDir, run_folder: Path, run: dict, records:
         f"<h1>Membership inference audit: {_esc(experiment.root.name)}</h1>",
         f"<p class=\"note\">Attack run <code>{_esc(run['id'])}</code> of <code>{_esc(experiment.root)}</code>; "
         f"{len(records[0]['targets'])} target models, scored leave-one-out.</p>",
-        f"<div class=\"verdict{'' if leaks else ' clear'}\" id=\"verdict\">{verdict_html}</div>",
+        f"<div class=\"{verdict_class}\" id=\"verdict\">{verdict_html}</div>",
         "<h2 id=\"results\">Results</h2>",
         _table(RESULT_COLUMNS, result_rows(records), flagged, table_id="results-table"),
         f"<p class=\"note\">{_esc(interval_key(records))}; highlighted rows cannot resolve {100 * FPR_LEVELS[0]:g}% FPR.</p>" + skipped,

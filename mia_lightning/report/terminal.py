@@ -85,10 +85,14 @@ def fpr_control_lines(records: list[dict]) -> list[str]:
     for record in records:
         control = record.get("fpr_control")
         if control:
-            low, high = control.get("fpr_ci_bootstrap", control["fpr_ci"])
+            if control.get("fpr_ci_bootstrap"):
+                low, high = control["fpr_ci_bootstrap"]
+                measured, judged = f" {{{percent(low)}, {percent(high)}}}", "consistent" if control["fpr_consistent"] else "NOT consistent"
+            else:
+                measured, judged = "", "not judged without bootstrap intervals (--bootstrap 0)"
             lines.append(f"{record['attack']}: built for FPR {percent(control['alpha'])} (calibration range {percent(control['alpha_interval'][0])}-"
-                         f"{percent(control['alpha_interval'][1])}); measured FPR {percent(control['fpr'])} {{{percent(low)}, {percent(high)}}}, "
-                         f"TPR {percent(control['tpr'])} on the audited pairs: {'consistent' if control['fpr_consistent'] else 'NOT consistent'}")
+                         f"{percent(control['alpha_interval'][1])}); measured FPR {percent(control['fpr'])}{measured}, "
+                         f"TPR {percent(control['tpr'])} on the audited pairs: {judged}")
     return lines
 
 
