@@ -24,7 +24,8 @@ import os
 import platform
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, TypeVar
 
 DEFAULTS: dict[str, str] = {
     "OMP_WAIT_POLICY": "PASSIVE",
@@ -69,3 +70,21 @@ def numpy_parallel_map(function: Callable[[_Item], _Result], items: Iterable[_It
         return [function(item) for item in items]
     with ThreadPoolExecutor(max_workers=min(numpy_threads(), len(items))) as pool:
         return list(pool.map(function, items))
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch threads (None: leave them), then restore the process's count (a study farms and audits in-process).
+
+    Work made of thousands of small kernels (an LSTM step, the attack classifiers' batched MLP) runs
+    faster on one thread when idle OpenMP threads sleep: waking the second costs more than it computes.
+    """
+    import torch  # here, not at import: this module is applied before torch loads
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -82,3 +82,22 @@ def test_old_option_names_are_refused_naming_the_new_one():
         create_attack("unlearning", classifiers=["lr"])
     with pytest.raises(MiaError, match=r"--params shokri.classifier='rf': renamed; use 'random_forest'"):
         create_attack("shokri", classifier="rf")
+
+
+def test_the_mlp_fit_runs_on_one_torch_thread_and_restores_the_count(monkeypatch):
+    """The batched attack MLP trains with one thread (faster for its small kernels); the caller's thread count is left as it was."""
+    import torch
+
+    from mia_lightning.attacks import classifiers
+
+    seen = []
+    fit = classifiers.BatchedAttackMLP.training_step
+    monkeypatch.setattr(classifiers.BatchedAttackMLP, "training_step", lambda self, *args: seen.append(torch.get_num_threads()) or fit(self, *args))
+    x, member, group = _rows(200, 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        attack_scores("mlp", x, member, x[None], group=group, target_group=group, n_groups=2, mlp=MLPSettings(hidden=4, steps=3, batch_size=64))
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

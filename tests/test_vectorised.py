@@ -182,7 +182,7 @@ def test_farm_threads_per_family_and_device(family, trainer, threads, expected):
 
 def test_torch_threads_are_restored_after_a_farm_even_when_it_fails():
     """A study farms in-process: a setting's thread count must not leak into the next setting or the audit."""
-    from mia_lightning.farm.runner import torch_threads
+    from mia_lightning.runtime import torch_threads
 
     before = torch.get_num_threads()
     with pytest.raises(RuntimeError), torch_threads(1):

@@ -13,15 +13,13 @@ import logging
 import os
 import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 import numpy as np
-import torch
 from rich.console import Console
 
 from mia_lightning.data.plan import make_plan
@@ -34,6 +32,7 @@ from mia_lightning.farm.engine import ENGINES, ModelJob, TrainedModel, model_see
 from mia_lightning.contract.model_outputs import checked_outputs, save_model_outputs
 from mia_lightning.farm.locks import Heartbeat, release, try_claim
 from mia_lightning.farm.shards import resolve_shard
+from mia_lightning.runtime import torch_threads
 from mia_lightning.contract.confine import confined_all
 from mia_lightning.contract.identity import DONE_FILE, RECIPE_KEY, check_model_identities, differing_keys, with_added_defaults
 from mia_lightning.contract.io import load_json, load_npy, save_json_atomic, save_npy_atomic, write_bytes_atomic
@@ -244,18 +243,6 @@ def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool 
     )
     with torch_threads(threads):
         return _train_pending(recipe, console, planned, pending, engine_name, progress_bar)
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Train with ``threads`` torch threads (None: leave them), then restore the process's count (a study farms in-process)."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _train_pending(recipe: Recipe, console: Console, planned: PlannedFarm, pending: list[int], engine_name: str, progress_bar: bool) -> list[int]:
