@@ -40,6 +40,7 @@ CASES = {
     "zero epochs sequential": (SEQUENTIAL, ["--trainer.max_epochs", "0"], "--trainer.max_epochs 0"),
     "negative lr": (QUICKSTART, ["--model.init_args.lr", "-0.1"], "Invalid learning rate"),
     "zero devices": (SEQUENTIAL, ["--trainer.devices", "0"], "not a valid input"),
+    "devices not a number": (SEQUENTIAL, ["--trainer.devices", "abc"], "--trainer.devices 'abc': give a number of devices"),
     "unknown plan kind": (QUICKSTART, ["--plan.kind", "halves"], "unknown plan kind"),
     "callback that is not a callback": (SEQUENTIAL, ["--trainer.callbacks", '[{"class_path": "os.system"}]'], "not a lightning.Callback subclass"),
     "zero group size": (QUICKSTART, ["--farm.group_size", "0"], "--farm.group_size 0: must be at least 1"),

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mia_lightning.errors import MiaError
 from mia_lightning.farm.config import Recipe
 from mia_lightning.farm.shards import Shard, resolve_shard
 from mia_lightning.runtime import usable_cores
@@ -46,10 +47,13 @@ def device_count(devices: Any, accelerator: str, cpu_threads: int | None = None)
         if uses_gpu(accelerator):
             return torch.cuda.device_count(), None
         return (max(1, usable_cores() // cpu_threads) if cpu_threads else 1), None
-    if "," in text:
-        ids = [int(d) for d in text.split(",") if d.strip()]
-        return len(ids), ids
-    return int(text), None
+    try:
+        if "," in text:
+            ids = [int(d) for d in text.split(",") if d.strip()]
+            return len(ids), ids
+        return int(text), None
+    except ValueError:
+        raise MiaError(f"--trainer.devices {text!r}: give a number of devices, GPU ids (e.g. 0,1) or auto") from None
 
 
 def farm_workers(recipe: Recipe, accelerator: str) -> tuple[int, list[int] | None, str | None]:
