@@ -38,3 +38,5 @@ def test_utility_line_reads_well_for_one_target_and_many():
     assert utility_line({**base, "targets": [3]}) == "utility of target 3: test accuracy 80.00%, train 100.00%, gap 20.00 points"
     assert utility_line({**base, "targets": [0, 1], "test_accuracy_std": 0.015}) == (
         "utility of the 2 targets: test accuracy 80.00% (sd 1.50 over targets), train 100.00%, gap 20.00 points")
+    no_held_out = {**base, "targets": [0, 1], "test_accuracy": None, "test_accuracy_std": None, "train_test_gap": None}  # utility.json's nulls
+    assert utility_line(no_held_out) == "utility of the 2 targets: test accuracy - (sd - over targets), train 100.00%, gap -"
