@@ -27,6 +27,10 @@ from mia_lightning.farm.shards import Shard, resolve_shard
 from mia_lightning.runtime import usable_cores
 
 
+AUTO_DEVICES = ("auto", "-1")
+"""Lightning's ``devices`` values meaning "as many as there are": every GPU, or on the CPU as many workers as the cores hold."""
+
+
 def uses_gpu(accelerator: str) -> bool:
     """Whether Lightning's ``accelerator`` value puts the farm on CUDA devices."""
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
@@ -43,7 +47,7 @@ def device_count(devices: Any, accelerator: str, cpu_threads: int | None = None)
             return 1, None
         return len(devices), [int(d) for d in devices]
     text = str(devices)
-    if text in ("auto", "-1"):
+    if text in AUTO_DEVICES:
         if uses_gpu(accelerator):
             return torch.cuda.device_count(), None
         return (max(1, usable_cores() // cpu_threads) if cpu_threads else 1), None
@@ -71,7 +75,7 @@ def farm_workers(recipe: Recipe, accelerator: str) -> tuple[int, list[int] | Non
     if n_workers < 2 or os.environ.get("MIA_FARM_WORKER"):
         return n_workers, gpu_ids, None
     planned = prepare_experiment(recipe)
-    if str(devices) not in ("auto", "-1") or uses_gpu(accelerator):
+    if str(devices) not in AUTO_DEVICES or uses_gpu(accelerator):
         return n_workers, gpu_ids, None
     left = sum(not is_done(recipe.experiment, i) for i in resolve_shard(recipe.farm.shard).select(list(range(planned.keep.shape[0]))))
     n_workers = min(n_workers, max(left, 1))
