@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from mia_lightning.metrics import clopper_pearson, evaluate_scores, membership_metrics
+from mia_lightning.metrics import ascending_order, clopper_pearson, evaluate_scores, membership_metrics
 from mia_lightning.metrics import roc_curve as exact_roc_curve
 
 
@@ -141,3 +141,21 @@ def test_auc_bootstrap_interval_equals_a_straightforward_two_way_bootstrap(ties)
     assert metrics["auc_bootstrap_replicates"] == 50
     assert metrics["auc_ci_bootstrap"] == pytest.approx(expected, abs=1e-6)
     assert metrics["auc_ci_bootstrap"][0] < metrics["auc"] < metrics["auc_ci_bootstrap"][1]
+
+
+@pytest.mark.parametrize("case", ["continuous", "ties", "signed_zeros_and_inf", "differ_in_the_packed_bits", "single", "empty"])
+def test_ascending_order_is_an_exact_argsort(case):
+    # the packed-integer sort drops each key's low bits for the pair index; keys that differ only there must still come out sorted
+    rng = np.random.default_rng(3)
+    keys = {
+        "continuous": rng.normal(size=5000),
+        "ties": rng.integers(-3, 3, 5000).astype(np.float64),
+        "signed_zeros_and_inf": np.array([0.0, -0.0, np.inf, -0.0, 1e-300, -1e-300, 0.0, -np.inf, np.inf]),
+        "differ_in_the_packed_bits": 1.0 + rng.integers(0, 50, 5000) * np.finfo(np.float64).eps,
+        "single": np.array([2.5]),
+        "empty": np.zeros(0),
+    }[case]
+    order, ranks = ascending_order(keys.copy())  # it consumes its argument
+    assert np.array_equal(np.sort(order), np.arange(keys.size))
+    assert np.array_equal(keys[order], np.sort(keys))
+    assert np.array_equal(ranks[1:] == ranks[:-1], keys[order][1:] == keys[order][:-1])  # equal ranks <=> equal keys (-0.0 == 0.0)
