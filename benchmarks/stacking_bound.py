@@ -19,12 +19,16 @@ B = 32, vocabulary projection at the 15% masked positions only, as ``models.mlm`
 ensemble's stacked recurrence (``models.stacked_lstm``, input projection included) for K models, with
 the GFLOP/s each achieves and the measured matmul peak: where the LSTM ensemble loses or wins before
 any Lightning overhead.
-Run: ``python benchmarks/stacking_bound.py [--families lstm film full mlm] [--k 4 16] [--device cuda] [--lstm_layer]``.
+``--bf16`` also times each family's step at batch B in bfloat16 autocast (what ``--trainer.precision
+bf16-mixed`` runs) against float32: the other way to make a CPU farm faster, native on CPUs with
+AVX512-BF16 or AMX and emulated elsewhere.
+Run: ``python benchmarks/stacking_bound.py [--families lstm film full mlm] [--k 4 16] [--device cuda] [--lstm_layer] [--bf16]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from typing import Callable
 
@@ -154,6 +158,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; the fastest counts")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--lstm_layer", action="store_true", help="also time the LSTM layer: K nn.LSTM calls vs the stacked recurrence")
+    parser.add_argument("--bf16", action="store_true", help="also time each family's step in bfloat16 autocast against float32")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'})")
@@ -168,6 +173,16 @@ def main() -> None:
             stacked = min(seconds(step, k * batch, 1, args.device) for _ in range(args.rounds))
             print(f"{name:5s} K={k:3d}: {k} steps at batch {batch}: {one:7.3f} s; one step at batch {k * batch}: {stacked:7.3f} s; "
                   f"stacking ceiling {one / stacked:5.2f}x")
+        if args.bf16:
+            repeats = max(args.k)
+            timed = {}
+            for _ in range(args.rounds):  # interleaved, the fastest round counts
+                for precision in ("float32", "bfloat16"):
+                    with torch.autocast(args.device, dtype=torch.bfloat16) if precision == "bfloat16" else contextlib.nullcontext():
+                        step(batch)
+                        timed[precision] = min(timed.get(precision, float("inf")), seconds(step, batch, repeats, args.device))
+            print(f"{name:5s} {repeats} steps at batch {batch}: float32 {timed['float32']:7.3f} s; bfloat16 autocast {timed['bfloat16']:7.3f} s; "
+                  f"{timed['float32'] / timed['bfloat16']:5.2f}x")
 
 
 if __name__ == "__main__":
