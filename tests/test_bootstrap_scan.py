@@ -119,3 +119,12 @@ def test_thread_count_changes_nothing(monkeypatch, ties):
         monkeypatch.setattr(metrics_module, "numpy_threads", lambda threads=threads: threads)
         results.append(evaluate_scores(scores, members, bootstrap=40, seed=2)[0])
     assert all(result == results[0] for result in results[1:])
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_weight_width_changes_nothing(monkeypatch, ties):
+    """The scan's weights are int16 when every u * v fits (the usual case) and int32 otherwise; both give the same record."""
+    scores, members = generated(6, ties, True, n_targets=8, n_samples=200)
+    narrow = evaluate_scores(scores, members, bootstrap=40, seed=3)[0]
+    monkeypatch.setattr(metrics_module, "INT16_WEIGHTS_BELOW", 0)  # no product is below 0: int32
+    assert evaluate_scores(scores, members, bootstrap=40, seed=3)[0] == narrow
