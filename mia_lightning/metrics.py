@@ -104,7 +104,7 @@ def ascending_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     packed.sort()
     order = (packed & low).astype(np.int64)
     ranked = ranks[order]
-    if n > 1 and bool((ranked[1:] < ranked[:-1]).any()):
+    if bool((ranked[1:] < ranked[:-1]).any()):  # empty when n < 2
         prefix = packed & ~low  # sorted: equal prefixes form runs, and only inside a run can full keys be out of order
         run = np.zeros(n, dtype=np.int64)
         np.cumsum(prefix[1:] != prefix[:-1], out=run[1:])
