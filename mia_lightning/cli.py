@@ -79,9 +79,9 @@ def train_farm(argv: list[str]) -> tuple[int, Path]:
 
         run_farm(recipe, console)
     if cfg.audit_after and not os.environ.get("MIA_FARM_WORKER"):
-        from mia_lightning.farm.runner import is_done
+        from mia_lightning.farm.runner import pending_models
 
-        missing = [i for i in range(recipe.plan.n_models) if not is_done(recipe.experiment, i)]
+        missing = pending_models(recipe.experiment, range(recipe.plan.n_models))
         if missing:
             console.print(f"audit skipped: {len(missing)} models are not done yet (other shards); run attack.py once they are")
             return 0, recipe.experiment.root

@@ -23,6 +23,7 @@ def configure_logging(lightning: bool = True) -> None:
     """
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     warnings.filterwarnings("ignore", message=".*predict returned None.*")  # attack scoring writes its scores in predict_step
+    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")  # a DataModule without validation returns []
     ours = logging.getLogger("mia_lightning")
     if not ours.handlers:
         ours.addHandler(RichHandler(console=Console(stderr=True), show_path=False, show_time=False))

@@ -8,7 +8,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
 from mia_lightning.attacks import create_attack
-from mia_lightning.attacks.classifiers import CLASSIFIERS, MLPSettings, attack_scores, check_classifier
+from mia_lightning.attacks.classifiers import CLASSIFIERS, MLPSettings, attack_scores, check_classifier, concurrent_attack_scores
 from mia_lightning.errors import MiaError
 from mia_lightning.metrics import rank_auc
 
@@ -101,3 +101,22 @@ def test_the_mlp_fit_runs_on_one_torch_thread_and_restores_the_count(monkeypatch
         assert seen == [1, 1, 1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_concurrent_fits_give_the_scores_of_fits_run_one_at_a_time():
+    """Each MLP fit draws from its own seeded streams: the global torch seed changes nothing, and two fits in
+    threads (``concurrent_attack_scores``, as Shokri trains its two designs) equal the same fits in turn."""
+    import torch
+
+    x, member, group = _rows(600, 7)
+    test_x, _, test_group = _rows(50, 8)
+    settings = MLPSettings(hidden=8, steps=40, batch_size=64)
+    requests = [dict(kind="mlp", features=x.astype(np.float32), member=member, target_features=test_x[None].astype(np.float32),
+                     group=group, target_group=test_group, n_groups=2, seed=seed, mlp=settings) for seed in (3, 4)]
+    torch.manual_seed(1)
+    in_turn = [attack_scores(**request) for request in requests]
+    torch.manual_seed(2)
+    side_by_side = concurrent_attack_scores(requests)
+    for alone, together in zip(in_turn, side_by_side):
+        np.testing.assert_array_equal(alone, together)
+    assert not np.array_equal(in_turn[0], in_turn[1])  # the seeds matter: different fits, not one fit twice

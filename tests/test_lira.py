@@ -12,6 +12,7 @@ from scipy.stats import norm
 from mia_lightning.attacks import AttackData, create_attack
 from mia_lightning.attacks.base import logit_scaled_confidence
 from mia_lightning.attacks.module import score_targets
+from mia_lightning.attacks.shadows import ShadowMoments
 
 
 def make_data(n_models=9, n_samples=30, n_queries=3, n_classes=4, seed=0) -> AttackData:
@@ -85,6 +86,18 @@ def test_lira_matches_reference_loops(n_shadows):
     for name, expected in want.items():
         np.testing.assert_array_equal(np.isnan(got[name]), np.isnan(expected), err_msg=name)
         np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("n_shadows", [None, 3])
+def test_leave_out_moments_of_a_batch_equal_each_target_alone(n_shadows):
+    """Targets that leave out the same model (a repeated target; with 3 shadows every target past model 3) share one computation."""
+    data = make_data()
+    moments = ShadowMoments(data.phi, data.keep, n_shadows)
+    targets = np.array([7, 0, 4, 8, 5, 4])
+    batch = moments.leave_out(targets)
+    for row, target in enumerate(targets):
+        for together, alone in zip(batch, moments.leave_out(np.array([target]))):
+            np.testing.assert_array_equal(together[row], alone[0])
 
 
 def test_few_shadows_fall_back_to_pooled_std_and_warn(caplog):

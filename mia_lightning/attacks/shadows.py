@@ -61,9 +61,17 @@ class ShadowMoments:
         """(count [T, n], mean [T, n, Q], var [T, n, Q], pooled var [T, Q]) without each target's left-out model.
 
         Mean and var are NaN where the count is 0; pooled var is sum_j sum_m (x - mean_j)^2 / sum_j count_j
-        (0 when no sample has two shadows: then no spread can be estimated at all).
+        (0 when no sample has two shadows: then no spread can be estimated at all). Targets that leave out
+        the same model (every target outside the pool) share one computation.
         """
         out = left_out_model(targets, self.k, self.pool)
+        left, inverse = np.unique(out, return_inverse=True)
+        if left.size < out.size:
+            return tuple(part[inverse] for part in self._without(left))
+        return self._without(out)
+
+    def _without(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``leave_out``'s moments for the left-out model ids ``out`` (``NONE_LEFT_OUT``: the whole pool)."""
         inside = (out != NONE_LEFT_OUT)[:, None]
         w = (self.member[np.maximum(out, 0)] & inside).astype(np.float64)
         d = self.values[np.maximum(out, 0)] - self.shift

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
-from mia_lightning.attacks.classifiers import MLPSettings, attack_scores, check_classifier
+from mia_lightning.attacks.classifiers import MLPSettings, check_classifier, concurrent_attack_scores
 from mia_lightning.attacks.shadows import left_out_model, shadow_pool
 from mia_lightning.data.plan import Plan, PlanSpec, make_lira_plan, split_population
 from mia_lightning.errors import MiaError
@@ -121,16 +121,19 @@ class Shokri(Attack):
         weight = (self.rows["shadow"][None, :] != excluded[:, None]).astype(np.float32)  # [T, R]
         target_posteriors = data.posteriors(np.asarray(targets)).mean(axis=2)  # [T, n, C]
         rows, n_classes = self.rows, data.logits.shape[-1]
-        scores = {}
-        for name, sort, group, target_group, n_groups in (
-            ("shokri_per_class", self.sort_per_class, rows["group"], data.labels, n_classes),
-            ("shokri_shared", True, np.zeros_like(rows["group"]), np.zeros_like(data.labels), 1),
-        ):
-            features = attack_features(rows["posteriors"], rows["group"], self.top_k, self.with_label, sort)  # [R, F]
-            target_features = attack_features(target_posteriors, data.labels, self.top_k, self.with_label, sort)  # [T, n, F]
-            scores[name] = attack_scores(self.classifier, features, rows["member"], target_features, weight=weight, group=group,
-                                         target_group=target_group, n_groups=n_groups, seed=self.seed, mlp=self.mlp)
-            self.flag_samples(np.isnan(scores[name]), "no IN or no OUT shadow sample of their class: no per-class Shokri score")
+        designs = {
+            "shokri_per_class": (self.sort_per_class, rows["group"], data.labels, n_classes),
+            "shokri_shared": (True, np.zeros_like(rows["group"]), np.zeros_like(data.labels), 1),
+        }
+        requests = [
+            dict(kind=self.classifier, member=rows["member"], weight=weight, group=group, target_group=target_group, n_groups=n_groups, seed=self.seed, mlp=self.mlp,
+                 features=attack_features(rows["posteriors"], rows["group"], self.top_k, self.with_label, sort),  # [R, F]
+                 target_features=attack_features(target_posteriors, data.labels, self.top_k, self.with_label, sort))  # [T, n, F]
+            for sort, group, target_group, n_groups in designs.values()
+        ]
+        scores = dict(zip(designs, concurrent_attack_scores(requests)))  # the two designs' classifiers train side by side
+        for values in scores.values():
+            self.flag_samples(np.isnan(values), "no IN or no OUT shadow sample of their class: no per-class Shokri score")
         return scores
 
     def params(self) -> dict[str, Any]:

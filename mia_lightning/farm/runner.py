@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -42,6 +42,11 @@ log = logging.getLogger("mia_lightning")
 
 def is_done(experiment: ExperimentDir, index: int) -> bool:
     return (experiment.model_dir(index) / DONE_FILE).is_file()
+
+
+def pending_models(experiment: ExperimentDir, indices: Iterable[int]) -> list[int]:
+    """The models among ``indices`` without a ``done.json`` (in the given order)."""
+    return [i for i in indices if not is_done(experiment, i)]
 
 
 @dataclass(frozen=True)
@@ -231,7 +236,7 @@ def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool 
     shard = resolve_shard(recipe.farm.shard)
     mine = shard.select(list(range(keep.shape[0])))
     check_model_identities(experiment)  # a merged-in model trained with other settings is named before anything trains
-    pending = sorted((i for i in mine if not is_done(experiment, i)), key=lambda i: (generation(i, parents), i))
+    pending = sorted(pending_models(experiment, mine), key=lambda i: (generation(i, parents), i))
     engine_name, why = resolve_engine(recipe.farm.engine, recipe.setup, derived_models=bool(parents))
     from mia_lightning.farm.vectorised import farm_threads
 
@@ -271,7 +276,7 @@ def _train_pending(recipe: Recipe, console: Console, planned: PlannedFarm, pendi
             finally:  # on failure or interrupt, let other processes take the unfinished models
                 for index in claimed:
                     claims.release(index)
-    held = [i for i in claims.held_elsewhere if not is_done(experiment, i)]
+    held = pending_models(experiment, claims.held_elsewhere)
     if held:
         console.print(f"[yellow]farm[/]: {len(held)} models are being trained by other processes: {held[:10]}{' ...' if len(held) > 10 else ''}")
     if claims.waiting:

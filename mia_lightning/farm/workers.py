@@ -66,7 +66,7 @@ def farm_workers(recipe: Recipe, accelerator: str) -> tuple[int, list[int] | Non
     ``devices: auto`` on the CPU starts ``usable cores // the farm's thread count`` workers, at most
     one per model this shard has left to train (a worker's start-up costs seconds).
     """
-    from mia_lightning.farm.runner import is_done, prepare_experiment
+    from mia_lightning.farm.runner import pending_models, prepare_experiment
     from mia_lightning.farm.vectorised import farm_threads
 
     devices = recipe.setup.trainer.get("devices", "auto")  # unset is Lightning's default
@@ -77,7 +77,7 @@ def farm_workers(recipe: Recipe, accelerator: str) -> tuple[int, list[int] | Non
     planned = prepare_experiment(recipe)
     if str(devices) not in AUTO_DEVICES or uses_gpu(accelerator):
         return n_workers, gpu_ids, None
-    left = sum(not is_done(recipe.experiment, i) for i in resolve_shard(recipe.farm.shard).select(list(range(planned.keep.shape[0]))))
+    left = len(pending_models(recipe.experiment, resolve_shard(recipe.farm.shard).select(list(range(planned.keep.shape[0])))))
     n_workers = min(n_workers, max(left, 1))
     return n_workers, None, f"devices auto: {usable_cores()} cores at {threads} torch thread{'s' if threads > 1 else ''} per worker, {threads_why}"
 
