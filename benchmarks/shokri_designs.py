@@ -1,10 +1,10 @@
 """Shokri's two attack designs (per class, shared): classifiers fitted one after the other vs side by side.
 
 ``Shokri.score`` trains the per-class and the shared batched MLP with ``concurrent_attack_scores``
-(one thread per core, one torch thread per fit). This script times both ways on the same synthetic
-attack rows, in alternating rounds, for a few (targets, classes) shapes: the quickstart's scoring
-(64 targets, 10 classes), an epsilon trial of it (32 targets), and an IMDB LSTM audit (16 and 8
-targets, 2 classes). It checks that both ways give bit-identical scores and prints seconds and ratios.
+(one thread per core, one torch thread per fit). This script times both ways on the requests
+``Shokri.design_requests`` builds for a synthetic leave-one-out farm, in alternating rounds, for a
+few (targets, classes) shapes: the quickstart's scoring (64 targets, 10 classes), an epsilon trial
+of it (32 targets), and an IMDB LSTM audit (16 and 8 targets, 2 classes). It checks that both ways give bit-identical scores and prints seconds and ratios.
 
     python benchmarks/shokri_designs.py
 """
@@ -16,30 +16,24 @@ import time
 
 import numpy as np
 
-from mia_lightning.attacks.classifiers import MLPSettings, attack_scores, concurrent_attack_scores
-from mia_lightning.attacks.shokri import attack_features
+from mia_lightning.attacks import AttackData, create_attack
+from mia_lightning.attacks.classifiers import attack_scores, concurrent_attack_scores
 from mia_lightning.logs import configure_logging
 
 SHAPES = ((64, 10, 1797), (32, 10, 1797), (16, 2, 5000), (8, 2, 5000))
-"""(targets, classes, samples per model) of the cases timed; the shadows are the targets' leave-one-out pool."""
+"""(targets, classes, samples) of the cases timed: a leave-one-out farm of that many models, every model a target."""
 
 
-def requests_for(n_targets: int, n_classes: int, n_samples: int, seed: int = 0) -> list[dict]:
-    """The two designs' ``attack_scores`` arguments for synthetic posteriors of ``n_targets`` leave-one-out shadows."""
+def requests_for(n_models: int, n_classes: int, n_samples: int, seed: int = 0) -> list[dict]:
+    """The two designs' ``attack_scores`` arguments, as ``Shokri.score`` builds them, on a synthetic farm of ``n_models``."""
     rng = np.random.default_rng(seed)
+    keep = rng.random((n_models, n_samples)) < 0.5
     labels = rng.integers(0, n_classes, n_samples)
-    member = rng.random((n_targets, n_samples)) < 0.5
-    logits = rng.normal(size=(n_targets, n_samples, n_classes))
-    logits[:, np.arange(n_samples), labels] += 1.0 + member
-    posteriors = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    shadow, sample = np.nonzero(np.ones_like(member))
-    rows = posteriors[shadow, sample]
-    weight = (shadow[None, :] != np.arange(n_targets)[:, None]).astype(np.float32)  # each target leaves out its own model
-    designs = ((False, labels[sample], labels, n_classes), (True, np.zeros_like(sample), np.zeros_like(labels), 1))
-    return [dict(kind="mlp", features=attack_features(rows, labels[sample], None, False, sort), member=member[shadow, sample],
-                 target_features=attack_features(posteriors, labels, None, False, sort), weight=weight, group=group,
-                 target_group=target_group, n_groups=n_groups, seed=0, mlp=MLPSettings())
-            for sort, group, target_group, n_groups in designs]
+    logits = rng.normal(size=(n_models, n_samples, 1, n_classes)).astype(np.float32)
+    logits[np.arange(n_models)[:, None], np.arange(n_samples)[None, :], :, labels[None, :]] += 1.0 + keep[..., None]
+    attack = create_attack("shokri")
+    attack.fit(AttackData(keep=keep, labels=labels, logits=logits))
+    return list(attack.design_requests(np.arange(n_models)).values())
 
 
 def main() -> None:

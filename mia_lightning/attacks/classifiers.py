@@ -187,7 +187,7 @@ def attack_scores(kind: str, features: np.ndarray, member: np.ndarray, target_fe
 def concurrent_attack_scores(requests: Sequence[dict[str, Any]]) -> list[np.ndarray]:
     """``attack_scores(**request)`` for independent fits, one thread per core, each fit on one torch thread.
 
-    The batched MLP's kernels release the GIL, so two fits on two cores overlap: 1.44x faster than one
+    The batched MLP's kernels release the GIL, so two fits on two cores overlap: 1.4-1.8x faster than one
     after the other at 64 targets x 10 classes, 1.19x at 8 targets x 2 classes, where Python holds the
     GIL for much of a step (``benchmarks/shokri_designs.py``). Every fit draws from its own seeded
     streams, so the scores are those of the fits run one at a time.

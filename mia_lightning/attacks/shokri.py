@@ -115,7 +115,8 @@ class Shokri(Attack):
             return np.where(np.isin(targets, self.shadows), targets, -1)
         return np.asarray(left_out_model(targets, self.k, self.pool))
 
-    def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:
+    def design_requests(self, targets: np.ndarray) -> dict[str, dict[str, Any]]:
+        """Output name -> the ``attack_scores`` arguments of its design's classifier for ``targets`` (after ``fit``)."""
         data = self.data
         excluded = self._excluded(np.asarray(targets))
         weight = (self.rows["shadow"][None, :] != excluded[:, None]).astype(np.float32)  # [T, R]
@@ -125,13 +126,16 @@ class Shokri(Attack):
             "shokri_per_class": (self.sort_per_class, rows["group"], data.labels, n_classes),
             "shokri_shared": (True, np.zeros_like(rows["group"]), np.zeros_like(data.labels), 1),
         }
-        requests = [
-            dict(kind=self.classifier, member=rows["member"], weight=weight, group=group, target_group=target_group, n_groups=n_groups, seed=self.seed, mlp=self.mlp,
-                 features=attack_features(rows["posteriors"], rows["group"], self.top_k, self.with_label, sort),  # [R, F]
-                 target_features=attack_features(target_posteriors, data.labels, self.top_k, self.with_label, sort))  # [T, n, F]
-            for sort, group, target_group, n_groups in designs.values()
-        ]
-        scores = dict(zip(designs, concurrent_attack_scores(requests)))  # the two designs' classifiers train side by side
+        return {
+            name: dict(kind=self.classifier, member=rows["member"], weight=weight, group=group, target_group=target_group, n_groups=n_groups, seed=self.seed, mlp=self.mlp,
+                       features=attack_features(rows["posteriors"], rows["group"], self.top_k, self.with_label, sort),  # [R, F]
+                       target_features=attack_features(target_posteriors, data.labels, self.top_k, self.with_label, sort))  # [T, n, F]
+            for name, (sort, group, target_group, n_groups) in designs.items()
+        }
+
+    def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:
+        requests = self.design_requests(targets)
+        scores = dict(zip(requests, concurrent_attack_scores(list(requests.values()))))  # the two designs' classifiers train side by side
         for values in scores.values():
             self.flag_samples(np.isnan(values), "no IN or no OUT shadow sample of their class: no per-class Shokri score")
         return scores
