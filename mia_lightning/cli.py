@@ -13,6 +13,7 @@ from rich.text import Text
 
 from mia_lightning.console import console, parse
 from mia_lightning.errors import MiaError
+from mia_lightning.interrupts import PARENT_ENV, interrupt_signal, terminate_as_interrupt, watch_parent
 from mia_lightning.logs import configure_logging, quiet_lightning
 from mia_lightning.recipe_files import expand_recipe_args
 
@@ -23,12 +24,14 @@ def print_error(message: str) -> None:
 
 
 def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
-    """Turn ``MiaError`` (and OS errors such as a read-only folder) into one ``error:`` line and exit code 2, no traceback."""
+    """Turn ``MiaError`` (and OS errors such as a read-only folder) into one ``error:`` line and exit code 2, no traceback;
+    Ctrl-C or SIGTERM into one ``interrupted`` line and exit code 130 / 143."""
 
     def wrapper(argv: list[str] | None = None) -> int:
         configure_logging(lightning=False)  # options are checked before torch / Lightning load
         try:
-            return main(list(sys.argv[1:] if argv is None else argv))
+            with terminate_as_interrupt():
+                return main(list(sys.argv[1:] if argv is None else argv))
         except MiaError as err:
             print_error(str(err))
             return 2
@@ -38,7 +41,7 @@ def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], in
             return 2
         except KeyboardInterrupt:
             Console(stderr=True).print(Text("interrupted", style="yellow") + Text(": finished models and results are kept; re-run the same command to resume"), soft_wrap=True)
-            return 130
+            return 128 + interrupt_signal()
 
     return wrapper
 
@@ -56,6 +59,8 @@ def train_farm(argv: list[str]) -> tuple[int, Path]:
     from mia_lightning.farm.shards import resolve_shard
     from mia_lightning.farm.workers import farm_workers, launch_device_workers, uses_gpu
 
+    if os.environ.get(PARENT_ENV):  # a worker of a farm process: stop when it is gone
+        watch_parent(int(os.environ[PARENT_ENV]))
     parser = farm_parser()
     cfg = parse(parser, argv)
     recipe = recipe_from_namespace(parser, cfg)

@@ -68,8 +68,11 @@ def numpy_parallel_map(function: Callable[[_Item], _Result], items: Iterable[_It
     items = list(items)
     if len(items) < 2 or numpy_threads() == 1:
         return [function(item) for item in items]
-    with ThreadPoolExecutor(max_workers=min(numpy_threads(), len(items))) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(numpy_threads(), len(items)))
+    try:
         return list(pool.map(function, items))
+    finally:  # on Ctrl-C the items not started are dropped; running ones cannot be stopped and finish first
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextmanager

@@ -1,8 +1,9 @@
-"""Bad options and runs that cannot work: one line, exit 2 (130 for Ctrl-C), nothing written or lost."""
+"""Bad options and runs that cannot work: one line, exit 2 (130 for Ctrl-C, 143 for SIGTERM), nothing written or lost."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -151,3 +152,68 @@ def test_ctrl_c_during_vectorised_training_exits_130_with_a_message(tmp_path):
     assert proc.returncode == 130, (out[-2000:], err[-2000:])
     assert "interrupted" in err and "re-run the same command to resume" in err and "Traceback" not in err
     assert not list((tmp_path / "exp/models").glob("*/claim.json"))
+
+
+@pytest.mark.parametrize("how, code", [("ctrl-c", 130), ("sigterm", 143)])
+def test_an_interrupted_attack_exits_with_a_message_and_publishes_nothing(experiment, capsys, monkeypatch, how, code):
+    """The attack scores inside ``Trainer.predict``, which turns an interrupt into ``exit(1)``: the command must still say what happened."""
+    from mia_lightning.attacks.rmia import RMIA
+
+    def interrupted_score(self, targets):
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises in the main thread long before this ends
+        raise AssertionError("SIGTERM did not interrupt the attack")
+
+    monkeypatch.setattr(RMIA, "score", interrupted_score)
+    published = (experiment / "attacks/latest").resolve()
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(experiment), "--attack", "rmia", "--bootstrap", "0"]) == code
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "re-run the same command" in err and "Traceback" not in err
+    assert (experiment / "attacks/latest").resolve() == published and not (experiment / "attacks/rmia_online").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command restores the handler it replaced
+
+
+def start_two_worker_farm(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    """A farm with two worker processes, returned once both train (every model claimed: each vectorised worker claims its four): (farm process, worker pids)."""
+    args = farm(tmp_path, QUICKSTART, "--trainer.max_epochs", "2000", "--plan.n_models", "8", "--trainer.devices", "2")
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "exp/models").glob("*/claim.json"))) < 8:
+        time.sleep(0.1)
+    workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(workers) == 2 and len(list((tmp_path / "exp/models").glob("*/claim.json"))) == 8
+    return proc, workers
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an orphan's zombie may wait for a PID 1 that never reaps)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker pids from /proc")
+def test_sigterm_to_a_farm_stops_its_workers_and_exits_143_with_a_message(tmp_path):
+    proc, workers = start_two_worker_farm(tmp_path)
+    proc.send_signal(signal.SIGTERM)  # the farm process only, as `kill PID` or a job runner's timeout does
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (out[-2000:], err[-2000:])
+    assert "interrupted" in err and "re-run the same command to resume" in err and "Traceback" not in err
+    assert not any(running(pid) for pid in workers)
+    assert not list((tmp_path / "exp/models").glob("*/claim.json"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker pids from /proc")
+def test_farm_workers_stop_themselves_when_their_farm_is_killed(tmp_path):
+    proc, workers = start_two_worker_farm(tmp_path)
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.time() + 60
+    while time.time() < deadline and any(running(pid) for pid in workers):
+        time.sleep(0.2)
+    assert not any(running(pid) for pid in workers)
+    assert not list((tmp_path / "exp/models").glob("*/claim.json"))  # each worker released its claim on the way out

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from mia_lightning.errors import MiaError
+from mia_lightning.interrupts import call_trainer
 from mia_lightning.runtime import numpy_parallel_map, torch_threads
 
 CLASSIFIERS = ("mlp", "logistic", "random_forest", "decision_tree")
@@ -125,7 +126,7 @@ def _mlp_scores(features: np.ndarray, member: np.ndarray, weight: np.ndarray, gr
         loader = DataLoader(dataset, sampler=batches, batch_size=None)  # one tensor index per batch, no per-row collation
         trainer = L.Trainer(max_steps=settings.steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-        trainer.fit(module, loader)
+        call_trainer(trainer.fit, module, loader)
         module.eval()
         scores = np.empty(target_features.shape[:2])
         with torch.no_grad():

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mia_lightning.attacks.base import Attack, AttackData
+from mia_lightning.interrupts import call_trainer
 from mia_lightning.phases import Phase
 from mia_lightning.runtime import numpy_parallel_map, numpy_threads
 
@@ -66,6 +67,6 @@ def score_targets(attack: Attack, data: AttackData, targets: np.ndarray, batch_s
     with Phase(f"{attack.name}: fitting and {purpose} {len(module.targets)} targets", total=len(loader)) as phase:
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[PhaseProgress(phase)])
-        trainer.predict(module, loader, return_predictions=False)
+        call_trainer(trainer.predict, module, loader, return_predictions=False)
     attack.report_warnings()
     return module.scores

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
 from mia_lightning.errors import MiaError
+from mia_lightning.interrupts import call_trainer
 from mia_lightning.metrics import BOOTSTRAP_REPLICATES, clopper_pearson
 
 
@@ -98,7 +99,7 @@ def fit_quantile_regressors(inputs: np.ndarray, observed: np.ndarray, quantile: 
         loader = DataLoader(TensorDataset(x, s), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
         trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-        trainer.fit(module, loader)
+        call_trainer(trainer.fit, module, loader)
     return module.eval()
 
 

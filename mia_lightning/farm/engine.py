@@ -19,6 +19,7 @@ import torch
 from mia_lightning.contract.components import ComponentSpec
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.interrupts import call_trainer
 
 
 ENGINES: dict[str, str] = {
@@ -104,19 +105,9 @@ def model_seed(plan_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([plan_seed, index]).generate_state(1)[0])
 
 
-def fit(trainer: L.Trainer, module: L.LightningModule, **kwargs: Any) -> None:
-    """``trainer.fit``, with Lightning's Ctrl-C handling (it catches the interrupt and calls ``exit(1)``) turned back into KeyboardInterrupt."""
-    try:
-        trainer.fit(module, **kwargs)
-    except SystemExit:
-        if trainer.interrupted:
-            raise KeyboardInterrupt from None
-        raise
-
-
 def predict_logits(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule) -> np.ndarray:
     """Export: ``Trainer.predict`` on the whole pool -> float32 [n, Q, C]."""
-    batches = trainer.predict(module, datamodule=datamodule)
+    batches = call_trainer(trainer.predict, module, datamodule=datamodule)
     return torch.cat([b.float().cpu() for b in batches]).numpy()
 
 
@@ -161,7 +152,7 @@ class SequentialEngine:
             self.warm_start(module, job)
             progress = self.progress() if self.progress else []
             trainer = self.setup.build_trainer(callbacks=[*self.setup.build_callbacks(), *progress], enable_progress_bar=bool(progress))
-            fit(trainer, module, datamodule=datamodule)
+            call_trainer(trainer.fit, module, datamodule=datamodule)
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
             predictor = self.setup.build_trainer(enable_progress_bar=False, devices=1)
             yield TrainedModel(job.index, module, predict_logits(predictor, module, datamodule), metrics)

@@ -39,8 +39,9 @@ from mia_lightning.defences.dp_ensemble import EnsemblePrivacy
 from mia_lightning.defences.dp_sgd import DPSGD, state_metrics
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
-from mia_lightning.farm.engine import FarmSetup, ModelJob, TrainedModel, fit
+from mia_lightning.farm.engine import FarmSetup, ModelJob, TrainedModel
 from mia_lightning.farm.progress import GroupProgress
+from mia_lightning.interrupts import call_trainer
 from mia_lightning.models.bag import BagOfWordsClassifier
 from mia_lightning.models.bag_ensemble import DPBagEnsemble, VectorisedBag
 from mia_lightning.models.dp_heads import DPHeadEnsemble
@@ -289,11 +290,11 @@ class VectorisedEngine:
             epoch_steps = steps_per_epoch(first.train_indices.size, batch_size)
         callbacks = [GroupProgress([job.index for job, _ in members], epoch_steps, steps)] if self.progress else []
         trainer = self.setup.build_trainer(max_epochs=1, max_steps=-1, callbacks=callbacks, enable_progress_bar=False, limit_val_batches=0)
-        fit(trainer, ensemble, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False))
+        call_trainer(trainer.fit, ensemble, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False))
         labels = first.pool_labels()
         predict_batch = max(1, PREDICT_ELEMENTS // (len(members) * width))
         predictor = self.setup.build_trainer(devices=1, enable_progress_bar=False)
-        batches = predictor.predict(ensemble, DataLoader(torch.arange(len(labels)), batch_size=predict_batch))
+        batches = call_trainer(predictor.predict, ensemble, DataLoader(torch.arange(len(labels)), batch_size=predict_batch))
         logits = torch.cat([b.cpu() for b in batches], dim=1).numpy()
         everyone = np.arange(len(labels))
         for k, ((job, datamodule), model) in enumerate(zip(members, ensemble.unstack())):

@@ -6,6 +6,9 @@ auto`` means every GPU, or on the CPU as many workers as the cores hold at the f
 (``farm.threads`` or the family's ``cpu_threads``: an LSTM farm on 2 cores runs two one-thread
 workers instead of leaving a core idle). The workers
 are ordinary ``train.py farm`` processes, so SLURM or torchrun can start the same command instead.
+They stop with the farm: an interrupted farm (Ctrl-C, SIGTERM) interrupts the workers still running
+and waits for them to release their claims, and a worker whose farm process is gone (``kill -9``)
+interrupts itself (``mia_lightning.interrupts``).
 Workers import the same ``mia_lightning`` as this process (its folder first on ``PYTHONPATH``, the
 working directory never on ``sys.path``), so a file or folder named like the package in the folder
 the farm was started from (a received experiment, a download folder) is never run.
@@ -14,8 +17,10 @@ the farm was started from (a received experiment, a download folder) is never ru
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import torch
 from mia_lightning.errors import MiaError
 from mia_lightning.farm.config import Recipe
 from mia_lightning.farm.shards import Shard, resolve_shard
+from mia_lightning.interrupts import PARENT_ENV, interrupt_signal
 from mia_lightning.runtime import usable_cores
 
 
@@ -82,18 +88,46 @@ def farm_workers(recipe: Recipe, accelerator: str) -> tuple[int, list[int] | Non
     return n_workers, None, f"devices auto: {usable_cores()} cores at {threads} torch thread{'s' if threads > 1 else ''} per worker, {threads_why}"
 
 
+CTRL_C_GRACE_S = 5.0
+"""After a Ctrl-C, how long the workers (in the terminal's process group, so interrupted too) get to stop on their own."""
+
+STOP_TIMEOUT_S = 60.0
+"""How long interrupted workers get to release their claims before they are killed."""
+
+
 def launch_device_workers(argv: list[str], n_workers: int, shard: Shard, gpu_ids: list[int] | None, use_gpu: bool) -> int:
-    """Run ``n_workers`` farm processes concurrently; returns the worst exit code."""
-    procs = []
+    """Run ``n_workers`` farm processes concurrently; returns the worst exit code (an interruption stops them all)."""
+    procs: list[subprocess.Popen] = []
     threads = max(1, usable_cores() // n_workers)
-    for part in range(n_workers):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MIA_FARM_WORKER="1")
-        if use_gpu:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu_ids[part] if gpu_ids else part)
-        sub = shard.split(n_workers, part)
-        command = [*package_command(), "farm", *argv, "--farm.shard", str(sub), "--trainer.devices", "1"]
-        procs.append(subprocess.Popen(command, env=package_env(env)))
-    return max(proc.wait() for proc in procs)
+    try:
+        for part in range(n_workers):
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MIA_FARM_WORKER="1", **{PARENT_ENV: str(os.getpid())})
+            if use_gpu:
+                env["CUDA_VISIBLE_DEVICES"] = str(gpu_ids[part] if gpu_ids else part)
+            sub = shard.split(n_workers, part)
+            command = [*package_command(), "farm", *argv, "--farm.shard", str(sub), "--trainer.devices", "1"]
+            procs.append(subprocess.Popen(command, env=package_env(env)))
+        return max(proc.wait() for proc in procs)
+    except KeyboardInterrupt:
+        stop_workers(procs, grace_s=CTRL_C_GRACE_S if interrupt_signal() == signal.SIGINT else 0.0)
+        raise
+
+
+def stop_workers(procs: list[subprocess.Popen], grace_s: float, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Interrupt the workers still running after ``grace_s`` (SIGTERM: each stops as on Ctrl-C) and wait; kill those that outlast ``timeout_s``."""
+    deadline = time.monotonic() + grace_s
+    while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 PACKAGE_MAIN = "import sys, runpy; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; runpy.run_module('mia_lightning', run_name='__main__', alter_sys=True)"

@@ -29,7 +29,8 @@ from mia_lightning.data.tabular import TabularDataModule
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.farm.checkpoints import load_model_checkpoint, save_model_checkpoint
-from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, TrainedModel, fit, predict_logits
+from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, TrainedModel, predict_logits
+from mia_lightning.interrupts import call_trainer
 from mia_lightning.models.tabular_mlp import TabularMLP
 from mia_lightning.unlearning.contract import load_unlearning
 
@@ -131,7 +132,7 @@ class UnlearningEngine:
         parent = self._parent(job)
         self._from_checkpoint(module, self.experiment.model_dir(parent) / "model.ckpt", parent)
         trainer = self._trainer(max_epochs=epochs, max_steps=-1)
-        fit(trainer, module, datamodule=datamodule)
+        call_trainer(trainer.fit, module, datamodule=datamodule)
         return self._result(job, module, datamodule, trainer.global_step)
 
     def _gradient_ascent(self, job: ModelJob, forget: np.ndarray, steps: int) -> TrainedModel:
@@ -141,7 +142,7 @@ class UnlearningEngine:
         parent = self._parent(job)
         self._from_checkpoint(module, self.experiment.model_dir(parent) / "model.ckpt", parent)
         trainer = self._trainer(NegatedGradients(), max_steps=steps, max_epochs=-1)
-        fit(trainer, module, datamodule=datamodule)
+        call_trainer(trainer.fit, module, datamodule=datamodule)
         return self._result(job, module, self.setup.build_datamodule(job), trainer.global_step)
 
     def _sisa(self, job: ModelJob, entry: dict) -> TrainedModel:
@@ -165,7 +166,7 @@ class UnlearningEngine:
         for stage in range(resume_after + 1, len(slices) + 1):
             datamodule = self.setup.build_datamodule(stage_job(stage))
             trainer = self._trainer()
-            fit(trainer, module, datamodule=datamodule)
+            call_trainer(trainer.fit, module, datamodule=datamodule)
             steps += trainer.global_step
             module.continues_from_parent = True  # later stages keep the scaling fitted on slice 1
             if stage < len(slices):
