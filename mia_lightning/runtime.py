@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -62,16 +63,24 @@ def numpy_threads() -> int:
     return max(1, min(usable_cores(), MAX_NUMPY_THREADS))
 
 
-def numpy_parallel_map(function: Callable[[_Item], _Result], items: Iterable[_Item]) -> list[_Result]:
+def numpy_parallel_map(function: Callable[[_Item], _Result], items: Iterable[_Item], stop: threading.Event | None = None) -> list[_Result]:
     """``[function(item) for item in items]`` in ``numpy_threads()`` threads: numpy releases the GIL in its array loops,
-    so independent blocks of array work (models, replicates, samples) run on every core; results keep the items' order."""
+    so independent blocks of array work (models, replicates, samples) run on every core; results keep the items' order.
+
+    When the map fails (Ctrl-C, or an item raised), the items not started are dropped and ``stop`` is set
+    before waiting for the running ones: threads cannot be stopped, but work that checks ``stop`` ends early.
+    """
     items = list(items)
     if len(items) < 2 or numpy_threads() == 1:
         return [function(item) for item in items]
     pool = ThreadPoolExecutor(max_workers=min(numpy_threads(), len(items)))
     try:
         return list(pool.map(function, items))
-    finally:  # on Ctrl-C the items not started are dropped; running ones cannot be stopped and finish first
+    except BaseException:
+        if stop is not None:
+            stop.set()
+        raise
+    finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 

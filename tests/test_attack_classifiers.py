@@ -120,3 +120,18 @@ def test_concurrent_fits_give_the_scores_of_fits_run_one_at_a_time():
     for alone, together in zip(in_turn, side_by_side):
         np.testing.assert_array_equal(alone, together)
     assert not np.array_equal(in_turn[0], in_turn[1])  # the seeds matter: different fits, not one fit twice
+
+
+def test_a_set_stop_event_ends_the_mlp_fit_after_its_current_step():
+    """A fit whose caller was interrupted stops after one step: its scores are those of a one-step fit, not of the full one."""
+    import threading
+
+    x, member, group = _rows(600, 7)
+    test_x, _, test_group = _rows(50, 8)
+    request = dict(kind="mlp", features=x.astype(np.float32), member=member, target_features=test_x[None].astype(np.float32),
+                   group=group, target_group=test_group, n_groups=2, seed=3)
+    stop = threading.Event()
+    stop.set()
+    stopped = attack_scores(**request, mlp=MLPSettings(hidden=8, steps=40, batch_size=64), stop=stop)
+    np.testing.assert_array_equal(stopped, attack_scores(**request, mlp=MLPSettings(hidden=8, steps=1, batch_size=64)))
+    assert not np.array_equal(stopped, attack_scores(**request, mlp=MLPSettings(hidden=8, steps=40, batch_size=64)))

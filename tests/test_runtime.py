@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 PROBE = ("from mia_lightning.runtime import apply_runtime_defaults; apply_runtime_defaults(); import os; "
          "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('MALLOC_MMAP_THRESHOLD_'), os.environ.get('MALLOC_TOP_PAD_'))")
 
@@ -47,3 +49,26 @@ def test_numpy_parallel_map_keeps_order_and_stays_within_the_cores(monkeypatch):
 
     assert runtime.numpy_parallel_map(slow_square, range(5)) == [0, 1, 4, 9, 16]
     assert len(seen) > 1
+
+
+def test_a_failed_parallel_map_sets_stop_and_drops_the_items_not_started(monkeypatch):
+    """An item that raises (as a Ctrl-C does) sets ``stop`` before the map waits for the running items: running items that check it end early,
+    and the items not started are dropped."""
+    import threading
+
+    from mia_lightning import runtime
+
+    monkeypatch.setattr(runtime, "numpy_threads", lambda: 2)
+    stop, started, ended_by_stop = threading.Event(), [], []
+
+    def work(item: int) -> None:
+        started.append(item)
+        if item == 0:
+            stop.wait(0.2)  # item 1 is running by now
+            raise KeyboardInterrupt
+        ended_by_stop.append(stop.wait(60))  # True when stop was set, False after a minute
+
+    with pytest.raises(KeyboardInterrupt):
+        runtime.numpy_parallel_map(work, range(20), stop=stop)
+    assert stop.is_set() and ended_by_stop and all(ended_by_stop)
+    assert len(started) < 20

@@ -20,6 +20,7 @@ whose training rows are all positive or all negative gets NaN: no classifier can
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -111,9 +112,20 @@ class BatchedAttackMLP(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
+class StopWhenSet(L.Callback):
+    """End the fit after the current step once ``event`` is set (a fit in a thread whose caller was interrupted)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.event.is_set():
+            trainer.should_stop = True
+
+
 def _mlp_scores(features: np.ndarray, member: np.ndarray, weight: np.ndarray, group: np.ndarray, target_features: np.ndarray,
-                target_group: np.ndarray, n_groups: int, seed: int, settings: MLPSettings) -> np.ndarray:
-    """Train the T x G batched MLP with Lightning; P(member) [T, n] of the targets' rows.
+                target_group: np.ndarray, n_groups: int, seed: int, settings: MLPSettings, stop: threading.Event | None = None) -> np.ndarray:
+    """Train the T x G batched MLP with Lightning; P(member) [T, n] of the targets' rows (``stop`` set: the fit ends after its current step).
 
     One torch thread: each step is a few dozen small kernels, and a second thread made the fit 1.4x
     slower (2.5 s vs 3.5 s for 16 targets x 2 classes, 500 steps; the same scores); independent fits
@@ -125,7 +137,7 @@ def _mlp_scores(features: np.ndarray, member: np.ndarray, weight: np.ndarray, gr
         batches = BatchSampler(RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)), settings.batch_size, drop_last=False)
         loader = DataLoader(dataset, sampler=batches, batch_size=None)  # one tensor index per batch, no per-row collation
         trainer = L.Trainer(max_steps=settings.steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[StopWhenSet(stop)] if stop else None)
         call_trainer(trainer.fit, module, loader)
         module.eval()
         scores = np.empty(target_features.shape[:2])
@@ -152,14 +164,15 @@ def _sklearn_model(kind: str, seed: int):
 
 def attack_scores(kind: str, features: np.ndarray, member: np.ndarray, target_features: np.ndarray, *, weight: np.ndarray | None = None,
                   group: np.ndarray | None = None, target_group: np.ndarray | None = None, n_groups: int = 1, seed: int = 0,
-                  mlp: MLPSettings = MLPSettings()) -> np.ndarray:
+                  mlp: MLPSettings = MLPSettings(), stop: threading.Event | None = None) -> np.ndarray:
     """Fit classifier ``kind`` per (target, group) on shadow rows and score the targets' rows: P(positive) float64 [T, n].
 
     ``features`` [R, F] and ``member`` [R] (bool or 0/1) are the shadow rows; ``weight`` [T, R] says
     which rows target t may train on (default: one target, all rows); ``group`` [R] and
     ``target_group`` [n] (ints below ``n_groups``, default all 0) pick the classifier of each row;
     ``target_features`` [T, n, F] are the rows to score. NaN where a (target, group) has no positive
-    or no negative training row.
+    or no negative training row. ``stop``: once set, an ``mlp`` fit ends after its current step (its scores are then
+    meaningless: for a caller that was interrupted).
     """
     check_classifier(kind, "attack classifier")
     member = np.asarray(member, dtype=np.float32)
@@ -173,7 +186,7 @@ def attack_scores(kind: str, features: np.ndarray, member: np.ndarray, target_fe
     fittable = (positives > 0) & (positives < counts)  # [T, G]: both classes present
     if kind == "mlp":
         scores = _mlp_scores(np.ascontiguousarray(features, dtype=np.float32), member, weight, group,
-                             np.ascontiguousarray(target_features, dtype=np.float32), target_group, n_groups, seed, mlp)
+                             np.ascontiguousarray(target_features, dtype=np.float32), target_group, n_groups, seed, mlp, stop)
     else:
         scores = np.full(target_features.shape[:2], np.nan)
         for t, g in zip(*np.nonzero(fittable)):
@@ -191,7 +204,9 @@ def concurrent_attack_scores(requests: Sequence[dict[str, Any]]) -> list[np.ndar
     The batched MLP's kernels release the GIL, so two fits on two cores overlap: 1.4-1.8x faster than one
     after the other at 64 targets x 10 classes, 1.19x at 8 targets x 2 classes, where Python holds the
     GIL for much of a step (``benchmarks/shokri_designs.py``). Every fit draws from its own seeded
-    streams, so the scores are those of the fits run one at a time.
+    streams, so the scores are those of the fits run one at a time. On Ctrl-C the running fits end after
+    their current step instead of training on.
     """
+    stop = threading.Event()
     with torch_threads(1):  # set once around the threads: one fit restoring the count must not hand the other more threads
-        return numpy_parallel_map(lambda request: attack_scores(**request), requests)
+        return numpy_parallel_map(lambda request: attack_scores(**request, stop=stop), requests, stop=stop)
