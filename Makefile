@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) attack.py --experiment checkpoints/digits_quickstart --attack all --few_shadow --report
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/farm_throughput.py --contention
