@@ -13,7 +13,7 @@ from rich.text import Text
 
 from mia_lightning.console import console, parse
 from mia_lightning.errors import MiaError
-from mia_lightning.interrupts import PARENT_ENV, interrupt_signal, terminate_as_interrupt, watch_parent
+from mia_lightning.interrupts import PARENT_ENV, call_trainer, interrupt_signal, terminate_as_interrupt, watch_parent
 from mia_lightning.logs import configure_logging, quiet_lightning
 from mia_lightning.recipe_files import expand_recipe_args
 
@@ -118,7 +118,8 @@ def _fit_cli(argv: list[str]) -> int:
             parser.link_arguments("data", "model.init_args.n_features", compute_fn=lambda dm: dm.model_kwargs()["n_features"], apply_on="instantiate")
             parser.link_arguments("data", "model.init_args.n_classes", compute_fn=lambda dm: dm.model_kwargs()["n_classes"], apply_on="instantiate")
 
-    MiaLightningCLI(
+    call_trainer(
+        MiaLightningCLI,
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,

@@ -55,15 +55,16 @@ def interrupt_signal() -> int:
 
 
 def call_trainer(entry_point: Callable[..., _Result], *args: Any, **kwargs: Any) -> _Result:
-    """Call a Lightning ``Trainer`` entry point (``trainer.fit``, ``trainer.predict``) so an interruption stays ``KeyboardInterrupt``.
+    """Call a Lightning entry point (``trainer.fit``, ``trainer.predict``, a ``LightningCLI``) so an interruption stays ``KeyboardInterrupt``.
 
     Lightning catches the ``KeyboardInterrupt`` of a Ctrl-C (or of SIGTERM here), tears the run down and
     calls ``sys.exit(1)``, which would end the command silently with exit code 1.
     """
     try:
         return entry_point(*args, **kwargs)
-    except SystemExit:
-        if getattr(entry_point.__self__, "interrupted", False):  # the Trainer the bound method belongs to
+    except SystemExit as exit_:
+        trainer = getattr(entry_point, "__self__", None)  # the Trainer a bound ``fit`` / ``predict`` belongs to
+        if getattr(trainer, "interrupted", False) or isinstance(exit_.__context__, KeyboardInterrupt):
             raise KeyboardInterrupt from None
         raise
 

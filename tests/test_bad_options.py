@@ -176,6 +176,25 @@ def test_an_interrupted_attack_exits_with_a_message_and_publishes_nothing(experi
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command restores the handler it replaced
 
 
+def test_call_trainer_turns_lightnings_exit_on_an_interrupt_back_into_keyboardinterrupt():
+    """Lightning (Trainer entry points, LightningCLI) answers a Ctrl-C with ``sys.exit(1)``; any other exit passes through."""
+    from mia_lightning.interrupts import call_trainer
+
+    def lightning_like(code: int, interrupted: bool) -> None:
+        try:
+            if interrupted:
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(code)
+        sys.exit(code)
+
+    with pytest.raises(KeyboardInterrupt):
+        call_trainer(lightning_like, 1, interrupted=True)
+    with pytest.raises(SystemExit) as exited:
+        call_trainer(lightning_like, 0, interrupted=False)  # e.g. LightningCLI --help
+    assert exited.value.code == 0
+
+
 def start_two_worker_farm(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
     """A farm with two worker processes, returned once both train (every model claimed: each vectorised worker claims its four): (farm process, worker pids)."""
     args = farm(tmp_path, QUICKSTART, "--trainer.max_epochs", "2000", "--plan.n_models", "8", "--trainer.devices", "2")
