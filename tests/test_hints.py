@@ -6,6 +6,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 from synthetic import write_synthetic_experiment
 
@@ -58,3 +59,21 @@ def test_an_unreachable_dp_budget_says_so_without_accountant_warnings():
         warnings.simplefilter("error")  # any warning the accountant emits fails the test
         with pytest.raises(MiaError, match="cannot be reached in 100000 steps"):
             noise_for_budget(0.1, 1e-5, 0.5, 100_000, "rdp")
+
+
+def test_the_rdp_floor_is_the_conversion_of_zero_rdp_and_bounds_the_accountant_at_any_noise():
+    """Balle et al. 2020, Thm 21 at RDP 0 over opacus' orders; epsilon at any noise stays above it and a huge noise comes within 1e-6."""
+    from opacus.accountants import create_accountant
+
+    from mia_lightning.defences.dp_sgd import rdp_epsilon_floor
+
+    orders = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)), dtype=np.float64)
+    floor = rdp_epsilon_floor(1e-5)
+    assert floor == pytest.approx(np.min(-(np.log(1e-5) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)), rel=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for sigma in (1.0, 10.0, 1e4):
+            accountant = create_accountant("rdp")
+            accountant.history = [(sigma, 0.01, 10)]
+            assert accountant.get_epsilon(delta=1e-5) >= floor
+    assert accountant.get_epsilon(delta=1e-5) < floor + 1e-6

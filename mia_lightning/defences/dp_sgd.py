@@ -87,11 +87,37 @@ class PrivacyStateMixin:
         self.dp_state = state if isinstance(state, dict) else None
 
 
+def rdp_epsilon_floor(delta: float) -> float:
+    """The smallest epsilon opacus' RDP accountant reports at ``delta`` whatever the noise: its conversion of zero RDP at its orders.
+
+    The conversion (Balle et al., AISTATS 2020, Theorem 21) adds -(log delta + log alpha) / (alpha - 1)
+    + log((alpha - 1) / alpha) to the RDP at each order alpha, so with the largest order 63 no
+    amount of noise brings epsilon below about 0.103 at delta 1e-5.
+    """
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_privacy_spent(orders=orders, rdp=np.zeros(len(orders)), delta=delta)[0])
+
+
 @functools.lru_cache(maxsize=256)
 def noise_for_budget(target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """The smallest noise multiplier whose ``steps`` Poisson-subsampled Gaussian steps spend at most (epsilon, delta) (memoised: the models of a farm share it)."""
+    """The smallest noise multiplier whose ``steps`` Poisson-subsampled Gaussian steps spend at most (epsilon, delta) (memoised: the models of a farm share it).
+
+    A target the RDP accountant cannot report at any noise (``rdp_epsilon_floor``) fails at once, not
+    after the search has doubled the noise to its cap (about 30 s).
+    """
     from opacus.accountants.utils import get_noise_multiplier
 
+    if accountant == "rdp" and target_epsilon <= (floor := rdp_epsilon_floor(target_delta)):
+        raise MiaError(
+            f"DPSGD target_epsilon {target_epsilon} (delta {target_delta:g}) cannot be reached in {steps} steps at sample rate "
+            f"{sample_rate:.4g} at any noise: the rdp accountant reports at least {floor:.4f} at this delta; raise target_epsilon "
+            "or use accountant prv"
+        )
     try:
         with warnings.catch_warnings():  # the search probes orders past the accountant's range; its warning is noise beside the answer
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
