@@ -195,6 +195,9 @@ def test_call_trainer_turns_lightnings_exit_on_an_interrupt_back_into_keyboardin
     assert exited.value.code == 0
 
 
+READS_CHILDREN = pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="reads worker pids from /proc/<pid>/task/<pid>/children (Linux)")
+
+
 def start_two_worker_farm(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
     """A farm with two worker processes, returned once both train (every model claimed: each vectorised worker claims its four): (farm process, worker pids)."""
     args = farm(tmp_path, QUICKSTART, "--trainer.max_epochs", "2000", "--plan.n_models", "8", "--trainer.devices", "2")
@@ -215,7 +218,7 @@ def running(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker pids from /proc")
+@READS_CHILDREN
 def test_sigterm_to_a_farm_stops_its_workers_and_exits_143_with_a_message(tmp_path):
     proc, workers = start_two_worker_farm(tmp_path)
     proc.send_signal(signal.SIGTERM)  # the farm process only, as `kill PID` or a job runner's timeout does
@@ -226,7 +229,7 @@ def test_sigterm_to_a_farm_stops_its_workers_and_exits_143_with_a_message(tmp_pa
     assert not list((tmp_path / "exp/models").glob("*/claim.json"))
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker pids from /proc")
+@READS_CHILDREN
 def test_farm_workers_stop_themselves_when_their_farm_is_killed(tmp_path):
     proc, workers = start_two_worker_farm(tmp_path)
     proc.kill()
