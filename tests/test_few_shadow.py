@@ -54,3 +54,18 @@ def test_few_shadow_is_part_of_the_attack_run(tmp_path):
     assert saved["targets"] == [0, 1, 2]
     assert sorted({row["n_shadows"] for row in saved["rows"]}) == [1, 2, 4, 5]  # 8 .. 64 become n_models - 1 = 5
     assert (root / "attacks/few_shadow/few_shadow.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_curve_scores_the_audited_pairs_of_the_run(tmp_path):
+    """With ``audit.npy`` (e.g. a disjoint-shadows plan audits only the target's half), the curve's all-shadows point is the run's result."""
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=6, n_samples=40, seed=9)
+    audit = np.zeros((6, 40), dtype=bool)
+    audit[:, :20] = True  # the other half is never audited
+    np.save(root / "audit.npy", audit)
+    assert attack_main(["--experiment", str(root), "--attack", "rmia", "--n_targets", "3", "--few_shadow", "--bootstrap", "0"]) == 0
+    rows = json.loads((root / "attacks/few_shadow/few_shadow.json").read_text())["rows"]
+    for name in ("rmia_online", "rmia_offline"):
+        point = next(row for row in rows if row["attack"] == name and row["n_shadows"] == 5)
+        result = json.loads((root / f"attacks/{name}/results.json").read_text())
+        assert point["n_scored"] == result["n_members"] + result["n_nonmembers"] == 3 * 20
+        assert point["auc"] == pytest.approx(result["auc"], abs=1e-12)

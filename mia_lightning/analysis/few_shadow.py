@@ -47,9 +47,14 @@ def _row(n_shadows: int, name: str, scores: np.ndarray, members: np.ndarray) -> 
 
 
 def few_shadow_curve(data: AttackData, targets: np.ndarray, shadow_counts: Sequence[int] = SHADOW_COUNTS) -> list[dict]:
-    """Rows {n_shadows, attack, n_scored, auc, tpr@0.001, tpr@0.01}; a count above n_models - 1 becomes n_models - 1 (all shadows)."""
+    """Rows {n_shadows, attack, n_scored, auc, tpr@0.001, tpr@0.01}; a count above n_models - 1 becomes n_models - 1 (all shadows).
+
+    The pairs scored are the audit's (``AttackData.audit_pairs``: the plan's audited rows, without the
+    population), so the curve's point at all shadows matches the run's own results.
+    """
     targets = np.asarray(targets, dtype=np.int64)
-    members = data.keep[targets][:, data.audit_mask]
+    members = data.keep[targets]
+    audited = data.audit_pairs(targets)
     if data.n_models < 2:
         raise MiaError(f"few-shadow: needs at least 2 models, the experiment has {data.n_models}")
     usable = sorted({min(k, data.n_models - 1) for k in shadow_counts if k >= 1})
@@ -62,9 +67,9 @@ def few_shadow_curve(data: AttackData, targets: np.ndarray, shadow_counts: Seque
                 batches = [attack.score(targets[i : i + BATCH]) for i in range(0, targets.size, BATCH)]
             unscored = []
             for name in outputs:
-                scores = np.concatenate([batch[name] for batch in batches])[:, data.audit_mask]
+                scores = np.where(audited, np.concatenate([batch[name] for batch in batches]), np.nan)
                 rows.append(_row(k, name, scores, members))
-                unscored.append(f"{name} {scores.size - rows[-1]['n_scored']}")
+                unscored.append(f"{name} {int(audited.sum()) - rows[-1]['n_scored']}")
             settings = {key: value for key, value in attack.params().items() if not isinstance(value, dict)}
             log.debug("few-shadow %s %s: unscored (target, sample) pairs: %s", family, settings, ", ".join(unscored))
     return rows
