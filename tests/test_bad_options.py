@@ -230,6 +230,18 @@ def test_sigterm_to_a_farm_stops_its_workers_and_exits_143_with_a_message(tmp_pa
 
 
 @READS_CHILDREN
+def test_a_farm_whose_worker_was_killed_says_so_and_fails(tmp_path):
+    """A worker killed by a signal (e.g. the out-of-memory killer) prints nothing itself: the farm must not exit 0."""
+    proc, workers = start_two_worker_farm(tmp_path)
+    os.kill(workers[0], signal.SIGKILL)
+    os.kill(workers[1], signal.SIGTERM)  # the other stops as on Ctrl-C, so the farm ends now
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out[-2000:], err[-2000:])
+    assert "error: farm: worker 0 (shard 0/2) was killed by SIGKILL (SIGKILL: often the out-of-memory killer)" in " ".join(err.split())
+    assert "re-run the same command to resume" in err and "Traceback" not in err
+
+
+@READS_CHILDREN
 def test_farm_workers_stop_themselves_when_their_farm_is_killed(tmp_path):
     proc, workers = start_two_worker_farm(tmp_path)
     proc.kill()

@@ -96,7 +96,11 @@ STOP_TIMEOUT_S = 60.0
 
 
 def launch_device_workers(argv: list[str], n_workers: int, shard: Shard, gpu_ids: list[int] | None, use_gpu: bool) -> int:
-    """Run ``n_workers`` farm processes concurrently; returns the worst exit code (an interruption stops them all)."""
+    """Run ``n_workers`` farm processes concurrently; returns the first non-zero exit code, else 0 (an interruption stops them all).
+
+    A worker that failed printed its own error; one killed by a signal (the out-of-memory killer's
+    SIGKILL, a crash) could not, so that is raised here as ``MiaError``.
+    """
     procs: list[subprocess.Popen] = []
     threads = max(1, usable_cores() // n_workers)
     try:
@@ -107,10 +111,23 @@ def launch_device_workers(argv: list[str], n_workers: int, shard: Shard, gpu_ids
             sub = shard.split(n_workers, part)
             command = [*package_command(), "farm", *argv, "--farm.shard", str(sub), "--trainer.devices", "1"]
             procs.append(subprocess.Popen(command, env=package_env(env)))
-        return max(proc.wait() for proc in procs)
+        codes = [proc.wait() for proc in procs]
     except KeyboardInterrupt:
         stop_workers(procs, grace_s=CTRL_C_GRACE_S if interrupt_signal() == signal.SIGINT else 0.0)
         raise
+    killed = [f"worker {part} (shard {shard.split(n_workers, part)}) was killed by {signal_name(-code)}" for part, code in enumerate(codes) if code < 0]
+    if killed:
+        raise MiaError(f"farm: {'; '.join(killed)}{' (SIGKILL: often the out-of-memory killer)' if -signal.SIGKILL in codes else ''} "
+                       "before it finished its models; finished models are kept: re-run the same command to resume")
+    return next((code for code in codes if code), 0)
+
+
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for 9; the number itself for a signal Python does not name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def stop_workers(procs: list[subprocess.Popen], grace_s: float, timeout_s: float = STOP_TIMEOUT_S) -> None:
