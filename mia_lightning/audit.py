@@ -24,7 +24,7 @@ from mia_lightning.contract.identity import check_model_identities
 from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
 from mia_lightning.contract.runs import StagedRun, prune_runs
 from mia_lightning.logs import quiet_lightning, timed
-from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, evaluate_scores
+from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, check_bootstrap, evaluate_scores
 
 
 
@@ -167,6 +167,7 @@ def run_audit(
     experiment = ExperimentDir(Path(experiment_dir))
     experiment.check_exists()
     names, checked = resolve_attacks(attacks, params or {})
+    check_bootstrap(bootstrap)
     check_logger(logger)
     quiet_lightning()  # torch / Lightning load from here on, once the request is valid
     from mia_lightning.attacks.module import score_targets

@@ -27,12 +27,16 @@ statistic over the whole sorted order, ``auc_bootstrap_replicates`` of them: at 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from mia_lightning.errors import MiaError
 from mia_lightning.runtime import numpy_parallel_map, numpy_threads
+
+log = logging.getLogger("mia_lightning")
 
 FPR_LEVELS: tuple[float, ...] = (0.001, 0.01, 0.1)
 BOOTSTRAP_REPLICATES = 100
@@ -41,6 +45,12 @@ BOOTSTRAP_WORK = 10**8
 """Pair-replicates the bootstrap may spend: at most BOOTSTRAP_WORK / prefix replicates (never fewer than
 BOOTSTRAP_MIN), so 256 targets x 50,000 samples cost about as much as sorting their scores."""
 BOOTSTRAP_MIN = 30
+
+
+def check_bootstrap(replicates: int) -> None:
+    """Refuse a replicate count that cannot give an interval: 0 turns the bootstrap off, a spread needs at least 2."""
+    if replicates < 0 or replicates == 1:
+        raise MiaError(f"--bootstrap {replicates}: give 0 (no bootstrap interval) or at least 2 replicates (default {BOOTSTRAP_REPLICATES})")
 
 
 def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -370,6 +380,9 @@ def bootstrap_intervals(
         _advance_in_threads(scan, further, size, order)
 
     usable = (n_pos > 0) & (n_neg > 0)
+    if usable[: auc_replicates if auc is not None else replicates].sum() < 2:  # a spread needs two replicates with both kinds of pair
+        log.warning("bootstrap: fewer than 2 of %d replicates drew both members and non-members; no bootstrap interval", replicates)
+        return {}
     draws = np.where(usable[:, None], scan.best / np.where(usable, n_pos, 1.0)[:, None], np.nan)
     spread = 1.959964 * np.nanstd(draws, axis=0, ddof=1)
     intervals = {str(level): [float(max(0.0, p - s)), float(min(1.0, p + s))] for level, p, s in zip(levels, point, spread)}

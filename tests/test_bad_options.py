@@ -123,6 +123,13 @@ def test_one_model_names_the_real_cause(tmp_path, capsys):
     assert "needs at least 2 models (a target and shadow/reference models), the experiment has 1" in one_error_line(capsys)
 
 
+def test_a_bootstrap_of_one_replicate_is_refused_in_one_line(experiment, capsys):
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(experiment), "--attack", "rmia", "--bootstrap", "1"]) == 2
+    assert "--bootstrap 1: give 0 (no bootstrap interval) or at least 2 replicates" in one_error_line(capsys)
+    assert not (experiment / "attacks/rmia_online").exists()
+
+
 def test_error_text_keeps_bracketed_spans(experiment, capsys):
     np.save(experiment / "models/0001/logits.npy", np.zeros((29, 1, 4), dtype=np.float32))
     capsys.readouterr()

@@ -159,3 +159,22 @@ def test_ascending_order_is_an_exact_argsort(case):
     assert np.array_equal(np.sort(order), np.arange(keys.size))
     assert np.array_equal(keys[order], np.sort(keys))
     assert np.array_equal(ranks[1:] == ranks[:-1], keys[order][1:] == keys[order][:-1])  # equal ranks <=> equal keys (-0.0 == 0.0)
+
+
+def test_a_bootstrap_without_two_usable_replicates_gives_no_interval_rather_than_zero_to_one():
+    """One target with one member: most Poisson replicates drop it; a spread from fewer than 2 usable replicates is undefined."""
+    scores = np.array([[0.9, 0.1, 0.2, 0.3]])
+    members = np.array([[True, False, False, False]])
+    metrics, _ = evaluate_scores(scores, members, bootstrap=2, seed=3)
+    assert "tpr_at_fpr_ci_bootstrap" not in metrics and "auc_ci_bootstrap" not in metrics
+    metrics, _ = evaluate_scores(scores, members, bootstrap=100)
+    assert metrics["tpr_at_fpr_ci_bootstrap"]["n_replicates"] >= 2
+
+
+@pytest.mark.parametrize("replicates", [1, -5])
+def test_a_bootstrap_of_one_or_fewer_replicates_is_refused(replicates):
+    from mia_lightning.errors import MiaError
+    from mia_lightning.metrics import check_bootstrap
+
+    with pytest.raises(MiaError, match=f"--bootstrap {replicates}: give 0"):
+        check_bootstrap(replicates)

@@ -175,6 +175,7 @@ def fpr_control(scores: np.ndarray, members: np.ndarray, alpha: float, alpha_int
         weighted_non = np.einsum("bt,tj,bj->b", u, non.astype(np.float64), v)
         weighted_fp = np.einsum("bt,tj,bj->b", u, (flagged & non).astype(np.float64), v)
         ok = weighted_non > 0
+    if replicates > 0 and ok.sum() >= 2:  # a spread needs two replicates that drew non-members
         spread = 1.959964 * np.std(weighted_fp[ok] / weighted_non[ok], ddof=1)
         record["fpr_ci_bootstrap"] = [max(0.0, fpr - spread), min(1.0, fpr + spread)]
         low, high = record["fpr_ci_bootstrap"]
