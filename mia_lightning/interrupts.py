@@ -58,13 +58,16 @@ def call_trainer(entry_point: Callable[..., _Result], *args: Any, **kwargs: Any)
     """Call a Lightning entry point (``trainer.fit``, ``trainer.predict``, a ``LightningCLI``) so an interruption stays ``KeyboardInterrupt``.
 
     Lightning catches the ``KeyboardInterrupt`` of a Ctrl-C (or of SIGTERM here), tears the run down and
-    calls ``sys.exit(1)``, which would end the command silently with exit code 1.
+    calls ``sys.exit(1)``, which would end the command silently with exit code 1; where no handler of
+    this module is installed, its own SIGTERM handling raises ``SIGTERMException`` (a ``SystemExit``).
+    Any other ``SystemExit`` (a user's ``sys.exit`` in a hook, ``--help``) passes through.
     """
     try:
         return entry_point(*args, **kwargs)
     except SystemExit as exit_:
-        trainer = getattr(entry_point, "__self__", None)  # the Trainer a bound ``fit`` / ``predict`` belongs to
-        if getattr(trainer, "interrupted", False) or isinstance(exit_.__context__, KeyboardInterrupt):
+        from lightning.pytorch.utilities.exceptions import SIGTERMException  # loaded already: a Trainer ran
+
+        if isinstance(exit_.__context__, KeyboardInterrupt) or isinstance(exit_, SIGTERMException):
             raise KeyboardInterrupt from None
         raise
 

@@ -200,6 +200,16 @@ def test_call_trainer_turns_lightnings_exit_on_an_interrupt_back_into_keyboardin
     with pytest.raises(SystemExit) as exited:
         call_trainer(lightning_like, 0, interrupted=False)  # e.g. LightningCLI --help
     assert exited.value.code == 0
+    with pytest.raises(SystemExit) as exited:
+        call_trainer(lightning_like, 3, interrupted=False)  # a user's sys.exit(3) in a hook is not an interrupt
+    assert exited.value.code == 3
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def lightning_sigterm() -> None:
+        raise SIGTERMException(1)  # Lightning's own SIGTERM handling, where no handler of ours is installed
+
+    with pytest.raises(KeyboardInterrupt):
+        call_trainer(lightning_sigterm)
 
 
 READS_CHILDREN = pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="reads worker pids from /proc/<pid>/task/<pid>/children (Linux)")

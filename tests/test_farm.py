@@ -205,3 +205,34 @@ def test_derived_models_train_after_their_parents_and_start_from_them(tmp_path, 
     [result] = list(engine.run([ModelJob(9, np.arange(100), 123, parent=0)]))
     np.testing.assert_array_equal(result.logits, np.load(exp / "models/0000/logits.npy"))
     assert isinstance(result.module, L.LightningModule)
+
+
+def test_a_claim_the_heartbeat_cannot_touch_is_dropped_and_the_others_keep_beating(tmp_path, monkeypatch):
+    """One claim failing with PermissionError (taken over by another user) must not stop the thread: the other claims would go stale."""
+    import os
+
+    from mia_lightning.farm import locks
+
+    lost, kept = tmp_path / "0000", tmp_path / "0001"
+    for folder in (lost, kept):
+        folder.mkdir()
+        (folder / locks.CLAIM_FILE).write_text("{}")
+        os.utime(folder / locks.CLAIM_FILE, (0, 0))
+    touch = os.utime
+
+    def utime(path, *args, **kwargs):
+        if Path(path).parent == lost:
+            raise PermissionError(13, "Permission denied", str(path))
+        return touch(path, *args, **kwargs)
+
+    monkeypatch.setattr(locks.os, "utime", utime)
+    with locks.Heartbeat(interval_s=0.02) as heartbeat:
+        heartbeat.paths |= {lost, kept}
+        deadline = time.time() + 10
+        while time.time() < deadline and (lost in heartbeat.paths or (kept / locks.CLAIM_FILE).stat().st_mtime == 0):
+            time.sleep(0.02)
+        beats = (kept / locks.CLAIM_FILE).stat().st_mtime
+        os.utime(kept / locks.CLAIM_FILE, (0, 0))
+        time.sleep(0.2)
+        assert lost not in heartbeat.paths and beats > 0
+        assert (kept / locks.CLAIM_FILE).stat().st_mtime > 0  # still beating after the failure

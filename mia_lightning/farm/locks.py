@@ -9,6 +9,7 @@ first, so of two processes racing for it only one wins.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -17,6 +18,8 @@ import uuid
 from pathlib import Path
 
 from mia_lightning.contract.owners import pid_alive
+
+log = logging.getLogger("mia_lightning")
 
 CLAIM_FILE = "claim.json"
 HEARTBEAT_S = 20.0
@@ -90,12 +93,16 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
+        """Touch every claim each interval; a claim that cannot be touched is dropped, never the thread (the other claims would go stale)."""
         while not self._stop.wait(self.interval_s):
             for path in list(self.paths):
                 try:
                     os.utime(path / CLAIM_FILE)
                 except FileNotFoundError:
                     self.paths.discard(path)
+                except OSError as err:  # e.g. a claim taken over by another user's process, a network file system error
+                    self.paths.discard(path)
+                    log.warning("%s: cannot refresh this claim (%s); another process may take the model over", path / CLAIM_FILE, err.strerror or err)
 
     def __enter__(self) -> "Heartbeat":
         self._thread.start()
