@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +18,10 @@ from mia_lightning.errors import MiaError
 from mia_lightning.interrupts import PARENT_ENV, call_trainer, interrupt_signal, terminate_as_interrupt, watch_parent
 from mia_lightning.logs import configure_logging, quiet_lightning
 from mia_lightning.recipe_files import expand_recipe_args
+
+
+STORAGE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT})
+"""Errors a user fixes with permissions or space (the other OS errors, e.g. a network timeout, name themselves)."""
 
 
 def print_error(message: str) -> None:
@@ -37,7 +43,8 @@ def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], in
             return 2
         except OSError as err:  # permission denied, disk full, ...: name the file, keep what was written
             where = err.filename or "a file"
-            print_error(f"{where}: {err.strerror or err}; fix the permissions or free space and re-run (finished work is kept)")
+            fix = "fix the permissions or free space" if err.errno in STORAGE_ERRNOS else "fix the cause"
+            print_error(f"{where}: {err.strerror or err}; {fix} and re-run (finished work is kept)")
             return 2
         except KeyboardInterrupt:
             Console(stderr=True).print(Text("interrupted", style="yellow") + Text(": finished models and results are kept; re-run the same command to resume"), soft_wrap=True)
@@ -53,8 +60,6 @@ def farm_main(argv: list[str]) -> int:
 
 def train_farm(argv: list[str]) -> tuple[int, Path]:
     """The farm command (also ``mia_lightning.train``): (exit code, experiment directory)."""
-    import os
-
     from mia_lightning.farm.config import farm_parser, recipe_from_namespace
     from mia_lightning.farm.shards import resolve_shard
     from mia_lightning.farm.workers import farm_workers, launch_device_workers, uses_gpu

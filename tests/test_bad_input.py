@@ -143,3 +143,18 @@ def test_signal_only_experiment_runs_lira(tmp_path, capsys):
         (folder / "logits.npy").unlink()
     assert attack_main(["--experiment", str(root), "--attack", "lira"]) == 0
     assert json.loads((root / "attacks/lira_online/results.json").read_text())["auc"] > 0.5
+
+
+def test_a_checkpoint_with_a_numpy_hyper_parameter_names_the_refused_global_and_the_fix(tmp_path):
+    """Retraining would write the same unloadable file, so the message must say what to change, not "re-train"."""
+    from mia_lightning.errors import MiaError
+    from mia_lightning.farm.checkpoints import load_model_checkpoint, save_model_checkpoint
+    from mia_lightning.models.tabular_mlp import TabularMLP
+
+    model = TabularMLP(n_features=4, n_classes=2, hidden=[3])
+    model.hparams["lr"] = np.float64(0.01)  # as a user's module might store a value it computed with numpy
+    save_model_checkpoint(model, tmp_path / "model.ckpt", 0, "exp")
+    with pytest.raises(MiaError) as raised:
+        load_model_checkpoint(tmp_path / "model.ckpt", 0)
+    message = str(raised.value)
+    assert "a weights-only load refuses GLOBAL numpy" in message and "plain Python values" in message and "\n" not in message

@@ -268,3 +268,19 @@ def test_farm_workers_stop_themselves_when_their_farm_is_killed(tmp_path):
         time.sleep(0.2)
     assert not any(running(pid) for pid in workers)
     assert not list((tmp_path / "exp/models").glob("*/claim.json"))  # each worker released its claim on the way out
+
+
+@pytest.mark.parametrize("error, fix", [
+    (PermissionError(13, "Permission denied", "/exp/keep.npy"), "fix the permissions or free space"),
+    (OSError(28, "No space left on device", "/exp/keep.npy"), "fix the permissions or free space"),
+    (TimeoutError(110, "Connection timed out", "/mnt/nfs/exp"), "fix the cause"),
+])
+def test_an_os_error_is_one_line_naming_the_file_and_a_fitting_fix(error, fix, capsys):
+    from mia_lightning.cli import guarded
+
+    def failing(argv: list[str]) -> int:
+        raise error
+
+    assert guarded(failing)([]) == 2
+    err = one_error_line(capsys)
+    assert err.startswith(f"error: {error.filename}: {error.strerror}; {fix} and re-run")

@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from mia_lightning.errors import MiaError
+from mia_lightning.errors import MiaError, load_failure
 from mia_lightning.contract.experiment import FORMAT_VERSION, READABLE_VERSIONS
 from mia_lightning.contract.components import TRUSTED_MODULES, ComponentSpec
 from mia_lightning.contract.io import write_bytes_atomic
@@ -46,7 +46,11 @@ def load_model_checkpoint(path: Path, index: int, trusted: tuple[str, ...] = TRU
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise MiaError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}); delete the model folder and re-train it") from None
+        reason = load_failure(err)
+        if reason.startswith("a weights-only load refuses"):  # retraining would write the same file: say what to change
+            raise MiaError(f"{path}: {reason}; checkpoints load without running code, so the model's hyper-parameters must be plain "
+                           "Python values (int, float, str, list, dict): convert them in its __init__ (e.g. float(x)) and re-train") from None
+        raise MiaError(f"{path}: not a readable PyTorch checkpoint ({reason}); delete the model folder and re-train it") from None
     tag = payload.get(TAG) if isinstance(payload, dict) else None
     if not isinstance(tag, dict) or "class_path" not in tag:
         raise MiaError(f"{path}: not a mia-lightning checkpoint (no '{TAG}' entry); export its logits with the framework that trained it")

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from mia_lightning.downloads import RegistryFile, cache_dir, registry_file
-from mia_lightning.errors import MiaError
+from mia_lightning.errors import MiaError, load_failure
 
 log = logging.getLogger("mia_lightning")
 
@@ -121,7 +121,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch / safetensors raise many types for a damaged or foreign file
-        raise MiaError(f"{path}: not a readable weights file ({type(err).__name__}); delete it to convert or download it again") from None
+        raise MiaError(f"{path}: not a readable weights file ({load_failure(err)}); delete it to convert or download it again") from None
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
         payload = payload["state_dict"]
     if not isinstance(payload, dict) or not payload:
