@@ -114,6 +114,17 @@ def test_few_shadows_fall_back_to_pooled_std_and_warn(caplog):
     assert "fewer than 2 IN shadows" in caplog.text and "no IN shadow" in caplog.text
 
 
+@pytest.mark.parametrize("variant", [{"mu": "median"}, {"fixed_std": "global"}])
+def test_the_reference_variants_warn_where_one_shadow_leaves_no_std(caplog, variant):
+    """They keep the reference's per-sample std (no pooled fallback): the pairs a lone IN shadow leaves unscored must be announced."""
+    data = make_data(n_models=4, n_samples=40, seed=3)
+    data.keep[:, 1] = [True, True, False, False]  # sample 1: a single IN shadow for targets 0 and 1
+    with caplog.at_level(logging.WARNING, logger="mia_lightning"):
+        got = score_targets(create_attack("lira", **variant), data, np.arange(4))
+    assert np.isnan(got["lira_online"][0, 1])
+    assert "one IN shadow or zero spread" in caplog.text
+
+
 def test_one_shadow_gives_no_variance_and_no_score():
     """With a single shadow no spread can be estimated: scores that need a std are NaN, not +-1e19."""
     data = make_data(n_models=6, n_samples=50, seed=4)

@@ -148,6 +148,10 @@ class LiRA(Attack):
             n_in, mu_in, sd_in, fixed_in, n_out, mu_out, sd_out, fixed_out = self._moments(targets)
             fixed_offline = fixed_out
         audited = self.data.audit_mask
+        if self.reference_fit:  # these fits keep the reference's per-sample std: one shadow or zero spread leaves no std (no pooled fallback)
+            for n, sd, side in ((n_in, sd_in, "IN"), (n_out, sd_out, "OUT")):
+                self.flag_samples((n > 0) & np.isnan(sd).any(axis=-1) & audited,
+                                  f"one {side} shadow or zero spread for some target: no per-sample std, so no score of that side's Gaussian there, left out of the metrics")
         self.flag_samples((n_in == 0) & audited, "no IN shadow for some target: no online score there, left out of the metrics")
         self.flag_samples((n_out == 0) & audited, "no OUT shadow for some target: no online/offline score there, left out of the metrics")
         has_in, has_out = (n_in > 0)[..., None], (n_out > 0)[..., None]
