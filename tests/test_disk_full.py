@@ -79,3 +79,17 @@ def test_disk_full_farm_and_attack(small_disk, capsys):
     filler.unlink()
     assert attack_main(["--experiment", str(experiment), "--attack", "lira", "--bootstrap", "0"]) == 0
     assert os.readlink(experiment / "attacks/latest") != latest
+
+
+def test_processes_filling_the_same_cache_entry_at_once_never_collide(tmp_path):
+    """The cache is shared by every shard of a cluster farm: two writers of one entry each use their own temporary file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mia_lightning.atomic import write_bytes_atomic
+
+    target = tmp_path / "cache" / "weights.safetensors"
+    payloads = [bytes([k]) * 200_000 for k in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda data: [write_bytes_atomic(target, data) for _ in range(5)], payloads))
+    assert target.read_bytes() in payloads
+    assert [p.name for p in target.parent.iterdir()] == ["weights.safetensors"]  # no temporary file left behind

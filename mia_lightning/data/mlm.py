@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mia_lightning.atomic import write_bytes_atomic
 from mia_lightning.downloads import RegistryFile, cache_dir, registry_file
 from mia_lightning.data.streams import StreamBatchSampler, balanced_half
 from mia_lightning.data.text_sources import hf_columns, read_csv_columns
@@ -111,9 +111,7 @@ def clinosim_notes(population: int = 2000, seed: int = 0, end: str = "2025-12-31
             reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise MiaError(f"data source clinosim: `clinosim simulate -p {population} -s {seed}` failed ({reason})")
         notes = parse_clinosim_documents(work / "out" / "cif")
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps(notes))
-        os.replace(tmp, cached)
+        write_bytes_atomic(cached, json.dumps(notes).encode("utf-8"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return notes

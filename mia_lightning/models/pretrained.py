@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mia_lightning.atomic import write_bytes_atomic
 from mia_lightning.downloads import RegistryFile, cache_dir, registry_file
 from mia_lightning.errors import MiaError, load_failure
 
@@ -132,17 +133,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def convert_offline_weights(backbone: str, target: Path) -> Path:
     """Write ``OFFLINE_WEIGHTS[backbone]`` as a timm state dict (``.safetensors``) at ``target`` atomically."""
     import timm
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     spec = OFFLINE_WEIGHTS[backbone]
     source = registry_file(spec.source)
     model = timm.create_model(backbone, pretrained=False)
     state = positional_state_dict(read_state_dict(source), model, str(source))
     model.load_state_dict(state, strict=False)  # num_batches_tracked keeps its default
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"origin": spec.origin, "architecture": backbone})
-    tmp.replace(target)
+    write_bytes_atomic(target, save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata={"origin": spec.origin, "architecture": backbone}))
     return target
 
 

@@ -15,11 +15,11 @@ missing values handled by ``missing``: drop, mean or error). Sources:
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 
+from mia_lightning.atomic import write_bytes_atomic
 from mia_lightning.downloads import RegistryFile, cache_dir, registry_file
 from mia_lightning.data.tabular import TabularDataModule
 from mia_lightning.errors import MiaError
@@ -78,9 +78,7 @@ def adult_csv(source: str = "registry", split: str = "train", n_rows: int | None
         chosen = np.sort(np.random.default_rng(subset_seed).choice(len(rows), n_rows, replace=False))
         rows = [rows[i] for i in chosen]
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(",".join(row) for row in [list(COLUMNS), *rows]) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    write_bytes_atomic(target, ("\n".join(",".join(row) for row in [list(COLUMNS), *rows]) + "\n").encode("utf-8"))
     return target
 
 
