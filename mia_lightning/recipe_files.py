@@ -43,6 +43,10 @@ def expand_recipe_args(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """``mia-lightning recipes``: print the shipped recipes, one ``recipe:<name>`` a line."""
+    if argv in (["-h"], ["--help"]):
+        print("usage: train.py recipes\n\nList the recipes shipped with the package, one `recipe:<name>` a line; "
+              "use one as `--config recipe:<name>` (e.g. `train.py farm --config recipe:tabular/digits_quickstart`).")
+        return 0
     if argv:
         raise MiaError(f"recipes: takes no arguments, got {' '.join(argv)}")
     for name in list_recipes():

@@ -284,3 +284,16 @@ def test_an_os_error_is_one_line_naming_the_file_and_a_fitting_fix(error, fix, c
     assert guarded(failing)([]) == 2
     err = one_error_line(capsys)
     assert err.startswith(f"error: {error.filename}: {error.strerror}; {fix} and re-run")
+
+
+def test_every_train_command_answers_help(capsys):
+    """`train.py --help` promises that `train.py <command> --help` lists a command's options: every command keeps it."""
+    from mia_lightning.cli import TRAIN_COMMANDS
+
+    for command in TRAIN_COMMANDS:
+        try:
+            code = train_main([command, "--help"])
+        except SystemExit as exited:  # argparse's --help
+            code = exited.code
+        out = capsys.readouterr().out
+        assert code == 0 and "usage" in out.lower(), (command, code, out[-300:])
