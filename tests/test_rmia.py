@@ -28,7 +28,7 @@ def true_class_probability_loop(data: AttackData) -> np.ndarray:
 
 
 def rmia_loop(data: AttackData, targets, a: float, gamma: float = 1.0, n_shadows=None) -> dict[str, np.ndarray]:
-    """score(x) = fraction of z in Z, z != x (with a defined ratio), with ratio(x) / ratio(z) >= gamma."""
+    """score(x) = fraction of z in Z (with a defined ratio; x itself when it is in Z), with ratio(x) / ratio(z) >= gamma."""
     M, n = data.keep.shape
     p = true_class_probability_loop(data)
     out = {name: np.full((len(targets), n), np.nan) for name in ("rmia_online", "rmia_offline")}
@@ -46,7 +46,7 @@ def rmia_loop(data: AttackData, targets, a: float, gamma: float = 1.0, n_shadows
             for x in range(n):
                 if math.isnan(ratio[x]):
                     continue
-                zs = [z for z in population if z != x and not math.isnan(ratio[z])]
+                zs = [z for z in population if not math.isnan(ratio[z])]
                 out[name][ti, x] = sum(ratio[x] / ratio[z] >= gamma for z in zs) / len(zs)
     return out
 
@@ -109,3 +109,17 @@ def test_bad_parameters_are_one_line_errors():
         create_attack("rmia", a=1.5)
     with pytest.raises(MiaError, match="n_shadows=9"):
         create_attack("rmia", a=0.5, n_shadows=9).fit(synthetic_attack_data(n_models=4, n_samples=20))
+
+
+def test_without_a_population_equal_ratios_get_equal_scores_whatever_the_membership():
+    """Z is the target's non-members: a tie between a member and a non-member must not split by membership."""
+    data = synthetic_attack_data(n_models=5, n_samples=12, seed=4)
+    attack = create_attack("rmia", a=0.3)
+    attack.fit(data)
+    ratio = np.repeat([[1.0, 2.0, 3.0]], 4, axis=0).T.reshape(1, -1)  # three tie groups of four samples
+    scores = attack.relative_scores(ratio, np.array([0]))[0]
+    members = data.keep[0]
+    for value in (1.0, 2.0, 3.0):
+        group = ratio[0] == value
+        assert members[group].any() and (~members[group]).any()  # both kinds in each tie group
+        assert np.unique(scores[group]).size == 1, (value, scores[group], members[group])

@@ -97,16 +97,20 @@ class RMIA(Attack):
         return online, mean_out
 
     def relative_scores(self, ratio: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """Fraction of population samples z != x with ratio(z) <= ratio(x) / gamma, per target row; NaN ratio -> NaN."""
+        """Fraction of population samples z with ratio(z) <= ratio(x) / gamma, per target row; NaN ratio -> NaN.
+
+        A sample in Z (a non-member, without ``population.npy``) compares with itself too: the score is
+        then one function of the ratio for every sample. Leaving x out of Z only when x is in it gave a
+        member a higher score than a non-member with the same ratio, so ties (saturated probabilities)
+        leaked membership.
+        """
         scores = np.full(ratio.shape, np.nan)
         for row, target in enumerate(targets):
             x = ratio[row]
             in_z = (self.population_mask if self.population_mask is not None else ~self.data.keep[target]) & np.isfinite(x)
-            threshold = x / self.gamma
-            wins = np.searchsorted(np.sort(x[in_z]), threshold, side="right") - (in_z & (x <= threshold))
-            size = np.count_nonzero(in_z) - in_z
-            with np.errstate(invalid="ignore", divide="ignore"):
-                scores[row] = np.where(np.isfinite(x) & (size > 0), wins / size, np.nan)
+            size = np.count_nonzero(in_z)
+            if size:
+                scores[row] = np.where(np.isfinite(x), np.searchsorted(np.sort(x[in_z]), x / self.gamma, side="right") / size, np.nan)
         return scores
 
     def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:
