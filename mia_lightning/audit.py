@@ -63,12 +63,14 @@ def resolve_attacks(attacks: Sequence[str], params: Any) -> tuple[list[str], dic
 
 
 def result_record(name: str, family: str, params: dict, targets: np.ndarray, scores: np.ndarray, members: np.ndarray, bootstrap: int,
-                  groups: np.ndarray | None = None) -> tuple[dict, RocCurve]:
+                  groups: np.ndarray | None = None, audited: np.ndarray | None = None) -> tuple[dict, RocCurve]:
     """The results.json payload of one attack output (pairs outside the audit are NaN in ``scores``) and its ROC curve.
 
+    ``n_unscored`` counts the audited pairs (``audited``, default all) the attack left without a score.
     With ``groups`` (the experiment's users) the bootstrap resamples users, since a user's samples are correlated.
     """
-    n_missing = int(np.isnan(scores).sum())
+    missing = np.isnan(scores)
+    n_missing = int((missing & audited).sum() if audited is not None else missing.sum())
     metrics, curve = evaluate_scores(scores, members, bootstrap=bootstrap, groups=groups)
     record = {"attack": name, "family": family, "params": params, "targets": targets.tolist(), "n_unscored": n_missing, **metrics}
     return record, curve
@@ -221,7 +223,7 @@ def run_audit(
                     continue
                 try:
                     with timed(f"metrics {name}"):
-                        record, curve = result_record(name, family, attack.params(), target_ids, pair_scores, members, bootstrap, data.groups)
+                        record, curve = result_record(name, family, attack.params(), target_ids, pair_scores, members, bootstrap, data.groups, audited)
                 except ValueError as err:
                     if len(runnable) == 1:
                         raise MiaError(f"{experiment.root}: attack {name}: {err}; choose targets with both members and non-members") from None

@@ -149,3 +149,11 @@ def test_outputs_that_score_no_audited_pair_are_skipped_not_fatal(tmp_path):
     skipped = {s["attack"] for s in result.skipped}
     assert {"lira_online", "lira_online_fixed"} <= skipped
     assert not (root / "attacks" / "lira_online").exists()
+
+
+def test_n_unscored_counts_only_audited_pairs_left_without_a_score(tmp_path):
+    """Population samples are never audited: an attack that scores every audited pair reports 0, not the population's pairs."""
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=5, n_samples=40, n_population=8, seed=3)
+    run_audit(root, ["thresholds"], targets=[0, 1], bootstrap=0)
+    results = json.loads((root / "attacks/loss/results.json").read_text())
+    assert results["n_unscored"] == 0 and results["n_members"] + results["n_nonmembers"] == 2 * 32
