@@ -69,3 +69,15 @@ def test_the_curve_scores_the_audited_pairs_of_the_run(tmp_path):
         result = json.loads((root / f"attacks/{name}/results.json").read_text())
         assert point["n_scored"] == result["n_members"] + result["n_nonmembers"] == 3 * 20
         assert point["auc"] == pytest.approx(result["auc"], abs=1e-12)
+
+
+def test_reference_models_of_the_plan_cap_the_curve_instead_of_failing_the_run(tmp_path):
+    """A plan's reference models (``info.reference_models``, e.g. the MLM recipe's public model) are never shadows: the curve ends below them."""
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=7, n_samples=30, seed=2)
+    keep = np.load(root / "keep.npy")
+    keep[6] = False
+    np.save(root / "keep.npy", keep)
+    (root / "plan.json").write_text(json.dumps({"version": 2, "info": {"reference_models": [6], "target_models": [0, 1, 2, 3, 4, 5]}}))
+    assert attack_main(["--experiment", str(root), "--attack", "lira", "--n_targets", "3", "--few_shadow", "--bootstrap", "0"]) == 0
+    rows = json.loads((root / "attacks/few_shadow/few_shadow.json").read_text())["rows"]
+    assert sorted({row["n_shadows"] for row in rows}) == [1, 2, 4, 5]  # 6 candidates: at most 5 shadows

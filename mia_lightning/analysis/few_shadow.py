@@ -47,7 +47,7 @@ def _row(n_shadows: int, name: str, scores: np.ndarray, members: np.ndarray) -> 
 
 
 def few_shadow_curve(data: AttackData, targets: np.ndarray, shadow_counts: Sequence[int] = SHADOW_COUNTS) -> list[dict]:
-    """Rows {n_shadows, attack, n_scored, auc, tpr@0.001, tpr@0.01}; a count above n_models - 1 becomes n_models - 1 (all shadows).
+    """Rows {n_shadows, attack, n_scored, auc, tpr@0.001, tpr@0.01}; a count above the shadow candidates less one becomes that (all shadows).
 
     The pairs scored are the audit's (``AttackData.audit_pairs``: the plan's audited rows, without the
     population), so the curve's point at all shadows matches the run's own results.
@@ -55,9 +55,10 @@ def few_shadow_curve(data: AttackData, targets: np.ndarray, shadow_counts: Seque
     targets = np.asarray(targets, dtype=np.int64)
     members = data.keep[targets]
     audited = data.audit_pairs(targets)
-    if data.n_models < 2:
-        raise MiaError(f"few-shadow: needs at least 2 models, the experiment has {data.n_models}")
-    usable = sorted({min(k, data.n_models - 1) for k in shadow_counts if k >= 1})
+    candidates = data.shadow_candidates  # reference models trained on other data (``info.reference_models``) are never shadows
+    if candidates < 2:
+        raise MiaError(f"few-shadow: needs at least 2 models that can serve as shadows, the experiment has {candidates}")
+    usable = sorted({min(k, candidates - 1) for k in shadow_counts if k >= 1})
     rows = []
     for k in usable:
         for family, outputs in CURVE_OUTPUTS.items():
