@@ -28,6 +28,26 @@ def shadow_pool(n_candidates: int, n_shadows: int | None) -> tuple[int, int | No
     return n_shadows + 1, n_shadows
 
 
+ZERO_SPREAD_ULPS = 4.0
+"""Rounding noise left by ``s2 - s1 * mean`` for identical values, in units of eps x count x s2."""
+
+
+def deviations_from_sums(count: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(count as a float divisor, NaN where 0 [..., 1]; mean of the shifted values; sum of squared deviations from it).
+
+    ``count`` [...], ``s1`` / ``s2`` [..., Q]: per-sample sums of shifted values and of their squares. The
+    sum of squared deviations is 0 for fewer than two values and where what is left is rounding noise:
+    identical values whose shift does not cancel them (the pool mean includes other models) leave
+    ~eps x s2, which as a variance would give a std of ~1e-8 instead of the documented fallback.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        safe = np.where(count > 0, count, np.nan)[..., None]
+        mean = s1 / safe
+        squared = s2 - s1 * mean
+        noise = ZERO_SPREAD_ULPS * np.finfo(np.float64).eps * np.maximum(count, 1.0)[..., None] * s2
+        return safe, mean, np.where((count >= 2)[..., None] & (squared > noise), squared, 0.0)
+
+
 def left_out_model(targets: np.ndarray, k: int | None, pool: int) -> np.ndarray:
     """Id of the pool model each target's shadow set leaves out (``NONE_LEFT_OUT`` for a target outside the pool)."""
     targets = np.asarray(targets)
@@ -78,11 +98,8 @@ class ShadowMoments:
         count = self.count - w
         s1 = self.sum1 - w[..., None] * d
         s2 = self.sum2 - w[..., None] * d**2
+        safe, mean_centred, squared_dev = deviations_from_sums(count, s1, s2)
+        var = squared_dev / safe
         with np.errstate(invalid="ignore", divide="ignore"):
-            safe = np.where(count > 0, count, np.nan)[..., None]
-            mean_centred = s1 / safe
-            # a single value deviates from its own mean by exactly 0 (the subtraction above leaves rounding noise)
-            squared_dev = np.where((count >= 2)[..., None], np.maximum(s2 - s1 * mean_centred, 0.0), 0.0)
-            var = squared_dev / safe
-        pooled = np.nansum(squared_dev, axis=1) / count.sum(axis=1, keepdims=False)[..., None]
+            pooled = np.nansum(squared_dev, axis=1) / count.sum(axis=1, keepdims=False)[..., None]
         return count, mean_centred + self.shift, var, pooled

@@ -36,6 +36,7 @@ import numpy as np
 
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
 from mia_lightning.attacks.lira import gaussian_logpdf, per_sample_std
+from mia_lightning.attacks.shadows import deviations_from_sums
 from mia_lightning.errors import MiaError
 from mia_lightning.unlearning.contract import FILENAME, load_unlearning, unlearning_problem
 
@@ -72,11 +73,9 @@ class PairedMoments:
         count = self.count - w.sum(axis=1)
         s1 = self.sum1 - np.einsum("tkn,tknq->tnq", w, d)
         s2 = self.sum2 - np.einsum("tkn,tknq->tnq", w, d**2)
+        safe, mean, squared_dev = deviations_from_sums(count, s1, s2)
+        var = squared_dev / safe
         with np.errstate(invalid="ignore", divide="ignore"):
-            safe = np.where(count > 0, count, np.nan)[..., None]
-            mean = s1 / safe
-            squared_dev = np.where((count >= 2)[..., None], np.maximum(s2 - s1 * mean, 0.0), 0.0)
-            var = squared_dev / safe
             pooled = squared_dev.sum(axis=1) / count.sum(axis=1)[:, None]
         return count, mean + self.shift, var, pooled
 
