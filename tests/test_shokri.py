@@ -116,3 +116,25 @@ def test_bad_parameters_are_refused_in_one_line(params, fragment):
 def test_disjoint_plan_refuses_too_many_targets():
     with pytest.raises(MiaError, match="n_targets"):
         make_plan(PlanSpec("x", 50, 3, kind="disjoint_shadows", options={"n_targets": 3}))
+
+
+def test_n_shadows_restricts_the_plans_listed_shadows_so_evaluation_trials_stay_independent(tmp_path):
+    """On a disjoint-shadows plan, ``n_shadows = k`` means the k lowest listed shadows other than the target (as without a list):
+    the independent-runs epsilon scores evaluation models with k shadows and relies on none training on another evaluation model."""
+    spec = PlanSpec("x", 200, 9, seed=0, kind="disjoint_shadows", options={"n_targets": 1})
+    plan = make_plan(spec)
+    labels = np.random.default_rng(0).integers(0, 3, 200)
+    logits = planted_logits(plan.keep, labels, np.ones(9, dtype=bool))
+    (tmp_path / "plan.json").write_text(json.dumps({**spec.to_json(), "info": plan.info}))
+    experiment = ExperimentDir(tmp_path)
+
+    def scores_of(logits: np.ndarray, target: int) -> np.ndarray:
+        data = AttackData(keep=plan.keep, labels=labels, logits=logits, audit=plan.audit, experiment=experiment)
+        attack = create_attack("shokri", classifier="logistic", n_shadows=4)
+        attack.fit(data)
+        assert attack._excluded(np.array([0, 3, 6])).tolist() == [5, 3, 5]  # pool: listed 1..5; outside it, the last is left out
+        return score_targets(attack, data, np.array([target]))["shokri_per_class"][0]
+
+    changed = logits.copy()
+    changed[7] = planted_logits(plan.keep, labels, np.zeros(9, dtype=bool), seed=5)[7]  # another evaluation model
+    np.testing.assert_array_equal(scores_of(logits, 6), scores_of(changed, 6))

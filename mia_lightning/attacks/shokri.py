@@ -86,10 +86,13 @@ class Shokri(Attack):
         """Attack training rows of every shadow: posteriors, class, IN/OUT label, shadow id (subsampled to ``max_rows``)."""
         super().fit(data)
         listed = (data.experiment.plan.get("info", {}).get("shadow_models") if data.experiment is not None else None)
+        self.listed = bool(listed)
         if listed:
-            self.shadows = np.asarray(sorted(int(m) for m in listed), dtype=np.int64)
-            self.pool, self.k = int(self.shadows.size), None
-            self.shadow_source = "plan info.shadow_models (minus the target)"
+            shadows = np.asarray(sorted(int(m) for m in listed), dtype=np.int64)
+            _, self.k = shadow_pool(shadows.size, self.n_shadows)  # n_shadows = k: the k lowest listed ids other than the target
+            self.shadows = shadows if self.k is None else shadows[: self.k + 1]
+            self.pool = int(self.shadows.size)
+            self.shadow_source = "plan info.shadow_models (minus the target)" if self.k is None else f"the {self.k} lowest of plan info.shadow_models other than the target"
         else:
             self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows)
             self.shadows = np.arange(self.pool, dtype=np.int64)
@@ -110,9 +113,16 @@ class Shokri(Attack):
         self.rows = {"posteriors": posteriors, "group": data.labels[sample], "member": member.astype(np.float32), "shadow": self.shadows[model_row]}
 
     def _excluded(self, targets: np.ndarray) -> np.ndarray:
-        """Model id each target's attack must not train on (-1 for none): the target itself when it is one of the shadows."""
+        """Model id each target's attack must not train on (-1 for none): the target itself when it is one of the shadows.
+
+        With ``n_shadows = k`` the pool holds k + 1 shadows and a target outside it leaves out the last
+        one, so every target trains on exactly k (the independent-runs epsilon relies on it: an
+        evaluation model's attack must not train on another evaluation model).
+        """
         if self.k is None:
             return np.where(np.isin(targets, self.shadows), targets, -1)
+        if self.listed:
+            return np.where(np.isin(targets, self.shadows), targets, self.shadows[-1])
         return np.asarray(left_out_model(targets, self.k, self.pool))
 
     def design_requests(self, targets: np.ndarray) -> dict[str, dict[str, Any]]:
