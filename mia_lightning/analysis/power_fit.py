@@ -219,17 +219,19 @@ def sample_advantages(scores: np.ndarray, members: np.ndarray, level: float) -> 
 
     Per sample j the threshold is its (floor(level x n_out) + 1)-th highest non-member score, so at
     most ``level`` of its non-member targets score above it; TPR and FPR are the fractions of its
-    member / non-member targets above the threshold. NaN where j has fewer than 1 / level
-    non-member targets (the FPR is not resolved) or no member target.
+    member / non-member targets above the threshold. Unscored pairs (NaN, as everywhere in the
+    metrics) are left out of both. NaN where j has fewer than 1 / level scored non-member targets
+    (the FPR is not resolved) or no scored member target.
     """
-    scores = np.where(np.isfinite(scores), scores, -np.inf)
-    n_in, n_out = members.sum(axis=0), (~members).sum(axis=0)
-    out_sorted = -np.sort(-np.where(members, -np.inf, scores), axis=0)
+    scored = np.isfinite(scores)
+    member, nonmember = members & scored, ~members & scored
+    n_in, n_out = member.sum(axis=0), nonmember.sum(axis=0)
+    out_sorted = -np.sort(-np.where(nonmember, scores, -np.inf), axis=0)
     rank = np.minimum(np.floor(level * n_out).astype(np.int64), scores.shape[0] - 1)
     threshold = out_sorted[rank, np.arange(scores.shape[1])]
-    above = scores > threshold
-    tpr = np.divide((above & members).sum(axis=0), n_in, out=np.zeros(scores.shape[1]), where=n_in > 0)
-    fpr = np.divide((above & ~members).sum(axis=0), n_out, out=np.zeros(scores.shape[1]), where=n_out > 0)
+    above = scored & (np.where(scored, scores, -np.inf) > threshold)
+    tpr = np.divide((above & member).sum(axis=0), n_in, out=np.zeros(scores.shape[1]), where=n_in > 0)
+    fpr = np.divide((above & nonmember).sum(axis=0), n_out, out=np.zeros(scores.shape[1]), where=n_out > 0)
     return np.where((n_out >= 1.0 / level) & (n_in > 0), tpr - fpr, np.nan)
 
 
