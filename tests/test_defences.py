@@ -21,13 +21,15 @@ def test_pareto_front_and_verdict_by_hand():
     accuracy = np.array([0.80, 0.78, 0.70, 0.75, 0.60])
     leakage = np.array([0.30, 0.10, 0.05, 0.20, 0.05])
     assert pareto_front(accuracy, leakage).tolist() == [True, True, True, False, False]  # 0.75/0.20 is beaten by 0.78/0.10, 0.60/0.05 by 0.70/0.05
-    base = {"test_accuracy": 0.8, "attacks": {"a": {"tpr@0.01": 0.20, "tpr@0.01_ci": [0.18, 0.22]}}}
-    lower = {"test_accuracy": 0.7, "attacks": {"a": {"tpr@0.01": 0.05, "tpr@0.01_ci": [0.04, 0.06]}}}
-    overlap = {"test_accuracy": 0.8, "attacks": {"a": {"tpr@0.01": 0.19, "tpr@0.01_ci": [0.16, 0.185]}}}
-    higher = {"test_accuracy": 0.8, "attacks": {"a": {"tpr@0.01": 0.30, "tpr@0.01_ci": [0.25, 0.35]}}}
+    base = {"test_accuracy": 0.8, "attacks": {"a": {"tpr@0.01": 0.20, "tpr@0.01_ci": [0.18, 0.22], "bootstrap": True}}}
+    lower = {"test_accuracy": 0.7, "attacks": {"a": {"tpr@0.01": 0.05, "tpr@0.01_ci": [0.04, 0.06], "bootstrap": True}}}
+    overlap = {"test_accuracy": 0.8, "attacks": {"a": {"tpr@0.01": 0.19, "tpr@0.01_ci": [0.16, 0.185], "bootstrap": True}}}
+    higher = {"test_accuracy": 0.8, "attacks": {"a": {"tpr@0.01": 0.30, "tpr@0.01_ci": [0.25, 0.35], "bootstrap": True}}}
     assert verdict(lower, base, "a") == "yes (TPR@1% -15.0 pts, acc -10.0 pts)"
     assert verdict(overlap, base, "a").startswith("no ")
     assert verdict(higher, base, "a").startswith("worse ")
+    pairs_only = {"test_accuracy": 0.7, "attacks": {"a": {**lower["attacks"]["a"], "bootstrap": False}}}  # Clopper-Pearson over pairs: too narrow
+    assert verdict(pairs_only, base, "a").startswith("n/a (no bootstrap interval")
 
 
 def audited_experiment(root: Path, effect: float, dp_epsilon: float | None = None, dp_delta: float | None = None) -> dict:

@@ -104,6 +104,7 @@ def _attack_entry(row: dict, output: str, levels: tuple[str, ...]) -> dict[str, 
         "auc_ci": result.get("auc_ci_bootstrap"),
         **{f"tpr@{level}": result["tpr_at_fpr"][level] for level in levels},
         **{f"tpr@{level}_ci": boot.get(level, result["tpr_at_fpr_ci"][level]) for level in levels},
+        "bootstrap": bool(boot),  # False: the intervals above are Clopper-Pearson over pairs, too narrow for a verdict
         "empirical_epsilon": (result.get("empirical_epsilon") or {}).get("epsilon_lower_bound"),
         "min_resolvable_fpr": result.get("min_resolvable_fpr", 0.0),
     }
@@ -114,6 +115,8 @@ def verdict(setting: dict, baseline: dict, attack: str) -> str:
     mine, base = setting["attacks"].get(attack), baseline["attacks"].get(attack)
     if mine is None or base is None:
         return f"n/a (no {attack})"
+    if not (mine.get("bootstrap") and base.get("bootstrap")):
+        return "n/a (no bootstrap interval: audit with --bootstrap 100)"
     low, high = mine["tpr@0.01_ci"]
     base_low, base_high = base["tpr@0.01_ci"]
     word = "yes" if high < base_low else "worse" if low > base_high else "no"
