@@ -256,7 +256,7 @@ def attack_main(argv: list[str]) -> int:
     parser.add_argument("--targets", type=int, nargs="+", default=None, help="target model ids (leave-one-out)")
     parser.add_argument("--n_targets", type=int | None, default=None, help="use models 0..K-1 as targets (default: the plan's targets, else all)")
     parser.add_argument("--params", type=Any, default={}, help='per-attack parameters, e.g. \'{"lira": {"n_shadows": 8}}\'')
-    parser.add_argument("--bootstrap", type=int | None, default=None, help="replicates of the two-way bootstrap interval (0: off; default 100)")
+    parser.add_argument("--bootstrap", type=int | None, default=None, help="replicates of the two-way bootstrap interval (0: off, else at least 2; default 100)")
     parser.add_argument("--few_shadow", action="store_true", help="also LiRA and RMIA with 1, 2, 4, ..., 64 shadow models: table and plot, in this run")
     parser.add_argument("--report", action="store_true", help="write <experiment>/report.md and the self-contained report.html from the latest run")
     parser.add_argument("--keep_runs", type=int | None, default=None, help="after this run, keep only the K newest runs under attacks/runs/")
