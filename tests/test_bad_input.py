@@ -157,4 +157,4 @@ def test_a_checkpoint_with_a_numpy_hyper_parameter_names_the_refused_global_and_
     with pytest.raises(MiaError) as raised:
         load_model_checkpoint(tmp_path / "model.ckpt", 0)
     message = str(raised.value)
-    assert "a weights-only load refuses GLOBAL numpy" in message and "plain Python values" in message and "\n" not in message
+    assert "a weights-only load refuses GLOBAL numpy" in message and "plain Python value" in message and "\n" not in message

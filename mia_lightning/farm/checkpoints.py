@@ -47,9 +47,9 @@ def load_model_checkpoint(path: Path, index: int, trusted: tuple[str, ...] = TRU
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
         reason = load_failure(err)
-        if reason.startswith("a weights-only load refuses"):  # retraining would write the same file: say what to change
-            raise MiaError(f"{path}: {reason}; checkpoints load without running code, so the model's hyper-parameters must be plain "
-                           "Python values (int, float, str, list, dict): convert them in its __init__ (e.g. float(x)) and re-train") from None
+        if reason.startswith("a weights-only load refuses"):  # a foreign object, or one's own non-plain hyper-parameter (re-training would not help)
+            raise MiaError(f"{path}: not a readable PyTorch checkpoint ({reason}: checkpoints load without running code); if your own "
+                           "model stores such a value among its hyper-parameters, make it a plain Python value (e.g. float(x)) and re-train") from None
         raise MiaError(f"{path}: not a readable PyTorch checkpoint ({reason}); delete the model folder and re-train it") from None
     tag = payload.get(TAG) if isinstance(payload, dict) else None
     if not isinstance(tag, dict) or "class_path" not in tag:
