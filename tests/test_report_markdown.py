@@ -79,3 +79,19 @@ def test_a_pipe_or_line_break_in_a_cell_keeps_the_markdown_table_shape():
 
     text = markdown_table(TableRecord("t", ["setting", "AUC"], [["l2|0.1", "0.61"], ["two\nlines", "0.5"]]))
     assert text.splitlines()[2:] == ["| setting | AUC |", "|---|---|", "| l2\\|0.1 | 0.61 |", "| two lines | 0.5 |"]
+
+
+def test_vulnerable_samples_count_only_audited_pairs(tmp_path):
+    """With ``audit.npy`` the mean scores cover the audited pairs only, as every metric of the run does."""
+    from mia_lightning.contract.experiment import ExperimentDir
+    from mia_lightning.contract.runs import latest_run
+    from mia_lightning.report.markdown import vulnerable_samples
+
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=6, n_samples=40, seed=4)
+    audit = np.ones((6, 40), dtype=bool)
+    audit[:, 20:] = False  # the second half is never audited
+    np.save(root / "audit.npy", audit)
+    records = run_audit(root, ["lira"], n_targets=3, bootstrap=0).records
+    experiment = ExperimentDir(root)
+    _, rows = vulnerable_samples(records, experiment, latest_run(experiment)[0], top=40)
+    assert rows and all(int(row[1]) < 20 for row in rows)

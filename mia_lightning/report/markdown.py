@@ -131,7 +131,8 @@ def vulnerable_samples(records: list[dict], experiment: ExperimentDir, run_folde
     """(attack output used, rows of rank, sample, label, mean score as member (targets), mean as non-member (targets)).
 
     Samples are ranked by their mean score over the target models that trained on them; population
-    samples (reference data no model trains on) are never ranked. No rows when the run kept no scores.
+    samples (reference data no model trains on) are never ranked, and only audited pairs count (``audit.npy``,
+    as in the metrics). No rows when the run kept no scores.
     """
     by_name = {record["attack"]: record for record in records}
     source = by_name.get(VULNERABILITY_ATTACK) or max(records, key=lambda r: (r["tpr_at_fpr"]["0.001"], r["auc"]))
@@ -141,6 +142,8 @@ def vulnerable_samples(records: list[dict], experiment: ExperimentDir, run_folde
     scores = load_npy(path, "attack scores", "re-run the attack")
     member = experiment.keep[source["targets"]]
     scored = np.isfinite(scores)
+    if experiment.audit is not None:
+        scored &= experiment.audit[source["targets"]]
     as_member, as_nonmember = scored & member, scored & ~member
     with np.errstate(invalid="ignore", divide="ignore"):
         member_mean = np.where(as_member, scores, 0.0).sum(axis=0) / as_member.sum(axis=0)
