@@ -229,7 +229,7 @@ def sample_advantages(scores: np.ndarray, members: np.ndarray, level: float) -> 
     out_sorted = -np.sort(-np.where(nonmember, scores, -np.inf), axis=0)
     rank = np.minimum(np.floor(level * n_out).astype(np.int64), scores.shape[0] - 1)
     threshold = out_sorted[rank, np.arange(scores.shape[1])]
-    above = scored & (np.where(scored, scores, -np.inf) > threshold)
+    above = scored & (scores > threshold)
     tpr = np.divide((above & member).sum(axis=0), n_in, out=np.zeros(scores.shape[1]), where=n_in > 0)
     fpr = np.divide((above & nonmember).sum(axis=0), n_out, out=np.zeros(scores.shape[1]), where=n_out > 0)
     return np.where((n_out >= 1.0 / level) & (n_in > 0), tpr - fpr, np.nan)

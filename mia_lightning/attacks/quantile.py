@@ -168,6 +168,7 @@ def fpr_control(scores: np.ndarray, members: np.ndarray, alpha: float, alpha_int
     fpr = false_pos / n_non
     record = {"alpha": alpha, "alpha_interval": alpha_interval, "threshold": 0.0, "fpr": fpr, "tpr": true_pos / n_mem,
               "n_nonmembers": n_non, "n_members": n_mem, "fpr_ci": list(clopper_pearson(false_pos, n_non))}
+    ok = np.zeros(0, dtype=bool)  # replicates that drew non-members
     if replicates > 0:
         rng = np.random.default_rng(seed)
         u = rng.poisson(1.0, (replicates, scores.shape[0])).astype(np.float64)
@@ -175,7 +176,7 @@ def fpr_control(scores: np.ndarray, members: np.ndarray, alpha: float, alpha_int
         weighted_non = np.einsum("bt,tj,bj->b", u, non.astype(np.float64), v)
         weighted_fp = np.einsum("bt,tj,bj->b", u, (flagged & non).astype(np.float64), v)
         ok = weighted_non > 0
-    if replicates > 0 and ok.sum() >= 2:  # a spread needs two replicates that drew non-members
+    if ok.sum() >= 2:  # a spread needs two of them
         spread = 1.959964 * np.std(weighted_fp[ok] / weighted_non[ok], ddof=1)
         record["fpr_ci_bootstrap"] = [max(0.0, fpr - spread), min(1.0, fpr + spread)]
         low, high = record["fpr_ci_bootstrap"]

@@ -33,7 +33,7 @@ ZERO_SPREAD_ULPS = 4.0
 
 
 def deviations_from_sums(count: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(count as a float divisor, NaN where 0 [..., 1]; mean of the shifted values; sum of squared deviations from it).
+    """(mean of the shifted values, variance, sum of squared deviations from the mean), all [..., Q]; mean and variance NaN where the count is 0.
 
     ``count`` [...], ``s1`` / ``s2`` [..., Q]: per-sample sums of shifted values and of their squares. The
     sum of squared deviations is 0 for fewer than two values and where what is left is rounding noise:
@@ -45,7 +45,8 @@ def deviations_from_sums(count: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> t
         mean = s1 / safe
         squared = s2 - s1 * mean
         noise = ZERO_SPREAD_ULPS * np.finfo(np.float64).eps * np.maximum(count, 1.0)[..., None] * s2
-        return safe, mean, np.where((count >= 2)[..., None] & (squared > noise), squared, 0.0)
+        squared = np.where((count >= 2)[..., None] & (squared > noise), squared, 0.0)
+        return mean, squared / safe, squared
 
 
 def left_out_model(targets: np.ndarray, k: int | None, pool: int) -> np.ndarray:
@@ -98,8 +99,7 @@ class ShadowMoments:
         count = self.count - w
         s1 = self.sum1 - w[..., None] * d
         s2 = self.sum2 - w[..., None] * d**2
-        safe, mean_centred, squared_dev = deviations_from_sums(count, s1, s2)
-        var = squared_dev / safe
+        mean_centred, var, squared_dev = deviations_from_sums(count, s1, s2)
         with np.errstate(invalid="ignore", divide="ignore"):
             pooled = np.nansum(squared_dev, axis=1) / count.sum(axis=1, keepdims=False)[..., None]
         return count, mean_centred + self.shift, var, pooled

@@ -73,8 +73,7 @@ class PairedMoments:
         count = self.count - w.sum(axis=1)
         s1 = self.sum1 - np.einsum("tkn,tknq->tnq", w, d)
         s2 = self.sum2 - np.einsum("tkn,tknq->tnq", w, d**2)
-        safe, mean, squared_dev = deviations_from_sums(count, s1, s2)
-        var = squared_dev / safe
+        mean, var, squared_dev = deviations_from_sums(count, s1, s2)
         with np.errstate(invalid="ignore", divide="ignore"):
             pooled = squared_dev.sum(axis=1) / count.sum(axis=1)[:, None]
         return count, mean + self.shift, var, pooled

@@ -47,10 +47,10 @@ def load_model_checkpoint(path: Path, index: int, trusted: tuple[str, ...] = TRU
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
         reason = load_failure(err)
-        if reason.startswith("a weights-only load refuses"):  # a foreign object, or one's own non-plain hyper-parameter (re-training would not help)
-            raise MiaError(f"{path}: not a readable PyTorch checkpoint ({reason}: checkpoints load without running code); if your own "
-                           "model stores such a value among its hyper-parameters, make it a plain Python value (e.g. float(x)) and re-train") from None
-        raise MiaError(f"{path}: not a readable PyTorch checkpoint ({reason}); delete the model folder and re-train it") from None
+        fix = ("checkpoints load without running code: if your own model stores such a value among its hyper-parameters, make it a plain "
+               "Python value (e.g. float(x)) and re-train"
+               if reason.startswith("a weights-only load refuses") else "delete the model folder and re-train it")  # re-training alone would write the same file
+        raise MiaError(f"{path}: not a readable PyTorch checkpoint ({reason}); {fix}") from None
     tag = payload.get(TAG) if isinstance(payload, dict) else None
     if not isinstance(tag, dict) or "class_path" not in tag:
         raise MiaError(f"{path}: not a mia-lightning checkpoint (no '{TAG}' entry); export its logits with the framework that trained it")
