@@ -15,10 +15,15 @@ from rich.text import Text
 
 from mia_lightning.console import console, parse
 from mia_lightning.errors import MiaError
-from mia_lightning.interrupts import PARENT_ENV, call_trainer, interrupt_signal, terminate_as_interrupt, watch_parent
+from mia_lightning.interrupts import PARENT_ENV, call_trainer, interrupt_signal, is_worker_of_a_running_farm, terminate_as_interrupt, watch_parent
 from mia_lightning.logs import configure_logging, quiet_lightning
 from mia_lightning.recipe_files import expand_recipe_args
 
+
+RESUME_HINT = "finished models and results are kept; re-run the same command to resume"
+"""What an interrupted farm, export, study or attack keeps (an interrupted ``KeyboardInterrupt`` without a message of its own)."""
+LIGHTNING_CLI_HINT = ("the LightningCLI run stopped and does not resume by itself; with checkpointing on, `train.py fit ... "
+                      "--ckpt_path <file>` continues from the last epoch's checkpoint (under the run's log folder)")
 
 STORAGE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT})
 """Errors a user fixes with permissions or space (the other OS errors, e.g. a network timeout, name themselves)."""
@@ -31,7 +36,7 @@ def print_error(message: str) -> None:
 
 def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
     """Turn ``MiaError`` (and OS errors such as a read-only folder) into one ``error:`` line and exit code 2, no traceback;
-    Ctrl-C or SIGTERM into one ``interrupted`` line and exit code 130 / 143."""
+    Ctrl-C or SIGTERM into one ``interrupted`` line (from the farm, not from each of its workers) and exit code 130 / 143."""
 
     def wrapper(argv: list[str] | None = None) -> int:
         configure_logging(lightning=False)  # options are checked before torch / Lightning load
@@ -46,8 +51,10 @@ def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], in
             fix = "fix the permissions or free space" if err.errno in STORAGE_ERRNOS else "fix the cause"
             print_error(f"{where}: {err.strerror or err}; {fix} and re-run (finished work is kept)")
             return 2
-        except KeyboardInterrupt:
-            Console(stderr=True).print(Text("interrupted", style="yellow") + Text(": finished models and results are kept; re-run the same command to resume"), soft_wrap=True)
+        except KeyboardInterrupt as interruption:
+            if not is_worker_of_a_running_farm():
+                hint = interruption.args[0] if interruption.args and isinstance(interruption.args[0], str) else RESUME_HINT
+                Console(stderr=True).print(Text("interrupted", style="yellow") + Text(f": {hint}"), soft_wrap=True)
             return 128 + interrupt_signal()
 
     return wrapper
@@ -123,15 +130,18 @@ def _fit_cli(argv: list[str]) -> int:
             parser.link_arguments("data", "model.init_args.n_features", compute_fn=lambda dm: dm.model_kwargs()["n_features"], apply_on="instantiate")
             parser.link_arguments("data", "model.init_args.n_classes", compute_fn=lambda dm: dm.model_kwargs()["n_classes"], apply_on="instantiate")
 
-    call_trainer(
-        MiaLightningCLI,
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
+    try:
+        call_trainer(
+            MiaLightningCLI,
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+        )
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(LIGHTNING_CLI_HINT) from None
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

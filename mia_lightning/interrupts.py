@@ -73,6 +73,11 @@ def call_trainer(entry_point: Callable[..., _Result], *args: Any, **kwargs: Any)
         raise
 
 
+def is_worker_of_a_running_farm() -> bool:
+    """Whether this process is a farm's worker whose farm still runs (the farm prints the interruption, once)."""
+    return os.environ.get(PARENT_ENV) == str(os.getppid())
+
+
 def watch_parent(parent_pid: int) -> None:
     """Send this process SIGTERM once ``parent_pid`` is no longer its parent (the farm exited or was killed)."""
 

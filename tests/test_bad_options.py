@@ -145,6 +145,20 @@ def test_missing_logits_in_an_unfinished_farm_says_finish_the_farm(experiment, c
     assert "finish the farm" in one_error_line(capsys)
 
 
+def test_ctrl_c_in_the_lightning_cli_says_how_fit_continues_not_resume(tmp_path, monkeypatch, capsys):
+    """`train.py fit` has no farm to resume: its line points at --ckpt_path (Lightning turns the interrupt into exit(1) first)."""
+    from mia_lightning.models.tabular_mlp import TabularMLP
+
+    def interrupted_step(self, batch, batch_idx):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(TabularMLP, "training_step", interrupted_step)
+    assert train_main(["fit", "--config", str(ROOT / "configs/tabular/mlp_fit.yaml"), "--trainer.enable_progress_bar", "false"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--ckpt_path" in err and "resume the" not in err and "Traceback" not in err
+
+
 def test_ctrl_c_during_vectorised_training_exits_130_with_a_message(tmp_path):
     args = farm(tmp_path, QUICKSTART, "--trainer.max_epochs", "400", "--plan.n_models", "8")
     # a shell without job control starts background jobs with SIGINT ignored; the child must see it as a terminal would
@@ -242,6 +256,7 @@ def test_sigterm_to_a_farm_stops_its_workers_and_exits_143_with_a_message(tmp_pa
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, (out[-2000:], err[-2000:])
     assert "interrupted" in err and "re-run the same command to resume" in err and "Traceback" not in err
+    assert err.count("interrupted") == 1, err[-2000:]  # the farm says it, not each of its workers too
     assert not any(running(pid) for pid in workers)
     assert not list((tmp_path / "exp/models").glob("*/claim.json"))
 
