@@ -8,11 +8,13 @@ import math
 import numpy as np
 import pytest
 from scipy.stats import norm
+from synthetic import synthetic_attack_data
 
 from mia_lightning.attacks import AttackData, create_attack
 from mia_lightning.attacks.base import logit_scaled_confidence
 from mia_lightning.attacks.module import score_targets
 from mia_lightning.attacks.shadows import ShadowMoments
+from mia_lightning.metrics import rank_auc
 
 
 def make_data(n_models=9, n_samples=30, n_queries=3, n_classes=4, seed=0) -> AttackData:
@@ -144,6 +146,22 @@ def test_population_samples_do_not_trigger_warnings(caplog):
     assert "no IN shadow" not in caplog.text
 
 
+def test_few_shadows_on_a_half_plan_bias_the_online_score_and_truncation_removes_it(caplog):
+    """No signal, 8 models, every sample in exactly half: leave-one-out gives a member 3 IN / 4 OUT shadows and a
+    non-member 4 / 3; the narrower fit of the smaller side pushes members down (AUC well below 0.5). Equal sides
+    (``truncate``: 3 / 3 for everyone) give 0.5 up to noise, and the default run says so in a warning."""
+    data = synthetic_attack_data(n_models=8, n_samples=2000, n_queries=1, n_classes=4, effect=0.0, seed=0)
+    targets = np.arange(8)
+    with caplog.at_level(logging.WARNING, logger="mia_lightning"):
+        default = score_targets(create_attack("lira"), data, targets)["lira_online"]
+    assert "leave-one-out leaves the target's own side one shadow short" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mia_lightning"):
+        equal = score_targets(create_attack("lira", truncate=True), data, targets)["lira_online"]
+    assert "one shadow short" not in caplog.text
+    assert rank_auc(default, data.keep) < 0.46 and abs(rank_auc(equal, data.keep) - 0.5) < 0.02
+
+
 def reference_code_scores(data: AttackData, targets) -> dict[str, np.ndarray]:
     """The public reference implementation's choices (tensorflow/privacy mi_lira_2021), written out as loops.
 
@@ -237,6 +255,7 @@ def test_identical_in_values_have_zero_variance_not_rounding_noise():
     """IN shadows that agree exactly (a saturated or quantised statistic) have variance 0, so the documented pooled-std fallback applies;
     the shifted sums used to leave ~1e-15 of rounding noise there, a std of ~3e-8 and scores of ~1e16."""
     from mia_lightning.attacks.shadows import ShadowMoments
+from mia_lightning.metrics import rank_auc
 
     rng = np.random.default_rng(0)
     member = rng.random((10, 2000)) < 0.5
