@@ -231,7 +231,7 @@ def run_audit(
                     continue
                 record["empirical_epsilon"] = bounds[name] if bounds is not None else epsilon.run_bound(pair_scores, members)
                 record |= decision_metrics(scores, audited, members, data, target_ids, bootstrap, decisions)
-                record |= attack.decision_record(name, pair_scores, members, bootstrap)
+                record |= attack.decision_record(name, pair_scores, members, bootstrap, data.groups)
                 record["run"] = {"id": stage.run_id, "time": started, **{k: run_meta[k] for k in ("targets", "attacks", "params", "version")}}
                 with timed(f"write and plot {name}"):
                     save_npy_atomic(stage.path(name, "scores.npy"), scores)

@@ -205,6 +205,16 @@ INT16_WEIGHTS_BELOW = 1 << 15
 the scan gathers a weight per replicate and position, and narrower weights halve that memory traffic (1.3x per bootstrap)."""
 
 
+def bootstrap_units(groups: np.ndarray | None, n_samples: int) -> tuple[np.ndarray | None, int]:
+    """(unit of each sample or None, number of units): the sampled unit is the user when ``groups`` (int [n_samples]) exists, else the sample."""
+    if groups is None:
+        return None, n_samples
+    if np.shape(groups) != (n_samples,):
+        raise ValueError(f"groups has shape {np.shape(groups)}, expected one user id per sample ({n_samples},)")
+    _, user_of = np.unique(groups, return_inverse=True)
+    return user_of, int(user_of.max()) + 1 if user_of.size else 0
+
+
 def _poisson_weights(rng: np.random.Generator, replicates: int, n_targets: int, n_units: int) -> tuple[np.ndarray, np.ndarray]:
     """Poisson(1) weights, int32 [B, n_targets] and [B, n_units], drawn replicate by replicate, targets first (the seed's order)."""
     u, v = np.empty((replicates, n_targets), dtype=np.int32), np.empty((replicates, n_units), dtype=np.int32)
@@ -345,13 +355,7 @@ def bootstrap_intervals(
     if replicates <= 0 or pairs.order.size == 0:
         return {}
     n_targets, n_samples = members.shape
-    if groups is None:
-        user_of, n_units = None, n_samples
-    else:
-        if np.shape(groups) != (n_samples,):
-            raise ValueError(f"groups has shape {np.shape(groups)}, expected one user id per sample ({n_samples},)")
-        _, user_of = np.unique(groups, return_inverse=True)
-        n_units = int(user_of.max()) + 1 if user_of.size else 0
+    user_of, n_units = bootstrap_units(groups, n_samples)
     levels_arr = np.asarray(levels, dtype=np.float64)
     size = pairs.member.size
     reach = 1.5 * levels_arr.max() * pairs.n_nonmembers

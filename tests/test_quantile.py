@@ -102,6 +102,26 @@ def test_fpr_control_hand_computed():
     assert fpr_control(scores, members, alpha=0.01, alpha_interval=[0.001, 0.02], replicates=200)["fpr_consistent"] is (low <= 0.02)
 
 
+def test_fpr_control_resamples_users_when_their_samples_are_correlated():
+    """A user's 10 samples are all flagged or all not: resampling samples treats them as 10 independent draws
+    (an interval ~sqrt(10) too narrow); with ``groups`` the interval is over users, like the metrics' intervals."""
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(60), 10)
+    flagged_user = rng.random(60) < 0.2
+    scores = np.where(flagged_user[users], 1.0, -1.0)[None, :].repeat(8, axis=0)
+    members = (users >= 50)[None, :].repeat(8, axis=0)  # users 50-59 are members; 50 non-member users decide the FPR
+    by_sample = fpr_control(scores, members, alpha=0.2, alpha_interval=[0.15, 0.25], replicates=400)
+    by_user = fpr_control(scores, members, alpha=0.2, alpha_interval=[0.15, 0.25], replicates=400, groups=users)
+    share = flagged_user[:50].mean()
+    assert by_user["fpr"] == by_sample["fpr"] == share
+    width = {name: record["fpr_ci_bootstrap"][1] - record["fpr_ci_bootstrap"][0] for name, record in (("sample", by_sample), ("user", by_user))}
+    assert 2.5 < width["user"] / width["sample"] < 4.5  # sqrt(10) = 3.16
+    sd = np.sqrt(share * (1 - share) / 50)  # the binomial sd of a share of 50 independent users
+    assert width["user"] / (2 * 1.959964) == pytest.approx(sd, rel=0.25)
+    np.testing.assert_array_equal(fpr_control(scores, members, 0.2, [0.15, 0.25], 400, groups=np.arange(600))["fpr_ci_bootstrap"],
+                                  by_sample["fpr_ci_bootstrap"])  # one user per sample is the sample bootstrap
+
+
 def test_fpr_control_line_never_labels_the_pairs_interval_as_the_bootstrap():
     from mia_lightning.report.terminal import fpr_control_lines
 

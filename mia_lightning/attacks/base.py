@@ -302,8 +302,10 @@ class Attack(ABC):
         """Parameters recorded in results.json (after ``fit``, including tuned ones)."""
         return {}
 
-    def decision_record(self, name: str, scores: np.ndarray, members: np.ndarray, bootstrap: int) -> dict:
-        """Extra results.json entries for output ``name`` from its audited [T, n] scores (NaN = not audited), e.g. an attack's own decision rule."""
+    def decision_record(self, name: str, scores: np.ndarray, members: np.ndarray, bootstrap: int, groups: np.ndarray | None = None) -> dict:
+        """Extra results.json entries for output ``name`` from its audited [T, n] scores (NaN = not audited), e.g. an attack's own decision rule.
+
+        ``groups``: the experiment's user of each sample (``groups.npy``), the unit a bootstrap resamples."""
         return {}
 
     def flag_samples(self, flags: np.ndarray, reason: str) -> None:

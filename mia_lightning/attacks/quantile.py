@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
 from mia_lightning.errors import MiaError
 from mia_lightning.interrupts import call_trainer
-from mia_lightning.metrics import BOOTSTRAP_REPLICATES, clopper_pearson
+from mia_lightning.metrics import BOOTSTRAP_REPLICATES, bootstrap_units, clopper_pearson
 
 
 def pinball_loss(predicted: torch.Tensor, observed: torch.Tensor, quantile: float) -> torch.Tensor:
@@ -151,11 +151,11 @@ def conformal_fpr_interval(n_calibration: int, alpha: float, confidence: float =
 
 
 def fpr_control(scores: np.ndarray, members: np.ndarray, alpha: float, alpha_interval: list[float], replicates: int = BOOTSTRAP_REPLICATES,
-                seed: int = 0) -> dict:
+                seed: int = 0, groups: np.ndarray | None = None) -> dict:
     """TPR and FPR of the decision "member iff score > 0" over the scored [T, n] pairs, and whether the FPR is consistent with alpha.
 
     ``fpr_ci`` is Clopper-Pearson over pairs (too narrow when pairs share targets or samples);
-    ``fpr_ci_bootstrap`` the two-way (targets x samples) Poisson bootstrap, the interval to quote.
+    ``fpr_ci_bootstrap`` the two-way (targets x samples, or targets x users with ``groups``) Poisson bootstrap, the interval to quote.
     ``fpr_consistent`` says whether that interval meets ``alpha_interval`` (the FPRs the calibration
     can realise, ``conformal_fpr_interval``); None without bootstrap replicates, since the pairs'
     interval is too narrow to decide.
@@ -172,7 +172,9 @@ def fpr_control(scores: np.ndarray, members: np.ndarray, alpha: float, alpha_int
     if replicates > 0:
         rng = np.random.default_rng(seed)
         u = rng.poisson(1.0, (replicates, scores.shape[0])).astype(np.float64)
-        v = rng.poisson(1.0, (replicates, scores.shape[1])).astype(np.float64)
+        user_of, n_units = bootstrap_units(groups, scores.shape[1])
+        v = rng.poisson(1.0, (replicates, n_units)).astype(np.float64)
+        v = v if user_of is None else v[:, user_of]
         weighted_non = np.einsum("bt,tj,bj->b", u, non.astype(np.float64), v)
         weighted_fp = np.einsum("bt,tj,bj->b", u, (flagged & non).astype(np.float64), v)
         ok = weighted_non > 0
@@ -261,10 +263,10 @@ class QuantileRegression(Attack):
         order = np.random.default_rng(self.seed).permutation(population)
         return np.sort(order[n_calibration:]), np.sort(order[:n_calibration])
 
-    def decision_record(self, name: str, scores: np.ndarray, members: np.ndarray, bootstrap: int) -> dict:
+    def decision_record(self, name: str, scores: np.ndarray, members: np.ndarray, bootstrap: int, groups: np.ndarray | None = None) -> dict:
         """results.json ``fpr_control``: the decision at threshold 0 (FPR alpha by construction), measured on the audited pairs."""
         interval = conformal_fpr_interval(self.public_split()[1].size, self.alpha)
-        return {"fpr_control": fpr_control(scores, members, self.alpha, interval, bootstrap)}
+        return {"fpr_control": fpr_control(scores, members, self.alpha, interval, bootstrap, groups=groups)}
 
     def params(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "quantile": 1.0 - self.alpha, "calibration": self.calibration, "statistic": "phi (logit-scaled confidence)", "hidden": self.hidden,
