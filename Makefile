@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=20 tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/farm_throughput.py --contention
+	$(PY) benchmarks/farm_throughput.py --families mlp --contention
 	$(PY) benchmarks/attack_scoring.py
 	$(PY) benchmarks/audit_scale.py
 

@@ -2,8 +2,8 @@
 
 The attacker queries an original model and its unlearned version on a target sample and builds a
 feature from the two posteriors (``unlearning.features``: direct / sorted difference, L2 distance,
-direct / sorted concatenation). An attack classifier (``attacks/classifiers.py``: ``random_forest``,
-``logistic`` or ``mlp``, the batched classifier of Shokri's attack with one target and one group) is trained on the shadow chains of ``unlearning.json`` (positives: samples the
+direct / sorted concatenation). An attack classifier (``attacks/classifiers.py``: ``mlp``,
+``logistic``, ``random_forest`` or ``decision_tree``, the batched classifier of Shokri's attack with one target and one group) is trained on the shadow chains of ``unlearning.json`` (positives: samples the
 step deleted, or added, or kept for the remaining-samples scenario; negatives: samples in no
 version) and tested on the target chains. Baselines, as in the paper: the classical attack, the
 same classifier on one posterior, of the original model (``classic_original_*``) and of the latest
@@ -130,7 +130,7 @@ class PublishedPosteriors:
 
 @register_attack
 class UnlearningAttack(Attack):
-    """Chen et al.'s attack on (original, unlearned) posteriors: five feature constructions x three classifiers, plus classic baselines."""
+    """Chen et al.'s attack on (original, unlearned) posteriors: five feature constructions x four classifiers, plus classic baselines."""
 
     name = "unlearning"
     label = "unlearning attack"

@@ -59,7 +59,7 @@ class FarmOptions:
 
 @dataclass
 class AuditOptions:
-    """Attacks ``make demo`` / ``train.py farm --audit`` runs after the farm."""
+    """Attacks that ``train.py farm --audit_after`` runs once every model is done."""
 
     attacks: tuple[str, ...] = ("lira",)
     n_targets: int | None = None
