@@ -14,7 +14,7 @@ import yaml
 from mia_lightning.analysis import power_law
 from mia_lightning.analysis.dp_bound import curve_epsilon, curve_epsilon_clopper_pearson, dp_tpr_bound, replace_one, resolved
 from mia_lightning.analysis.power_fit import (
-    exclusion, fit_power_law, interaction_test, leave_one_out_r_squared, predict, sample_advantages,
+    exclusion, fit_power_law, interaction_test, leave_one_out_r_squared, predict, response_variance, sample_advantages,
 )
 from mia_lightning.analysis.power_law import member_means, nearest_neighbour_distances, spearman
 from mia_lightning.cli import train_main
@@ -58,7 +58,7 @@ def test_weighted_fit_equals_the_weighted_normal_equations():
     X = np.array([[math.log10(c["shots"]), math.log10(c["n_classes"]), 1.0] for c in cells])
     advantage = np.array([c["tpr_at_fpr"]["0.1"] - 0.1 for c in cells])
     y = np.log10(advantage)
-    # delta method: se of log10(a) = se(a) / (a ln 10), se(a) = interval width / (2 x 1.96)
+    # delta method: se of log10(a) = se(a) / (a ln 10), se(a) = interval width / (2 x 1.96) (symmetric intervals here)
     variance = np.array([((c["tpr_at_fpr_ci_bootstrap"]["0.1"][1] - c["tpr_at_fpr_ci_bootstrap"]["0.1"][0]) / (2 * 1.959964) / (a * math.log(10))) ** 2
                          for c, a in zip(cells, advantage)])
     ols = np.linalg.solve(X.T @ X, X.T @ y)
@@ -71,6 +71,15 @@ def test_weighted_fit_equals_the_weighted_normal_equations():
     assert leave_one_out_r_squared(X, y, np.diag(W)) == pytest.approx(fit["r2_leave_one_out"])
     low, high = fit["ci95_bootstrap"]["b_S"]
     assert low < -0.4 < high and high - low < 0.3
+
+
+def test_a_clipped_interval_weighs_its_cell_by_the_unclipped_half_width():
+    """The metrics write TPR +- 1.96 sd clipped to [0, 1]: the full width of a clipped interval would understate sd."""
+    sd, tpr = 0.004, 0.005
+    clipped = [max(0.0, tpr - 1.959964 * sd), tpr + 1.959964 * sd]
+    expected = (sd / ((tpr - 0.001) * math.log(10))) ** 2
+    assert response_variance(tpr, clipped, 0.001, "advantage") == pytest.approx(expected, rel=1e-6)
+    assert response_variance(0.99, [0.99 - 1.959964 * 0.02, 1.0], 0.1, "tpr") == pytest.approx((0.02 / (0.99 * math.log(10))) ** 2, rel=1e-6)
 
 
 def test_interaction_test_finds_a_slope_that_depends_on_c_and_not_one_that_does_not():

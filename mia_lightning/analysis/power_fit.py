@@ -14,8 +14,9 @@ be below ``SATURATED_TPR`` (a saturated cell carries no slope) and the advantage
 (its log exists). Excluded cells are listed with the reason, never floored.
 
 Weights: each cell's response has the variance of its two-way (targets x samples) bootstrap
-interval, carried to the log scale by the delta method (se = interval width / (2 x 1.96),
-var = (se / (value ln 10))^2); cells differ beyond that (class subsets, draws), so the weight is
+interval, carried to the log scale by the delta method (se = the interval's larger half-width / 1.96,
+var = (se / (value ln 10))^2; the metrics clip TPR +- 1.96 sd to [0, 1], so the side that was not
+clipped carries the whole sd); cells differ beyond that (class subsets, draws), so the weight is
 1 / (var + tau^2) with tau^2 the between-cell variance left after the within-cell part (the
 method-of-moments estimate max(0, mean squared OLS residual x n / (n - p) - mean var)). Coefficient
 intervals: percentile bootstrap over cells (resampled with replacement, the weighted fit redone per
@@ -151,10 +152,14 @@ def response(tpr: float, level: float, quantity: str) -> float:
 
 
 def response_variance(tpr: float, interval: list[float] | None, level: float, quantity: str) -> float:
-    """Delta-method variance of the regressand from a 95% interval of the TPR (NaN without one)."""
+    """Delta-method variance of the regressand from the metrics' 95% interval TPR +- 1.96 sd clipped to [0, 1] (NaN without one).
+
+    sd is the larger half-width / 1.96: a clipped side understates it (at TPR 0.002 with sd 0.002, the
+    full width would give sd 0.0015).
+    """
     if not interval:
         return float("nan")
-    se = (interval[1] - interval[0]) / (2 * Z95)
+    se = max(interval[1] - tpr, tpr - interval[0]) / Z95
     value = tpr - level if quantity == "advantage" else tpr
     return float((se / (value * np.log(10))) ** 2)
 
