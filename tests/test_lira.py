@@ -254,9 +254,6 @@ def test_reference_models_of_the_plan_are_not_shadows(tmp_path):
 def test_identical_in_values_have_zero_variance_not_rounding_noise():
     """IN shadows that agree exactly (a saturated or quantised statistic) have variance 0, so the documented pooled-std fallback applies;
     the shifted sums used to leave ~1e-15 of rounding noise there, a std of ~3e-8 and scores of ~1e16."""
-    from mia_lightning.attacks.shadows import ShadowMoments
-from mia_lightning.metrics import rank_auc
-
     rng = np.random.default_rng(0)
     member = rng.random((10, 2000)) < 0.5
     values = np.where(member, 0.1 * rng.integers(1, 50, size=(1, 2000)), rng.normal(size=(10, 2000)))[..., None]  # IN: one value per sample

@@ -32,7 +32,7 @@ _LOG_SQRT_2PI = 0.5 * np.log(2.0 * np.pi)
 CHOICES = {"mu": ("mean", "median"), "offline": ("one_sided", "two_sided"), "fixed_std": ("pooled", "global")}
 FEW_SHADOWS_PER_SIDE = 8
 """Below this many IN or OUT shadows, leave-one-out's one-shadow imbalance biases the online scores measurably (docs/attacks.md)."""
-UNEQUAL_SIDES = ("fewer than 8 IN or OUT shadows and unequal sides for some target: leave-one-out leaves the target's own side one shadow "
+UNEQUAL_SIDES = (f"fewer than {FEW_SHADOWS_PER_SIDE} IN or OUT shadows and unequal sides for some target: leave-one-out leaves the target's own side one shadow "
                  "short, which biases online scores toward non-members (no-signal AUC 0.43 with 8 models, 0.49 with 16); "
                  "--params '{\"lira\": {\"truncate\": true}}' fits both sides on equally many shadows")
 
