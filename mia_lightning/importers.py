@@ -179,6 +179,9 @@ def _table_columns(path: Path) -> dict[str, np.ndarray]:
 
 
 def _numbers(path: Path, name: str, values: np.ndarray) -> np.ndarray:
+    """float64 values of column ``name``, refused in one line when one is not a finite real number (a complex one would lose its imaginary part)."""
+    if np.iscomplexobj(values):
+        raise MiaError(f"{path}: column {name!r} holds complex numbers; every score and membership must be a real number")
     try:
         array = np.asarray(values, dtype=np.float64)
     except ValueError:
@@ -206,6 +209,9 @@ def import_table(path: Path, scores: str) -> ImportedScores:
     for needed in ("target", "member"):
         if needed not in columns:
             raise MiaError(f"{path}: no {needed!r} column (found {', '.join(columns)}); name the columns target, reference, user, member")
+    for name, values in columns.items():
+        if np.ndim(values) != 1:
+            raise MiaError(f"{path}: column {name!r} has shape {np.shape(values)}, expected one value per sample (a 1-D array); save each column as a 1-D array")
     n = len(columns["target"])
     for name, values in columns.items():
         if len(values) != n:

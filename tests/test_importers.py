@@ -201,6 +201,7 @@ def test_table_npy_in_the_documented_column_order(tmp_path):
         ("target,member\n1.0,1\nx,0\n", "column 'target' holds 'x'"),
         ("target,member\n1.0,1\n2.0,1\n", "needs both members (1) and non-members (0)"),
         ("target,member\n1.0,1\n2.0\n", ":3: 1 fields"),
+        ("target,target,member\n1.0,5.0,1\n2.0,6.0,0\n", "header names column 'target' more than once"),
     ],
 )
 def test_bad_tables(tmp_path, capsys, content, fragment):
@@ -215,3 +216,18 @@ def test_bad_tables(tmp_path, capsys, content, fragment):
 def test_table_needs_the_score_kind(tmp_path, capsys):
     assert train_main(["import-scores", "table", "--source", str(tmp_path / "x.csv"), "--experiment", str(tmp_path / "exp")]) == 2
     assert "--scores loss|signal" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arrays, fragment", [
+    ({"target": np.zeros((4, 2)), "member": np.array([1, 0, 1, 0])}, "column 'target' has shape (4, 2), expected one value per sample"),
+    ({"target": np.zeros(4), "user": np.zeros((4, 1)), "member": np.array([1, 0, 1, 0])}, "column 'user' has shape (4, 1)"),
+    ({"target": np.array([1 + 2j, 0, 1, 0]), "member": np.array([1, 0, 1, 0])}, "column 'target' holds complex numbers"),
+])
+def test_bad_npz_tables(tmp_path, capsys, arrays, fragment):
+    """An .npz column that is not one real number per sample: one line naming the file and the column, no experiment written."""
+    path = tmp_path / "scores.npz"
+    np.savez(path, **arrays)
+    assert train_main(["import-scores", "table", "--source", str(path), "--scores", "signal", "--experiment", str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}: {fragment}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "exp").exists()

@@ -29,6 +29,9 @@ def read_csv_columns(path: Path, columns: dict[str, str] | None = None, min_rows
     if len(rows) < 1 + min_rows:
         raise MiaError(f"{path}: needs a header row and at least {min_rows} data row{'s' if min_rows > 1 else ''}")
     header = [name.strip() for name in rows[0]]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise MiaError(f"{path}: header names column {repeated[0]!r} more than once; give every column its own name")
     for column, option in (columns or {}).items():
         if column not in header:
             raise MiaError(f"{path}: no column {column!r} in header {header}; {_column_fix(option)}")
