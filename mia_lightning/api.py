@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
-from mia_lightning.contract.io import load_json
 
 
 @dataclass(frozen=True)
@@ -105,14 +104,14 @@ def to_dataframe(records: Sequence[Record]) -> Any:
 
 def read_run(run_folder: Path) -> list[Record]:
     """The records of one run folder (``attacks/runs/<id>``), in the run's order."""
-    from mia_lightning.contract.runs import RUN_FILE, run_results
+    from mia_lightning.contract.runs import read_run_file, run_results, run_utility
+    from mia_lightning.metrics import FPR_LEVELS
 
     run_folder = Path(run_folder)
-    results = run_results(run_folder, load_json(run_folder / RUN_FILE))
+    results = run_results(run_folder, read_run_file(run_folder), FPR_LEVELS)
     if not results:
         raise MiaError(f"{run_folder}: the run has no attack results; run `python attack.py --experiment ...` with an attack")
-    utility_path = run_folder / "utility.json"
-    utility = load_json(utility_path) if utility_path.is_file() else None
+    utility = run_utility(run_folder)
     return [Record.from_results(record, utility) for record in results.values()]
 
 

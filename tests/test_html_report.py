@@ -163,3 +163,15 @@ def test_a_tables_page_and_its_markdown_twin_hold_the_same_tables_and_never_foll
     with pytest.raises(MiaError, match="a symbolic link leading outside"):
         write_tables_page(folder / "analysis.html", "Study: s", [record])
     assert outside.read_text() == "not yours" and not (folder / "analysis.html").exists()  # refused before either file is written
+
+
+def test_a_report_destination_that_is_a_folder_is_refused_before_report_md_is_rewritten(tmp_path, capsys):
+    """report.html a folder: one line saying so, and report.md (written before it) is not rewritten."""
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=6, n_samples=30, seed=4)
+    run_audit(root, ["thresholds"], n_targets=3, bootstrap=0)
+    (root / "report.md").write_text("an earlier report")
+    (root / "report.html").mkdir()
+    assert attack_main(["--experiment", str(root), "--report"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {root / 'report.html'}: is a folder, not a report file; move or remove that folder" in err
+    assert (root / "report.md").read_text() == "an earlier report"

@@ -95,3 +95,51 @@ def test_vulnerable_samples_count_only_audited_pairs(tmp_path):
     experiment = ExperimentDir(root)
     _, rows = vulnerable_samples(records, experiment, latest_run(experiment)[0], top=40)
     assert rows and all(int(row[1]) < 20 for row in rows)
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    """A synthetic experiment with one published thresholds run and its report.md / report.html."""
+    from mia_lightning.cli import attack_main
+
+    root = write_synthetic_experiment(tmp_path_factory.mktemp("reported") / "exp", n_models=6, n_samples=30, seed=4)
+    run_audit(root, ["thresholds"], n_targets=3, bootstrap=10)
+    assert attack_main(["--experiment", str(root), "--report"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("file, edit, fragment", [
+    ("loss/results.json", {"auc": "high"}, 'auc is "high", expected a number'),
+    ("loss/results.json", {"auc": None}, "auc is null, expected a number"),
+    ("loss/results.json", {"tpr_at_fpr": None}, "tpr_at_fpr is null, expected an object"),
+    ("loss/results.json", {"tpr_at_fpr": {"abc": 0.5}}, 'tpr_at_fpr is {"abc": 0.5}, expected an object of a number at FPR levels'),
+    ("loss/results.json", {"tpr_at_fpr": {"0.01": 0.1, "0.1": 0.2}}, "expected an object of a number at FPR levels 0.001, 0.01, 0.1"),
+    ("loss/results.json", {"auc_ci_bootstrap": [0.4]}, "auc_ci_bootstrap is [0.4], expected a [low, high] pair of numbers or null"),
+    ("loss/results.json", {"empirical_epsilon": "x"}, 'empirical_epsilon is "x", expected an object or null'),
+    ("loss/results.json", {"targets": 5}, "targets is 5, expected a non-empty list of model ids"),
+    ("loss/results.json", {"targets": [0, 1, 99]}, "targets name model 99, but keep.npy has 6 models"),
+    ("run.json", {"skipped": [1]}, 'skipped is [1], expected a list of objects {"attack": ..., "reason": ...}'),
+    ("utility.json", {"test_accuracy": "x"}, 'test_accuracy is "x", expected a number or null'),
+    ("utility.json", [], "holds [], expected an object"),
+])
+def test_a_hand_edited_run_file_is_one_line_naming_the_field_and_the_report_is_kept(reported, tmp_path, capsys, file, edit, fragment):
+    """A run file that does not hold what attack.py writes: --report and records() refuse it in one line; report.md / .html stay as they were."""
+    import shutil
+
+    from mia_lightning import open_experiment
+    from mia_lightning.cli import attack_main
+
+    root = tmp_path / "exp"
+    shutil.copytree(reported, root, symlinks=True)
+    path = (root / "attacks" / "latest" / file).resolve()
+    payload = json.loads(path.read_text())
+    path.write_text(json.dumps({**payload, **edit} if isinstance(edit, dict) else edit))
+    before = {name: (root / name).read_bytes() for name in ("report.md", "report.html")}
+    assert attack_main(["--experiment", str(root), "--report"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {path}: " in err
+    assert fragment in err and err.rstrip().endswith("re-run attack.py on the experiment"), err
+    assert {name: (root / name).read_bytes() for name in before} == before
+    if "keep.npy" not in fragment:  # the API reads no scores
+        with pytest.raises(MiaError, match="re-run attack.py on the experiment"):
+            open_experiment(root).records()

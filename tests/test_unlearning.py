@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from scipy.special import softmax
@@ -216,3 +218,43 @@ def test_adult_raw_files_become_a_pool_with_missing_rows_dropped_or_imputed(tmp_
     with pytest.raises(MiaError, match="no .*adult.test"):
         (tmp_path / "adult.test").unlink()
         AdultDataModule(source=str(tmp_path / "adult.data"), split="test")
+
+
+@pytest.fixture
+def audited(tmp_path):
+    """A synthetic experiment with one published thresholds run: (run folder, its loss record, keep)."""
+    from synthetic import write_synthetic_experiment
+
+    from mia_lightning.audit import run_audit
+
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=6, n_samples=30, seed=4)
+    result = run_audit(root, ["thresholds"], n_targets=3, bootstrap=0)
+    record = next(r for r in result.records if r["attack"] == "loss")
+    return result.folder, record, np.load(root / "keep.npy").astype(bool)
+
+
+@pytest.mark.parametrize("scores, fragment", [
+    (np.zeros((2, 30)), "float64 array of shape (2, 30), expected floats of shape (3, 30)"),
+    (np.full((3, 30), "x"), "<U1 array of shape (3, 30), expected floats of shape (3, 30)"),
+])
+def test_unlearning_report_refuses_scores_of_the_wrong_shape_or_type(audited, scores, fragment) -> None:
+    """A damaged scores.npy under the run: a one-line error naming it, not an IndexError or TypeError inside the metrics."""
+    from mia_lightning.unlearning.report import _metrics
+
+    folder, record, keep = audited
+    np.save(folder / "loss" / "scores.npy", scores)
+    with pytest.raises(MiaError, match=re.escape(f"{folder / 'loss' / 'scores.npy'}: {fragment}")):
+        _metrics(folder, record, keep, {})
+
+
+def test_unlearning_report_with_a_folder_as_markdown_writes_nothing(tmp_path, monkeypatch, capsys) -> None:
+    """--markdown naming a folder is refused before any experiment's report files are written."""
+    from mia_lightning.unlearning import report
+
+    root = tmp_path / "exp"
+    root.mkdir()
+    summary = {"experiment": str(root), "scenario": "s", "method": "m", "evaluate": "e", "utility": None, "unlearning_attack": [], "ulira": None}
+    monkeypatch.setattr(report, "summarise", lambda path: summary)
+    with pytest.raises(MiaError, match=re.escape(f"{tmp_path}: is a folder, not a report file")):
+        report.main(["--experiment", str(root), "--markdown", str(tmp_path)])
+    assert list(root.iterdir()) == []

@@ -23,18 +23,24 @@ experiment (``mia_lightning.contract.confine``) before anything is written, rena
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from mia_lightning.contract.confine import confined, confined_all, plain_name
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
-from mia_lightning.contract.io import load_json, save_json_atomic
+from mia_lightning.contract.io import load_json, load_npy, save_json_atomic
 from mia_lightning.contract.owners import OWNER_FILE, exclusive_lock, owner_gone, write_owner
 
 RUN_FILE = "run.json"
+UTILITY_FILE = "utility.json"
+SCORES_FILE = "scores.npy"
 LATEST = "latest"
 LOCK_FILE = ".lock"
 STAGING_PREFIX = ".staging-"
@@ -155,32 +161,30 @@ def latest_run(experiment: ExperimentDir) -> tuple[Path, dict]:
     if not has_published_run(experiment):
         raise MiaError(f"{experiment.attacks_dir}: no published attack run; run `python attack.py --experiment {experiment.root}` first")
     folder = link.resolve()
-    return folder, load_json(folder / RUN_FILE)
+    return folder, read_run_file(folder)
 
 
 def run_by_id(experiment: ExperimentDir, run_id: object, where: str) -> tuple[Path, dict] | None:
     """(folder, run.json) of run ``run_id`` under ``attacks/runs/`` (an id read from ``where``, checked to be a plain name); None when that run is gone."""
     folder = runs_dir(experiment) / plain_name(run_id, where)
-    return (folder, load_json(folder / RUN_FILE)) if (folder / RUN_FILE).is_file() else None
+    return (folder, read_run_file(folder)) if (folder / RUN_FILE).is_file() else None
 
 
-def run_results(folder: Path, run: dict) -> dict[str, dict]:
-    """The results.json of every output ``run`` (the folder's run.json) names, by output name, in the run's order.
+def run_results(folder: Path, run: dict, levels: Sequence[float] = ()) -> dict[str, dict]:
+    """The checked results.json of every output ``run`` (the folder's checked run.json) names, by output name, in the run's order.
 
     The names come from a file and are joined into paths, so each must be a plain folder name, and
     each results.json must name its own output (a crafted run cannot point a report at other files).
+    ``levels``: FPR levels every record must hold a TPR at (the columns of the caller's tables).
     """
     where = f"{Path(folder) / RUN_FILE} outputs"
-    names = run.get("outputs", []) if isinstance(run, dict) else None
-    if not isinstance(names, list):
-        raise MiaError(f"{where}: expected a list of output names, got {names!r}; re-run attack.py on the experiment")
     results = {}
-    for name in names:
+    for name in run["outputs"]:
         path = Path(folder) / plain_name(name, where) / "results.json"
         record = load_json(path)
         if not isinstance(record, dict) or record.get("attack") != name:
-            raise MiaError(f"{path}: names output {record.get('attack') if isinstance(record, dict) else record!r}, not {name!r}; re-run attack.py on the experiment")
-        results[name] = record
+            raise MiaError(f"{path}: names output {record.get('attack') if isinstance(record, dict) else record!r}, not {name!r}; {REWRITE}")
+        results[name] = check_results(record, path, levels)
     return results
 
 
@@ -196,3 +200,166 @@ def prune_runs(experiment: ExperimentDir, keep: int) -> list[str]:
         for folder in doomed:
             shutil.rmtree(folder)
     return [p.name for p in doomed]
+
+
+# ------------------------------------------------------------------ checks of the published files
+
+REWRITE = "re-run attack.py on the experiment"
+"""The fix for a run file that does not hold what attack.py writes (hand-edited or damaged)."""
+
+Check = tuple[Callable[[Any], bool], str]
+"""A test of one JSON value and what it expects, for the message."""
+
+
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` is a JSON number (a bool, which Python counts as an int, is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_level(key: Any) -> bool:
+    """Whether ``key`` is an FPR level as results.json writes it (``str`` of a float in (0, 1])."""
+    try:
+        return isinstance(key, str) and str(float(key)) == key and 0.0 < float(key) <= 1.0
+    except ValueError:
+        return False
+
+
+NUMBER: Check = (_is_number, "a number")
+COUNT: Check = (lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 0, "a non-negative integer")
+TEXT: Check = (lambda value: isinstance(value, str), "a string")
+FLAG: Check = (lambda value: isinstance(value, bool), "true or false")
+OBJECT: Check = (lambda value: isinstance(value, dict), "an object")
+INTERVAL: Check = (lambda value: isinstance(value, list) and len(value) == 2 and all(map(_is_number, value)), "a [low, high] pair of numbers")
+MODEL_IDS: Check = (lambda value: isinstance(value, list) and bool(value) and all(COUNT[0](v) for v in value), "a non-empty list of model ids")
+NUMBERS: Check = (lambda value: isinstance(value, list) and all(v is None or _is_number(v) for v in value), "a list of numbers or nulls")
+
+
+def _by_level(check: Check, levels: Sequence[str]) -> Check:
+    """An object holding a value that passes ``check`` at each FPR level of ``levels``."""
+    return ((lambda value: isinstance(value, dict) and all(_is_level(k) and k in value and check[0](value[k]) for k in levels)),
+            f"an object of {check[1]} at FPR levels {', '.join(levels)}")
+
+
+def _expect(block: dict, name: str, check: Check, where: str, optional: bool = False) -> Any:
+    """``block[name]`` once it passes ``check`` (absent or null passes when ``optional``); else a one-line error: ``where`` + the field, its value, the fix."""
+    value = block.get(name)
+    if optional and value is None:
+        return None
+    if not check[0](value):
+        got = "missing" if name not in block else json.dumps(value)[:60]
+        raise MiaError(f"{where}{name} is {got}, expected {check[1]}{' or null' if optional else ''}; {REWRITE}")
+    return value
+
+
+def _check_metrics(block: dict, where: str, levels: Sequence[str]) -> None:
+    """The metric fields every view formats, of a record or of its user-level block."""
+    _expect(block, "auc", NUMBER, where)
+    _expect(block, "auc_ci_bootstrap", INTERVAL, where, optional=True)
+    tprs = _expect(block, "tpr_at_fpr", OBJECT, where)
+    _expect(block, "tpr_at_fpr", _by_level(NUMBER, list(dict.fromkeys([*levels, *tprs])) or ["(none)"]), where)
+    _expect(block, "tpr_at_fpr_ci_bootstrap", _by_level(INTERVAL, list(tprs)), where, optional=True)
+    _expect(block, "min_resolvable_fpr", NUMBER, where, optional=True)
+    _expect(block, "bootstrap_unit", TEXT, where, optional=True)
+    decision = _expect(block, "precision_recall", OBJECT, where, optional=True)
+    if decision and "skipped" not in decision:
+        inner = f"{where}precision_recall."
+        for name in ("precision", "recall", "fpr"):
+            _expect(decision, name, NUMBER, inner, optional=True)
+        _expect(decision, "fpr_budget", NUMBER, inner)
+        _expect(decision, "population_fpr", NUMBER, inner)
+        _expect(decision, "rule", TEXT, inner)
+
+
+def check_results(record: Any, path: Path, levels: Sequence[float] = ()) -> dict:
+    """``record`` (a results.json) once every field a view or ``Record`` reads has its type, with a TPR at each of ``levels``; a one-line error naming the field otherwise."""
+    if not isinstance(record, dict):
+        raise MiaError(f"{path}: holds {json.dumps(record)[:60]}, expected an object; {REWRITE}")
+    where = f"{path}: "
+    _check_metrics(record, where, [str(level) for level in levels])
+    _expect(record, "family", TEXT, where, optional=True)
+    _expect(record, "balanced_accuracy", NUMBER, where)
+    _expect(record, "tpr_at_fpr_ci", _by_level(INTERVAL, list(record["tpr_at_fpr"])), where)
+    for name in ("n_members", "n_nonmembers"):
+        _expect(record, name, COUNT, where)
+    _expect(record, "targets", MODEL_IDS, where)
+    _expect(_expect(record, "run", OBJECT, where, optional=True) or {}, "id", TEXT, f"{where}run.", optional=True)
+    users = _expect(record, "user_level", OBJECT, where, optional=True)
+    if users and "auc" in users:
+        _check_metrics(users, f"{where}user_level.", [])
+        _expect(users, "n_users", COUNT, f"{where}user_level.")
+        _expect(users, "reduce", TEXT, f"{where}user_level.")
+    eps = _expect(record, "empirical_epsilon", OBJECT, where, optional=True)
+    if eps:
+        inner = f"{where}empirical_epsilon."
+        for name in ("max_possible", "theoretical_epsilon"):
+            _expect(eps, name, NUMBER, inner, optional=True)
+        for name in ("method", "statement", "reason"):
+            _expect(eps, name, TEXT, inner, optional=True)
+        _expect(eps, "n_trials", COUNT, inner, optional=True)
+        if _expect(eps, "epsilon_lower_bound", NUMBER, inner, optional=True) is not None:
+            _expect(eps, "delta", NUMBER, inner)
+            _expect(eps, "confidence", NUMBER, inner)
+    control = _expect(record, "fpr_control", OBJECT, where, optional=True)
+    if control:
+        inner = f"{where}fpr_control."
+        _expect(control, "alpha", NUMBER, inner)
+        _expect(control, "alpha_interval", INTERVAL, inner)
+        for name in ("fpr", "tpr"):
+            _expect(control, name, NUMBER, inner, optional=True)
+        if _expect(control, "fpr_ci_bootstrap", INTERVAL, inner, optional=True):
+            _expect(control, "fpr_consistent", FLAG, inner)
+    return record
+
+
+def check_run(run: Any, path: Path) -> dict:
+    """``run`` (a run.json) once its id, outputs and skipped attacks have their types; a one-line error naming the field otherwise."""
+    if not isinstance(run, dict):
+        raise MiaError(f"{path}: holds {json.dumps(run)[:60]}, expected an object; {REWRITE}")
+    where = f"{path}: "
+    _expect(run, "id", TEXT, where)
+    _expect(run, "outputs", (lambda value: isinstance(value, list), "a list of output names"), where)
+    entry: Check = (lambda value: isinstance(value, dict) and TEXT[0](value.get("attack")) and TEXT[0](value.get("reason")),
+                    'objects {"attack": ..., "reason": ...}')
+    _expect(run, "skipped", (lambda value: isinstance(value, list) and all(entry[0](v) for v in value), f"a list of {entry[1]}"), where, optional=True)
+    return run
+
+
+def read_run_file(folder: Path) -> dict:
+    """The checked run.json of run folder ``folder``."""
+    path = Path(folder) / RUN_FILE
+    return check_run(load_json(path), path)
+
+
+def run_utility(folder: Path) -> dict | None:
+    """The checked utility.json of run folder ``folder`` (the target models' accuracies), or None when the run has none."""
+    path = Path(folder) / UTILITY_FILE
+    if not path.is_file():
+        return None
+    utility = load_json(path)
+    if not isinstance(utility, dict):
+        raise MiaError(f"{path}: holds {json.dumps(utility)[:60]}, expected an object; {REWRITE}")
+    where = f"{path}: "
+    _expect(utility, "targets", MODEL_IDS, where)
+    for name in ("test_accuracy", "train_accuracy", "train_test_gap", "test_accuracy_std", "train_accuracy_std"):
+        _expect(utility, name, NUMBER, where, optional=True)
+    model: Check = (lambda value: isinstance(value, dict) and all(value.get(k) is None or _is_number(value[k]) for k in ("test_accuracy", "train_accuracy")),
+                    "an object with test_accuracy and train_accuracy numbers")
+    _expect(utility, "per_model", (lambda value: isinstance(value, list) and all(model[0](v) for v in value), f"a list of {model[1]}"), where)
+    per_class = _expect(utility, "per_class", OBJECT, where)
+    for name in ("precision", "recall", "f1"):
+        _expect(per_class, name, NUMBERS, f"{where}per_class.")
+    return utility
+
+
+def output_scores(folder: Path, record: dict, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 scores [T, n], members [T, n]) of one checked output of run ``folder``: its scores.npy, refused unless it is one float row per target over keep.npy's samples."""
+    path = Path(folder) / record["attack"] / SCORES_FILE
+    scores = load_npy(path, "attack scores", REWRITE)
+    targets = record["targets"]
+    if max(targets) >= keep.shape[0]:
+        raise MiaError(f"{path.parent / 'results.json'}: targets name model {max(targets)}, but keep.npy has {keep.shape[0]} models; {REWRITE}")
+    expected = (len(targets), keep.shape[1])
+    if scores.shape != expected or not np.issubdtype(scores.dtype, np.floating):
+        raise MiaError(f"{path}: {scores.dtype} array of shape {scores.shape}, expected floats of shape {expected} "
+                       f"(the run's {len(targets)} targets x keep.npy's samples); {REWRITE}")
+    return np.asarray(scores, dtype=np.float64), keep[np.asarray(targets, dtype=np.int64)]

@@ -26,9 +26,10 @@ from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report.cells import auc_cell, interval_key, percent, results_header, results_row, tpr_cell, unresolved
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
 from mia_lightning.report.markdown import VULNERABLE_COLUMNS, epsilon_paragraphs, load_records, markdown_table, vulnerable_samples
+from mia_lightning.report.files import refuse_folders
 from mia_lightning.report.table import TableRecord
-from mia_lightning.contract.runs import latest_run
-from mia_lightning.utility import UTILITY_FILE, utility_line
+from mia_lightning.contract.runs import latest_run, run_utility
+from mia_lightning.utility import utility_line
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #1d1d1f; line-height: 1.45; }
@@ -149,9 +150,9 @@ def utility_rows(utility: dict) -> list[list[str]]:
 
 
 def _utility(run_folder: Path) -> str:
-    if not (run_folder / UTILITY_FILE).is_file():
+    utility = run_utility(run_folder)
+    if utility is None:
         return ""
-    utility = load_json(run_folder / UTILITY_FILE)
     parts = [f"<h2 id=\"utility\">Utility</h2><p>{_esc(utility_line(utility))}. Held-out = pool samples a model did not train on; "
              "per-model values in utility.json.</p>",
              _table(["over the target models", "mean", "min", "max"], utility_rows(utility), table_id="utility-table")]
@@ -268,6 +269,7 @@ def write_tables_page(path: Path, title: str, records: list[TableRecord], images
     """
     twin = path.with_suffix(".md")
     confined_all(path.parent, [path, twin])
+    refuse_folders([path, twin])
     sections = [f"<h1>{_esc(title)}</h1>", *(f"<p class=\"note\">{_esc(note)}</p>" for note in notes),
                 *(record_table(record) for record in records), *(_image(image, alt) for image, alt in images),
                 f"<p class=\"note\">{_esc(interval_key())}. Written by mia-lightning {_esc(__version__)}.</p>"]

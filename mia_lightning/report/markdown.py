@@ -14,14 +14,14 @@ import numpy as np
 
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
-from mia_lightning.contract.io import load_json, load_npy, write_bytes_atomic
+from mia_lightning.contract.io import load_json, write_bytes_atomic
 from mia_lightning.contract.confine import confined
 from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.cells import auc_cell, interval_key, percent, results_header, results_row, tpr_cell
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
-from mia_lightning.contract.runs import latest_run, run_results
-from mia_lightning.utility import UTILITY_FILE, utility_line
+from mia_lightning.contract.runs import SCORES_FILE, UTILITY_FILE, latest_run, output_scores, run_results, run_utility
+from mia_lightning.utility import utility_line
 
 VULNERABILITY_ATTACK = "lira_online"
 """Preferred attack for the per-sample ranking; otherwise the one with the best TPR@0.1%FPR (then AUC)."""
@@ -43,8 +43,8 @@ def markdown_table(record: TableRecord) -> str:
 
 
 def load_records(run_folder: Path, run: dict) -> list[dict]:
-    """The results.json of every output of one run, in the run's order."""
-    records = list(run_results(run_folder, run).values())
+    """The checked results.json of every output of one run (each with a TPR at every reported FPR level), in the run's order."""
+    records = list(run_results(run_folder, run, FPR_LEVELS).values())
     if not records:
         raise MiaError(f"{run_folder}: the run has no attack results; run `python attack.py --experiment ...` with an attack")
     return records
@@ -136,11 +136,9 @@ def vulnerable_samples(records: list[dict], experiment: ExperimentDir, run_folde
     """
     by_name = {record["attack"]: record for record in records}
     source = by_name.get(VULNERABILITY_ATTACK) or max(records, key=lambda r: (r["tpr_at_fpr"]["0.001"], r["auc"]))
-    path = run_folder / source["attack"] / "scores.npy"
-    if not path.is_file():
+    if not (run_folder / source["attack"] / SCORES_FILE).is_file():
         return source["attack"], []
-    scores = load_npy(path, "attack scores", "re-run the attack")
-    member = experiment.keep[source["targets"]]
+    scores, member = output_scores(run_folder, source, experiment.keep)
     scored = np.isfinite(scores)
     if experiment.audit is not None:
         scored &= experiment.audit[source["targets"]]
@@ -197,8 +195,9 @@ def write_markdown_report(experiment_dir: Path, top: int = 20) -> Path:
     ]
     if run.get("skipped"):
         lines += ["Not applicable to this experiment (skipped): " + "; ".join(skipped_lines(run["skipped"])) + ".", ""]
-    if (run_folder / UTILITY_FILE).is_file():
-        lines += [utility_line(load_json(run_folder / UTILITY_FILE)) + f" (held-out = pool samples a model did not train on; `{link}/{UTILITY_FILE}`).", ""]
+    utility = run_utility(run_folder)
+    if utility is not None:
+        lines += [utility_line(utility) + f" (held-out = pool samples a model did not train on; `{link}/{UTILITY_FILE}`).", ""]
     lines += _attack_section(records, run_folder, link)
     lines += _user_and_decision_sections(records)
     lines += _epsilon_section(records)

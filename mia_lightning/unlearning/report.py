@@ -23,10 +23,11 @@ from scipy.special import softmax
 
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
-from mia_lightning.contract.io import load_npy, save_json_atomic, write_bytes_atomic
-from mia_lightning.contract.runs import latest_run, run_results
+from mia_lightning.contract.io import save_json_atomic, write_bytes_atomic
+from mia_lightning.contract.runs import latest_run, output_scores, run_results
 from mia_lightning.contract.confine import confined_all
 from mia_lightning.report.cells import UNRESOLVED, unresolved
+from mia_lightning.report.files import refuse_folders
 from mia_lightning.report.html import write_tables_page
 from mia_lightning.report.markdown import markdown_table
 from mia_lightning.report.table import TableRecord
@@ -43,15 +44,9 @@ INTERVALS = (f"95% intervals: two-way Poisson bootstrap over target originals x 
              "the units the plan draws; Clopper-Pearson over pairs only in the JSON, labelled as such")
 
 
-def _scores(folder: Path, record: dict, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(scores [T, n], members [T, n]) of one output of the run."""
-    scores = load_npy(folder / record["attack"] / "scores.npy", "attack scores", "re-run attack.py")
-    return scores, keep[np.asarray(record["targets"], dtype=np.int64)]
-
-
 def _metrics(folder: Path, record: dict, keep: np.ndarray, units: dict[int, int]) -> dict[str, Any]:
     """AUC and TPR@1%FPR of one output with their bootstrap intervals over target originals x samples."""
-    scores, members = _scores(folder, record, keep)
+    scores, members = output_scores(folder, record, keep)
     measured = unit_metrics(scores, members, record["targets"], units)
     return {"auc": measured["auc"], "auc_ci": measured["auc_ci_bootstrap"], "tpr@1%fpr": measured["tpr_at_fpr"][FPR],
             "tpr@1%fpr_ci": measured["tpr_at_fpr_ci_bootstrap"][FPR], "tpr@1%fpr_ci_clopper_pearson_pairs": measured["tpr_at_fpr_ci"][FPR],
@@ -77,8 +72,8 @@ def chen_rows(folder: Path, records: dict[str, dict], keep: np.ndarray, units: d
                 row[f"classic_{side}_tpr@1%fpr"] = baseline["tpr_at_fpr"][FPR]
         classic = records.get(f"classic_original_{match['classifier']}{suffix}")
         if classic is not None:
-            ours, members = _scores(folder, record, keep)
-            theirs, _ = _scores(folder, classic, keep)
+            ours, members = output_scores(folder, record, keep)
+            theirs, _ = output_scores(folder, classic, keep)
             row["degcount"], row["degrate"] = degradation(ours, theirs, members)
         rows.append(row)
     return rows
@@ -216,9 +211,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--markdown", type=Path | None, default=None, help="also write every experiment's tables into this Markdown file")
     cfg = parse(parser, argv)
     summaries = [summarise(path) for path in cfg.experiment]  # everything computed before anything is written
+    destinations = [] if cfg.markdown is None else [cfg.markdown]
     for summary in summaries:  # no symlink leads a report out of its experiment
         root = Path(summary["experiment"])
-        confined_all(root, [root / "unlearning_report.json", root / "unlearning_report.md", root / "unlearning_report.html"])
+        files = [root / "unlearning_report.json", root / "unlearning_report.md", root / "unlearning_report.html"]
+        confined_all(root, files)
+        destinations += files
+    refuse_folders(destinations)  # every destination checked before any file is written
     for summary in summaries:
         root = Path(summary["experiment"])
         save_json_atomic(root / "unlearning_report.json", summary)
