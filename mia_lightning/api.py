@@ -181,7 +181,8 @@ def audit(
     """Run attacks on an experiment as one published run (``attack.py``'s options, same checks); returns its records.
 
     ``logger``: ``"csv"``, ``"tensorboard"``, ``"mlflow"`` or any Lightning logger: receives every
-    output's metrics and the ROC figure. ``bootstrap``: replicates of the two-way bootstrap (None: 100).
+    output's metrics and the ROC figure. ``bootstrap``: replicates of the two-way bootstrap (None: 100); ``keep_runs``: keep
+    the N newest runs (None or 0: every run). Options of the wrong type raise ``MiaError`` as the command line words it.
     """
     from mia_lightning.audit import Decisions, run_audit
     from mia_lightning.metrics import BOOTSTRAP_REPLICATES

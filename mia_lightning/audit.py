@@ -8,6 +8,7 @@ one output's scores, not all of them), and the run is published only when every 
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,7 +23,7 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.identity import check_model_identities
 from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
-from mia_lightning.contract.runs import StagedRun, prune_runs
+from mia_lightning.contract.runs import StagedRun, check_writable_folder, prune_runs
 from mia_lightning.logs import quiet_lightning, timed
 from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, check_bootstrap, evaluate_scores
 
@@ -30,7 +31,7 @@ from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, check_bootstra
 
 def resolve_targets(n_models: int, targets: Sequence[int] | None, n_targets: int | None, default: Sequence[int] | None = None) -> np.ndarray:
     """Target model ids: explicit ``targets``, else the first ``n_targets``, else the plan's targets, else every model."""
-    if targets:
+    if targets is not None and len(targets):
         ids = np.asarray(targets, dtype=np.int64)
         bad = ids[(ids < 0) | (ids >= n_models)]
         if bad.size:
@@ -44,6 +45,37 @@ def resolve_targets(n_models: int, targets: Sequence[int] | None, n_targets: int
     if not 1 <= count <= n_models:
         raise MiaError(f"--n_targets {count}: must be between 1 and the number of models ({n_models})")
     return np.arange(count, dtype=np.int64)
+
+
+def integer_option(option: str, value: Any) -> None:
+    """Refuse a value that is not an integer (a string, 2.5, a bool) with the option's name: the Python API passes options unparsed."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise MiaError(f"--{option} {value!r}: expected int")
+
+
+def check_request(targets: Any, n_targets: Any, bootstrap: Any, keep_runs: Any) -> None:
+    """Refuse, before any work, target, bootstrap and pruning options of the wrong type or range, in the command line's words."""
+    if targets is not None:
+        if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
+            raise MiaError(f"--targets {targets!r}: expected a list of model ids (int)")
+        for target in targets:
+            integer_option("targets", target)
+    for option, value in (("n_targets", n_targets), ("keep_runs", keep_runs)):
+        if value is not None:
+            integer_option(option, value)
+    if targets is not None and len(targets) and n_targets is not None:
+        raise MiaError(f"--targets and --n_targets {n_targets}: give one of them (--targets names the target models, --n_targets takes models 0..K-1)")
+    integer_option("bootstrap", bootstrap)
+    check_bootstrap(bootstrap)
+    if keep_runs is not None and keep_runs < 0:
+        raise MiaError(f"--keep_runs {keep_runs}: must be at least 1 (or 0 to keep every run)")
+
+
+def check_logger_folder(experiment: ExperimentDir, logger: Any) -> None:
+    """Refuse, before the run, a logger named by its kind whose folder under ``<experiment>/logs`` cannot be made or written."""
+    if not isinstance(logger, str) or (logger == "mlflow" and os.environ.get("MLFLOW_TRACKING_URI")):  # a tracking server: no local folder
+        return
+    check_writable_folder(experiment.root / "logs" / ("mlruns" if logger == "mlflow" else "audit"), f"--logger {logger}'s logs")
 
 
 def resolve_attacks(attacks: Sequence[str], params: Any) -> tuple[list[str], dict[str, dict]]:
@@ -91,6 +123,8 @@ class Decisions:
             raise MiaError(f"--user_reduce {self.user_reduce!r}: choose one of {', '.join(REDUCTIONS)}")
         if self.threshold_rule not in THRESHOLD_RULES:
             raise MiaError(f"--threshold_rule {self.threshold_rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")
+        if isinstance(self.fpr_budget, bool) or not isinstance(self.fpr_budget, (int, float)):
+            raise MiaError(f"--fpr_budget {self.fpr_budget!r}: expected float")
         if not 0.0 <= self.fpr_budget < 1.0:
             raise MiaError(f"--fpr_budget {self.fpr_budget}: must be in [0, 1)")
 
@@ -168,9 +202,10 @@ def run_audit(
 
     experiment = ExperimentDir(Path(experiment_dir))
     experiment.check_exists()
+    check_request(targets, n_targets, bootstrap, keep_runs)
     names, checked = resolve_attacks(attacks, params or {})
-    check_bootstrap(bootstrap)
     check_logger(logger)
+    check_logger_folder(experiment, logger)
     quiet_lightning()  # torch / Lightning load from here on, once the request is valid
     from mia_lightning.attacks.module import score_targets
     from mia_lightning.privacy.audit import EpsilonAuditor

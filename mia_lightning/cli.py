@@ -269,7 +269,7 @@ def attack_main(argv: list[str]) -> int:
     parser.add_argument("--bootstrap", type=int | None, default=None, help="replicates of the two-way bootstrap interval (0: off, else at least 2; default 100)")
     parser.add_argument("--few_shadow", action="store_true", help="also LiRA and RMIA with 1, 2, 4, ..., 64 shadow models: table and plot, in this run")
     parser.add_argument("--report", action="store_true", help="write <experiment>/report.md and the self-contained report.html from the latest run")
-    parser.add_argument("--keep_runs", type=int | None, default=None, help="after this run, keep only the K newest runs under attacks/runs/")
+    parser.add_argument("--keep_runs", type=int | None, default=None, help="after this run, keep only the K newest runs under attacks/runs/ (unset or 0: keep every run)")
     parser.add_argument("--user_reduce", type=str, default="mean", help="user-level score from a user's sample scores (groups.npy): mean, median, max, min")
     parser.add_argument("--fpr_budget", type=float, default=0.1, help="precision/recall at the threshold flagging this fraction of the population")
     parser.add_argument("--logger", type=str | None, default=None, help="also log every output's metrics and the ROC figure to a Lightning logger: csv, tensorboard or mlflow (under <experiment>/logs/)")

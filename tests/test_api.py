@@ -115,6 +115,27 @@ def test_bad_input_gives_the_cli_line_and_writes_nothing(audited, capsys, call, 
     assert listing(audited[0]) == before
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"targets": "01"}, "--targets '01': expected a list of model ids (int)"),
+    ({"targets": [0, 1.0]}, "--targets 1.0: expected int"),
+    ({"n_targets": "3"}, "--n_targets '3': expected int"),
+    ({"n_targets": 2.5}, "--n_targets 2.5: expected int"),
+    ({"targets": [0], "n_targets": 2}, "--targets and --n_targets 2: give one of them"),
+    ({"bootstrap": "5"}, "--bootstrap '5': expected int"),
+    ({"fpr_budget": "0.1"}, "--fpr_budget '0.1': expected float"),
+    ({"keep_runs": -2}, "--keep_runs -2: must be at least 1 (or 0 to keep every run)"),
+    ({"keep_runs": 1.5}, "--keep_runs 1.5: expected int"),
+])
+def test_options_of_the_wrong_type_are_one_line_before_any_work(audited, options, message):
+    """They used to raise bare TypeErrors, silently round (n_targets=2.5 ran 3 targets) or publish the run first (keep_runs=-2)."""
+    root, _ = audited
+    before = listing(root)
+    with pytest.raises(mia.MiaError) as raised:
+        mia.audit(root, attacks=["thresholds"], **options)
+    assert str(raised.value).startswith(message)
+    assert listing(root) == before
+
+
 @pytest.mark.parametrize("attacks", [[], ()])
 def test_no_attack_named_is_a_reason_naming_the_attacks(audited, attacks):
     """audit(attacks=[]) used to fail with 'no requested attack can run: ' and nothing after it."""

@@ -81,6 +81,16 @@ def foreign_version(root: Path) -> None:
     (root / "plan.json").write_text(json.dumps({"version": 99}))
 
 
+def plan_json(**fields) -> callable:
+    """A corruption writing a layout-2 plan.json with ``fields``."""
+    return lambda root: (root / "plan.json").write_text(json.dumps({"version": 2, **fields}))
+
+
+def extra_model_folder(root: Path) -> None:
+    (root / "models/0006").mkdir()
+    np.save(root / "models/0006/logits.npy", np.load(root / "models/0005/logits.npy"))
+
+
 CASES = {
     "nan": (corrupt_nan, "models/0002/logits.npy", "NaN/inf"),
     "shape": (corrupt_shape, "models/0001/logits.npy", "shape"),
@@ -90,6 +100,19 @@ CASES = {
     "missing logits": (missing_logits, "models/0003/logits.npy", "missing"),
     "garbage logits": (garbage_logits, "models/0004/logits.npy", "unreadable"),
     "version": (foreign_version, "plan.json", "version 99"),
+    "info a list": (plan_json(info=[1]), "plan.json", "info [1]: expected a JSON object"),
+    "info a number": (plan_json(info=5), "plan.json", "info 5: expected a JSON object"),
+    "reference model not an id": (plan_json(info={"reference_models": ["x"]}), "plan.json", "info.reference_models ['x']: expected a list of distinct model ids in 0..5"),
+    "reference models a number": (plan_json(info={"reference_models": 5}), "plan.json", "info.reference_models 5: expected a list"),
+    "reference model out of range": (plan_json(info={"reference_models": [6]}), "plan.json", "in 0..5"),
+    "parents a list": (plan_json(parents=[1]), "plan.json", "parents [1]: expected an object"),
+    "parent out of range": (plan_json(parents={"5": 9}), "plan.json", "parents {'5': 9}: expected an object"),
+    "unknown kind": (plan_json(kind="bogus"), "plan.json", "kind 'bogus': expected one of"),
+    "kind a number": (plan_json(kind=5), "plan.json", "kind 5: expected one of"),
+    "recipe a string": (plan_json(recipe="x"), "plan.json", "recipe 'x': expected a JSON object"),
+    "more planned models": (plan_json(n_models=8), "keep.npy", "6 models x 40 samples, but"),
+    "fewer planned samples": (plan_json(n_models=6, n_samples=100), "plan.json", "plans n_samples 100"),
+    "model folder beyond keep": (extra_model_folder, "models/0006", "beyond the 6 rows of"),
 }
 
 

@@ -98,6 +98,65 @@ def test_bad_params_are_one_line_and_keep_results(case, experiment, capsys):
     assert json.loads((experiment / "attacks/run.json").read_text())["id"] == before
 
 
+NULL_AND_INFINITE_PARAMS = {
+    "null float": ("rmia", '{"rmia": {"gamma": null}}', "--params rmia.gamma=None: expected float"),
+    "infinite float": ("rmia", '{"rmia": {"gamma": 1e400}}', "--params rmia.gamma=inf: expected a finite float"),
+    "null int": ("shokri", '{"shokri": {"steps": null}}', "--params shokri.steps=None: expected int"),
+    "null hidden": ("quantile", '{"quantile": {"hidden": null}}', "--params quantile.hidden=None: expected int"),
+    "null alpha": ("quantile", '{"quantile": {"alpha": null}}', "--params quantile.alpha=None: expected float"),
+}
+
+
+@pytest.mark.parametrize("case", list(NULL_AND_INFINITE_PARAMS))
+def test_null_for_a_parameter_without_none_and_non_finite_numbers_are_one_line(case, experiment, capsys):
+    """JSON null passed the type check of every parameter and crashed the attack; 1e400 (infinity) passed as a float."""
+    attack, text, phrase = NULL_AND_INFINITE_PARAMS[case]
+    before = snapshot(experiment)
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(experiment), "--attack", attack, "--params", text]) == 2
+    assert phrase in one_error_line(capsys)
+    assert snapshot(experiment) == before
+
+
+def test_null_stays_valid_where_the_parameter_takes_none():
+    from mia_lightning.attacks.base import check_params
+
+    assert check_params("lira", {"n_shadows": None}) == {"n_shadows": None}
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file of the experiment (links not followed): what a refused request must leave as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--keep_runs", "-1"], "--keep_runs -1: must be at least 1 (or 0 to keep every run)"),
+    (["--targets", "0", "--n_targets", "2"], "--targets and --n_targets 2: give one of them"),
+])
+def test_options_that_will_be_refused_are_refused_before_the_run(argv, phrase, experiment, capsys):
+    """--keep_runs -1 used to compute and publish the whole run, then fail; --targets silently overrode --n_targets."""
+    before = snapshot(experiment)
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(experiment), "--attack", "lira", "--bootstrap", "0", *argv]) == 2
+    assert phrase in one_error_line(capsys)
+    assert snapshot(experiment) == before
+
+
+def test_keep_runs_zero_keeps_every_run(experiment):
+    assert attack_main(["--experiment", str(experiment), "--attack", "thresholds", "--bootstrap", "0", "--keep_runs", "0"]) == 0
+    assert len([p for p in (experiment / "attacks/runs").iterdir() if not p.name.startswith(".")]) == 2
+
+
+def test_a_logger_folder_that_is_a_file_is_refused_before_the_run(experiment, capsys):
+    """The run used to be published first and the logger to fail after it."""
+    (experiment / "logs").write_text("not a folder")
+    before = snapshot(experiment)
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(experiment), "--attack", "lira", "--bootstrap", "0", "--logger", "csv"]) == 2
+    assert f"{experiment / 'logs'}: a file where a folder should be; --logger csv's logs cannot be saved" in one_error_line(capsys)
+    assert snapshot(experiment) == before
+
+
 def test_attack_all_on_a_signal_experiment_runs_what_applies(tmp_path, capsys):
     root = write_synthetic_experiment(tmp_path / "sig", n_models=6, n_samples=30, seed=4)
     labels = np.load(root / "labels.npy")

@@ -125,6 +125,7 @@ def test_n_shadows_restricts_the_plans_listed_shadows_so_evaluation_trials_stay_
     plan = make_plan(spec)
     labels = np.random.default_rng(0).integers(0, 3, 200)
     logits = planted_logits(plan.keep, labels, np.ones(9, dtype=bool))
+    np.save(tmp_path / "keep.npy", plan.keep)  # plan.json is read against it
     (tmp_path / "plan.json").write_text(json.dumps({**spec.to_json(), "info": plan.info}))
     experiment = ExperimentDir(tmp_path)
 

@@ -337,7 +337,7 @@ def test_dead_runs_staging_is_removed_and_a_live_one_kept(synthetic):
 
 @pytest.mark.parametrize("targets", [[-1], [99], [0, 0], "0", [], [1.5]])
 def test_plan_target_models_are_checked_like_the_option(targets, synthetic, capsys):
-    (synthetic / "plan.json").write_text(json.dumps({"version": 2, "kind": "disjoint", "info": {"target_models": targets}}))
+    (synthetic / "plan.json").write_text(json.dumps({"version": 2, "kind": "disjoint_shadows", "info": {"target_models": targets}}))
     before = snapshot(synthetic)
     capsys.readouterr()
     assert attack_main(["--experiment", str(synthetic), "--attack", "lira", "--bootstrap", "0"]) == 2

@@ -14,6 +14,7 @@ import inspect
 import logging
 import re
 import threading
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ from scipy.special import softmax
 
 from mia_lightning.errors import MiaError
 from mia_lightning.runtime import numpy_parallel_map
-from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.contract.experiment import IMPORTED_KIND, ExperimentDir, plan_field_error
+from mia_lightning.contract.io import finite_json
 from mia_lightning.contract.model_outputs import ModelOutputs
-from mia_lightning.data.plan import model_dependence
+from mia_lightning.data.plan import PLAN_KINDS, model_dependence
 
 log = logging.getLogger("mia_lightning")
 
@@ -76,6 +78,15 @@ def logit_scaled_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarra
     return confidence_statistics(logits, labels)[0]
 
 
+def check_plan_kind(experiment: ExperimentDir) -> None:
+    """Refuse, before any outputs are read, a plan.json (checked whole on reading) whose ``kind`` no plan function builds:
+    the kind decides which attacks and epsilon audits apply, so a typo must not pass silently."""
+    kinds = sorted({*PLAN_KINDS, IMPORTED_KIND})
+    kind = experiment.plan.get("kind", IMPORTED_KIND)
+    if kind not in kinds:
+        raise plan_field_error(experiment.plan_path, "kind", repr(kind), f"one of {', '.join(kinds)}")
+
+
 @dataclass
 class AttackData:
     """Everything an attack sees: membership, labels and the models' outputs on the audit pool.
@@ -116,6 +127,7 @@ class AttackData:
         """Load and validate an experiment directory (any exporter: only keep, labels and outputs needed)."""
         experiment.check_exists()
         experiment.check_version()
+        check_plan_kind(experiment)
         kind = experiment.output_kind()
         outputs = experiment.load_model_outputs(kind)
         columns = experiment.signal_columns if kind == "signal" else None
@@ -381,13 +393,27 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
+def accepts_none(annotation: Any, default: Any) -> bool:
+    """Whether a parameter may be None: its annotation is Any or includes None (``int | None``), or None is its default."""
+    return default is None or annotation is Any or annotation is type(None) or type(None) in typing.get_args(annotation)
+
+
 def check_params(name: str, params: Any) -> dict[str, Any]:
-    """Validate ``--params`` for one attack against its ``__init__`` signature (names and types); returns the typed values."""
+    """Validate ``--params`` for one attack against its ``__init__`` signature (names, types, no None where the type has none,
+    finite numbers); returns the typed values. Cheap: it runs before torch loads for most attacks."""
     if not isinstance(params, dict):
         raise MiaError(f"--params {name}: expected an object of parameters such as {{\"n_shadows\": 8}}, got {params!r}")
+    cls = ATTACKS[name]
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(ATTACKS[name])
+    parser.add_class_arguments(cls)
     known = [action.dest for action in parser._actions if action.dest not in ("help", "config")]
+    signature = inspect.signature(cls.__init__).parameters
+
+    def wrong_type(key: str, what: str = "") -> MiaError:
+        annotation = signature.get(key)
+        expected = annotation.annotation if annotation is not None else "another type"
+        return MiaError(f"--params {name}.{key}={params.get(key)!r}: expected {what}{expected}")
+
     try:
         parsed = parser.parse_object(params)
     except argparse.ArgumentError as err:
@@ -396,11 +422,15 @@ def check_params(name: str, params: Any) -> dict[str, Any]:
         if unknown:
             raise MiaError(f"--params {name}.{unknown.group(1)}: unknown parameter; {name} takes {', '.join(known) or 'none'}") from None
         key = re.search(r'key "([^"]+)"', text)
-        key_name = key.group(1) if key else "?"
-        annotation = inspect.signature(ATTACKS[name].__init__).parameters.get(key_name)
-        expected = annotation.annotation if annotation is not None else "another type"
-        raise MiaError(f"--params {name}.{key_name}={params.get(key_name)!r}: expected {expected}") from None
-    return {key: value for key, value in parsed.as_dict().items() if key in params}
+        raise wrong_type(key.group(1) if key else "?") from None
+    values = {key: value for key, value in parsed.as_dict().items() if key in params}
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in values.items():
+        if value is None and not accepts_none(hints.get(key, Any), signature[key].default):
+            raise wrong_type(key)
+        if finite_json(value) != value:  # NaN or infinity (JSON 1e400), alone or in a list
+            raise wrong_type(key, "a finite ")
+    return values
 
 
 def unknown_attack_hint(name: str, extra_choices: tuple[str, ...] = ()) -> str:

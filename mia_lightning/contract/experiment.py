@@ -27,6 +27,19 @@ data hash, attack runs under ``attacks/runs/``, optional ``groups.npy`` / ``audi
 READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 """Layouts the attack and export stages read (version 1 differs only in files they do not use)."""
 
+IMPORTED_KIND = "imported"
+"""plan.json ``kind`` of an experiment written by ``train.py import-scores`` (no plan function of ``PLAN_KINDS`` builds it)."""
+
+
+
+def is_model_ids(ids: list, n_models: int) -> bool:
+    """Whether ``ids`` are distinct JSON integers in 0..n_models-1 (model ids as plan.json lists them)."""
+    return all(type(i) is int and 0 <= i < n_models for i in ids) and len(set(ids)) == len(ids)
+
+
+def plan_field_error(plan_path: Path, field: str, value: object, expected: str) -> MiaError:
+    """The one-line error for a plan.json field holding ``value`` where ``expected`` belongs."""
+    return MiaError(f"{plan_path}: {field} {str(value)[:80]}: expected {expected}; re-run the farm or fix the file")
 
 
 def model_dirname(index: int) -> str:
@@ -201,28 +214,52 @@ class ExperimentDir:
 
     @cached_property
     def plan(self) -> dict:
-        """plan.json as a dict ({} for a directory exported by another framework without one)."""
+        """plan.json as a dict ({} for a directory exported by another framework without one), checked by ``check_plan``."""
         if not self.plan_path.is_file():
             return {}
         plan = load_json(self.plan_path)
         if not isinstance(plan, dict):
             raise MiaError(f"{self.plan_path}: expected a JSON object; re-run the farm or delete it")
+        self.check_plan(plan)
         return plan
 
+    def check_plan(self, plan: dict) -> None:
+        """Refuse, in one line, a plan.json field of the wrong type or one that disagrees with keep.npy: attacks index models by its ids.
+
+        Its ``kind`` is checked by the attacks (``attacks.base.check_plan_kind``): the plan kinds live in a higher layer.
+
+        A hand-edited or mixed-up plan.json would otherwise crash an attack, or silently change what it
+        audits (fewer targets than planned; a ``recipe`` that is not an object turns the merged-model identity check off).
+        """
+        def refuse(field: str, value: object, expected: str) -> MiaError:
+            return plan_field_error(self.plan_path, field, value, expected)
+
+        for field in ("info", "recipe"):
+            if field in plan and not isinstance(plan[field], dict):
+                raise refuse(field, repr(plan[field]), "a JSON object")
+        n_models, n_samples = self.keep.shape
+        for field, size in (("n_models", n_models), ("n_samples", n_samples)):
+            if field in plan and plan[field] != size:
+                raise MiaError(
+                    f"{self.keep_path}: {n_models} models x {n_samples} samples, but {self.plan_path} plans {field} {plan[field]!r}; "
+                    "the files come from different runs: restore them from the farm or re-run it in a new directory"
+                )
+        ids = f"distinct model ids in 0..{n_models - 1}"
+        for field in ("target_models", "reference_models", "shadow_models"):
+            listed = plan.get("info", {}).get(field)
+            if listed is not None and not (isinstance(listed, list) and is_model_ids(listed, n_models) and (listed or field != "target_models")):
+                hint = ", as --targets takes them (or pass --targets)" if field == "target_models" else ""
+                raise refuse(f"info.{field}", listed, f"a list of {ids}{hint}")
+        parents = plan.get("parents", {})
+        if not isinstance(parents, dict) or not all(
+            isinstance(child, str) and child.isdigit() and is_model_ids([int(child), parent], n_models) for child, parent in parents.items()
+        ):
+            raise refuse("parents", parents, f"an object mapping a model id (as a string) to the model it continues from, {ids}")
+
     def default_targets(self) -> list[int] | None:
-        """Target model ids the plan names (e.g. the targets of a disjoint-shadow plan), else None (every model)."""
-        info = self.plan.get("info", {})
-        targets = info.get("target_models") if isinstance(info, dict) else None
-        if targets is None:
-            return None
-        n_models = self.keep.shape[0]
-        valid = isinstance(targets, list) and targets and all(type(t) is int and 0 <= t < n_models for t in targets)
-        if not valid or len(set(targets)) != len(targets):
-            raise MiaError(
-                f"{self.plan_path}: info.target_models {str(targets)[:80]}: expected distinct model ids in 0..{n_models - 1}, "
-                "as --targets takes them; fix the file or pass --targets"
-            )
-        return list(targets)
+        """Target model ids the plan names (e.g. the targets of a disjoint-shadow plan; checked by ``check_plan``), else None (every model)."""
+        targets = self.plan.get("info", {}).get("target_models")
+        return None if targets is None else list(targets)
 
     def load_model_outputs(self, kind: str) -> ModelOutputs:
         """Every model's exported outputs, validated (shape, dtype, finite) in one pass and then read per model on demand.
@@ -240,6 +277,12 @@ class ExperimentDir:
             f"`python train.py export --experiment {self.root}`, or write it as float32 [n_samples, n_queries{', n_classes' if kind == 'logits' else ''}]"
         )
         paths = [self.model_dir(index) / filename for index in range(n_models)]
+        extra = sorted(folder for folder in self.models_dir.glob("*") if folder.name.isdigit() and int(folder.name) >= n_models)
+        if extra:
+            raise MiaError(
+                f"{extra[0]}: a model folder beyond the {n_models} rows of {self.keep_path} (and {self.plan_path.name}); "
+                "restore keep.npy and plan.json from the farm, or move the folder out of models/"
+            )
         shape = None
         max_label = int(self.labels.max()) if kind == "logits" and self.labels.size else -1
         for path in paths:

@@ -70,6 +70,15 @@ def remove_dead_stagings(experiment: ExperimentDir) -> list[str]:
     return removed
 
 
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Refuse, before any work, a folder that cannot be made or written: a file where it (or a parent) should be, or no write permission."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise MiaError(f"{existing}: a file where a folder should be; {what} cannot be saved (move or delete the file)")
+    if not os.access(existing, os.W_OK):
+        raise MiaError(f"{existing}: not writable; {what} cannot be saved (fix its permissions or copy the experiment)")
+
+
 class StagedRun:
     """A run being written: files go to a hidden staging folder until ``publish``."""
 
@@ -78,9 +87,7 @@ class StagedRun:
         self.run_id = run_id or new_run_id()
         parent = runs_dir(experiment)
         confined_all(experiment.root, [experiment.attacks_dir, parent, *_entries(experiment)])
-        existing = next(p for p in (parent, *parent.parents) if p.exists())
-        if not os.access(existing, os.W_OK):
-            raise MiaError(f"{existing}: not writable; the attack results cannot be saved (fix its permissions or copy the experiment)")
+        check_writable_folder(parent, "the attack results")
         parent.mkdir(parents=True, exist_ok=True)
         self.folder = parent / f"{STAGING_PREFIX}{self.run_id}"
         with publishing_lock(experiment):
