@@ -39,7 +39,7 @@ from jsonargparse import ArgumentParser
 
 from mia_lightning.data.text_sources import read_csv_columns
 from mia_lightning.errors import MiaError
-from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
+from mia_lightning.contract.experiment import FORMAT_VERSION, IMPORTED_KIND, ExperimentDir
 from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
 from mia_lightning.contract.model_outputs import SIGNAL_FILE, non_finite
 
@@ -262,7 +262,7 @@ def write_imported(imported: ImportedScores, root: Path) -> ExperimentDir:
             save_npy_atomic(folder / SIGNAL_FILE, imported.signals[index])
             save_json_atomic(folder / "done.json", {"index": index, "imported": imported.model_names[index], "dataset": imported.dataset})
         save_json_atomic(experiment.plan_path, {
-            "dataset": imported.dataset, "n_samples": n_samples, "n_models": n_models, "seed": 0, "kind": "imported",
+            "dataset": imported.dataset, "n_samples": n_samples, "n_models": n_models, "seed": 0, "kind": IMPORTED_KIND,
             "n_population": int(imported.population.size), "options": {}, "version": FORMAT_VERSION, "info": imported.info,
         })
         if root.exists():
