@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from jsonargparse import ArgumentParser
 from rich.console import Console
@@ -18,6 +18,9 @@ from mia_lightning.errors import MiaError
 from mia_lightning.interrupts import PARENT_ENV, call_trainer, interrupt_signal, is_worker_of_a_running_farm, terminate_as_interrupt, watch_parent
 from mia_lightning.logs import configure_logging, quiet_lightning
 from mia_lightning.recipe_files import expand_recipe_args
+
+if TYPE_CHECKING:
+    from mia_lightning.farm.config import Recipe
 
 
 RESUME_HINT = "finished models and results are kept; re-run the same command to resume"
@@ -74,11 +77,21 @@ def train_farm(argv: list[str]) -> tuple[int, Path]:
     if os.environ.get(PARENT_ENV):  # a worker of a farm process: stop when it is gone
         watch_parent(int(os.environ[PARENT_ENV]))
     parser = farm_parser()
-    cfg = parse(parser, argv)
+    try:
+        cfg = parse(parser, argv)
+    except MiaError as err:
+        if 'key "experiment"' in str(err):  # attack.py's --experiment DIR: the farm names the folder in two parts
+            raise MiaError("train.py farm --experiment: the farm names its experiment folder in two parts; use --experiment.root DIR "
+                           "--experiment.name NAME (the folder DIR/NAME is what attack.py's --experiment takes)") from None
+        raise
     recipe = recipe_from_namespace(parser, cfg)
+    if cfg.audit_after:
+        _check_audit_settings(recipe)
     if cfg.status:
+        from mia_lightning.farm.runner import check_experiment
         from mia_lightning.farm.status import farm_status, print_status
 
+        check_experiment(recipe)
         print_status(farm_status(recipe.experiment, recipe.plan.n_models, recipe.farm.stale_after_s), console)
         return 0, recipe.experiment.root
     accelerator = str(recipe.setup.trainer.get("accelerator", "auto"))
@@ -104,6 +117,19 @@ def train_farm(argv: list[str]) -> tuple[int, Path]:
             return 0, recipe.experiment.root
         return _run_attacks(recipe.experiment.root, list(recipe.audit.attacks), None, recipe.audit.n_targets, {}), recipe.experiment.root
     return 0, recipe.experiment.root
+
+
+def _check_audit_settings(recipe: Recipe) -> None:
+    """Refuse the recipe's ``audit:`` attacks and n_targets with attack.py's checks before the farm trains, naming the recipe keys."""
+    from mia_lightning.audit import resolve_attacks, resolve_targets
+
+    checks = (("--attack", "audit.attacks", lambda: resolve_attacks(recipe.audit.attacks, {})),
+              ("--n_targets", "audit.n_targets", lambda: resolve_targets(recipe.plan.n_models, None, recipe.audit.n_targets)))
+    for flag, key, check in checks:
+        try:
+            check()
+        except MiaError as err:
+            raise MiaError(str(err).replace(flag, key, 1)) from None
 
 
 def export_main(argv: list[str]) -> int:

@@ -136,3 +136,114 @@ def test_a_done_json_naming_a_class_outside_the_project_is_not_resolved_for_the_
     recorded = {RECIPE_KEY: {"model": {"class_path": outside, "init_args": {"monitor": "val_loss", "patience": 3}}}}
     assert differing_keys(with_added_defaults(planned, recorded), recorded) == ["recipe.model.init_args.patience: <absent> -> 3"]
     assert differing_keys(with_added_defaults(planned, recorded, current_from_file=False), recorded) == []  # the user's own recipe
+
+
+# ------------------------------------------------------------------------------------------ bad farm input: one line, nothing written
+
+QUICKSTART = "configs/tabular/digits_quickstart.yaml"
+
+
+def _farm_args(root, name: str, *extra: str) -> list[str]:
+    """A tiny quickstart farm (4 one-epoch models) under ``root/name``."""
+    return ["farm", "--config", QUICKSTART, "--plan.n_models", "4", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+            "--experiment.root", str(root), "--experiment.name", name, *extra]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra,phrase", [
+    (["--trainer.max_epochs", "-1"], "--trainer.max_epochs -1: without trainer.max_steps the models never stop"),
+    (["--farm.shard", "3/2"], "shard 3/2: need 0 <= i < n"),
+    (["--farm.shard", "x"], "--farm.shard 'x': expected i/n"),
+    (["--farm.shard", "0/0"], "shard 0/0: need 0 <= i < n"),
+    (["--plan.seed", "-1"], "--plan.seed -1: must be a non-negative integer"),
+    (["--data.init_args.batch_size", "0"], "--data.init_args.batch_size 0: must be a positive integer"),
+    (["--data.init_args.batch_size", "-5", "--farm.engine", "sequential"], "--data.init_args.batch_size -5: must be a positive integer"),
+    (["--plan.kind", "bernoulli", "--plan.options", '{"p_typo": 0.3}'], "--plan.options.p_typo: unknown option of plan kind bernoulli; it takes no options"),
+    (["--plan.options", '{"p": 0.3}'], "--plan.options.p: unknown option of plan kind lira_half"),
+    (["--audit.attacks", "[lirra]", "--audit_after"], "audit.attacks 'lirra': unknown attack"),
+    (["--audit.n_targets", "0", "--audit_after"], "audit.n_targets 0: must be between 1 and the number of models"),
+])
+def test_bad_farm_input_is_one_line_before_anything_is_written(tmp_path, capsys, extra, phrase):
+    from mia_lightning.cli import train_main
+
+    assert train_main(_farm_args(tmp_path, "bad", *extra)) == 2
+    assert phrase in _one_line_error(capsys)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_farm_refused_for_max_epochs_minus_one_runs_once_corrected(tmp_path, capsys):
+    from mia_lightning.cli import train_main
+
+    assert train_main(_farm_args(tmp_path, "exp", "--trainer.max_epochs", "-1")) == 2
+    assert train_main(_farm_args(tmp_path, "exp")) == 0
+    assert json.loads((tmp_path / "exp/plan.json").read_text())["recipe"]["trainer"]["max_epochs"] == 1
+
+
+def test_the_farm_names_its_experiment_in_two_parts(tmp_path, capsys):
+    from mia_lightning.cli import train_main
+
+    assert train_main(["farm", "--config", QUICKSTART, "--experiment", str(tmp_path / "exp")]) == 2
+    assert "use --experiment.root DIR --experiment.name NAME" in _one_line_error(capsys)
+
+
+def test_a_claim_that_is_not_a_json_object_is_stale(tmp_path):
+    from mia_lightning.farm.locks import CLAIM_FILE, claim_state, try_claim
+
+    (tmp_path / CLAIM_FILE).write_text("[1]")
+    assert claim_state(tmp_path, 120.0) == "stale"
+    assert try_claim(tmp_path, 120.0)  # taken over like an unreadable claim
+
+
+@pytest.fixture(scope="module")
+def finished_farm(tmp_path_factory):
+    """A finished tiny farm to copy and damage."""
+    from mia_lightning.cli import train_main
+
+    root = tmp_path_factory.mktemp("farm")
+    assert train_main(_farm_args(root, "done")) == 0
+    return root / "done"
+
+
+def _damage_plan_version(experiment):
+    plan = json.loads((experiment / "plan.json").read_text())
+    (experiment / "plan.json").write_text(json.dumps({**plan, "version": FORMAT_VERSION - 1}))
+
+
+@pytest.mark.parametrize("damage,extra,phrase", [
+    (lambda e: (e / "models/0001/done.json").write_text("{"), [], "models/0001/done.json: not valid JSON"),
+    (lambda e: (e / "models/0001/done.json").write_text("[1]"), [], "models/0001/done.json: not a JSON object"),
+    (_damage_plan_version, [], f"planned by layout version {FORMAT_VERSION - 1}"),
+    (lambda e: None, ["--model.init_args.lr", "0.01"], "planned with a different recipe (recipe.model.init_args.lr: 0.001 -> 0.01)"),
+])
+def test_status_refuses_what_the_farm_refuses(finished_farm, tmp_path, capsys, damage, extra, phrase):
+    import shutil
+
+    from mia_lightning.cli import train_main
+
+    experiment = tmp_path / "exp"
+    shutil.copytree(finished_farm, experiment)
+    damage(experiment)
+    assert train_main(_farm_args(tmp_path, "exp", *extra)) == 2
+    assert phrase in _one_line_error(capsys)
+    assert train_main(_farm_args(tmp_path, "exp", "--status", *extra)) == 2
+    assert phrase in _one_line_error(capsys)
+
+
+def test_status_and_resume_take_a_claim_that_is_not_an_object_as_stale(finished_farm, tmp_path, capsys):
+    import shutil
+
+    from mia_lightning.cli import train_main
+
+    experiment = tmp_path / "exp"
+    shutil.copytree(finished_farm, experiment)
+    (experiment / "models/0003/done.json").unlink()
+    (experiment / "models/0003/claim.json").write_text("[1]")
+    assert train_main(_farm_args(tmp_path, "exp", "--status")) == 0
+    assert "stale" in capsys.readouterr().out
+    assert train_main(_farm_args(tmp_path, "exp")) == 0
+    assert (experiment / "models/0003/done.json").is_file()

@@ -137,6 +137,10 @@ def test_a_list_of_grids_is_the_union_of_their_products():
     ({"attacks": []}, "study.attacks: empty; name the attacks that audit every setting"),
     ({"params": {"lira": {"n_shadows": 4}}}, "--params 'lira': not an attack of this run (thresholds)"),
     ({"n_targets": 9}, "--n_targets 9: must be between 1 and the number of models (4)"),
+    ({"grid": {"trainer.max_epochs": [1, -1]}}, "study setting 'max_epochs--1': --trainer.max_epochs -1: without trainer.max_steps"),
+    ({"overrides": {"plan.seed": -1}}, "study setting 'weight_decay-0.0_max_epochs-1': --plan.seed -1: must be a non-negative integer"),
+    ({"overrides": {"data.init_args.batch_size": 0}}, "--data.init_args.batch_size 0: must be a positive integer"),
+    ({"overrides": {"farm.shard": "3/2"}}, "shard 3/2: need 0 <= i < n"),
     ({"grid": {}, "settings": [{"name": "dp", "overrides": {"trainer.callbacks": [{"class_path": "mia_lightning.defences.dp_sgd.DPSGD", "init_args": {"target_epsilon": -1.0}}]}}]},
      "study setting 'dp': DPSGD target_epsilon -1.0: must be positive and finite"),
     # analysis parameters that name no setting or output, or wrong types: refused before the sweep trains, not after it
@@ -159,6 +163,16 @@ def test_bad_studies_are_one_line(tmp_path, recorded, capsys, changes, phrase):
     assert train_main(["study", "--config", str(write_study(tmp_path, **changes))]) == 2
     assert phrase in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_study_refused_for_a_never_stopping_setting_runs_once_corrected(tmp_path, recorded, capsys):
+    """max_epochs -1 is refused before study.json or any plan is written, so the corrected study is not locked to it."""
+    one = {"grid": {}, "settings": [{"name": "only", "overrides": {}}]}
+    assert train_main(["study", "--config", str(write_study(tmp_path, overrides={"trainer.max_epochs": -1}, **one))]) == 2
+    assert "--trainer.max_epochs -1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert train_main(["study", "--config", str(write_study(tmp_path, overrides={"trainer.max_epochs": 1}, **one))]) == 0
+    assert (tmp_path / "out/sweep/settings/only/setting.json").is_file()
 
 
 @pytest.mark.parametrize("file", ["out", "out/sweep"])

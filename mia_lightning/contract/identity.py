@@ -72,7 +72,7 @@ def differing_keys(stored: dict, current: dict) -> list[str]:
 
 
 def check_model_identities(experiment: ExperimentDir, indices: Iterable[int] | None = None) -> None:
-    """Refuse (one line naming the model and the differing keys) a finished model whose recorded recipe differs from plan.json's."""
+    """Refuse (one line naming the model and the differing keys) a finished model whose recorded recipe differs from plan.json's, or whose done.json is not a record."""
     planned = experiment.plan.get(RECIPE_KEY)
     if not isinstance(planned, dict):
         return
@@ -81,7 +81,9 @@ def check_model_identities(experiment: ExperimentDir, indices: Iterable[int] | N
         if not path.is_file():
             continue
         done = load_json(path)
-        recorded = done.get(RECIPE_KEY) if isinstance(done, dict) else None
+        if not isinstance(done, dict):
+            raise MiaError(f"{path}: not a JSON object, so not a finished model's record; remove this model folder and re-run the farm (it trains the model again)")
+        recorded = done.get(RECIPE_KEY)
         if recorded is None:
             continue
         if isinstance(recorded, dict):  # a model trained by a newer version records the arguments it added, at their defaults

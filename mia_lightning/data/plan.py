@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -118,6 +118,14 @@ def make_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarr
     return plan
 
 
+def check_options(spec: PlanSpec, known: Sequence[str]) -> None:
+    """Refuse a ``plan.options`` key the plan kind does not take: a typo would otherwise plan with the default silently."""
+    unknown = sorted(set(spec.options) - set(known))
+    if unknown:
+        takes = f"it takes {', '.join(known)}" if known else "it takes no options"
+        raise MiaError(f"--plan.options.{unknown[0]}: unknown option of plan kind {spec.kind}; {takes}")
+
+
 def split_population(spec: PlanSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(population ids, audit ids), both sorted int64: ``n_population`` seeded samples no model trains on."""
     if not 0 <= spec.n_population < spec.n_samples - 1:
@@ -143,6 +151,7 @@ def _balance_rows(keep: np.ndarray, rng: np.random.Generator) -> None:
 
 def make_lira_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
     """LiRA-style random halves: each audit sample IN for exactly half the models, balanced rows."""
+    check_options(spec, ())
     rng = np.random.default_rng(spec.seed)
     population, audit = split_population(spec, rng)
     n_in = np.full(audit.size, spec.n_models // 2)
@@ -158,6 +167,7 @@ def make_lira_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.
 
 def make_bernoulli_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
     """Independent fair coin flips: sample j is in model i's training set with probability 1/2, independently."""
+    check_options(spec, ())
     rng = np.random.default_rng(spec.seed)
     population, audit = split_population(spec, rng)
     keep = np.zeros((spec.n_models, spec.n_samples), dtype=bool)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mia_lightning.data.plan import Plan, PlanSpec, make_lira_plan
+from mia_lightning.data.plan import Plan, PlanSpec, check_options, make_lira_plan
 from mia_lightning.errors import MiaError
 
 OPTIONS = ("n_references", "fine_tune_from_reference")
@@ -32,9 +32,7 @@ def make_user_grouped_plan(spec: PlanSpec, labels: np.ndarray | None = None, gro
     """keep [M, n] with whole users IN or OUT for each target (half the targets each), plus empty reference rows."""
     if groups is None:
         raise MiaError("--plan.kind user_grouped: the DataModule gives no user ids (pool_groups()); use a data source with users, e.g. mia_lightning.data.mlm.MLMTextDataModule")
-    unknown = sorted(set(spec.options) - set(OPTIONS))
-    if unknown:
-        raise MiaError(f"--plan.options {unknown[0]!r}: unknown option of plan kind user_grouped; it takes {', '.join(OPTIONS)}")
+    check_options(spec, OPTIONS)
     groups = np.asarray(groups)
     if groups.shape != (spec.n_samples,):
         raise MiaError(f"pool_groups(): {groups.shape} user ids for {spec.n_samples} samples; give one user id per sample")

@@ -16,6 +16,7 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.components import ComponentSpec
 from mia_lightning.farm.engine import AUTO, ENGINES, FarmSetup
+from mia_lightning.farm.shards import parse_shard
 
 
 @dataclass
@@ -36,6 +37,10 @@ class PlanOptions:
     kind: str = "lira_half"
     options: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:  # numpy seeds only from non-negative integers
+            raise MiaError(f"--plan.seed {self.seed!r}: must be a non-negative integer")
+
 
 @dataclass
 class FarmOptions:
@@ -55,6 +60,8 @@ class FarmOptions:
             raise MiaError(f"--farm.group_size {self.group_size}: must be at least 1")
         if not self.stale_after_s > 0:  # else every live claim reads as stale and two processes train the same model
             raise MiaError(f"--farm.stale_after_s {self.stale_after_s}: must be positive (seconds without a heartbeat before a claim is taken over)")
+        if self.shard:  # a bad shard is refused before the experiment is planned
+            parse_shard(self.shard)
 
 
 @dataclass

@@ -33,6 +33,15 @@ AUTO = "auto"
 """``farm.engine: auto`` (the default): the faster of ``vectorised`` and ``sequential`` for the recipe's family and device (``farm.vectorised.choose_engine``)."""
 
 
+def check_trainer_stops(trainer: dict[str, Any]) -> None:
+    """Refuse trainer limits under which the models never train (0) or never stop (max_epochs -1 without max_steps), before anything is written."""
+    for key in ("max_epochs", "max_steps"):
+        if trainer.get(key) == 0:
+            raise MiaError(f"--trainer.{key} 0: the models would not train at all; give a positive value")
+    if trainer.get("max_epochs") == -1 and trainer.get("max_steps", -1) in (None, -1):
+        raise MiaError("--trainer.max_epochs -1: without trainer.max_steps the models never stop training; give a positive max_epochs or set trainer.max_steps")
+
+
 def resolve_engine(name: str, setup: FarmSetup, derived_models: bool = False) -> tuple[str, str | None]:
     """The ``ENGINES`` entry that ``farm.engine`` ``name`` trains with, and why when ``auto`` chose it (None for an engine named outright)."""
     if name != AUTO:
@@ -71,6 +80,12 @@ class FarmSetup:
     trainer: dict[str, Any]
     callbacks: tuple[ComponentSpec, ...] = ()
     cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check_trainer_stops(self.trainer)
+        batch_size = self.data.init_args.get("batch_size")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise MiaError(f"--data.init_args.batch_size {batch_size!r}: must be a positive integer (samples per training step)")
 
     def build_datamodule(self, job: ModelJob | None = None) -> L.LightningDataModule:
         """The DataModule for ``job`` (the whole pool without one), with the experiment's cache folder when it takes one."""

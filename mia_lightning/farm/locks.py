@@ -26,7 +26,7 @@ HEARTBEAT_S = 20.0
 
 
 def claim_state(model_dir: Path, stale_after_s: float) -> str:
-    """'free', 'running' or 'stale' for a model folder's claim file."""
+    """'free', 'running' or 'stale' for a model folder's claim file (unreadable or not a JSON object: stale, as no live process writes it)."""
     path = model_dir / CLAIM_FILE
     try:
         info = json.loads(path.read_text())
@@ -34,6 +34,8 @@ def claim_state(model_dir: Path, stale_after_s: float) -> str:
     except FileNotFoundError:
         return "free"
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return "stale"
+    if not isinstance(info, dict):
         return "stale"
     if info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", -1))):
         return "stale"

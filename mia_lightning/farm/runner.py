@@ -22,7 +22,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 import numpy as np
 from rich.console import Console
 
-from mia_lightning.data.plan import make_plan
+from mia_lightning.data.plan import Plan, make_plan
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
 from mia_lightning.contract.components import with_current_class_paths
@@ -69,9 +69,6 @@ def pool_fingerprint(pool: L.LightningDataModule, labels: np.ndarray) -> str:
 def validate_training(recipe: Recipe, pool: L.LightningDataModule) -> L.LightningModule:
     """Refuse a recipe that cannot train before anything is written: bad model arguments, optimiser values, trainer settings; returns the model built."""
     trainer = recipe.setup.trainer
-    for key in ("max_epochs", "max_steps"):
-        if trainer.get(key) == 0:
-            raise MiaError(f"--trainer.{key} 0: the models would not train at all; give a positive value")
     module = recipe.setup.build_model(pool, seed=0)
     try:
         module.configure_optimizers()
@@ -96,12 +93,23 @@ def _writable(folder: Path) -> None:
         raise MiaError(f"{existing}: not writable; choose another --experiment.root or fix its permissions")
 
 
-def prepare_experiment(recipe: Recipe) -> PlannedFarm:
-    """Write (or check) plan.json, keep.npy, labels.npy and the optional contract files; returns the plan.
+@dataclass(frozen=True)
+class _Planning:
+    """The plan a recipe makes, with what its files record: the pool's labels and users, and the data-decided model arguments."""
 
-    Everything is validated first (recipe, trainer, plan); an existing experiment must have been
-    planned with exactly the same recipe identity, else the differing keys are named.
-    """
+    plan: Plan
+    plan_json: dict
+    labels: np.ndarray
+    groups: np.ndarray | None
+    model_kwargs: dict[str, Any]
+
+    @property
+    def farm(self) -> PlannedFarm:
+        return PlannedFarm(self.plan.keep, self.plan.parents, self.plan_json["recipe"])
+
+
+def _plan(recipe: Recipe) -> _Planning:
+    """Validate the recipe (training, plan) and build its plan and plan.json payload, writing nothing."""
     experiment = recipe.experiment
     if experiment.is_study:
         raise MiaError(f"{experiment.root}: a study's folder (study.json), not an experiment; choose another --experiment.name or --experiment.root")
@@ -122,37 +130,63 @@ def prepare_experiment(recipe: Recipe) -> PlannedFarm:
     }
     if hasattr(module, "signal_layout"):  # named signal columns (a causal LM's): the attacks read them by name
         plan_json["signals"] = module.signal_layout
+    return _Planning(plan, plan_json, labels, groups, model_kwargs)
+
+
+def _check_stored_plan(experiment: ExperimentDir, planning: _Planning) -> None:
+    """Refuse an existing experiment planned by another layout version, with another recipe, or whose keep.npy differs from its plan."""
+    stored = load_json(experiment.plan_path)
+    if not isinstance(stored, dict) or stored.get("version") != FORMAT_VERSION:
+        raise MiaError(
+            f"{experiment.plan_path}: planned by layout version {stored.get('version') if isinstance(stored, dict) else '?'}; "
+            f"this mia-lightning trains layout {FORMAT_VERSION}: use another --experiment.name (attack.py still reads it)"
+        )
+    changed = differing_keys(with_added_defaults(with_current_class_paths(stored), planning.plan_json, current_from_file=False), planning.plan_json)
+    if changed:
+        raise MiaError(
+            f"{experiment.plan_path}: this experiment was planned with a different recipe ({'; '.join(changed[:6])}"
+            f"{'; ...' if len(changed) > 6 else ''}); use another --experiment.name or delete the directory"
+        )
+    stored_keep = load_npy(experiment.keep_path, "membership matrix", "delete the experiment directory and re-run the farm")
+    if not np.array_equal(stored_keep, planning.plan.keep):
+        raise MiaError(f"{experiment.keep_path}: differs from the plan in plan.json (edited or corrupt); delete the experiment and re-run")
+
+
+def check_experiment(recipe: Recipe) -> None:
+    """The farm's checks of an already planned experiment (plan, recipe, every finished model's done.json), writing nothing: ``--status`` reports only what the farm would train on."""
+    experiment = recipe.experiment
+    if not experiment.plan_path.is_file():
+        return
+    _check_stored_plan(experiment, _plan(recipe))
+    check_model_identities(experiment)
+
+
+def prepare_experiment(recipe: Recipe) -> PlannedFarm:
+    """Write (or check) plan.json, keep.npy, labels.npy and the optional contract files; returns the plan.
+
+    Everything is validated first (recipe, trainer, plan); an existing experiment must have been
+    planned with exactly the same recipe identity, else the differing keys are named.
+    """
+    experiment = recipe.experiment
+    planning = _plan(recipe)
     if experiment.plan_path.is_file():
-        stored = load_json(experiment.plan_path)
-        if not isinstance(stored, dict) or stored.get("version") != FORMAT_VERSION:
-            raise MiaError(
-                f"{experiment.plan_path}: planned by layout version {stored.get('version') if isinstance(stored, dict) else '?'}; "
-                f"this mia-lightning trains layout {FORMAT_VERSION}: use another --experiment.name (attack.py still reads it)"
-            )
-        changed = differing_keys(with_added_defaults(with_current_class_paths(stored), plan_json, current_from_file=False), plan_json)
-        if changed:
-            raise MiaError(
-                f"{experiment.plan_path}: this experiment was planned with a different recipe ({'; '.join(changed[:6])}"
-                f"{'; ...' if len(changed) > 6 else ''}); use another --experiment.name or delete the directory"
-            )
-        stored_keep = load_npy(experiment.keep_path, "membership matrix", "delete the experiment directory and re-run the farm")
-        if not np.array_equal(stored_keep, plan.keep):
-            raise MiaError(f"{experiment.keep_path}: differs from the plan in plan.json (edited or corrupt); delete the experiment and re-run")
-        return PlannedFarm(plan.keep, plan.parents, plan_json["recipe"])
+        _check_stored_plan(experiment, planning)
+        return planning.farm
+    plan = planning.plan
     _writable(experiment.root)
     save_npy_atomic(experiment.keep_path, plan.keep)
-    save_npy_atomic(experiment.labels_path, labels)
+    save_npy_atomic(experiment.labels_path, planning.labels)
     if plan.population.size:
         save_npy_atomic(experiment.population_path, plan.population)
-    if groups is not None:
-        save_npy_atomic(experiment.groups_path, np.asarray(groups, dtype=np.int64))
+    if planning.groups is not None:
+        save_npy_atomic(experiment.groups_path, np.asarray(planning.groups, dtype=np.int64))
     if plan.audit is not None:
         save_npy_atomic(experiment.audit_path, plan.audit)
     for name, payload in plan.files.items():
         save_json_atomic(experiment.root / name, payload)
-    write_bytes_atomic(experiment.config_path, recipe.resolved_config(model_kwargs).encode())
-    save_json_atomic(experiment.plan_path, plan_json)  # last: its presence means the plan is complete
-    return PlannedFarm(plan.keep, plan.parents, plan_json["recipe"])
+    write_bytes_atomic(experiment.config_path, recipe.resolved_config(planning.model_kwargs).encode())
+    save_json_atomic(experiment.plan_path, planning.plan_json)  # last: its presence means the plan is complete
+    return planning.farm
 
 
 def write_model(experiment: ExperimentDir, trained: TrainedModel, job: ModelJob, engine: str, identity: dict) -> None:

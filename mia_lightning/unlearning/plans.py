@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from mia_lightning.data.plan import Plan, PlanSpec
+from mia_lightning.data.plan import Plan, PlanSpec, check_options
 from mia_lightning.errors import MiaError
 from mia_lightning.unlearning.contract import AGGREGATIONS, METHODS, SCENARIOS, Chain, Step, Unlearning, parse_unlearning
 
@@ -50,9 +50,7 @@ EVALUATED = {"single": "deleted", "group": "deleted", "multi_version": "deleted"
 def _options(cls: type, spec: PlanSpec) -> Any:
     """The plan kind's options dataclass from ``plan.options`` (unknown keys and wrong types are one-line errors)."""
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(spec.options) - set(known))
-    if unknown:
-        raise MiaError(f"--plan.options.{unknown[0]}: unknown option of plan kind {spec.kind}; it takes {', '.join(known)}")
+    check_options(spec, list(known))
     values = {}
     for name, value in spec.options.items():
         expected = type(known[name].default)
