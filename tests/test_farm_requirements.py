@@ -191,10 +191,11 @@ def test_the_farm_names_its_experiment_in_two_parts(tmp_path, capsys):
     assert "use --experiment.root DIR --experiment.name NAME" in _one_line_error(capsys)
 
 
-def test_a_claim_that_is_not_a_json_object_is_stale(tmp_path):
+@pytest.mark.parametrize("claim", ["[1]", '{"host": "h", "pid": "abc"}'], ids=["not-an-object", "pid-not-an-integer"])
+def test_a_claim_that_is_not_a_json_object_is_stale(tmp_path, claim):
     from mia_lightning.farm.locks import CLAIM_FILE, claim_state, try_claim
 
-    (tmp_path / CLAIM_FILE).write_text("[1]")
+    (tmp_path / CLAIM_FILE).write_text(claim)
     assert claim_state(tmp_path, 120.0) == "stale"
     assert try_claim(tmp_path, 120.0)  # taken over like an unreadable claim
 

@@ -26,7 +26,7 @@ HEARTBEAT_S = 20.0
 
 
 def claim_state(model_dir: Path, stale_after_s: float) -> str:
-    """'free', 'running' or 'stale' for a model folder's claim file (unreadable or not a JSON object: stale, as no live process writes it)."""
+    """'free', 'running' or 'stale' for a model folder's claim file (unreadable, not a JSON object or a pid that is no integer: stale, as no live process writes it)."""
     path = model_dir / CLAIM_FILE
     try:
         info = json.loads(path.read_text())
@@ -35,9 +35,10 @@ def claim_state(model_dir: Path, stale_after_s: float) -> str:
         return "free"
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         return "stale"
-    if not isinstance(info, dict):
+    pid = info.get("pid", -1) if isinstance(info, dict) else None
+    if type(pid) is not int:  # not a claim this package wrote
         return "stale"
-    if info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", -1))):
+    if info.get("host") == socket.gethostname() and not pid_alive(pid):
         return "stale"
     return "stale" if age > stale_after_s else "running"
 
