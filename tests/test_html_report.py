@@ -175,3 +175,16 @@ def test_a_report_destination_that_is_a_folder_is_refused_before_report_md_is_re
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"error: {root / 'report.html'}: is a folder, not a report file; move or remove that folder" in err
     assert (root / "report.md").read_text() == "an earlier report"
+
+
+def test_utility_rows_skip_a_model_without_held_out_samples():
+    """utility.json writes null for a target with no held-out sample (and its means skip it): the table must too, not crash in min()."""
+    from mia_lightning.report.html import utility_rows
+
+    utility = {"test_accuracy": 0.5, "test_accuracy_std": 0.0, "train_accuracy": 1.0, "train_accuracy_std": 0.0, "train_test_gap": 0.5,
+               "per_model": [{"test_accuracy": None, "train_accuracy": 1.0}, {"test_accuracy": 0.5, "train_accuracy": 0.9}]}
+    assert utility_rows(utility) == [["test accuracy", "50.00% (sd 0.00)", "50.00%", "50.00%"],
+                                     ["train accuracy", "100.00% (sd 0.00)", "90.00%", "100.00%"],
+                                     ["train - test gap", "50.00 points", "", ""]]
+    nothing_held_out = {**utility, "test_accuracy": None, "train_test_gap": None, "per_model": [{"test_accuracy": None, "train_accuracy": 1.0}]}
+    assert utility_rows(nothing_held_out)[0][1:] == ["-", "-", "-"] and utility_rows(nothing_held_out)[2][1] == "-"

@@ -144,9 +144,12 @@ def utility_rows(utility: dict) -> list[list[str]]:
     """Test and train accuracy over the target models: mean (sd), min, max; and the mean train-test gap."""
     rows = []
     for name, key in (("test accuracy", "test_accuracy"), ("train accuracy", "train_accuracy")):
-        values = [m[key] for m in utility["per_model"]]
-        rows.append([name, f"{percent(utility[key])} (sd {100 * utility[key + '_std']:.2f})", percent(min(values)), percent(max(values))])
-    return rows + [["train - test gap", f"{100 * utility['train_test_gap']:.2f} points", "", ""]]
+        values = [m[key] for m in utility["per_model"] if m[key] is not None]  # null: a model without held-out (or training) samples
+        sd = utility.get(key + "_std")
+        rows.append([name, f"{percent(utility[key])}{'' if sd is None or utility[key] is None else f' (sd {100 * sd:.2f})'}",
+                     percent(min(values, default=None)), percent(max(values, default=None))])
+    gap = utility.get("train_test_gap")
+    return rows + [["train - test gap", "-" if gap is None else f"{100 * gap:.2f} points", "", ""]]
 
 
 def _utility(run_folder: Path) -> str:
