@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,11 +34,17 @@ def write_experiment(root: Path, n_models: int = 6, n_samples: int = 40, n_class
     return root
 
 
-@pytest.fixture
-def experiment(tmp_path: Path) -> Path:
-    root = write_experiment(tmp_path / "exp")
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory) -> Path:
+    """One audited experiment for the module; each test damages its own copy (an audit per test cost ~3 s)."""
+    root = write_experiment(tmp_path_factory.mktemp("audited") / "exp")
     assert attack_main(["--experiment", str(root), "--attack", "lira"]) == 0
     return root
+
+
+@pytest.fixture
+def experiment(audited: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(audited, tmp_path / "exp", symlinks=True))
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,11 +72,17 @@ def test_a_diverged_model_is_not_marked_done(tmp_path, capsys):
     assert not list((tmp_path / "exp/models").glob("*/done.json"))
 
 
-@pytest.fixture
-def experiment(tmp_path: Path) -> Path:
-    root = write_synthetic_experiment(tmp_path / "exp", n_models=6, n_samples=30, seed=2)
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory) -> Path:
+    """One audited experiment for the module; each test gets its own copy (an audit per test cost seconds)."""
+    root = write_synthetic_experiment(tmp_path_factory.mktemp("audited") / "exp", n_models=6, n_samples=30, seed=2)
     assert attack_main(["--experiment", str(root), "--attack", "lira", "--bootstrap", "0"]) == 0
     return root
+
+
+@pytest.fixture
+def experiment(audited: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(audited, tmp_path / "exp", symlinks=True))
 
 
 PARAMS = {
