@@ -8,7 +8,6 @@ one output's scores, not all of them), and the run is published only when every 
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +22,7 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.identity import check_model_identities
 from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
-from mia_lightning.contract.runs import StagedRun, check_writable_folder, prune_runs
+from mia_lightning.contract.runs import StagedRun, prune_runs
 from mia_lightning.logs import quiet_lightning, timed
 from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, check_bootstrap, evaluate_scores
 
@@ -69,13 +68,6 @@ def check_request(targets: Any, n_targets: Any, bootstrap: Any, keep_runs: Any) 
     check_bootstrap(bootstrap)
     if keep_runs is not None and keep_runs < 0:
         raise MiaError(f"--keep_runs {keep_runs}: must be at least 1 (or 0 to keep every run)")
-
-
-def check_logger_folder(experiment: ExperimentDir, logger: Any) -> None:
-    """Refuse, before the run, a logger named by its kind whose folder under ``<experiment>/logs`` cannot be made or written."""
-    if not isinstance(logger, str) or (logger == "mlflow" and os.environ.get("MLFLOW_TRACKING_URI")):  # a tracking server: no local folder
-        return
-    check_writable_folder(experiment.root / "logs" / ("mlruns" if logger == "mlflow" else "audit"), f"--logger {logger}'s logs")
 
 
 def resolve_attacks(attacks: Sequence[str], params: Any) -> tuple[list[str], dict[str, dict]]:
@@ -198,14 +190,14 @@ def run_audit(
     (``csv`` / ``tensorboard`` / ``mlflow`` or a Lightning logger) receives the published run's
     metrics and ROC figure (``report/loggers.py``).
     """
-    from mia_lightning.report.loggers import check_logger, log_audit, make_logger
+    from mia_lightning.report.loggers import check_logger, check_logger_folder, log_audit, make_logger
 
     experiment = ExperimentDir(Path(experiment_dir))
     experiment.check_exists()
     check_request(targets, n_targets, bootstrap, keep_runs)
     names, checked = resolve_attacks(attacks, params or {})
     check_logger(logger)
-    check_logger_folder(experiment, logger)
+    check_logger_folder(logger, experiment.root)
     quiet_lightning()  # torch / Lightning load from here on, once the request is valid
     from mia_lightning.attacks.module import score_targets
     from mia_lightning.privacy.audit import EpsilonAuditor

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mia_lightning.contract.runs import check_writable_folder
 from mia_lightning.errors import MiaError
 from mia_lightning.metrics import FPR_LEVELS
 
@@ -36,6 +37,20 @@ def check_logger(logger: Any) -> None:
         raise MiaError(f"--logger {logger}: needs the {module} package; install it with `pip install 'mia-lightning[{extra}]'`")
 
 
+def local_log_folder(logger: str, experiment_root: Path) -> Path | None:
+    """Where a logger named by its kind writes in the experiment: ``logs/audit`` (CSV, TensorBoard), ``logs/mlruns`` (MLflow without a tracking server), else None."""
+    if logger == "mlflow":
+        return None if os.environ.get("MLFLOW_TRACKING_URI") else Path(experiment_root) / "logs" / "mlruns"
+    return Path(experiment_root) / "logs" / "audit"
+
+
+def check_logger_folder(logger: Any, experiment_root: Path) -> None:
+    """Refuse, before the run, a logger named by its kind whose folder in the experiment cannot be made or written."""
+    folder = local_log_folder(logger, experiment_root) if isinstance(logger, str) else None
+    if folder is not None:
+        check_writable_folder(folder, f"--logger {logger}'s logs")
+
+
 def make_logger(logger: Any, experiment_root: Path, run_id: str) -> Any:
     """A Lightning logger from a name in ``LOGGER_EXTRAS`` (writing under ``<experiment>/logs``), or ``logger`` itself."""
     if not isinstance(logger, str):
@@ -47,15 +62,15 @@ def make_logger(logger: Any, experiment_root: Path, run_id: str) -> Any:
     check_logger(logger)
     from lightning.pytorch import loggers
 
-    save_dir = Path(experiment_root) / "logs"
+    folder = local_log_folder(logger, experiment_root)
     if logger == "csv":
-        return loggers.CSVLogger(save_dir, name="audit", version=run_id)
+        return loggers.CSVLogger(folder.parent, name=folder.name, version=run_id)
     if logger == "tensorboard":
-        return loggers.TensorBoardLogger(save_dir, name="audit", version=run_id, default_hp_metric=False)
+        return loggers.TensorBoardLogger(folder.parent, name=folder.name, version=run_id, default_hp_metric=False)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")  # the user's tracking server, as MLflow itself reads it
-    if not tracking_uri:  # else a local file store in the experiment (MLflow 3 wants an explicit opt-in for one)
+    if folder is not None:  # else a local file store in the experiment (MLflow 3 wants an explicit opt-in for one)
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        tracking_uri = (save_dir / "mlruns").resolve().as_uri()
+        tracking_uri = folder.resolve().as_uri()
     return loggers.MLFlowLogger(experiment_name="audit", run_name=run_id, tracking_uri=tracking_uri)
 
 
