@@ -22,7 +22,7 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.identity import check_model_identities
 from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
-from mia_lightning.contract.runs import StagedRun, prune_runs
+from mia_lightning.contract.runs import UTILITY_FILE, StagedRun, prune_runs
 from mia_lightning.logs import quiet_lightning, timed
 from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, check_bootstrap, evaluate_scores
 
@@ -202,7 +202,7 @@ def run_audit(
     from mia_lightning.attacks.module import score_targets
     from mia_lightning.privacy.audit import EpsilonAuditor
     from mia_lightning.report.terminal import ALL_CURVES_FIGURE, headline_outputs, plot_roc
-    from mia_lightning.utility import UTILITY_FILE, utility_report
+    from mia_lightning.utility import utility_report
 
     created = [(family, create_attack(family, **checked[family])) for family in names]
     with timed("load and validate outputs"):

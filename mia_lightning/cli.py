@@ -239,9 +239,9 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
     result = run_audit(experiment, attacks, targets=targets, n_targets=n_targets, params=params,
                        bootstrap=BOOTSTRAP_REPLICATES if bootstrap is None else bootstrap, few_shadow=few_shadow, keep_runs=keep_runs,
                        decisions=decisions or Decisions(), logger=logger)
-    from mia_lightning.contract.io import load_json
+    from mia_lightning.contract.runs import run_utility
     from mia_lightning.report.terminal import epsilon_refusal_lines, print_results, skipped_lines
-    from mia_lightning.utility import UTILITY_FILE, utility_line
+    from mia_lightning.utility import utility_line
 
     records = result.records
     print_results(records, f"membership inference audit of {experiment} ({len(records[0]['targets'])} targets, run {result.run_id})", console)
@@ -249,8 +249,9 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
         console.print(Text(f"skipped {line}", style="yellow"))
     for line in epsilon_refusal_lines(records):
         console.print(Text(line, style="yellow"))
-    if (result.folder / UTILITY_FILE).is_file():
-        console.print(utility_line(load_json(result.folder / UTILITY_FILE)))
+    utility = run_utility(result.folder)
+    if utility is not None:
+        console.print(utility_line(utility))
     if few_shadow:
         _print_few_shadow(result.folder / "few_shadow" / "few_shadow.json", experiment)
     console.print(f"results: {experiment / 'attacks'}/<attack>/results.json (run {result.run_id}), ROC: {experiment / 'attacks' / 'roc.png'}")

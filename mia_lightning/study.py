@@ -283,14 +283,14 @@ def study_run(experiment: ExperimentDir) -> tuple[Path, dict] | None:
 
 def _row(setting: Setting, experiment: ExperimentDir) -> dict:
     """What the analysis gets about one audited setting: its overrides, folder, the study's attack run, results per output and utility."""
-    from mia_lightning.contract.runs import run_results
+    from mia_lightning.contract.runs import run_results, run_utility
 
     found = study_run(experiment)
     if found is None:
         marker = experiment.root / SETTING_FILE
         raise MiaError(f"{marker}: the attack run it records is gone; delete {marker} and re-run the study (it audits the setting again)")
     folder, run = found
-    utility = load_json(folder / "utility.json") if (folder / "utility.json").is_file() else None
+    utility = run_utility(folder)
     return {"setting": setting.name, "overrides": setting.overrides, "experiment": experiment.root, "run_folder": folder,
             "results": run_results(folder, run), "utility": utility}
 

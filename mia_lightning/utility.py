@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from mia_lightning.contract.runs import UTILITY_FILE  # noqa: F401 (the file's name lives with its reader; audit.py and cli.py import it from here)
 from mia_lightning.runtime import numpy_parallel_map
 
 UTILITY_VERSION = 1
