@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,15 @@ import numpy as np
 
 from mia_lightning.atomic import write_bytes_atomic
 from mia_lightning.errors import MiaError
+
+
+def check_writable_folder(folder: Path, what: str, fix: str = "fix its permissions or copy the experiment") -> None:
+    """Refuse, before any work, a folder that cannot be made or written: a file where it (or a parent) should be, or no write permission."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise MiaError(f"{existing}: a file where a folder should be; {what} cannot be saved (move or delete the file)")
+    if not os.access(existing, os.W_OK):
+        raise MiaError(f"{existing}: not writable; {what} cannot be saved ({fix})")
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 from mia_lightning.contract.confine import confined, confined_all, plain_name
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
-from mia_lightning.contract.io import load_json, load_npy, save_json_atomic
+from mia_lightning.contract.io import check_writable_folder, load_json, load_npy, save_json_atomic
 from mia_lightning.contract.owners import OWNER_FILE, exclusive_lock, owner_gone, write_owner
 
 RUN_FILE = "run.json"
@@ -68,15 +68,6 @@ def remove_dead_stagings(experiment: ExperimentDir) -> list[str]:
             shutil.rmtree(confined(experiment.root, folder))
             removed.append(folder.name)
     return removed
-
-
-def check_writable_folder(folder: Path, what: str) -> None:
-    """Refuse, before any work, a folder that cannot be made or written: a file where it (or a parent) should be, or no write permission."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise MiaError(f"{existing}: a file where a folder should be; {what} cannot be saved (move or delete the file)")
-    if not os.access(existing, os.W_OK):
-        raise MiaError(f"{existing}: not writable; {what} cannot be saved (fix its permissions or copy the experiment)")
 
 
 class StagedRun:

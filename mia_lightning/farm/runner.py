@@ -35,7 +35,7 @@ from mia_lightning.farm.shards import resolve_shard
 from mia_lightning.runtime import torch_threads
 from mia_lightning.contract.confine import confined_all
 from mia_lightning.contract.identity import DONE_FILE, RECIPE_KEY, check_model_identities, differing_keys, with_added_defaults
-from mia_lightning.contract.io import load_json, load_npy, save_json_atomic, save_npy_atomic, write_bytes_atomic
+from mia_lightning.contract.io import check_writable_folder, load_json, load_npy, save_json_atomic, save_npy_atomic, write_bytes_atomic
 
 log = logging.getLogger("mia_lightning")
 
@@ -85,12 +85,6 @@ def validate_training(recipe: Recipe, pool: L.LightningDataModule) -> L.Lightnin
         if check is not None:
             check(pool, module, trainer.get("max_epochs"))
     return module
-
-
-def _writable(folder: Path) -> None:
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not os.access(existing, os.W_OK):
-        raise MiaError(f"{existing}: not writable; choose another --experiment.root or fix its permissions")
 
 
 @dataclass(frozen=True)
@@ -173,7 +167,7 @@ def prepare_experiment(recipe: Recipe) -> PlannedFarm:
         _check_stored_plan(experiment, planning)
         return planning.farm
     plan = planning.plan
-    _writable(experiment.root)
+    check_writable_folder(experiment.root, "the experiment", fix="choose another --experiment.root or fix its permissions")
     save_npy_atomic(experiment.keep_path, plan.keep)
     save_npy_atomic(experiment.labels_path, planning.labels)
     if plan.population.size:

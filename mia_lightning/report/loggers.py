@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mia_lightning.contract.runs import check_writable_folder
+from mia_lightning.contract.io import check_writable_folder
 from mia_lightning.errors import MiaError
 from mia_lightning.metrics import FPR_LEVELS
 
