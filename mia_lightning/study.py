@@ -175,9 +175,10 @@ def study_outputs(options: StudyOptions) -> list[str] | None:
 
 
 def check_setting_recipes(options: StudyOptions, study_dir: Path, settings: list[Setting]) -> None:
-    """Parse every setting's farm recipe, build its callbacks and check n_targets before study.json is written: a typo found later would lock the study to it."""
+    """Parse every setting's farm recipe, build its callbacks and check its plan settings and n_targets before study.json is written: a typo found later would lock the study to it."""
     from mia_lightning.audit import resolve_targets
     from mia_lightning.console import parse
+    from mia_lightning.data.plan import check_plan_spec
     from mia_lightning.farm.config import farm_parser, recipe_from_namespace
 
     parser = farm_parser()
@@ -185,6 +186,7 @@ def check_setting_recipes(options: StudyOptions, study_dir: Path, settings: list
         try:
             recipe = recipe_from_namespace(parser, parse(parser, setting_argv(options, study_dir, setting)))
             recipe.setup.build_callbacks()  # their constructors check their arguments (DPSGD's epsilon, delta, clipping)
+            check_plan_spec(recipe.plan.kind, recipe.plan.n_models, recipe.plan.options)
             resolve_targets(recipe.plan.n_models, None, options.n_targets)
         except MiaError as err:
             raise MiaError(f"study setting {setting.name!r}: {err}") from None

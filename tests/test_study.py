@@ -141,6 +141,8 @@ def test_a_list_of_grids_is_the_union_of_their_products():
     ({"overrides": {"plan.seed": -1}}, "study setting 'weight_decay-0.0_max_epochs-1': --plan.seed -1: must be a non-negative integer"),
     ({"overrides": {"data.init_args.batch_size": 0}}, "--data.init_args.batch_size 0: must be a positive integer"),
     ({"overrides": {"farm.shard": "3/2"}}, "shard 3/2: need 0 <= i < n"),
+    ({"overrides": {"plan.options": {"p_typo": 0.3}}}, "study setting 'weight_decay-0.0_max_epochs-1': --plan.options.p_typo: unknown option of plan kind lira_half; it takes no options"),
+    ({"overrides": {"plan.kind": "halves"}}, "--plan.kind 'halves': unknown plan kind"),
     ({"grid": {}, "settings": [{"name": "dp", "overrides": {"trainer.callbacks": [{"class_path": "mia_lightning.defences.dp_sgd.DPSGD", "init_args": {"target_epsilon": -1.0}}]}}]},
      "study setting 'dp': DPSGD target_epsilon -1.0: must be positive and finite"),
     # analysis parameters that name no setting or output, or wrong types: refused before the sweep trains, not after it

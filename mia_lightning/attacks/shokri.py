@@ -31,7 +31,7 @@ import numpy as np
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
 from mia_lightning.attacks.classifiers import MLPSettings, check_classifier, concurrent_attack_scores
 from mia_lightning.attacks.shadows import left_out_model, shadow_pool
-from mia_lightning.data.plan import Plan, PlanSpec, check_options, make_lira_plan, split_population
+from mia_lightning.data.plan import Plan, PlanSpec, make_lira_plan, split_population, takes_options
 from mia_lightning.errors import MiaError
 
 
@@ -156,6 +156,7 @@ class Shokri(Attack):
                 "hidden": self.hidden, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "max_rows": self.max_rows, "seed": self.seed}
 
 
+@takes_options("n_targets")
 def make_disjoint_shadows_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
     """Shokri et al.'s threat model: targets train on one half of the pool, shadows on the other, disjoint half.
 
@@ -165,7 +166,6 @@ def make_disjoint_shadows_plan(spec: PlanSpec, labels: np.ndarray | None = None,
     target-half samples it did not train on, never shadow data), and ``info`` lists ``target_models``
     (attack.py's default targets) and ``shadow_models`` (the only shadows Shokri then uses).
     """
-    check_options(spec, ("n_targets",))
     n_targets = spec.options.get("n_targets", 1)
     if not isinstance(n_targets, int) or not 1 <= n_targets <= spec.n_models - 1:
         raise MiaError(f"--plan.options.n_targets {n_targets!r}: must be an integer between 1 and {spec.n_models - 1} (at least one shadow)")

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from mia_lightning.downloads import RegistryFile, cache_dir as download_cache, registry_file
-from mia_lightning.data.plan import Plan, PlanSpec, check_options, make_lira_plan
+from mia_lightning.data.plan import Plan, PlanSpec, make_lira_plan, takes_options
 from mia_lightning.data.streams import StreamBatchSampler, balanced_half
 from mia_lightning.data.tabular import TabularDataModule, TabularPool
 from mia_lightning.errors import MiaError
@@ -642,6 +642,7 @@ class ImageFeatureDataModule(TabularDataModule):
 # ------------------------------------------------------------------------------------------ few-shot plan
 
 
+@takes_options()
 def make_few_shot_plan(spec: PlanSpec, labels: np.ndarray | None, groups: np.ndarray | None = None) -> Plan:
     """Class-stratified LiRA halves of a few-shot pool: every model trains on exactly S of the 2S examples of each class.
 
@@ -653,7 +654,6 @@ def make_few_shot_plan(spec: PlanSpec, labels: np.ndarray | None, groups: np.nda
     that no model trains on (public data for RMIA and quantile regression); the data's ``shots`` then
     sizes the whole pool, so S = shots - n_population / (2C).
     """
-    check_options(spec, ())
     if labels is None:
         raise MiaError("plan kind few_shot: needs the pool's labels")
     classes, counts = np.unique(labels, return_counts=True)

@@ -1,7 +1,8 @@
 """Membership plans: which pool samples each model trains on (``keep.npy`` + ``plan.json``).
 
 A plan kind is a function ``(spec, labels, groups) -> Plan`` registered in ``PLAN_KINDS``; the
-recipe picks it with ``plan.kind`` and passes kind-specific ``plan.options``. Every kind is seeded:
+recipe picks it with ``plan.kind`` and passes kind-specific ``plan.options``, which the function
+declares with ``@takes_options`` (checked before the pool is built). Every kind is seeded:
 same arguments, same plan, bit for bit (numpy PCG64 seeded once).
 
 - ``lira_half`` (default): every sample is IN for exactly half of the models (floor/ceil when N is
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -100,6 +101,9 @@ class Plan:
     parents: dict[int, int] = field(default_factory=dict)
 
 
+PlanFunction = TypeVar("PlanFunction", bound=Callable[..., Plan])
+
+
 def plan_kind(kind: str) -> Callable[..., Plan]:
     """The function registered for ``kind`` (a one-line error naming the known kinds otherwise)."""
     if kind not in PLAN_KINDS:
@@ -108,22 +112,37 @@ def plan_kind(kind: str) -> Callable[..., Plan]:
     return getattr(importlib.import_module(module), function)
 
 
+def takes_options(*names: str) -> Callable[[PlanFunction], PlanFunction]:
+    """Declare the ``plan.options`` a plan kind's function takes, so a spec can be checked without building its data pool."""
+    def declare(function: PlanFunction) -> PlanFunction:
+        function.plan_options = names  # type: ignore[attr-defined]
+        return function
+    return declare
+
+
+def check_plan_spec(kind: str, n_models: int, options: Mapping[str, Any]) -> None:
+    """Refuse what a plan's settings get wrong before any data is loaded: the kind, too few models, an option the kind does not take (a study checks every setting this way before study.json is written)."""
+    build = plan_kind(kind)
+    if n_models < 2:
+        raise MiaError(f"--plan.n_models {n_models}: a membership plan needs at least 2 models (a target and a shadow)")
+    check_options(kind, options, getattr(build, "plan_options", ()))
+
+
 def make_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
     """Build the plan of ``spec.kind`` and check its shapes."""
-    if spec.n_models < 2:
-        raise MiaError(f"--plan.n_models {spec.n_models}: a membership plan needs at least 2 models (a target and a shadow)")
+    check_plan_spec(spec.kind, spec.n_models, spec.options)
     plan = plan_kind(spec.kind)(spec, labels, groups)
     if plan.keep.shape != (spec.n_models, spec.n_samples) or plan.keep.dtype != np.bool_:
         raise MiaError(f"plan kind {spec.kind!r}: built keep {plan.keep.shape} {plan.keep.dtype}, expected bool {(spec.n_models, spec.n_samples)}")
     return plan
 
 
-def check_options(spec: PlanSpec, known: Sequence[str]) -> None:
+def check_options(kind: str, options: Mapping[str, Any], known: Sequence[str]) -> None:
     """Refuse a ``plan.options`` key the plan kind does not take: a typo would otherwise plan with the default silently."""
-    unknown = sorted(set(spec.options) - set(known))
+    unknown = sorted(set(options) - set(known))
     if unknown:
         takes = f"it takes {', '.join(known)}" if known else "it takes no options"
-        raise MiaError(f"--plan.options.{unknown[0]}: unknown option of plan kind {spec.kind}; {takes}")
+        raise MiaError(f"--plan.options.{unknown[0]}: unknown option of plan kind {kind}; {takes}")
 
 
 def split_population(spec: PlanSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -149,9 +168,9 @@ def _balance_rows(keep: np.ndarray, rng: np.random.Generator) -> None:
         keep[high, column], keep[low, column] = False, True
 
 
+@takes_options()
 def make_lira_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
     """LiRA-style random halves: each audit sample IN for exactly half the models, balanced rows."""
-    check_options(spec, ())
     rng = np.random.default_rng(spec.seed)
     population, audit = split_population(spec, rng)
     n_in = np.full(audit.size, spec.n_models // 2)
@@ -165,9 +184,9 @@ def make_lira_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.
     return Plan(keep, population)
 
 
+@takes_options()
 def make_bernoulli_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
     """Independent fair coin flips: sample j is in model i's training set with probability 1/2, independently."""
-    check_options(spec, ())
     rng = np.random.default_rng(spec.seed)
     population, audit = split_population(spec, rng)
     keep = np.zeros((spec.n_models, spec.n_samples), dtype=bool)

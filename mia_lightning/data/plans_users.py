@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from mia_lightning.data.plan import Plan, PlanSpec, check_options, make_lira_plan
+from mia_lightning.data.plan import Plan, PlanSpec, make_lira_plan, takes_options
 from mia_lightning.errors import MiaError
 
-OPTIONS = ("n_references", "fine_tune_from_reference")
-
-
+@takes_options("n_references", "fine_tune_from_reference")
 def make_user_grouped_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
     """keep [M, n] with whole users IN or OUT for each target (half the targets each), plus empty reference rows."""
     if groups is None:
         raise MiaError("--plan.kind user_grouped: the DataModule gives no user ids (pool_groups()); use a data source with users, e.g. mia_lightning.data.mlm.MLMTextDataModule")
-    check_options(spec, OPTIONS)
     groups = np.asarray(groups)
     if groups.shape != (spec.n_samples,):
         raise MiaError(f"pool_groups(): {groups.shape} user ids for {spec.n_samples} samples; give one user id per sample")

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from mia_lightning.data.plan import Plan, PlanSpec, check_options
+from mia_lightning.data.plan import Plan, PlanSpec, check_options, takes_options
 from mia_lightning.errors import MiaError
 from mia_lightning.unlearning.contract import AGGREGATIONS, METHODS, SCENARIOS, Chain, Step, Unlearning, parse_unlearning
 
@@ -50,7 +50,7 @@ EVALUATED = {"single": "deleted", "group": "deleted", "multi_version": "deleted"
 def _options(cls: type, spec: PlanSpec) -> Any:
     """The plan kind's options dataclass from ``plan.options`` (unknown keys and wrong types are one-line errors)."""
     known = {f.name: f for f in fields(cls)}
-    check_options(spec, list(known))
+    check_options(spec.kind, spec.options, list(known))
     values = {}
     for name, value in spec.options.items():
         expected = type(known[name].default)
@@ -236,6 +236,7 @@ def _target_rows(builder: _Builder, unlearning: Unlearning, evaluate: str) -> li
     return sorted(rows)
 
 
+@takes_options(*ScenarioOptions.__dataclass_fields__)
 def make_unlearning_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
     """Chen et al.'s scenarios: originals on both halves of the pool, their unlearned versions, and ``unlearning.json``."""
     opts = _options(ScenarioOptions, spec)
@@ -316,6 +317,7 @@ def complementary_halves(ids: np.ndarray, n_pairs: int, rng: np.random.Generator
     return halves
 
 
+@takes_options(*ULiRAOptions.__dataclass_fields__)
 def make_ulira_plan(spec: PlanSpec, labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> Plan:
     """M originals in complementary pairs (half of the base + half of the candidates each), each unlearned exactly and inexactly.
 
