@@ -22,7 +22,7 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.identity import check_model_identities
 from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
-from mia_lightning.contract.runs import UTILITY_FILE, StagedRun, prune_runs
+from mia_lightning.contract.runs import FEW_SHADOW_FILE, UTILITY_FILE, StagedRun, prune_runs
 from mia_lightning.logs import quiet_lightning, timed
 from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, check_bootstrap, evaluate_scores
 
@@ -279,7 +279,7 @@ def run_audit(
         if few_shadow:
             from mia_lightning.analysis.few_shadow import write_few_shadow
 
-            write_few_shadow(data, target_ids, stage.path("few_shadow"), experiment.root.name)
+            write_few_shadow(data, target_ids, stage.path(FEW_SHADOW_FILE), experiment.root.name)
         run_meta |= {"outputs": [record["attack"] for record in records], "skipped": skipped,
                      "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         folder = stage.publish(run_meta)

@@ -253,28 +253,24 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
     if utility is not None:
         console.print(utility_line(utility))
     if few_shadow:
-        _print_few_shadow(result.folder / "few_shadow" / "few_shadow.json", experiment)
+        _print_few_shadow(result.folder, experiment)
     console.print(f"results: {experiment / 'attacks'}/<attack>/results.json (run {result.run_id}), ROC: {experiment / 'attacks' / 'roc.png'}")
     return 0
 
 
-def _print_few_shadow(path: Path, experiment: Path) -> None:
+def _print_few_shadow(run_folder: Path, experiment: Path) -> None:
     from rich.table import Table
 
-    from mia_lightning.contract.io import load_json
+    from mia_lightning.contract.runs import run_few_shadow
+    from mia_lightning.report.cells import FEW_SHADOW_KEY, few_shadow_table
 
-    rows = load_json(path)["rows"]
-    table = Table(title=f"few-shadow regime on {experiment}: TPR@0.1%FPR (%) / TPR@1%FPR (%) / AUC", title_justify="left")
-    names = list(dict.fromkeys(row["attack"] for row in rows))
-    table.add_column("shadows", justify="right", style="bold")
-    for name in names:
+    header, rows = few_shadow_table(run_few_shadow(run_folder))
+    table = Table(title=f"few-shadow regime on {experiment}: {FEW_SHADOW_KEY}", title_justify="left")
+    table.add_column(header[0], justify="right", style="bold")
+    for name in header[1:]:
         table.add_column(name.replace("_", " "), justify="right")
-    for count in sorted({row["n_shadows"] for row in rows}):
-        cells = {row["attack"]: row for row in rows if row["n_shadows"] == count}
-        table.add_row(str(count), *(
-            "-" if cells[n]["auc"] is None else f"{100 * cells[n]['tpr@0.001']:.2f}/{100 * cells[n]['tpr@0.01']:.2f}/{cells[n]['auc']:.3f}"
-            for n in names
-        ))
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     console.print(f"few-shadow curve: {experiment / 'attacks' / 'few_shadow'}/few_shadow.png")
 

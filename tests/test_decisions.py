@@ -63,10 +63,10 @@ def test_bad_decision_options():
 
 
 def test_report_has_user_level_and_decision_sections(tmp_path):
-    from mia_lightning.report.markdown import write_markdown_report
+    from mia_lightning.report.markdown import markdown_report
 
     root = write_synthetic_experiment(tmp_path / "exp", n_models=8, n_samples=60, seed=5)
     user_grouped(root, 8, 20, 3, population_users=4)
     run_audit(root, ["thresholds"], bootstrap=0)
-    text = write_markdown_report(root).read_text()
+    text = markdown_report(root)
     assert "## User level" in text and "## Decisions at a population threshold" in text and "| loss | user |" in text

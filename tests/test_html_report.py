@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -188,3 +189,45 @@ def test_utility_rows_skip_a_model_without_held_out_samples():
                                      ["train - test gap", "50.00 points", "", ""]]
     nothing_held_out = {**utility, "test_accuracy": None, "train_test_gap": None, "per_model": [{"test_accuracy": None, "train_accuracy": 1.0}]}
     assert utility_rows(nothing_held_out)[0][1:] == ["-", "-", "-"] and utility_rows(nothing_held_out)[2][1] == "-"
+
+
+@pytest.fixture
+def reported(page, tmp_path) -> Path:
+    """A copy of the module's reported experiment, to damage."""
+    root = tmp_path / "exp"
+    shutil.copytree(page[0], root, symlinks=True)
+    assert (root / "attacks" / "latest").resolve().is_relative_to(root)
+    return root
+
+
+@pytest.mark.parametrize("curve, phrase", [
+    ({"rows": [{"attack": 3, "n_shadows": 2}]}, "few_shadow.json: rows[0].attack is 3, expected a string; re-run attack.py"),
+    ({"rows": [{"attack": "lira_online", "n_shadows": 2, "auc": "high"}]}, "few_shadow.json: rows[0].auc is \"high\", expected a number or null"),
+    ([1, 2], "few_shadow.json: holds [1, 2], expected an object with a list of rows"),
+])
+def test_a_damaged_few_shadow_json_is_one_line_in_every_view(reported, capsys, curve, phrase):
+    """A hand-edited few_shadow.json was a KeyError traceback in report.md's and report.html's few-shadow tables."""
+    before = {name: (reported / name).read_bytes() for name in ("report.md", "report.html")}
+    (reported / "attacks" / "latest" / "few_shadow" / "few_shadow.json").write_text(json.dumps(curve))
+    assert attack_main(["--experiment", str(reported), "--report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert phrase in err and "\n" not in err
+    assert before == {name: (reported / name).read_bytes() for name in before}
+
+
+def test_a_report_that_fails_to_render_leaves_the_previous_pair(reported, capsys, monkeypatch):
+    """report.md was written before report.html was rendered: a failing page left a new report.md beside the old report.html."""
+    from mia_lightning.errors import MiaError
+    from mia_lightning.report import html
+
+    old_markdown = (reported / "report.md").read_text()
+    second = run_audit(reported, ["rmia"], n_targets=2, bootstrap=0)
+
+    def fail(*args, **kwargs):
+        raise MiaError("report.html: could not render")
+    monkeypatch.setattr(html, "render_html", fail)
+    assert attack_main(["--experiment", str(reported), "--report"]) == 2
+    assert (reported / "report.md").read_text() == old_markdown and second.run_id not in old_markdown
+    monkeypatch.undo()
+    assert attack_main(["--experiment", str(reported), "--report"]) == 0
+    assert second.run_id in (reported / "report.md").read_text() and second.run_id in (reported / "report.html").read_text()

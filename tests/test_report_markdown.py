@@ -10,13 +10,15 @@ from synthetic import write_synthetic_experiment
 
 from mia_lightning.audit import run_audit
 from mia_lightning.errors import MiaError
-from mia_lightning.report.markdown import write_markdown_report
+from mia_lightning.report.files import write_reports
+from mia_lightning.report.markdown import markdown_report
 
 
 def test_audit_then_markdown_report(tmp_path):
     root = write_synthetic_experiment(tmp_path / "exp", n_models=8, n_samples=50, n_population=10, effect=2.0, seed=9)
     with pytest.raises(MiaError, match="no published attack run"):
-        write_markdown_report(root)
+        write_reports(root)
+    assert not (root / "report.md").exists()
     result = run_audit(root, ["lira", "rmia", "reference"], n_targets=4, few_shadow=True)  # thresholds: unit-tested; each ROC plot costs ~0.2 s
     records = result.records
     assert {"rmia_online", "rmia_offline", "reference_attack_r"} <= {record["attack"] for record in records}
@@ -28,7 +30,7 @@ def test_audit_then_markdown_report(tmp_path):
         assert record["run"]["id"] == result.run_id and record["run"]["targets"] == [0, 1, 2, 3]
         low, high = record["auc_ci_bootstrap"]  # every results.json carries the AUC's two-way bootstrap interval
         assert low <= record["auc"] <= high and record["auc_bootstrap_replicates"] > 0
-    path = write_markdown_report(root)
+    path = write_reports(root)["markdown"]
     text = path.read_text()
     assert path == root / "report.md"
     link = f"attacks/runs/{result.run_id}"
@@ -56,13 +58,13 @@ def test_unresolved_fprs_are_flagged_alike_in_the_terminal_and_report_md(tmp_pat
     records = run_audit(root, ["rmia"], n_targets=3, bootstrap=20).records
     rmia = next(record for record in records if record["attack"] == "rmia_online")
     assert rmia["min_resolvable_fpr"] > 0.001
-    row = next(line for line in write_markdown_report(root).read_text().splitlines() if line.startswith("| rmia_online |"))
+    row = next(line for line in markdown_report(root).splitlines() if line.startswith("| rmia_online |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[3].endswith(" (!)") and cells[-1].endswith("% (!)") and not cells[5].endswith("(!)")  # 0.1% flagged, 10% resolved
     assert sum(cell.endswith(" (!)") for cell in cells[3:6]) == sum(level < rmia["min_resolvable_fpr"] for level in (0.001, 0.01, 0.1))
     key = interval_key(records)
     assert key.startswith("{ } two-way bootstrap 95% over targets x samples (AUC too)")
-    assert key in write_markdown_report(root).read_text() and "[" not in row  # no Clopper-Pearson interval in any view
+    assert key in markdown_report(root) and "[" not in row  # no Clopper-Pearson interval in any view
     console = Console(width=400, record=True)
     console.print(results_table(records, "t"))
     terminal = console.export_text()

@@ -17,7 +17,7 @@ from synthetic import write_synthetic_experiment
 from mia_lightning.audit import run_audit
 from mia_lightning.cli import attack_main
 from mia_lightning.contract.experiment import ExperimentDir
-from mia_lightning.report.markdown import write_markdown_report
+from mia_lightning.report.markdown import markdown_report
 from mia_lightning.contract.runs import latest_run
 
 
@@ -44,7 +44,7 @@ def test_a_narrower_run_replaces_the_whole_set_and_the_old_run_stays_retrievable
     assert sorted(json.loads((attacks / "run.json").read_text())["outputs"]) == outputs
     older = attacks / "runs" / first.run_id
     assert json.loads((older / "rmia_online" / "results.json").read_text())["run"]["id"] == first.run_id
-    text = write_markdown_report(experiment).read_text()
+    text = markdown_report(experiment)
     assert second.run_id in text and "rmia" not in text and "3 target models" in text
 
 

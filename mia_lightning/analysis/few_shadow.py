@@ -76,10 +76,9 @@ def few_shadow_curve(data: AttackData, targets: np.ndarray, shadow_counts: Seque
     return rows
 
 
-def write_few_shadow(data: AttackData, targets: np.ndarray, folder: Path, title: str, shadow_counts: Sequence[int] = SHADOW_COUNTS) -> list[dict]:
-    """Compute the curve and write ``few_shadow.json`` and ``few_shadow.png`` into ``folder`` (part of an attack run)."""
+def write_few_shadow(data: AttackData, targets: np.ndarray, path: Path, title: str, shadow_counts: Sequence[int] = SHADOW_COUNTS) -> list[dict]:
+    """Compute the curve and write it to ``path`` (an attack run's ``few_shadow/few_shadow.json``) with ``few_shadow.png`` beside it."""
     rows = few_shadow_curve(data, targets, shadow_counts)
-    folder = Path(folder)
-    save_json_atomic(folder / "few_shadow.json", {"targets": np.asarray(targets).tolist(), "shadow_counts": list(shadow_counts), "rows": rows})
-    plot_few_shadow(rows, folder / "few_shadow.png", f"few-shadow curve ({title})", ROW_METRICS)
+    save_json_atomic(Path(path), {"targets": np.asarray(targets).tolist(), "shadow_counts": list(shadow_counts), "rows": rows})
+    plot_few_shadow(rows, Path(path).with_name("few_shadow.png"), f"few-shadow curve ({title})", ROW_METRICS)
     return rows

@@ -40,6 +40,7 @@ from mia_lightning.contract.owners import OWNER_FILE, exclusive_lock, owner_gone
 
 RUN_FILE = "run.json"
 UTILITY_FILE = "utility.json"
+FEW_SHADOW_FILE = "few_shadow/few_shadow.json"
 SCORES_FILE = "scores.npy"
 LATEST = "latest"
 LOCK_FILE = ".lock"
@@ -347,6 +348,26 @@ def run_utility(folder: Path) -> dict | None:
     for name in ("precision", "recall", "f1"):
         _expect(per_class, name, NUMBERS, f"{where}per_class.")
     return utility
+
+
+def run_few_shadow(folder: Path) -> list[dict] | None:
+    """The checked rows of run ``folder``'s few-shadow curve (``--few_shadow``), or None when the run has none."""
+    path = Path(folder) / FEW_SHADOW_FILE
+    if not path.is_file():
+        return None
+    curve = load_json(path)
+    rows = curve.get("rows") if isinstance(curve, dict) else None
+    if not isinstance(rows, list):
+        raise MiaError(f"{path}: holds {json.dumps(curve)[:60]}, expected an object with a list of rows; {REWRITE}")
+    for index, row in enumerate(rows):
+        where = f"{path}: rows[{index}]."
+        if not isinstance(row, dict):
+            raise MiaError(f"{path}: rows[{index}] is {json.dumps(row)[:60]}, expected an object; {REWRITE}")
+        _expect(row, "attack", TEXT, where)
+        _expect(row, "n_shadows", COUNT, where)
+        for name in ("auc", "tpr@0.001", "tpr@0.01"):
+            _expect(row, name, NUMBER, where, optional=True)
+    return rows
 
 
 def output_scores(folder: Path, record: dict, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -68,6 +68,21 @@ def epsilon_cell(record: dict) -> str:
     return f"{eps['epsilon_lower_bound']:.3f} ({method}, {eps.get('n_trials', '?')})"
 
 
+FEW_SHADOW_KEY = "AUC / TPR@0.1%FPR / TPR@1%FPR with k shadow / reference models (the k lowest ids other than the target)"
+
+
+def few_shadow_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the few-shadow curve: one row per shadow count k, one ``FEW_SHADOW_KEY`` cell per output (``-`` where nothing was scored)."""
+    names = list(dict.fromkeys(row["attack"] for row in rows))
+    points = {(row["n_shadows"], row["attack"]): row for row in rows}
+
+    def cell(point: dict | None) -> str:
+        return "-" if point is None or point["auc"] is None else f"{point['auc']:.3f} / {percent(point['tpr@0.001'])} / {percent(point['tpr@0.01'])}"
+
+    counts = sorted({row["n_shadows"] for row in rows})
+    return ["shadows", *names], [[str(k), *(cell(points.get((k, name))) for name in names)] for k in counts]
+
+
 def results_header() -> list[str]:
     """Column names of the results table."""
     return ["attack", "AUC {bootstrap}", "bal. acc", *(f"TPR@{100 * level:g}%FPR {{bootstrap}}" for level in FPR_LEVELS),

@@ -15,12 +15,19 @@ def refuse_folders(paths: list[Path]) -> None:
 
 
 def write_reports(experiment_dir: Path) -> dict[str, Path]:
-    """``report.md`` and ``report.html`` of the published run (``attack.py --report``); returns their paths by format."""
-    from mia_lightning.contract.confine import confined_all
-    from mia_lightning.report.html import write_html_report
-    from mia_lightning.report.markdown import write_markdown_report
+    """``report.md`` and ``report.html`` of the published run (``attack.py --report``); returns their paths by format.
 
-    destinations = [Path(experiment_dir) / "report.md", Path(experiment_dir) / "report.html"]
-    confined_all(Path(experiment_dir), destinations)  # both refused before either is written
-    refuse_folders(destinations)
-    return {"markdown": write_markdown_report(experiment_dir), "html": write_html_report(experiment_dir)}
+    Both are rendered before either is written (each atomically), so a report that fails leaves the previous pair as it was.
+    """
+    from mia_lightning.contract.confine import confined_all
+    from mia_lightning.contract.io import write_bytes_atomic
+    from mia_lightning.report.html import html_report
+    from mia_lightning.report.markdown import markdown_report
+
+    destinations = {"markdown": Path(experiment_dir) / "report.md", "html": Path(experiment_dir) / "report.html"}
+    confined_all(Path(experiment_dir), list(destinations.values()))
+    refuse_folders(list(destinations.values()))
+    texts = {"markdown": markdown_report(experiment_dir), "html": html_report(experiment_dir)}
+    for kind, path in destinations.items():
+        write_bytes_atomic(path, texts[kind].encode())
+    return destinations

@@ -19,16 +19,16 @@ import json
 from pathlib import Path
 
 from mia_lightning.version import __version__
-from mia_lightning.contract.confine import confined, confined_all
+from mia_lightning.contract.confine import confined_all
 from mia_lightning.contract.experiment import ExperimentDir
-from mia_lightning.contract.io import load_json, write_bytes_atomic
+from mia_lightning.contract.io import write_bytes_atomic
 from mia_lightning.metrics import FPR_LEVELS
-from mia_lightning.report.cells import auc_cell, interval_key, percent, results_header, results_row, tpr_cell, unresolved
+from mia_lightning.report.cells import FEW_SHADOW_KEY, auc_cell, few_shadow_table, interval_key, percent, results_header, results_row, tpr_cell, unresolved
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
 from mia_lightning.report.markdown import VULNERABLE_COLUMNS, epsilon_paragraphs, load_records, markdown_table, vulnerable_samples
 from mia_lightning.report.files import refuse_folders
 from mia_lightning.report.table import TableRecord
-from mia_lightning.contract.runs import latest_run, run_utility
+from mia_lightning.contract.runs import FEW_SHADOW_FILE, latest_run, run_few_shadow, run_utility
 from mia_lightning.utility import utility_line
 
 STYLE = """
@@ -123,17 +123,12 @@ def verdict(records: list[dict]) -> tuple[str, bool | None]:
 
 
 def _few_shadow(run_folder: Path) -> str:
-    folder = run_folder / "few_shadow"
-    if not (folder / "few_shadow.json").is_file():
+    rows = run_few_shadow(run_folder)
+    if rows is None:
         return ""
-    rows = load_json(folder / "few_shadow.json")["rows"]
-    names = list(dict.fromkeys(row["attack"] for row in rows))
-    cell = {(row["n_shadows"], row["attack"]): row for row in rows}
-    table = [[str(k)] + ["-" if cell.get((k, n)) is None or cell[(k, n)]["auc"] is None
-                         else f"{cell[(k, n)]['auc']:.3f} / {percent(cell[(k, n)]['tpr@0.001'])} / {percent(cell[(k, n)]['tpr@0.01'])}" for n in names]
-             for k in sorted({row["n_shadows"] for row in rows})]
-    return ("<h2 id=\"few-shadow\">Few-shadow curve</h2><p>AUC / TPR@0.1%FPR / TPR@1%FPR with k shadow / reference models.</p>"
-            + _table(["shadows", *names], table, table_id="few-shadow-table") + _image(folder / "few_shadow.png", "attack success against the number of shadow models"))
+    header, table = few_shadow_table(rows)
+    return (f"<h2 id=\"few-shadow\">Few-shadow curve</h2><p>{_esc(FEW_SHADOW_KEY)}.</p>" + _table(header, table, table_id="few-shadow-table")
+            + _image((run_folder / FEW_SHADOW_FILE).with_name("few_shadow.png"), "attack success against the number of shadow models"))
 
 
 PER_CLASS_LIMIT = 20
@@ -282,12 +277,9 @@ def write_tables_page(path: Path, title: str, records: list[TableRecord], images
     return path
 
 
-def write_html_report(experiment_dir: Path, top: int = 20) -> Path:
-    """Render ``<experiment>/report.html`` (atomically) from the latest attack run; returns its path."""
+def html_report(experiment_dir: Path, top: int = 20) -> str:
+    """The page ``<experiment>/report.html``, rendered from the latest attack run (``report.files.write_reports`` writes it)."""
     experiment = ExperimentDir(Path(experiment_dir))
     experiment.check_exists()
     run_folder, run = latest_run(experiment)
-    records = load_records(run_folder, run)
-    path = confined(experiment.root, experiment.root / "report.html")
-    write_bytes_atomic(path, render_html(experiment, run_folder, run, records, top).encode())
-    return path
+    return render_html(experiment, run_folder, run, load_records(run_folder, run), top)

@@ -14,13 +14,11 @@ import numpy as np
 
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
-from mia_lightning.contract.io import load_json, write_bytes_atomic
-from mia_lightning.contract.confine import confined
 from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report.table import TableRecord
-from mia_lightning.report.cells import auc_cell, interval_key, percent, results_header, results_row, tpr_cell
+from mia_lightning.report.cells import FEW_SHADOW_KEY, auc_cell, few_shadow_table, interval_key, results_header, results_row, tpr_cell
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
-from mia_lightning.contract.runs import SCORES_FILE, UTILITY_FILE, latest_run, output_scores, run_results, run_utility
+from mia_lightning.contract.runs import FEW_SHADOW_FILE, SCORES_FILE, UTILITY_FILE, latest_run, output_scores, run_few_shadow, run_results, run_utility
 from mia_lightning.utility import utility_line
 
 VULNERABILITY_ATTACK = "lira_online"
@@ -109,19 +107,12 @@ def _epsilon_section(records: list[dict]) -> list[str]:
 
 
 def _few_shadow_section(run_folder: Path, link: str) -> list[str]:
-    folder = run_folder / "few_shadow"
-    if not (folder / "few_shadow.json").is_file():
+    rows = run_few_shadow(run_folder)
+    if rows is None:
         return []
-    rows = load_json(folder / "few_shadow.json")["rows"]
-    names = list(dict.fromkeys(row["attack"] for row in rows))
-    counts = sorted({row["n_shadows"] for row in rows})
-    cell = {(row["n_shadows"], row["attack"]): row for row in rows}
-    table = []
-    for k in counts:
-        points = [cell.get((k, name)) for name in names]
-        table.append([str(k)] + ["-" if p is None or p["auc"] is None else f"{p['auc']:.3f} / {percent(p['tpr@0.001'])} / {percent(p['tpr@0.01'])}" for p in points])
-    lines = ["## Few-shadow curve", "", "AUC / TPR@0.1%FPR / TPR@1%FPR with k shadow / reference models (the k lowest ids other than the target).", ""]
-    lines += _table(["shadows"] + names, table) + [""]
+    folder = (run_folder / FEW_SHADOW_FILE).parent
+    lines = ["## Few-shadow curve", "", f"{FEW_SHADOW_KEY}.", ""]
+    lines += _table(*few_shadow_table(rows)) + [""]
     if (folder / "few_shadow.png").is_file():
         lines += [f"![Attack success against the number of shadow models]({link}/few_shadow/few_shadow.png)", ""]
     return lines
@@ -176,8 +167,8 @@ def _vulnerable_section(records: list[dict], experiment: ExperimentDir, run_fold
     ]
 
 
-def write_markdown_report(experiment_dir: Path, top: int = 20) -> Path:
-    """Render ``<experiment>/report.md`` (atomically) from the latest attack run; returns its path."""
+def markdown_report(experiment_dir: Path, top: int = 20) -> str:
+    """The text of ``<experiment>/report.md``, rendered from the latest attack run (``report.files.write_reports`` writes it)."""
     experiment = ExperimentDir(Path(experiment_dir))
     experiment.check_exists()
     run_folder, run = latest_run(experiment)
@@ -203,6 +194,4 @@ def write_markdown_report(experiment_dir: Path, top: int = 20) -> Path:
     lines += _epsilon_section(records)
     lines += _few_shadow_section(run_folder, link)
     lines += _vulnerable_section(records, experiment, run_folder, top)
-    path = confined(experiment.root, experiment.root / "report.md")
-    write_bytes_atomic(path, "\n".join(lines).encode())
-    return path
+    return "\n".join(lines)
