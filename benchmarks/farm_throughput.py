@@ -90,7 +90,7 @@ def jobs_for(n_samples: int, n_models: int, seed: int = 0) -> list[ModelJob]:
     return [ModelJob(i, np.flatnonzero(keep[i]), model_seed(seed, i)) for i in range(n_models)]
 
 
-def timed(engine, jobs: list[ModelJob]) -> float:
+def timed(engine: SequentialEngine | VectorisedEngine, jobs: list[ModelJob]) -> float:
     start = time.perf_counter()
     results = list(engine.run(jobs))
     assert len(results) == len(jobs)

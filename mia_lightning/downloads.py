@@ -83,15 +83,21 @@ def _archives(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in (".whl", ".gz", ".deb", ".zip")) if folder.is_dir() else []
 
 
-def _check_hash(archive: Path, entry: KnownPackage) -> None:
-    """Refuse (and delete) an archive whose sha256 is not the table's."""
+def file_sha256(path: Path | str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with archive.open("rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    if digest.hexdigest() != entry.sha256:
+    return digest.hexdigest()
+
+
+def _check_hash(archive: Path, entry: KnownPackage) -> None:
+    """Refuse (and delete) an archive whose sha256 is not the table's."""
+    found = file_sha256(archive)
+    if found != entry.sha256:
         archive.unlink()
-        raise MiaError(f"{archive}: sha256 {digest.hexdigest()[:16]}... is not the pinned {entry.sha256[:16]}... of {entry.source}:{entry.spec}; deleted it, run again to download it")
+        raise MiaError(f"{archive}: sha256 {found[:16]}... is not the pinned {entry.sha256[:16]}... of {entry.source}:{entry.spec}; deleted it, run again to download it")
 
 
 def _read_ar_member(archive: Path, prefix: str) -> tuple[str, bytes]:

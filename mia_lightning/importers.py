@@ -26,7 +26,6 @@ beside it, then renamed), so a failed import leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -38,6 +37,7 @@ import numpy as np
 from jsonargparse import ArgumentParser
 
 from mia_lightning.data.text_sources import read_csv_columns
+from mia_lightning.downloads import file_sha256
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import FORMAT_VERSION, IMPORTED_KIND, ExperimentDir
 from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
@@ -103,10 +103,6 @@ def published_run(source: Path, measure: str, input_csv: str, model: str) -> Pat
     return matches[0] / "loss.txt"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def import_mlm_mia(source: Path, nonmembers: str, measure: str = "loss", population: bool = True) -> ImportedScores:
     """The paper's target and reference losses on members, non-members and (optionally) the population set, row-paired."""
     if measure not in MLM_MIA_SETS:
@@ -123,7 +119,7 @@ def import_mlm_mia(source: Path, nonmembers: str, measure: str = "loss", populat
         for role in roles:
             path = published_run(source, measure, sets[role], model)
             parts.append(read_score_file(path))
-            files.setdefault(role, {})[model] = f"{path.parent.name}/loss.txt sha256:{_sha256(path)}"
+            files.setdefault(role, {})[model] = f"{path.parent.name}/loss.txt sha256:{file_sha256(path)}"
         columns.append(parts)
     for index, role in enumerate(roles):
         lengths = {model: len(columns[m][index]) for m, (model, _) in enumerate(MLM_MIA_MODELS)}
@@ -233,7 +229,7 @@ def import_table(path: Path, scores: str) -> ImportedScores:
             raise MiaError(f"{path}: column 'user' holds non-integer ids")
         groups = np.unique(users.astype(str) if users.dtype == object else users, return_inverse=True)[1].astype(np.int64)
     info = {"target_models": [0], "models": {str(i): name for i, name in enumerate(names)},
-            "signal": "minus the imported loss" if scores == "loss" else "the imported signal", "source": f"{path.name} sha256:{_sha256(path)}"}
+            "signal": "minus the imported loss" if scores == "loss" else "the imported signal", "source": f"{path.name} sha256:{file_sha256(path)}"}
     if "reference" in columns:
         info["reference_models"] = [1]
     if groups is not None:

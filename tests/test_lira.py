@@ -11,7 +11,7 @@ from scipy.stats import norm
 from synthetic import synthetic_attack_data
 
 from mia_lightning.attacks import AttackData, create_attack
-from mia_lightning.attacks.base import logit_scaled_confidence
+from mia_lightning.attacks.base import confidence_statistics
 from mia_lightning.attacks.module import score_targets
 from mia_lightning.attacks.shadows import ShadowMoments
 from mia_lightning.metrics import rank_auc
@@ -70,6 +70,11 @@ def reference_lira(data: AttackData, targets, n_shadows=None) -> dict[str, np.nd
                 out["lira_online"][ti, j] = np.mean([norm.logpdf(x[a], mu_i[j, a], sd_i[j, a]) - norm.logpdf(x[a], mu_o[j, a], sd_o[j, a]) for a in range(Q)])
                 out["lira_online_fixed"][ti, j] = np.mean([norm.logpdf(x[a], mu_i[j, a], pool_i[a]) - norm.logpdf(x[a], mu_o[j, a], pool_o[a]) for a in range(Q)])
     return out
+
+
+def logit_scaled_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """LiRA's statistic phi in float64 [..., n, Q] from logits [..., n, Q, C]."""
+    return confidence_statistics(logits, labels)[0]
 
 
 def test_phi_is_stable_for_confident_logits():

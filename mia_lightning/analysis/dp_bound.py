@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 
+from mia_lightning.metrics import RocCurve
 from mia_lightning.privacy.epsilon import clopper_pearson_lower
 
 MIN_EVENTS = 10
@@ -80,7 +81,7 @@ def curve_epsilon_clopper_pearson(fpr: np.ndarray, tpr: np.ndarray, delta: float
     return _epsilon(tpr_low, fpr_high, tnr_low, fnr_high, first, second, delta)
 
 
-def compare(curve, bounds: list[tuple[float, float]]) -> dict:
+def compare(curve: RocCurve, bounds: list[tuple[float, float]]) -> dict:
     """A ROC (``metrics.RocCurve``) against add/remove (eps, delta) guarantees read as replace-one regions, at resolved vertices only.
 
     Returns per bound whether the resolved vertices stay inside and the worst excess, and the

@@ -73,11 +73,6 @@ def confidence_statistics(logits: np.ndarray, labels: np.ndarray) -> tuple[np.nd
     return phi.reshape(lead), log_p_y.reshape(lead)
 
 
-def logit_scaled_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """LiRA's statistic phi in float64 [..., n, Q] from logits [..., n, Q, C]."""
-    return confidence_statistics(logits, labels)[0]
-
-
 def check_plan_kind(experiment: ExperimentDir) -> None:
     """Refuse, before any outputs are read, a plan.json (checked whole on reading) whose ``kind`` no plan function builds:
     the kind decides which attacks and epsilon audits apply, so a typo must not pass silently."""

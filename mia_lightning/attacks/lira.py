@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy.special import log_ndtr
 
-from mia_lightning.attacks.base import Attack, register_attack
+from mia_lightning.attacks.base import Attack, AttackData, register_attack
 from mia_lightning.attacks.shadows import NONE_LEFT_OUT, ShadowMoments, left_out_model, shadow_pool
 from mia_lightning.errors import MiaError
 
@@ -92,7 +92,7 @@ class LiRA(Attack):
         """Whether the reference implementation's median / global std / truncation need a fit per target."""
         return self.mu == "median" or self.fixed_std == "global" or self.truncate
 
-    def fit(self, data) -> None:
+    def fit(self, data: AttackData) -> None:
         super().fit(data)
         if self.reference_fit:
             self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows)

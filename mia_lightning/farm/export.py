@@ -9,8 +9,6 @@ every model's recorded recipe must match plan.json, and every new output passes 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import numpy as np
 import yaml

@@ -14,7 +14,6 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 import lightning as L
@@ -199,7 +198,7 @@ def write_model(experiment: ExperimentDir, trained: TrainedModel, job: ModelJob,
     )
 
 
-def build_engine(recipe: Recipe, progress_bar: bool, engine: str | None = None):
+def build_engine(recipe: Recipe, progress_bar: bool, engine: str | None = None) -> Any:
     """The engine ``engine`` (default: ``farm.engine``; see ``farm.engine.ENGINES``), with a rich progress bar per Lightning run when wanted."""
     from lightning.pytorch.callbacks import RichProgressBar
 

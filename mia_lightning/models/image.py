@@ -21,6 +21,8 @@ every query view's features at once.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import lightning as L
 import numpy as np
 import torch
@@ -152,7 +154,7 @@ class FeatureHead(TabularMLP):
             return (torch.linalg.vector_norm(p, dim=1) * torch.sqrt((scaled**2).sum(1) + 1.0)).numpy()
 
 
-def autograd_gradient_norms(module: nn.Module, parameters: list[nn.Parameter], loader) -> np.ndarray:
+def autograd_gradient_norms(module: nn.Module, parameters: list[nn.Parameter], loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
     """float64 [n]: per-sample gradient norms of the cross-entropy w.r.t. ``parameters`` with ``torch.func`` (eval mode, loader order)."""
     from torch.func import functional_call, grad, vmap
 

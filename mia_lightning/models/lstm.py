@@ -14,7 +14,7 @@ it needs reference texts: ``data.init_args.n_reference``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import lightning as L
 import torch
@@ -24,8 +24,9 @@ from torch import nn
 
 from mia_lightning.defences.adversarial import InferenceModel, inference_loss, privacy_penalty
 from mia_lightning.defences.dp_sgd import PrivacyStateMixin
+from mia_lightning.models import tabular_mlp
+from mia_lightning.models.tabular_mlp import OPTIMIZERS
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 LSTM_IMPLEMENTATIONS = ("torch", "opacus")
 
 
@@ -41,12 +42,10 @@ def build_lstm(implementation: str, input_size: int, hidden_size: int, num_layer
     return nn.LSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True, dropout=inter_layer, bidirectional=bidirectional)
 
 
-def make_optimizer(parameters: Any, hparams: Any) -> torch.optim.Optimizer:
-    """The classifier's optimiser from its hyper-parameters (shared by the single model and ``VectorisedLSTM``; SGD with momentum 0.9)."""
-    kwargs: dict[str, Any] = {"lr": hparams.lr, "weight_decay": hparams.weight_decay}
-    if hparams.optimizer == "sgd":
-        kwargs["momentum"] = 0.9
-    return OPTIMIZERS[hparams.optimizer](parameters, **kwargs)
+def make_optimizer(parameters: Iterable[nn.Parameter], hparams: Any) -> torch.optim.Optimizer:
+    """The text classifiers' optimiser from their hyper-parameters (LSTM and bag-of-words, single and vectorised): ``tabular_mlp.make_optimizer``
+    with SGD's momentum fixed at 0.9 and torch's default kernels."""
+    return tabular_mlp.make_optimizer(parameters, hparams.optimizer, hparams.lr, hparams.weight_decay, momentum=0.9, fused=None)
 
 
 class LSTMClassifier(PrivacyStateMixin, L.LightningModule):

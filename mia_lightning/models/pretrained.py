@@ -25,7 +25,6 @@ of timm's ``state_dict``, with the same shape):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from mia_lightning.atomic import write_bytes_atomic
-from mia_lightning.downloads import RegistryFile, cache_dir, registry_file
+from mia_lightning.downloads import RegistryFile, cache_dir, file_sha256, registry_file
 from mia_lightning.errors import MiaError, load_failure
 
 log = logging.getLogger("mia_lightning")
@@ -147,11 +146,7 @@ def convert_offline_weights(backbone: str, target: Path) -> Path:
 @lru_cache(maxsize=16)
 def file_digest(path: str, mtime_ns: int) -> str:
     """sha256 of a weights file (cached per path and modification time)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 @dataclass(frozen=True)

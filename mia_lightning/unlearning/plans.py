@@ -227,7 +227,7 @@ def _next_single(builder: _Builder, opts: ScenarioOptions, model: int, members: 
     return builder.add(members, model, {"method": "gradient_ascent", "forget": deleted.tolist(), "steps": opts.ascent_steps})
 
 
-def _target_rows(builder: _Builder, unlearning: Unlearning, evaluate: str) -> list[int]:
+def _target_rows(unlearning: Unlearning, evaluate: str) -> list[int]:
     """Rows of the target side: original models (all shards) for deleted / remaining samples, updated models for added ones."""
     rows: set[int] = set()
     for chain in unlearning.chains:
@@ -279,7 +279,7 @@ def make_unlearning_plan(spec: PlanSpec, labels: np.ndarray | None = None, group
     payload = unlearning.to_json()
     parse_unlearning(payload, keep, "unlearning plan")  # the plan's own invariants, checked before anything is written
     info = {
-        "target_models": _target_rows(builder, unlearning, unlearning.evaluate),
+        "target_models": _target_rows(unlearning, unlearning.evaluate),
         "unlearning": {"design": "scenarios", "scenario": opts.scenario, "method": opts.method, "originals_per_side": opts.originals,
                        "updates": opts.updates, "per_update": k, "train_size": opts.train_size},
     }

@@ -26,7 +26,7 @@ from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import save_json_atomic, write_bytes_atomic
 from mia_lightning.contract.runs import latest_run, output_scores, run_results
 from mia_lightning.contract.confine import confined_all
-from mia_lightning.report.cells import UNRESOLVED, unresolved
+from mia_lightning.report.cells import UNRESOLVED, interval, percent, unresolved
 from mia_lightning.report.files import refuse_folders
 from mia_lightning.report.html import write_tables_page
 from mia_lightning.report.markdown import markdown_table
@@ -142,18 +142,10 @@ def summarise(experiment_dir: Path) -> dict:
     }
 
 
-def _ci(values: list[float]) -> str:
-    return f"[{values[0]:.3f}, {values[1]:.3f}]"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def _tpr(metrics: dict) -> str:
     """'16.0% [3.3%, 28.7%]' (the bootstrap interval), marked ``(!)`` like every other view when the scores cannot resolve a 1% FPR."""
     low, high = metrics["tpr@1%fpr_ci"]
-    return f"{_pct(metrics['tpr@1%fpr'])} [{_pct(low)}, {_pct(high)}]" + (UNRESOLVED if unresolved(metrics, float(FPR)) else "")
+    return f"{percent(metrics['tpr@1%fpr'], 1)} [{percent(low, 1)}, {percent(high, 1)}]" + (UNRESOLVED if unresolved(metrics, float(FPR)) else "")
 
 
 LEFT = ("feature", "clf", "defence", "view", "test")
@@ -165,13 +157,13 @@ def tables(summary: dict) -> list[TableRecord]:
     utility = summary["utility"]
     where = f"{name}: {summary['scenario']} / {summary['method']} (evaluated: {summary['evaluate']})"
     if utility:
-        where += f"; held-out accuracy original {_pct(utility.get('original'))}, unlearned {_pct(utility.get('unlearned'))}"
+        where += f"; held-out accuracy original {percent(utility.get('original'), 1)}, unlearned {percent(utility.get('unlearned'), 1)}"
     out = []
     if summary["unlearning_attack"]:
         header = ["feature", "clf", "defence", "view", "AUC [95% CI]", "TPR@1%FPR [95% CI]", "classic original AUC / TPR", "classic unlearned AUC / TPR", "DegCount", "DegRate"]
-        rows = [[r["feature"], r["classifier"], r["defence"], r["view"], f"{r['auc']:.3f} {_ci(r['auc_ci'])}",
+        rows = [[r["feature"], r["classifier"], r["defence"], r["view"], f"{r['auc']:.3f}" + interval(r["auc_ci"], "[]", 3, 1.0),
                  _tpr(r),
-                 *(f"{r[f'classic_{side}_auc']:.3f} / {_pct(r[f'classic_{side}_tpr@1%fpr'])}" if f"classic_{side}_auc" in r else "-"
+                 *(f"{r[f'classic_{side}_auc']:.3f} / {percent(r[f'classic_{side}_tpr@1%fpr'], 1)}" if f"classic_{side}_auc" in r else "-"
                    for side in ("original", "unlearned")),
                  f"{r['degcount']:.3f}" if "degcount" in r else "-", f"{r['degrate']:+.3f}" if "degrate" in r else "-"]
                 for r in summary["unlearning_attack"]]
@@ -182,7 +174,7 @@ def tables(summary: dict) -> list[TableRecord]:
         labels = {"ulira_exact": "U-LiRA, exact (scratch)", "ulira_inexact": f"U-LiRA, inexact ({ulira['inexact_method']})",
                   "lira_before": "same test on the originals (before)", "loss_exact": "loss attack, exact", "loss_inexact": "loss attack, inexact",
                   "retained_before": "retained samples, originals", "retained_exact": "retained samples, exact", "retained_inexact": "retained samples, inexact"}
-        rows = [[label, f"{ulira[key]['auc']:.3f} {_ci(ulira[key]['auc_ci'])}",
+        rows = [[label, f"{ulira[key]['auc']:.3f}" + interval(ulira[key]["auc_ci"], "[]", 3, 1.0),
                  _tpr(ulira[key]),
                  f"{ulira[key]['n_members']} / {ulira[key]['n_nonmembers']}"] for key, label in labels.items() if key in ulira]
         for statistic in ("loss", "ulira"):
