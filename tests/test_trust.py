@@ -238,6 +238,17 @@ def test_export_refuses_a_model_folder_linked_elsewhere(copy, tmp_path, capsys):
     assert snapshot(outside) == before
 
 
+def test_logger_folder_linked_elsewhere_is_refused_before_anything_is_written(synthetic, tmp_path, capsys):
+    """``attack.py --logger csv`` writes under ``<experiment>/logs``: a received ``logs`` link leading out is refused before the run."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (synthetic / "logs").symlink_to(outside)
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(synthetic), "--attack", "lira", "--bootstrap", "0", "--logger", "csv"]) == 2
+    assert f"{synthetic / 'logs'}: a symbolic link leading outside" in one_line_error(capsys)
+    assert list(outside.iterdir()) == [] and not (synthetic / "attacks").exists()
+
+
 def test_links_inside_the_experiment_are_fine(synthetic, tmp_path):
     real = synthetic / "attack-results"
     real.mkdir()
