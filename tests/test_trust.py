@@ -283,6 +283,23 @@ def test_output_names_read_from_run_json_never_lead_reads_elsewhere(name, synthe
         run_results(*latest_run(ExperimentDir(synthetic)))
 
 
+def test_a_latest_link_leading_out_of_the_experiment_is_refused(synthetic, tmp_path, capsys):
+    """``attacks/latest`` is read from the experiment: pointed at a run folder elsewhere, the report and the API refuse it in one line."""
+    from mia_lightning.api import open_experiment
+
+    assert attack_main(["--experiment", str(synthetic), "--attack", "thresholds", "--bootstrap", "0"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree((synthetic / "attacks/latest").resolve(), elsewhere)
+    (synthetic / "attacks/latest").unlink()
+    (synthetic / "attacks/latest").symlink_to(elsewhere)
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(synthetic), "--report"]) == 2
+    assert f"{synthetic / 'attacks/latest'}: leads to {elsewhere}, not a run folder under" in one_line_error(capsys)
+    assert not (synthetic / "report.md").exists() and not (synthetic / "report.html").exists()
+    with pytest.raises(MiaError, match="not a run folder under"):
+        open_experiment(synthetic).records()
+
+
 def test_a_results_json_naming_another_output_is_refused(synthetic, capsys):
     """results.json's own ``attack`` field is joined into paths too (the report's scores): it must name the output it sits in."""
     assert attack_main(["--experiment", str(synthetic), "--attack", "thresholds", "--bootstrap", "0"]) == 0
