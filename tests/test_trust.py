@@ -300,6 +300,20 @@ def test_a_latest_link_leading_out_of_the_experiment_is_refused(synthetic, tmp_p
         open_experiment(synthetic).records()
 
 
+def test_a_figure_linked_elsewhere_is_never_embedded_in_report_html(synthetic, tmp_path, capsys):
+    """report.html inlines the run's roc.png: a crafted ``roc.png -> <a private file>`` is refused, its content copied nowhere."""
+    assert attack_main(["--experiment", str(synthetic), "--attack", "thresholds", "--bootstrap", "0"]) == 0
+    secret = tmp_path / "id_rsa"
+    secret.write_bytes(b"\x89PNG\r\n\x1a\nPRIVATE KEY")
+    roc = (synthetic / "attacks/latest").resolve() / "roc.png"
+    roc.unlink()
+    roc.symlink_to(secret)
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(synthetic), "--report"]) == 2
+    assert f"{roc}: a link leading to {secret}, outside" in one_line_error(capsys)
+    assert not (synthetic / "report.html").exists()
+
+
 def test_a_results_json_naming_another_output_is_refused(synthetic, capsys):
     """results.json's own ``attack`` field is joined into paths too (the report's scores): it must name the output it sits in."""
     assert attack_main(["--experiment", str(synthetic), "--attack", "thresholds", "--bootstrap", "0"]) == 0
