@@ -238,6 +238,17 @@ def test_export_refuses_a_model_folder_linked_elsewhere(copy, tmp_path, capsys):
     assert snapshot(outside) == before
 
 
+def test_logger_folder_linked_elsewhere_is_refused_before_anything_is_written(synthetic, tmp_path, capsys):
+    """``attack.py --logger csv`` writes under ``<experiment>/logs``: a received ``logs`` link leading out is refused before the run."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (synthetic / "logs").symlink_to(outside)
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(synthetic), "--attack", "lira", "--bootstrap", "0", "--logger", "csv"]) == 2
+    assert f"{synthetic / 'logs'}: a symbolic link leading outside" in one_line_error(capsys)
+    assert list(outside.iterdir()) == [] and not (synthetic / "attacks").exists()
+
+
 def test_links_inside_the_experiment_are_fine(synthetic, tmp_path):
     real = synthetic / "attack-results"
     real.mkdir()
@@ -270,6 +281,37 @@ def test_output_names_read_from_run_json_never_lead_reads_elsewhere(name, synthe
         open_experiment(synthetic).records()
     with pytest.raises(MiaError, match="must be a plain folder name"):
         run_results(*latest_run(ExperimentDir(synthetic)))
+
+
+def test_a_latest_link_leading_out_of_the_experiment_is_refused(synthetic, tmp_path, capsys):
+    """``attacks/latest`` is read from the experiment: pointed at a run folder elsewhere, the report and the API refuse it in one line."""
+    from mia_lightning.api import open_experiment
+
+    assert attack_main(["--experiment", str(synthetic), "--attack", "thresholds", "--bootstrap", "0"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree((synthetic / "attacks/latest").resolve(), elsewhere)
+    (synthetic / "attacks/latest").unlink()
+    (synthetic / "attacks/latest").symlink_to(elsewhere)
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(synthetic), "--report"]) == 2
+    assert f"{synthetic / 'attacks/latest'}: leads to {elsewhere}, not a run folder under" in one_line_error(capsys)
+    assert not (synthetic / "report.md").exists() and not (synthetic / "report.html").exists()
+    with pytest.raises(MiaError, match="not a run folder under"):
+        open_experiment(synthetic).records()
+
+
+def test_a_figure_linked_elsewhere_is_never_embedded_in_report_html(synthetic, tmp_path, capsys):
+    """report.html inlines the run's roc.png: a crafted ``roc.png -> <a private file>`` is refused, its content copied nowhere."""
+    assert attack_main(["--experiment", str(synthetic), "--attack", "thresholds", "--bootstrap", "0"]) == 0
+    secret = tmp_path / "id_rsa"
+    secret.write_bytes(b"\x89PNG\r\n\x1a\nPRIVATE KEY")
+    roc = (synthetic / "attacks/latest").resolve() / "roc.png"
+    roc.unlink()
+    roc.symlink_to(secret)
+    capsys.readouterr()
+    assert attack_main(["--experiment", str(synthetic), "--report"]) == 2
+    assert f"{roc}: a link leading to {secret}, outside" in one_line_error(capsys)
+    assert not (synthetic / "report.html").exists()
 
 
 def test_a_results_json_naming_another_output_is_refused(synthetic, capsys):

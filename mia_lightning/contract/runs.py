@@ -155,11 +155,18 @@ def has_published_run(experiment: ExperimentDir) -> bool:
 
 
 def latest_run(experiment: ExperimentDir) -> tuple[Path, dict]:
-    """(folder, run.json) of the published run; a one-line error when there is none."""
+    """(folder, run.json) of the published run; a one-line error when there is none.
+
+    ``latest`` is a link read from the experiment: it must lead to a run folder under ``attacks/runs``
+    inside the experiment, so a crafted link cannot make reports or the API read a run from elsewhere.
+    """
     link = experiment.attacks_dir / LATEST
     if not has_published_run(experiment):
         raise MiaError(f"{experiment.attacks_dir}: no published attack run; run `python attack.py --experiment {experiment.root}` first")
-    folder = link.resolve()
+    folder, runs = link.resolve(), runs_dir(experiment).resolve()
+    if folder.parent != runs or not runs.is_relative_to(experiment.root.resolve()) or folder.name.startswith("."):
+        raise MiaError(f"{link}: leads to {folder}, not a run folder under {runs_dir(experiment)} inside the experiment; "
+                       f"delete {link} and re-run attack.py on the experiment (it publishes a new latest)")
     return folder, read_run_file(folder)
 
 

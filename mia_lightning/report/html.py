@@ -22,6 +22,7 @@ from mia_lightning.version import __version__
 from mia_lightning.contract.confine import confined_all
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import write_bytes_atomic
+from mia_lightning.errors import MiaError
 from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report.cells import FEW_SHADOW_KEY, auc_cell, few_shadow_table, interval_key, percent, results_header, results_row, tpr_cell, unresolved
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
@@ -63,10 +64,22 @@ def _table(header: list[str], rows: list[list[str]], flagged: list[bool] | None 
 
 
 def _image(path: Path, alt: str) -> str:
-    """The PNG at ``path`` inline as a data URI (empty when the run has none)."""
+    """The PNG at ``path`` inline as a data URI (empty when the run has none).
+
+    The figure is read from a directory someone else may have written: a link leading out of its
+    folder (``roc.png -> ~/.ssh/id_rsa``) or a file that is not a PNG would copy another file into the
+    report, so either is refused with one line.
+    """
     if not path.is_file():
         return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    resolved, folder = path.resolve(), path.parent.resolve()
+    if folder not in resolved.parents:
+        raise MiaError(f"{path}: a link leading to {resolved}, outside {folder}; refusing to embed it in a report "
+                       "(delete the link and re-run the command that writes the figure)")
+    content = path.read_bytes()
+    if not content.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise MiaError(f"{path}: not a PNG image; refusing to embed it in a report (delete it and re-run the command that writes the figure)")
+    data = base64.b64encode(content).decode("ascii")
     return f"<p><img alt=\"{_esc(alt)}\" src=\"data:image/png;base64,{data}\"></p>"
 
 

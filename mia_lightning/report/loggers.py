@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mia_lightning.contract.confine import confined
 from mia_lightning.contract.io import check_writable_folder
 from mia_lightning.errors import MiaError
 from mia_lightning.metrics import FPR_LEVELS
@@ -38,10 +39,13 @@ def check_logger(logger: Any) -> None:
 
 
 def local_log_folder(logger: str, experiment_root: Path) -> Path | None:
-    """Where a logger named by its kind writes in the experiment: ``logs/audit`` (CSV, TensorBoard), ``logs/mlruns`` (MLflow without a tracking server), else None."""
-    if logger == "mlflow":
-        return None if os.environ.get("MLFLOW_TRACKING_URI") else Path(experiment_root) / "logs" / "mlruns"
-    return Path(experiment_root) / "logs" / "audit"
+    """Where a logger named by its kind writes in the experiment: ``logs/audit`` (CSV, TensorBoard), ``logs/mlruns`` (MLflow without a tracking server), else None.
+
+    The folder must stay inside the experiment: a ``logs`` (or ``logs/audit``) link leading out of it is refused with one line.
+    """
+    if logger == "mlflow" and os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return confined(Path(experiment_root), Path(experiment_root) / "logs" / ("mlruns" if logger == "mlflow" else "audit"))
 
 
 def check_logger_folder(logger: Any, experiment_root: Path) -> None:
