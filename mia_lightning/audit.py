@@ -28,8 +28,12 @@ from mia_lightning.metrics import BOOTSTRAP_REPLICATES, RocCurve, check_bootstra
 
 
 
-def resolve_targets(n_models: int, targets: Sequence[int] | None, n_targets: int | None, default: Sequence[int] | None = None) -> np.ndarray:
-    """Target model ids: explicit ``targets``, else the first ``n_targets``, else the plan's targets, else every model."""
+def resolve_targets(n_models: int, targets: Sequence[int] | None, n_targets: int | None, default: Sequence[int] | None = None,
+                    n_targets_option: str = "--n_targets") -> np.ndarray:
+    """Target model ids: explicit ``targets``, else the first ``n_targets``, else the plan's targets, else every model.
+
+    ``n_targets_option`` names the setting in errors (a farm recipe's ``audit.n_targets``).
+    """
     if targets is not None and len(targets):
         ids = np.asarray(targets, dtype=np.int64)
         bad = ids[(ids < 0) | (ids >= n_models)]
@@ -42,7 +46,7 @@ def resolve_targets(n_models: int, targets: Sequence[int] | None, n_targets: int
         return np.asarray(default, dtype=np.int64)
     count = n_models if n_targets is None else n_targets
     if not 1 <= count <= n_models:
-        raise MiaError(f"--n_targets {count}: must be between 1 and the number of models ({n_models})")
+        raise MiaError(f"{n_targets_option} {count}: must be between 1 and the number of models ({n_models})")
     return np.arange(count, dtype=np.int64)
 
 
@@ -70,14 +74,14 @@ def check_request(targets: Any, n_targets: Any, bootstrap: Any, keep_runs: Any) 
         raise MiaError(f"--keep_runs {keep_runs}: must be at least 1 (or 0 to keep every run)")
 
 
-def resolve_attacks(attacks: Sequence[str], params: Any) -> tuple[list[str], dict[str, dict]]:
-    """Attack families to run (``all`` = every registered one) and their checked parameters; typos are errors."""
+def resolve_attacks(attacks: Sequence[str], params: Any, option: str = "--attack") -> tuple[list[str], dict[str, dict]]:
+    """Attack families to run (``all`` = every registered one) and their checked parameters; typos are errors naming ``option``."""
     names = sorted(ATTACKS) if list(attacks) == ["all"] else list(dict.fromkeys(attacks))
     if not names:
-        raise MiaError(f"--attack: no attack named; name one or more of all, {', '.join(sorted(ATTACKS))}")
+        raise MiaError(f"{option}: no attack named; name one or more of all, {', '.join(sorted(ATTACKS))}")
     unknown = [name for name in names if name not in ATTACKS]
     if unknown:
-        raise MiaError(f"--attack {unknown[0]!r}: {unknown_attack_hint(unknown[0], ('all',))}")
+        raise MiaError(f"{option} {unknown[0]!r}: {unknown_attack_hint(unknown[0], ('all',))}")
     if not isinstance(params, dict):
         raise MiaError(f"--params: expected a JSON object keyed by attack, e.g. '{{\"lira\": {{\"n_shadows\": 8}}}}', got {params!r}")
     stray = [key for key in params if key not in names]

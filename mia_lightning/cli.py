@@ -123,13 +123,8 @@ def _check_audit_settings(recipe: Recipe) -> None:
     """Refuse the recipe's ``audit:`` attacks and n_targets with attack.py's checks before the farm trains, naming the recipe keys."""
     from mia_lightning.audit import resolve_attacks, resolve_targets
 
-    checks = (("--attack", "audit.attacks", lambda: resolve_attacks(recipe.audit.attacks, {})),
-              ("--n_targets", "audit.n_targets", lambda: resolve_targets(recipe.plan.n_models, None, recipe.audit.n_targets)))
-    for flag, key, check in checks:
-        try:
-            check()
-        except MiaError as err:
-            raise MiaError(str(err).replace(flag, key, 1)) from None
+    resolve_attacks(recipe.audit.attacks, {}, option="audit.attacks")
+    resolve_targets(recipe.plan.n_models, None, recipe.audit.n_targets, n_targets_option="audit.n_targets")
 
 
 def export_main(argv: list[str]) -> int:
