@@ -52,7 +52,7 @@ def audited_experiment(root: Path, effect: float, dp_epsilon: float | None = Non
         folder = root / "attacks" / "runs" / "study-run" / name
         folder.mkdir(parents=True)
         np.save(folder / "scores.npy", scores)
-        results[name] = {**metrics, "targets": targets.tolist(), "empirical_epsilon": {"epsilon_lower_bound": 0.5}}
+        results[name] = {"attack": name, **metrics, "targets": targets.tolist(), "empirical_epsilon": {"epsilon_lower_bound": 0.5}}
     accuracy = float((logits[:4, :, 0].argmax(-1) == labels).mean())
     return {"setting": root.name, "overrides": {}, "experiment": root, "run_folder": root / "attacks" / "runs" / "study-run", "results": results,
             "utility": {"test_accuracy": accuracy, "train_accuracy": 1.0, "train_test_gap": 1.0 - accuracy}}
@@ -101,11 +101,16 @@ def test_a_setting_is_judged_against_its_own_familys_baseline(tmp_path):
         analyse(tmp_path, rows, baselines={"other_dp": "missing"})
 
 
-def test_a_truncated_scores_file_is_a_one_line_error(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "a target's row missing"])
+def test_a_damaged_scores_file_is_a_one_line_error(damage, tmp_path):
     rows = [audited_experiment(tmp_path / "baseline", effect=6.0), audited_experiment(tmp_path / "dp", effect=0.0, dp_epsilon=7.9)]
     scores = rows[1]["run_folder"] / "lira_online" / "scores.npy"
-    scores.write_bytes(scores.read_bytes()[:100])
-    with pytest.raises(MiaError, match=r"scores.npy: unreadable attack scores .*; delete the setting's setting.json and re-run the study"):
+    if damage == "truncated":
+        scores.write_bytes(scores.read_bytes()[:100])
+    else:
+        np.save(scores, np.load(scores)[:-1])  # 3 rows for the run's 4 targets: the pairs would no longer line up
+    reason = "unreadable attack scores .*" if damage == "truncated" else r"float64 array of shape \(3, 600\), expected floats of shape \(4, 600\).*"
+    with pytest.raises(MiaError, match=rf"scores.npy: {reason}; delete the setting's setting.json and re-run the study"):
         analyse(tmp_path, rows, outputs=["lira_online"], dp_bounds=True)
 
 

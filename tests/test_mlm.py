@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -257,8 +258,10 @@ def blind_experiment(root: Path, corpus_path: Path, members_by_user: np.ndarray)
     np.save(root / "groups.npy", groups)
     (root / "models" / "0000").mkdir(parents=True)
     np.save(root / "models" / "0000" / "signal.npy", np.zeros((groups.size, 1), dtype=np.float32))
+    (root / "data" / "source").mkdir(parents=True)
+    shutil.copy(corpus_path, root / "data" / "source" / corpus_path.name)  # as the farm copies a recipe's CSV: config.yaml names data inside
     (root / "config.yaml").write_text(yaml.safe_dump({"data": {"class_path": "mia_lightning.data.mlm.MLMTextDataModule",
-                                                               "init_args": {"source": str(corpus_path), "tokenizer": "pool"}}}))
+                                                               "init_args": {"source": f"data/source/{corpus_path.name}", "tokenizer": "pool"}}}))
     return ExperimentDir(root)
 
 

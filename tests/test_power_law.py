@@ -204,7 +204,7 @@ def test_study_end_to_end_on_generated_images(tmp_path):
     analysis = json.loads((out / "analysis.json").read_text())
     scenarios = [s["scenario"] for s in analysis["settings"]]
     assert [(s["shots"], s["n_classes"]) for s in analysis["settings"]] == [(1, 2), (1, 3), (2, 2), (2, 3), (4, 2), (4, 3), (2, 2), (2, 3), (4, 2), (4, 3)]
-    assert analysis["fit_scenario"] == scenarios[0] and scenarios[6:] == [f"resnet10t/{folder} img_size=24"] * 4
+    assert analysis["fit_scenario"] == scenarios[0] and scenarios[6:] == [f"resnet10t/{folder.name} img_size=24"] * 4
     assert json.loads((tmp_path / "out" / "pl" / "settings" / largest / "plan.json").read_text())["n_models"] == 16  # the study's overrides apply to every setting
     transfers = [t for t in analysis["transfer"] if t["scenario"] == scenarios[6]]
     assert len(transfers) == 3 and any(t["rmse"] is not None for t in transfers)

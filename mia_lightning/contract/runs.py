@@ -213,6 +213,9 @@ def prune_runs(experiment: ExperimentDir, keep: int) -> list[str]:
 REWRITE = "re-run attack.py on the experiment"
 """The fix for a run file that does not hold what attack.py writes (hand-edited or damaged)."""
 
+RERUN_SETTING = "delete the setting's setting.json and re-run the study"
+"""The same fix for the run a study setting recorded (its analysis reads that run)."""
+
 Check = tuple[Callable[[Any], bool], str]
 """A test of one JSON value and what it expects, for the message."""
 
@@ -377,15 +380,18 @@ def run_few_shadow(folder: Path) -> list[dict] | None:
     return rows
 
 
-def output_scores(folder: Path, record: dict, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(float64 scores [T, n], members [T, n]) of one checked output of run ``folder``: its scores.npy, refused unless it is one float row per target over keep.npy's samples."""
+def output_scores(folder: Path, record: dict, keep: np.ndarray, fix: str = REWRITE) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 scores [T, n], members [T, n]) of one checked output of run ``folder``: its scores.npy, refused unless it is one float row per target over keep.npy's samples.
+
+    ``fix``: what the one-line error tells the user to do (a study's analysis re-runs the setting instead).
+    """
     path = Path(folder) / record["attack"] / SCORES_FILE
-    scores = load_npy(path, "attack scores", REWRITE)
+    scores = load_npy(path, "attack scores", fix)
     targets = record["targets"]
     if max(targets) >= keep.shape[0]:
-        raise MiaError(f"{path.parent / 'results.json'}: targets name model {max(targets)}, but keep.npy has {keep.shape[0]} models; {REWRITE}")
+        raise MiaError(f"{path.parent / 'results.json'}: targets name model {max(targets)}, but keep.npy has {keep.shape[0]} models; {fix}")
     expected = (len(targets), keep.shape[1])
     if scores.shape != expected or not np.issubdtype(scores.dtype, np.floating):
         raise MiaError(f"{path}: {scores.dtype} array of shape {scores.shape}, expected floats of shape {expected} "
-                       f"(the run's {len(targets)} targets x keep.npy's samples); {REWRITE}")
+                       f"(the run's {len(targets)} targets x keep.npy's samples); {fix}")
     return np.asarray(scores, dtype=np.float64), keep[np.asarray(targets, dtype=np.int64)]

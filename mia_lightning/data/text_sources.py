@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from mia_lightning.errors import MiaError
+from mia_lightning.hub import hub_offline_for_files
 
 
 def read_csv_columns(path: Path, columns: dict[str, str] | None = None, min_rows: int = 1) -> dict[str, list[str]]:
@@ -47,14 +48,16 @@ def _column_fix(option: str) -> str:
 
 
 def hf_columns(name: str, columns: dict[str, str], split: str) -> dict[str, list[str]]:
-    """Columns of a Hugging Face dataset (``hf:<name>[:<config>]``), downloaded by ``datasets``; ``columns`` as for ``read_csv_columns``."""
+    """Columns of a Hugging Face dataset (``hf:<name>[:<config>]``), downloaded by ``datasets`` (only from its cache when an
+    experiment's config.yaml named it); ``columns`` as for ``read_csv_columns``."""
     if importlib.util.find_spec("datasets") is None:
         raise MiaError(f"hf:{name}: the Hugging Face `datasets` package is not installed; pip install 'mia-lightning[hub]' (or datasets)")
     import datasets
 
     dataset_name, _, config = name.partition(":")
     try:
-        table = datasets.load_dataset(dataset_name, config or None, split=split)
+        with hub_offline_for_files():
+            table = datasets.load_dataset(dataset_name, config or None, split=split)
     except Exception as err:  # datasets raises many types for a missing dataset, config or network
         raise MiaError(f"hf:{name}: cannot load split {split!r} ({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
     missing = [column for column in columns if column not in table.column_names]

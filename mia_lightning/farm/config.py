@@ -143,10 +143,12 @@ class Recipe:
         return PlanSpec(dataset=dataset, n_samples=n_samples, n_models=plan.n_models, seed=plan.seed, kind=plan.kind,
                         n_population=plan.n_population, options=dict(plan.options))
 
-    def resolved_config(self, model_kwargs: dict[str, Any]) -> str:
-        """The recipe as YAML with the model arguments the data decided (e.g. n_features of a CSV), as config.yaml records it."""
+    def resolved_config(self, model_kwargs: dict[str, Any], data_kwargs: dict[str, Any] | None = None) -> str:
+        """The recipe as YAML with the model arguments the data decided (e.g. n_features of a CSV) and the data arguments
+        that name the experiment's copy of local data (``contract.data_sources``), as config.yaml records it."""
         config = yaml.safe_load(self.dumped)
         config["model"].setdefault("init_args", {}).update(model_kwargs)
+        config["data"].setdefault("init_args", {}).update(data_kwargs or {})
         return yaml.safe_dump(config, sort_keys=False)
 
     def identity(self, model_kwargs: dict[str, Any], fingerprint: str) -> dict[str, Any]:

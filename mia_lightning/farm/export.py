@@ -38,7 +38,7 @@ def read_recipe(experiment: ExperimentDir, trusted: tuple[str, ...] = TRUSTED_MO
     except (yaml.YAMLError, KeyError, TypeError, AttributeError) as err:
         reason = " ".join(str(err).split())[:200]
         raise MiaError(f"{experiment.config_path}: no usable data section ({reason}); restore the recipe's data: class_path/init_args") from None
-    spec = ComponentSpec(str(class_path), init_args, base=L.LightningDataModule, trusted=trusted)
+    spec = ComponentSpec(str(class_path), init_args, base=L.LightningDataModule, trusted=trusted, root=experiment.root)
     try:
         spec.resolve()  # refuses a non-LightningDataModule or untrusted class before anything is called
     except MiaError as err:
@@ -46,7 +46,11 @@ def read_recipe(experiment: ExperimentDir, trusted: tuple[str, ...] = TRUSTED_MO
     init_args.pop("train_indices", None)
     if spec.accepts("cache_dir"):
         init_args["cache_dir"] = str(experiment.cache_dir)
-    return spec.build(), dict(config.get("trainer") or {})
+    try:
+        datamodule = spec.build()
+    except MiaError as err:
+        raise MiaError(f"{experiment.config_path}: {err}") from None
+    return datamodule, dict(config.get("trainer") or {})
 
 
 def export_experiment(experiment: ExperimentDir, console: Console | None = None, trusted: tuple[str, ...] = TRUSTED_MODULES) -> int:

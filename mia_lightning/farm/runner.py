@@ -33,6 +33,7 @@ from mia_lightning.farm.locks import Heartbeat, release, try_claim
 from mia_lightning.farm.shards import resolve_shard
 from mia_lightning.runtime import torch_threads
 from mia_lightning.contract.confine import confined_all
+from mia_lightning.contract.data_sources import copy_local_data
 from mia_lightning.contract.identity import DONE_FILE, RECIPE_KEY, check_model_identities, differing_keys, with_added_defaults
 from mia_lightning.contract.io import check_writable_folder, load_json, load_npy, save_json_atomic, save_npy_atomic, write_bytes_atomic
 
@@ -177,7 +178,9 @@ def prepare_experiment(recipe: Recipe) -> PlannedFarm:
         save_npy_atomic(experiment.audit_path, plan.audit)
     for name, payload in plan.files.items():
         save_json_atomic(experiment.root / name, payload)
-    write_bytes_atomic(experiment.config_path, recipe.resolved_config(planning.model_kwargs).encode())
+    data = recipe.setup.data
+    copies = copy_local_data(data.resolve(), data.init_args, experiment.root)  # config.yaml names the experiment's own copy
+    write_bytes_atomic(experiment.config_path, recipe.resolved_config(planning.model_kwargs, copies).encode())
     save_json_atomic(experiment.plan_path, planning.plan_json)  # last: its presence means the plan is complete
     return planning.farm
 

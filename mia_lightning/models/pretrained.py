@@ -37,6 +37,7 @@ from torch import nn
 from mia_lightning.atomic import write_bytes_atomic
 from mia_lightning.downloads import RegistryFile, cache_dir, file_sha256, registry_file
 from mia_lightning.errors import MiaError, load_failure
+from mia_lightning.hub import hub_offline_for_files
 
 log = logging.getLogger("mia_lightning")
 
@@ -207,7 +208,8 @@ def create_backbone(backbone: str, weights: str | None, **kwargs: Any) -> nn.Mod
     spec = BackboneWeights(backbone, weights)
     create = spec.create_kwargs()
     try:
-        model = timm.create_model(backbone, **create, **kwargs)
+        with hub_offline_for_files():  # weights: timm named by an experiment's files come from the user's cache only
+            model = timm.create_model(backbone, **create, **kwargs)
         if "pretrained_cfg_overlay" in create:
             check_weights_cover(model, Path(create["pretrained_cfg_overlay"]["file"]))
         return model

@@ -85,6 +85,11 @@ def adult_csv(source: str = "registry", split: str = "train", n_rows: int | None
 class AdultDataModule(TabularDataModule):
     """The UCI Adult pool (``split``, optionally ``n_rows`` seeded rows) as a ``TabularDataModule``; rows with '?' dropped by default."""
 
+    DATA_ARGS = {"source": ("registry",)}
+    """``registry`` or the path of a local ``adult.data``."""
+    DATA_COMPANIONS = {"source": ("adult.data", "adult.test")}
+    """Files read beside a local ``source``: the farm copies them into the experiment with it."""
+
     def __init__(
         self,
         source: str = "registry",
