@@ -427,6 +427,23 @@ def test_the_farm_copies_image_folders_whole_and_adults_companion_file(tmp_path)
     assert copy_local_data(AdultDataModule, {"source": "registry"}, root) == {"source": "registry"}
 
 
+def test_shards_planning_at_once_publish_one_complete_copy(tmp_path):
+    """Every shard of a cluster array plans at once: each copies into its own staging folder and one copy is renamed into place."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mia_lightning.contract.data_sources import copy_local_data
+    from mia_lightning.data.tabular import TabularDataModule
+
+    csv = write_csv(tmp_path / "mine.csv", 2000)
+    root = tmp_path / "exp"
+    root.mkdir()
+    with ThreadPoolExecutor(8) as pool:
+        names = list(pool.map(lambda _: copy_local_data(TabularDataModule, {"source": str(csv)}, root), range(16)))
+    assert names == [{"source": "data/source/mine.csv"}] * 16
+    assert sorted(p.name for p in (root / "data").iterdir()) == ["source"]  # no staging folder left behind
+    assert (root / "data/source/mine.csv").read_bytes() == csv.read_bytes()
+
+
 def test_hub_datasets_named_by_files_are_read_from_the_cache_only(monkeypatch):
     """hf: names from config.yaml reach datasets with both offline flags on (its local_files_only still asks the hub); restored after."""
     datasets = pytest.importorskip("datasets")

@@ -13,8 +13,11 @@ config.yaml is built, a local path must lie inside the experiment (links followe
 
 from __future__ import annotations
 
+import contextlib
+import filecmp
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +102,7 @@ def copy_local_data(cls: type, init_args: dict[str, Any], root: Path) -> dict[st
     """Copy every local file or folder the recipe's data arguments name into ``root/data/<argument>/`` and return the arguments naming the copies.
 
     A file is copied with the companion files its class reads beside it (``DATA_COMPANIONS``, e.g.
-    Adult's ``adult.test`` next to ``adult.data``); a folder is copied whole. An earlier copy (a farm
-    interrupted before its plan was written) is replaced.
+    Adult's ``adult.test`` next to ``adult.data``); a folder is copied whole.
     """
     copied = dict(init_args)
     companions = getattr(cls, "DATA_COMPANIONS", {})
@@ -111,16 +113,46 @@ def copy_local_data(cls: type, init_args: dict[str, Any], root: Path) -> dict[st
         source = Path(value).expanduser()
         if not source.exists():
             continue  # the DataModule already said what is missing when the farm built it
-        folder = confined(root, root / DATA_FOLDER / name)
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        target = folder / source.name
-        if source.is_dir():
-            shutil.copytree(source, target, copy_function=_link_or_copy)
-        else:
-            for file in (source, *(source.with_name(extra) for extra in companions.get(name, ()))):
-                if file.is_file() and not (folder / file.name).exists():
-                    shutil.copy2(file, folder / file.name)
+        files = [source, *(source.with_name(extra) for extra in companions.get(name, ()) if extra != source.name)]
+        _publish_copy([file for file in files if file.exists()], confined(root, root / DATA_FOLDER / name))
         copied[name] = f"{DATA_FOLDER}/{name}/{source.name}"
     return copied
+
+
+def _publish_copy(sources: list[Path], folder: Path) -> None:
+    """Copy ``sources`` into a staging folder beside ``folder`` and rename it into place, so shards planning at once never see half a copy.
+
+    A ``folder`` already holding the same files (another shard's copy) is kept; a different one (left by a
+    farm interrupted before its plan was written, from other data) is replaced.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        for source in sources:
+            if source.is_dir():
+                shutil.copytree(source, staging / source.name, copy_function=_link_or_copy)
+            else:
+                shutil.copy2(source, staging / source.name)
+        if folder.exists():
+            if _same_files(staging, folder):
+                return
+            retired = folder.with_name(f".{folder.name}-old-{staging.name}")
+            with contextlib.suppress(FileNotFoundError):  # another shard retired it first
+                os.rename(folder, retired)
+                shutil.rmtree(retired)
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            if not folder.is_dir():  # not another shard's copy published meanwhile
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _same_files(first: Path, second: Path) -> bool:
+    """Whether two folders hold the same relative file names with the same bytes."""
+    def listing(folder: Path) -> list[Path]:
+        return sorted(path.relative_to(folder) for path in folder.rglob("*") if path.is_file())
+
+    names = listing(first)
+    return names == listing(second) and all(filecmp.cmp(first / name, second / name, shallow=False) for name in names)
