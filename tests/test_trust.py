@@ -354,6 +354,7 @@ OUTSIDE_SOURCES = {
     "absolute path": ("source", "{outside}"),
     "relative escape": ("source", "../outside.csv"),
     "link out of data/": ("source", "data/source/link.csv"),
+    "link inside a data folder": ("source", "data/source"),
     "home": ("source", "~/outside.csv"),
     "hub name that is a folder": ("source", "hf:{folder}"),
     "mlm public text": ("public", "{outside}"),
@@ -405,6 +406,12 @@ def test_data_arguments_read_from_files_are_checked_word_by_word(tmp_path):
         experiment_data_args(TabularDataModule, {"source": "data/source/x.csv"}, None, "tab:")  # no experiment: no local path at all
     with pytest.raises(MiaError, match="outside the experiment"):
         experiment_data_args(TabularDataModule, {"source": "."}, tmp_path, "tab:")  # the experiment itself is not data
+    from mia_lightning.unlearning.adult import AdultDataModule
+
+    (tmp_path / "data/source/adult.data").write_text("rows")
+    (tmp_path / "data/source/adult.test").symlink_to(tmp_path.parent / "elsewhere.test")
+    with pytest.raises(MiaError, match="beside .*adult.test, a link outside the experiment"):
+        experiment_data_args(AdultDataModule, {"source": "data/source/adult.data"}, tmp_path, "adult:")  # read beside it by the loader
 
 
 def test_the_farm_copies_image_folders_whole_and_adults_companion_file(tmp_path):

@@ -74,20 +74,39 @@ def experiment_data_args(cls: type, init_args: dict[str, Any], root: Path | None
         _check_hub_dataset(value, f"{where} {name}")
         if not is_local(value, words):
             continue
-        path = Path(value)
-        if root is None or value.startswith("~") or not _inside(root / path, root):
-            place = f"outside the experiment {root}" if root is not None else "a local path"
+        problem = "a local path" if root is None else _outside(value, root, getattr(cls, "DATA_COMPANIONS", {}).get(name, ()))
+        if problem:
             raise MiaError(
-                f"{where} {name} {value!r}: {place}; an experiment's files may name only data inside it "
+                f"{where} {name} {value!r}: {problem}; an experiment's files may name only data inside it "
                 f"(copy the data into {Path(root or '<experiment>') / DATA_FOLDER / name}/ and name it {DATA_FOLDER}/{name}/<file> in config.yaml)"
             )
-        checked[name] = str(root / path)
+        checked[name] = str(root / value)
     return checked
 
 
 def _inside(path: Path, root: Path) -> bool:
     resolved, top = path.resolve(), root.resolve()
     return resolved != top and top in resolved.parents
+
+
+def _outside(value: str, root: Path, companions: tuple[str, ...] = ()) -> str | None:
+    """Why the local data ``value`` (relative to the experiment ``root``) is not inside it, or None when it is.
+
+    A folder is read file by file (an image folder), so a link inside it leading out (``cats/1.png -> ~/private.png``)
+    counts too, as does a companion file read beside ``value`` (Adult's ``adult.test``).
+    """
+    path = root / value
+    if value.startswith("~") or not _inside(path, root):
+        return f"outside the experiment {root}"
+    for companion in (path.with_name(name) for name in companions):
+        if companion.is_symlink() and not _inside(companion, root):
+            return f"beside {companion}, a link outside the experiment {root}"
+    if path.is_dir():
+        for folder, names, files in os.walk(path):
+            for entry in (Path(folder) / item for item in (*names, *files)):
+                if entry.is_symlink() and not _inside(entry, root):
+                    return f"holding {entry}, a link outside the experiment {root}"
+    return None
 
 
 def _link_or_copy(source: str, target: str) -> None:
