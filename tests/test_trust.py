@@ -414,6 +414,87 @@ def test_data_arguments_read_from_files_are_checked_word_by_word(tmp_path):
         experiment_data_args(AdultDataModule, {"source": "data/source/adult.data"}, tmp_path, "adult:")  # read beside it by the loader
 
 
+def test_a_linked_class_folder_holding_links_out_is_refused(tmp_path):
+    """Image loaders follow linked class folders: ``birds -> ../../../stash`` (inside) whose files lead out is refused; a loop is walked once."""
+    from mia_lightning.contract.data_sources import experiment_data_args
+    from mia_lightning.data.images import ImageDataModule
+
+    for name in ("cats/1.png", "dogs/2.png"):
+        (tmp_path / "data/source/imgs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data/source/imgs" / name).write_bytes(b"png")
+    (tmp_path / "data/source/imgs/cats/up").symlink_to("..")  # a loop inside: fine, and the walk ends
+    args = {"source": "data/source/imgs"}
+    assert experiment_data_args(ImageDataModule, args, tmp_path, "img:") == {"source": str(tmp_path / "data/source/imgs")}
+    (tmp_path / "stash").mkdir()
+    (tmp_path / "stash/1.png").symlink_to(tmp_path.parent / "private.png")
+    (tmp_path / "data/source/imgs/birds").symlink_to("../../../stash")
+    with pytest.raises(MiaError, match="holding .*birds/1.png, a link outside the experiment"):
+        experiment_data_args(ImageDataModule, args, tmp_path, "img:")
+
+
+def test_data_names_that_read_the_working_directory_are_refused(tmp_path, monkeypatch):
+    """hf:csv (datasets reads every CSV under the working directory), a prefixed value that is also a local path, a NUL byte or a link loop: one line each."""
+    from mia_lightning.contract.data_sources import experiment_data_args
+    from mia_lightning.data.tabular import TabularDataModule
+    from mia_lightning.data.text import TextDataModule
+
+    root, cwd = tmp_path / "exp", tmp_path / "cwd"
+    (root / "data/source").mkdir(parents=True)
+    (root / "data/source/loop.csv").symlink_to("loop.csv")
+    (cwd / "hf:x").mkdir(parents=True)
+    (cwd / "torchvision:").mkdir()
+    write_csv(cwd / "hf:x/private.csv", 5)
+    monkeypatch.chdir(cwd)
+    assert experiment_data_args(TextDataModule, {"source": "hf:org/notes"}, root, "t:") == {"source": "hf:org/notes"}
+    refused = {
+        (TextDataModule, "hf:csv"): "file builders",
+        (TextDataModule, "hf:JSON:default"): "file builders",
+        (TabularDataModule, "hf:x/private.csv"): "also names a local path",
+        (TabularDataModule, "torchvision:/../hf:x/private.csv"): "names a torchvision dataset class",
+        (TabularDataModule, "data/source/x.csv\0"): "not a readable path",
+        (TabularDataModule, "data/source/loop.csv"): "not a readable path",
+    }
+    for (cls, value), reason in refused.items():
+        with pytest.raises(MiaError, match=reason):
+            experiment_data_args(cls, {"source": value}, root, "x:")
+
+
+def test_export_never_writes_cached_features_through_a_cache_link(copy, tmp_path, capsys):
+    """The features cache a DataModule writes (``cache/features-*.npy``) is confined like every other write: one line, nothing outside."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (copy / "cache").symlink_to(elsewhere)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["data"] = {"class_path": "mia_lightning.data.images.ImageFeatureDataModule", "init_args": {"source": "fashion_mnist", "weights": "random"}}
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert train_main(["export", "--experiment", str(copy)]) == 2
+    assert "cache: a symbolic link leading outside" in one_line_error(capsys)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_torchvision_datasets_named_by_files_never_download(monkeypatch, tmp_path):
+    """download: true in config.yaml reaches torchvision as False (the user's cache only), like hf: names and timm weights."""
+    import torchvision
+
+    from mia_lightning.data.images import _load_torchvision
+    from mia_lightning.names import reading_experiment_files
+
+    seen = []
+
+    class Fake(torchvision.datasets.VisionDataset):
+        def __init__(self, root, train=True, download=False):
+            seen.append(download)
+            raise RuntimeError("Dataset not found")
+
+    monkeypatch.setattr(torchvision.datasets, "Fake", Fake, raising=False)
+    with pytest.raises(MiaError, match="download: true with network"):
+        _load_torchvision("Fake", "train", str(tmp_path), True)
+    with reading_experiment_files(), pytest.raises(MiaError, match="never download it"):
+        _load_torchvision("Fake", "train", str(tmp_path), True)
+    assert seen == [True, False]
+
+
 def test_the_farm_copies_image_folders_whole_and_adults_companion_file(tmp_path):
     from mia_lightning.contract.data_sources import copy_local_data
     from mia_lightning.data.images import ImageDataModule

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import filecmp
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +32,12 @@ DATA_FOLDER = "data"
 REMOTE_PREFIXES: tuple[str, ...] = ("hf:", "torchvision:")
 """Data named by a dataset hub rather than a path."""
 
+HF_BUILDERS: frozenset[str] = frozenset({"arrow", "audiofolder", "cache", "csv", "generator", "imagefolder", "json", "pandas", "parquet",
+                                         "spark", "sql", "text", "videofolder", "webdataset", "xml"})
+"""``datasets``' packaged builders (besides those the installed version lists): ``load_dataset("csv")`` reads the working directory's files."""
+
+_TORCHVISION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
 
 def data_args(cls: type) -> dict[str, tuple[str, ...]]:
     """The data-naming arguments a DataModule class declares (argument -> built-in words); empty for other classes."""
@@ -42,14 +49,43 @@ def is_local(value: Any, words: tuple[str, ...]) -> bool:
     return isinstance(value, str) and value not in words and not value.startswith(REMOTE_PREFIXES)
 
 
-def _check_hub_dataset(value: str, where: str) -> None:
-    """``hf:<name>[:<config>]`` read from a file must name a hub dataset, not a local folder (datasets would read it)."""
-    if not value.startswith("hf:"):
-        return
-    name = value[3:].partition(":")[0]
-    if not is_hub_name(name) or Path(name).expanduser().exists():
-        raise MiaError(f"{where} {value!r}: an experiment's files may name a Hugging Face dataset (hf:org/name), not a local folder; "
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists (False for a name too long or malformed to look up: no loader can open it either)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _hf_builders() -> frozenset[str]:
+    """Names ``datasets.load_dataset`` takes for a packaged builder (csv, json, text, imagefolder, ...), not a hub dataset."""
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:  # datasets missing (hf: then fails with its own line) or reorganised: the fixed list still holds
+        return HF_BUILDERS
+    return HF_BUILDERS | {str(name).lower() for name in _PACKAGED_DATASETS_MODULES}
+
+
+def _check_remote_name(value: str, where: str) -> None:
+    """A hub-named dataset read from a file must name a dataset, never local files by another spelling.
+
+    ``hf:<name>`` must be hub-shaped, not a local folder, and not a packaged builder of ``datasets``
+    (``hf:csv`` / ``hf:json`` / ``hf:text`` read every such file under the working directory);
+    ``torchvision:<Dataset>`` must be a class name. A value that is also an existing path relative to the
+    working directory is refused too (a DataModule that takes no hub names opens it as a file:
+    ``torchvision:/../../home/you/x.csv``).
+    """
+    prefix, _, rest = value.partition(":")
+    name = rest.partition(":")[0]
+    if prefix == "hf" and (not is_hub_name(name) or name.lower() in _hf_builders() or _exists(Path(name).expanduser())):
+        raise MiaError(f"{where} {value!r}: an experiment's files may name a Hugging Face dataset (hf:org/name), not a local folder or "
+                       "datasets' file builders (csv, json, text, ...: they read the working directory); "
                        "put local data inside the experiment (the farm copies a recipe's local data into data/)")
+    if prefix == "torchvision" and not _TORCHVISION_NAME.fullmatch(rest):
+        raise MiaError(f"{where} {value!r}: torchvision:<Dataset> names a torchvision dataset class (e.g. torchvision:CIFAR10), nothing else")
+    if _exists(Path(value)):
+        raise MiaError(f"{where} {value!r}: also names a local path in the working directory {Path.cwd()}; an experiment's files may name "
+                       "local data only as data/<argument>/<file> inside the experiment")
 
 
 def experiment_data_args(cls: type, init_args: dict[str, Any], root: Path | None, where: str) -> dict[str, Any]:
@@ -71,7 +107,8 @@ def experiment_data_args(cls: type, init_args: dict[str, Any], root: Path | None
             continue
         if not isinstance(value, str):
             raise MiaError(f"{where} {name} {value!r}: must be a dataset name or a path")
-        _check_hub_dataset(value, f"{where} {name}")
+        if value.startswith(REMOTE_PREFIXES):
+            _check_remote_name(value, f"{where} {name}")
         if not is_local(value, words):
             continue
         problem = "a local path" if root is None else _outside(value, root, getattr(cls, "DATA_COMPANIONS", {}).get(name, ()))
@@ -93,19 +130,36 @@ def _outside(value: str, root: Path, companions: tuple[str, ...] = ()) -> str | 
     """Why the local data ``value`` (relative to the experiment ``root``) is not inside it, or None when it is.
 
     A folder is read file by file (an image folder), so a link inside it leading out (``cats/1.png -> ~/private.png``)
-    counts too, as does a companion file read beside ``value`` (Adult's ``adult.test``).
+    counts too, as does a companion file read beside ``value`` (Adult's ``adult.test``). A path that cannot be
+    resolved (a link loop, a NUL byte) is refused as well.
     """
+    try:
+        return _why_outside(value, root, companions)
+    except (OSError, RuntimeError, ValueError) as err:  # RuntimeError: Python < 3.13's link loop
+        return f"not a readable path ({' '.join(str(err).split())[:120]})"
+
+
+def _why_outside(value: str, root: Path, companions: tuple[str, ...]) -> str | None:
     path = root / value
     if value.startswith("~") or not _inside(path, root):
         return f"outside the experiment {root}"
     for companion in (path.with_name(name) for name in companions):
         if companion.is_symlink() and not _inside(companion, root):
             return f"beside {companion}, a link outside the experiment {root}"
-    if path.is_dir():
-        for folder, names, files in os.walk(path):
-            for entry in (Path(folder) / item for item in (*names, *files)):
-                if entry.is_symlink() and not _inside(entry, root):
-                    return f"holding {entry}, a link outside the experiment {root}"
+    # Loaders follow linked folders (a class folder ``birds -> ../../elsewhere``), so the walk does too: a link to a folder
+    # inside the experiment that holds links leading out is found, and each real folder is listed once (no loop).
+    folders, seen = [path] if path.is_dir() else [], set()
+    while folders:
+        folder = folders.pop()
+        real = folder.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        for entry in sorted(folder.iterdir()):
+            if entry.is_symlink() and not _inside(entry, root):
+                return f"holding {entry}, a link outside the experiment {root}"
+            if entry.is_dir():
+                folders.append(entry)
     return None
 
 

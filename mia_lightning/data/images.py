@@ -50,6 +50,7 @@ from mia_lightning.data.tabular import TabularDataModule, TabularPool
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
 from mia_lightning.models.pretrained import BackboneWeights, check_backbone_name, create_backbone
+from mia_lightning.names import names_from_files
 from mia_lightning.phases import Phase
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -151,13 +152,17 @@ def _load_torchvision(name: str, split: str, root: str | None, download: bool) -
     if not (isinstance(cls, type) and issubclass(cls, torchvision.datasets.VisionDataset)):
         raise MiaError(f"data source torchvision:{name}: not a torchvision dataset class (e.g. torchvision:CIFAR10)")
     folder = str(Path(root).expanduser()) if root else str(download_cache() / "torchvision")
+    offline = names_from_files()  # an experiment's config.yaml never downloads (nor writes into the cache): the user's copy only
+    download = download and not offline
     try:
         try:
             dataset = cls(folder, train=split == "train", download=download)
         except TypeError:
             dataset = cls(folder, split=split, download=download)
     except (RuntimeError, OSError, ValueError) as err:
-        raise MiaError(f"data source torchvision:{name}: {' '.join(str(err).split())[:160]} (set data.init_args.download: true with network, or root)") from None
+        fix = (f"an experiment's files never download it: fetch it into {folder} yourself (a recipe of yours with download: true)" if offline
+               else "set data.init_args.download: true with network, or root")
+        raise MiaError(f"data source torchvision:{name}: {' '.join(str(err).split())[:160]} ({fix})") from None
     data, targets = getattr(dataset, "data", None), getattr(dataset, "targets", None)
     if data is not None and targets is not None and np.asarray(data).dtype == np.uint8 and np.asarray(data).ndim in (3, 4):
         images = np.asarray(data)

@@ -17,7 +17,7 @@ from rich.console import Console
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from mia_lightning.contract.components import TRUSTED_MODULES, ComponentSpec
-from mia_lightning.contract.confine import confined_all
+from mia_lightning.contract.confine import confined, confined_all
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.farm.checkpoints import load_model_checkpoint
@@ -44,8 +44,8 @@ def read_recipe(experiment: ExperimentDir, trusted: tuple[str, ...] = TRUSTED_MO
     except MiaError as err:
         raise MiaError(f"{experiment.config_path}: data section: {err}") from None
     init_args.pop("train_indices", None)
-    if spec.accepts("cache_dir"):
-        init_args["cache_dir"] = str(experiment.cache_dir)
+    if spec.accepts("cache_dir"):  # written by the DataModule (cached features): never through a link leading out
+        init_args["cache_dir"] = str(confined(experiment.root, experiment.cache_dir))
     try:
         datamodule = spec.build()
     except MiaError as err:
