@@ -530,6 +530,36 @@ def test_shards_planning_at_once_publish_one_complete_copy(tmp_path):
     assert names == [{"source": "data/source/mine.csv"}] * 16
     assert sorted(p.name for p in (root / "data").iterdir()) == ["source"]  # no staging folder left behind
     assert (root / "data/source/mine.csv").read_bytes() == csv.read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (root / "data/source").stat().st_mode & 0o777 == 0o777 & ~umask  # readable by whoever may read the experiment
+
+
+def test_data_in_your_trusted_data_folders_is_named_in_place(tmp_path, monkeypatch, capsys):
+    """$MIA_LIGHTNING_DATA_DIRS: data there is not copied (a large image set on another disk); config.yaml names it by absolute path,
+    which is read back only while the variable still lists its folder."""
+    from mia_lightning.contract.data_sources import experiment_data_args
+    from mia_lightning.data.images import ImageFeatureDataModule
+
+    mine = tmp_path / "datasets"
+    csv = write_csv((mine / "tables").mkdir(parents=True) or mine / "tables/mine.csv", 60)
+    monkeypatch.setenv("MIA_LIGHTNING_DATA_DIRS", f"{tmp_path / 'other'}{os.pathsep}{mine}")
+    args = ["--data.init_args.source", str(csv), "--data.init_args.label_column", "label"]
+    assert train_main(["farm", *FARM_ARGS, *args, "--experiment.root", str(tmp_path), "--experiment.name", "exp"]) == 0
+    experiment = tmp_path / "exp"
+    assert yaml.safe_load((experiment / "config.yaml").read_text())["data"]["init_args"]["source"] == str(csv.resolve())
+    assert not (experiment / "data").exists()
+    assert train_main(["export", "--experiment", str(experiment)]) == 0
+    monkeypatch.delenv("MIA_LIGHTNING_DATA_DIRS")
+    capsys.readouterr()
+    assert train_main(["export", "--experiment", str(experiment)]) == 2
+    assert "outside the experiment" in one_line_error(capsys)
+    monkeypatch.setenv("MIA_LIGHTNING_DATA_DIRS", str(mine))
+    where = {"source": "torchvision:CIFAR10"}
+    assert experiment_data_args(ImageFeatureDataModule, {**where, "root": str(mine / "cifar")}, experiment, "img:")["root"] == str(mine / "cifar")
+    for root in (str(tmp_path / "cifar"), "datasets/cifar"):  # outside the trusted folders, or relative (the working directory decides)
+        with pytest.raises(MiaError, match="may not name a dataset cache folder outside"):
+            experiment_data_args(ImageFeatureDataModule, {**where, "root": root}, experiment, "img:")
 
 
 def test_hub_datasets_named_by_files_are_read_from_the_cache_only(monkeypatch):

@@ -18,7 +18,7 @@ import filecmp
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ from mia_lightning.names import is_hub_name
 
 DATA_FOLDER = "data"
 """The experiment's copy of the local data its recipe named (one sub-folder per data argument)."""
+
+DATA_DIRS_VARIABLE = "MIA_LIGHTNING_DATA_DIRS"
+"""Environment variable listing folders of your own data that any experiment may name in place (never copied)."""
 
 REMOTE_PREFIXES: tuple[str, ...] = ("hf:", "torchvision:")
 """Data named by a dataset hub rather than a path."""
@@ -96,10 +99,11 @@ def experiment_data_args(cls: type, init_args: dict[str, Any], root: Path | None
     """
     checked = dict(init_args)
     for name in getattr(cls, "CACHE_ARGS", ()):
-        if checked.get(name) is not None:
+        if checked.get(name) is not None and in_trusted_data_folder(checked[name]) is None:
             raise MiaError(
-                f"{where} {name} {checked[name]!r}: an experiment's files may not name a dataset cache folder (a torchvision dataset there may be "
-                f"read with pickle); delete {name} from config.yaml and keep the dataset in the default cache ($MIA_LIGHTNING_CACHE/torchvision)"
+                f"{where} {name} {checked[name]!r}: an experiment's files may not name a dataset cache folder outside ${DATA_DIRS_VARIABLE} "
+                f"(a torchvision dataset there may be read with pickle); add your dataset folder to ${DATA_DIRS_VARIABLE}, "
+                f"or delete {name} from config.yaml and keep the dataset in the default cache ($MIA_LIGHTNING_CACHE/torchvision)"
             )
     for name, words in data_args(cls).items():
         value = checked.get(name)
@@ -111,14 +115,39 @@ def experiment_data_args(cls: type, init_args: dict[str, Any], root: Path | None
             _check_remote_name(value, f"{where} {name}")
         if not is_local(value, words):
             continue
+        trusted = in_trusted_data_folder(value)
+        if trusted is not None:
+            checked[name] = str(trusted)
+            continue
         problem = "a local path" if root is None else _outside(value, root, getattr(cls, "DATA_COMPANIONS", {}).get(name, ()))
         if problem:
             raise MiaError(
-                f"{where} {name} {value!r}: {problem}; an experiment's files may name only data inside it "
+                f"{where} {name} {value!r}: {problem}; an experiment's files may name only data inside it or in ${DATA_DIRS_VARIABLE} "
                 f"(copy the data into {Path(root or '<experiment>') / DATA_FOLDER / name}/ and name it {DATA_FOLDER}/{name}/<file> in config.yaml)"
             )
         checked[name] = str(root / value)
     return checked
+
+
+def trusted_data_folders() -> tuple[Path, ...]:
+    """The folders of ``$MIA_LIGHTNING_DATA_DIRS`` (``os.pathsep``-separated, resolved): your own datasets, which any experiment may name."""
+    return tuple(Path(part).expanduser().resolve() for part in os.environ.get(DATA_DIRS_VARIABLE, "").split(os.pathsep) if part.strip())
+
+
+def in_trusted_data_folder(value: Any) -> Path | None:
+    """The resolved absolute path of ``value`` when it lies inside a trusted data folder (``trusted_data_folders``), else None.
+
+    Only absolute (or ``~``) paths qualify: a relative one would depend on the working directory.
+    """
+    folders = trusted_data_folders()
+    if not folders or not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        path = Path(value).expanduser()
+        resolved = path.resolve() if path.is_absolute() else None
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return resolved if resolved is not None and any(resolved == folder or folder in resolved.parents for folder in folders) else None
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -175,7 +204,9 @@ def copy_local_data(cls: type, init_args: dict[str, Any], root: Path) -> dict[st
     """Copy every local file or folder the recipe's data arguments name into ``root/data/<argument>/`` and return the arguments naming the copies.
 
     A file is copied with the companion files its class reads beside it (``DATA_COMPANIONS``, e.g.
-    Adult's ``adult.test`` next to ``adult.data``); a folder is copied whole.
+    Adult's ``adult.test`` next to ``adult.data``); a folder is copied whole. Data inside a trusted data
+    folder (``$MIA_LIGHTNING_DATA_DIRS``: a large image set on another disk) is not copied; config.yaml
+    names it by its absolute path.
     """
     copied = dict(init_args)
     companions = getattr(cls, "DATA_COMPANIONS", {})
@@ -186,6 +217,10 @@ def copy_local_data(cls: type, init_args: dict[str, Any], root: Path) -> dict[st
         source = Path(value).expanduser()
         if not source.exists():
             continue  # the DataModule already said what is missing when the farm built it
+        trusted = in_trusted_data_folder(str(source.absolute()))
+        if trusted is not None:
+            copied[name] = str(trusted)
+            continue
         files = [source, *(source.with_name(extra) for extra in companions.get(name, ()) if extra != source.name)]
         _publish_copy([file for file in files if file.exists()], confined(root, root / DATA_FOLDER / name))
         copied[name] = f"{DATA_FOLDER}/{name}/{source.name}"
@@ -199,7 +234,8 @@ def _publish_copy(sources: list[Path], folder: Path) -> None:
     farm interrupted before its plan was written, from other data) is replaced.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    staging = folder.with_name(f".{folder.name}-{uuid.uuid4().hex[:12]}")
+    staging.mkdir()  # with the user's umask (mkdtemp's 0700 would hide a shared experiment's data from its readers)
     try:
         for source in sources:
             if source.is_dir():
