@@ -404,8 +404,8 @@ def test_data_arguments_read_from_files_are_checked_word_by_word(tmp_path):
     assert inside == {"source": str(tmp_path / "data/source/x.csv")}
     with pytest.raises(MiaError, match="a local path"):
         experiment_data_args(TabularDataModule, {"source": "data/source/x.csv"}, None, "tab:")  # no experiment: no local path at all
-    with pytest.raises(MiaError, match="outside the experiment"):
-        experiment_data_args(TabularDataModule, {"source": "."}, tmp_path, "tab:")  # the experiment itself is not data
+    with pytest.raises(MiaError, match="the experiment folder .* itself, not data inside it"):
+        experiment_data_args(TabularDataModule, {"source": "."}, tmp_path, "tab:")
     from mia_lightning.unlearning.adult import AdultDataModule
 
     (tmp_path / "data/source/adult.data").write_text("rows")

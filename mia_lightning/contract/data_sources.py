@@ -170,6 +170,8 @@ def _outside(value: str, root: Path, companions: tuple[str, ...] = ()) -> str | 
 
 def _why_outside(value: str, root: Path, companions: tuple[str, ...]) -> str | None:
     path = root / value
+    if not value.startswith("~") and path.resolve() == root.resolve():
+        return f"the experiment folder {root} itself, not data inside it"
     if value.startswith("~") or not _inside(path, root):
         return f"outside the experiment {root}"
     for companion in (path.with_name(name) for name in companions):
