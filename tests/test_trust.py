@@ -535,6 +535,21 @@ def test_shards_planning_at_once_publish_one_complete_copy(tmp_path):
     assert (root / "data/source").stat().st_mode & 0o777 == 0o777 & ~umask  # readable by whoever may read the experiment
 
 
+def test_cached_features_linked_out_of_the_cache_are_never_read(tmp_path):
+    """Export hands the DataModule the experiment's cache/: a features file there linked to an .npy elsewhere is refused, not loaded as features."""
+    from test_images import write_image_folder
+
+    from mia_lightning.data.images import ImageFeatureDataModule
+
+    module = ImageFeatureDataModule(source=str(write_image_folder(tmp_path / "images", per_class=4)), backbone="resnet10t", weights="random",
+                                    img_size=16, queries=["identity"])
+    cache = (tmp_path / "exp/cache").mkdir(parents=True) or tmp_path / "exp/cache"
+    np.save(tmp_path / "elsewhere.npy", np.zeros((12, 1, 512), dtype=np.float32))
+    (cache / f"features-{module.spec.feature_key()[:20]}.npy").symlink_to(tmp_path / "elsewhere.npy")
+    with pytest.raises(MiaError, match="a symbolic link leading outside"):
+        module.spec.features(str(cache))
+
+
 def test_data_in_your_trusted_data_folders_is_named_in_place(tmp_path, monkeypatch, capsys):
     """$MIA_LIGHTNING_DATA_DIRS: data there is not copied (a large image set on another disk); config.yaml names it by absolute path,
     which is read back only while the variable still lists its folder."""

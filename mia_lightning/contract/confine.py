@@ -33,17 +33,17 @@ def _within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def confined(root: Path, path: Path) -> Path:
+def confined(root: Path, path: Path, action: str = "write, rename or delete") -> Path:
     """``path`` if its resolved location lies inside the resolved ``root``; else a one-line ``MiaError`` naming the link.
 
     Paths that do not exist yet are resolved through their existing parents, so a file about to be
-    created under a linked folder is refused too.
+    created under a linked folder is refused too. ``action`` says what the caller would have done there.
     """
     root, path = Path(root), Path(path)
     if not _within(path.resolve(), root.resolve()):
         link = _escaping_link(root, path)
         raise MiaError(
-            f"{link}: a symbolic link leading outside {root} ({link.resolve()}); refusing to write, rename or delete there "
+            f"{link}: a symbolic link leading outside {root} ({link.resolve()}); refusing to {action} there "
             "(replace the link with a real folder or copy the directory)"
         )
     return path

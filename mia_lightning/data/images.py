@@ -48,6 +48,7 @@ from mia_lightning.data.plan import Plan, PlanSpec, make_lira_plan, takes_option
 from mia_lightning.data.streams import StreamBatchSampler, balanced_half
 from mia_lightning.data.tabular import TabularDataModule, TabularPool
 from mia_lightning.errors import MiaError
+from mia_lightning.contract.confine import confined
 from mia_lightning.contract.io import save_json_atomic, save_npy_atomic
 from mia_lightning.models.pretrained import BackboneWeights, check_backbone_name, create_backbone
 from mia_lightning.names import names_from_files
@@ -425,7 +426,7 @@ class ImageSpec:
         key = self.feature_key()
         if cache_dir is None:
             return _computed_features(self, key)
-        path = Path(cache_dir) / f"features-{key[:20]}.npy"
+        path = confined(Path(cache_dir), Path(cache_dir) / f"features-{key[:20]}.npy", "read cached features")  # never a file linked elsewhere
         if path.is_file():
             return _load_features(str(path), path.stat().st_mtime_ns, len(self.pool.labels), len(self.queries))
         features = _computed_features(self, key)
