@@ -153,6 +153,10 @@ def import_mlm_mia(source: Path, nonmembers: str, measure: str = "loss", populat
     )
 
 
+TABLE_COLUMNS = ("target", "reference", "user", "member")
+"""The columns of a score table (``target`` and ``member`` required); any other is refused."""
+
+
 def _table_columns(path: Path) -> dict[str, np.ndarray]:
     """Named columns of a score table: CSV header names, .npz array names, or .npy [n, 4] as (target, reference, user, member)."""
     if not path.is_file():
@@ -164,7 +168,7 @@ def _table_columns(path: Path) -> dict[str, np.ndarray]:
             raise MiaError(f"{path}: unreadable .npy ({err})") from None
         if array.ndim != 2 or array.shape[1] != 4:
             raise MiaError(f"{path}: expected a [n, 4] array of (target score, reference score, user id, membership), got shape {array.shape}")
-        return dict(zip(("target", "reference", "user", "member"), array.T))
+        return dict(zip(TABLE_COLUMNS, array.T))
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as archive:
@@ -205,6 +209,9 @@ def import_table(path: Path, scores: str) -> ImportedScores:
     for needed in ("target", "member"):
         if needed not in columns:
             raise MiaError(f"{path}: no {needed!r} column (found {', '.join(columns)}); name the columns target, reference, user, member")
+    unknown = [name for name in columns if name not in TABLE_COLUMNS]
+    if unknown:  # a misspelt 'reference' or 'user' was ignored: the experiment had no reference model or no users, silently
+        raise MiaError(f"{path}: column {unknown[0]!r} is not one of {', '.join(TABLE_COLUMNS)}; rename it (a typo?) or drop it from the table")
     for name, values in columns.items():
         if np.ndim(values) != 1:
             raise MiaError(f"{path}: column {name!r} has shape {np.shape(values)}, expected one value per sample (a 1-D array); save each column as a 1-D array")

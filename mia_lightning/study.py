@@ -245,9 +245,21 @@ def _same_file(stored: Any, recipe: str) -> bool:
         return False
 
 
+def _planned_settings(study_dir: Path) -> list[str]:
+    """The setting folders under ``settings/`` that hold a plan (a farm planned, and maybe trained, them): what study.json protects."""
+    return sorted(folder.name for folder in (study_dir / "settings").glob("*") if ExperimentDir(folder).plan_path.is_file())
+
+
 def _check_study_file(study_dir: Path, payload: dict) -> None:
-    """Write study.json, or check that an existing one describes the same study (a study started before the recipe digest was recorded is compared without it)."""
+    """Write study.json, or check that an existing one describes the same study (a study started before the recipe digest was recorded is compared without it).
+
+    A study.json whose settings never got as far as a plan (the first farm refused the recipe, e.g. a negative learning
+    rate found only once the model is built) protects nothing: it is replaced, so the corrected study is not locked to the typo.
+    """
     path = study_dir / "study.json"
+    if path.is_file() and not _planned_settings(study_dir):
+        save_json_atomic(path, payload)
+        return
     if path.is_file():
         stored = load_json(path)
         compared = payload if not isinstance(stored, dict) or RECIPE_DIGEST in stored else {k: v for k, v in payload.items() if k != RECIPE_DIGEST}
@@ -340,10 +352,13 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
             eta = f", about {(time.perf_counter() - started) / trained * remaining / 60:.0f} min left" if trained else ""
             console.rule(f"study {options.name}: setting {number}/{len(settings)} {setting.name} ({remaining} to train{eta})")
             trained += 1
-            code = farm_main(setting_argv(options, study_dir, setting))
-            if code:
-                raise MiaError(f"study {options.name}: the farm of setting {setting.name!r} stopped (exit {code}); re-run the study to resume")
-            result = run_audit(experiment.root, options.attacks, n_targets=options.n_targets, params=options.params)
+            try:
+                code = farm_main(setting_argv(options, study_dir, setting))
+                if code:
+                    raise MiaError(f"study {options.name}: the farm of setting {setting.name!r} stopped (exit {code}); re-run the study to resume")
+                result = run_audit(experiment.root, options.attacks, n_targets=options.n_targets, params=options.params)
+            except MiaError as err:  # a recipe or parameter value found only once the data loads or the models exist: name the setting
+                raise err if str(err).startswith(f"study {options.name}:") else MiaError(f"study setting {setting.name!r}: {err}") from None
             save_json_atomic(marker, {"setting": setting.name, "overrides": setting.overrides, "run": result.run_id})
         rows.append(_row(setting, experiment))
     if analyse is None:

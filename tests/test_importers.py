@@ -202,6 +202,8 @@ def test_table_npy_in_the_documented_column_order(tmp_path):
         ("target,member\n1.0,1\n2.0,1\n", "needs both members (1) and non-members (0)"),
         ("target,member\n1.0,1\n2.0\n", ":3: 1 fields"),
         ("target,target,member\n1.0,5.0,1\n2.0,6.0,0\n", "header names column 'target' more than once"),
+        # a misspelt optional column was ignored: the experiment silently had no reference model
+        ("target,refrence,member\n1.0,5.0,1\n2.0,6.0,0\n", "column 'refrence' is not one of target, reference, user, member"),
     ],
 )
 def test_bad_tables(tmp_path, capsys, content, fragment):

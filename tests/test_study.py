@@ -177,6 +177,22 @@ def test_a_study_refused_for_a_never_stopping_setting_runs_once_corrected(tmp_pa
     assert (tmp_path / "out/sweep/settings/only/setting.json").is_file()
 
 
+def test_a_study_refused_once_its_first_model_is_built_runs_once_corrected(tmp_path, recorded, capsys):
+    """A negative learning rate is found only when the farm builds the model, after study.json was written; the corrected
+    study was then refused ('started with other settings') although no setting had been planned, and the error named no setting."""
+    one = {"grid": {}, "settings": [{"name": "only", "overrides": {}}]}
+    assert train_main(["study", "--config", str(write_study(tmp_path, overrides={"model.init_args.lr": -1.0}, **one))]) == 2
+    err = capsys.readouterr().err
+    assert "error: study setting 'only': " in err and "Invalid learning rate: -1.0" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out/sweep/settings/only/plan.json").exists()
+    assert train_main(["study", "--config", str(write_study(tmp_path, overrides={"model.init_args.lr": 0.01}, **one))]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out/sweep/study.json").read_text())["overrides"] == {"model.init_args.lr": 0.01}
+    assert (tmp_path / "out/sweep/settings/only/setting.json").is_file()
+    capsys.readouterr()
+    assert train_main(["study", "--config", str(write_study(tmp_path, overrides={"model.init_args.lr": 0.02}, **one))]) == 2  # a planned setting still locks it
+    assert "started with other settings" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("file", ["out", "out/sweep"])
 def test_a_study_root_or_folder_that_is_a_file_is_one_line(tmp_path, recorded, capsys, file):
     path = write_study(tmp_path)
