@@ -5,6 +5,7 @@ experiment share one recipe; workers run the installed package."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -689,6 +690,9 @@ def test_export_never_replaces_valid_outputs_with_nan(copy, capsys):
     first = next(iter(payload["state_dict"]))
     payload["state_dict"][first][:] = float("nan")
     torch.save(payload, copy / "models/0001/model.ckpt")
+    done = json.loads((copy / "models/0001/done.json").read_text())
+    del done["checkpoint_sha256"]  # as an older farm's record: the edited checkpoint then reaches the output checks
+    (copy / "models/0001/done.json").write_text(json.dumps(done))
     before = snapshot(copy / "models")
     capsys.readouterr()
     assert train_main(["export", "--experiment", str(copy)]) == 2
@@ -737,6 +741,25 @@ def test_a_merged_model_with_another_recipe_is_named(stage, copy, capsys):
     err = one_line_error(capsys)
     assert "models/0001/done.json: model 1 was trained with another recipe" in err and "model.init_args.lr: 0.05 -> 0.001" in err, err
     assert snapshot(copy) == before
+
+
+def test_a_checkpoint_copied_in_from_another_model_is_refused_by_its_done_json(copy, capsys):
+    """done.json records its model.ckpt's sha256: a loadable checkpoint from elsewhere (here: other weights, same index) is one line; nothing replaced."""
+    done = json.loads((copy / "models/0001/done.json").read_text())
+    checkpoint = copy / "models/0001/model.ckpt"
+    assert done["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["state_dict"] = {name: value + 0.5 for name, value in payload["state_dict"].items()}  # what another seed's model would hold
+    torch.save(payload, checkpoint)
+    before = snapshot(copy / "models")
+    capsys.readouterr()
+    assert train_main(["export", "--experiment", str(copy)]) == 2
+    err = one_line_error(capsys)
+    assert "models/0001/model.ckpt: not the checkpoint" in err and "sha256 differs" in err, err
+    assert snapshot(copy / "models") == before
+    del done["checkpoint_sha256"]  # a model of an older farm records none: loaded as before
+    (copy / "models/0001/done.json").write_text(json.dumps(done))
+    assert train_main(["export", "--experiment", str(copy)]) == 0
 
 
 class Pickled:

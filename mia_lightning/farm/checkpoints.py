@@ -10,6 +10,7 @@ package (``mia_lightning.contract.components.resolve_class``) before anything is
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -19,13 +20,19 @@ import torch
 from mia_lightning.errors import MiaError, load_failure
 from mia_lightning.contract.experiment import FORMAT_VERSION, READABLE_VERSIONS
 from mia_lightning.contract.components import TRUSTED_MODULES, ComponentSpec
-from mia_lightning.contract.io import write_bytes_atomic
+from mia_lightning.contract.identity import DONE_FILE
+from mia_lightning.contract.io import load_json, write_bytes_atomic
 
 TAG = "mia_lightning"
+CHECKPOINT_FILE = "model.ckpt"
 
 
-def save_model_checkpoint(module: L.LightningModule, path: Path, index: int, experiment: str) -> None:
-    """Write ``module`` as a Lightning checkpoint (state_dict + hyper_parameters) atomically."""
+CHECKPOINT_DIGEST = "checkpoint_sha256"
+"""done.json's record of its model.ckpt: a checkpoint copied in from another experiment or model is refused where it is loaded."""
+
+
+def save_model_checkpoint(module: L.LightningModule, path: Path, index: int, experiment: str) -> str:
+    """Write ``module`` as a Lightning checkpoint (state_dict + hyper_parameters) atomically; returns the file's sha256."""
     cls = type(module)
     payload = {
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
@@ -37,14 +44,17 @@ def save_model_checkpoint(module: L.LightningModule, path: Path, index: int, exp
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     write_bytes_atomic(path, buffer.getvalue())
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
 def load_model_checkpoint(path: Path, index: int, trusted: tuple[str, ...] = TRUSTED_MODULES) -> L.LightningModule:
-    """Load model ``index``'s checkpoint, checking that it is one of ours, for that index, and names a trusted LightningModule."""
+    """Load model ``index``'s checkpoint, checking that it is one of ours, for that index, names a trusted LightningModule
+    and is the file the farm wrote (the sha256 its done.json records, where it records one)."""
     if not path.is_file():
         raise MiaError(f"{path}: missing checkpoint; re-train this model with `python train.py farm --config <recipe>`")
+    content = path.read_bytes()
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
         reason = load_failure(err)
         fix = ("checkpoints load without running code: if your own model stores such a value among its hyper-parameters, make it a plain "
@@ -70,4 +80,17 @@ def load_model_checkpoint(path: Path, index: int, trusted: tuple[str, ...] = TRU
     except RuntimeError as err:
         raise MiaError(f"{path}: weights do not fit {tag['class_path']} ({str(err).splitlines()[0]}); the checkpoint is damaged or from other code") from None
     module.on_load_checkpoint(payload)
+    _check_recorded_digest(path, content)
     return module.eval()
+
+
+def _check_recorded_digest(path: Path, content: bytes) -> None:
+    """Refuse a loadable checkpoint that is not the one its model's done.json records (copied in from another experiment or model)."""
+    done = path.with_name(DONE_FILE)
+    record = load_json(done) if path.name == CHECKPOINT_FILE and done.is_file() else None
+    recorded = record.get(CHECKPOINT_DIGEST) if isinstance(record, dict) else None
+    if not isinstance(recorded, str):  # older farms recorded none; unlearning slices have no done.json
+        return
+    if hashlib.sha256(content).hexdigest() != recorded:
+        raise MiaError(f"{path}: not the checkpoint {done} records (its sha256 differs: a file copied in from another model or experiment?); "
+                       f"restore the original, or delete {path.parent} and re-run the farm to re-train the model")

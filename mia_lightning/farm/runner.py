@@ -25,7 +25,7 @@ from mia_lightning.data.plan import Plan, make_plan
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
 from mia_lightning.contract.components import with_current_class_paths
-from mia_lightning.farm.checkpoints import save_model_checkpoint
+from mia_lightning.farm.checkpoints import CHECKPOINT_DIGEST, CHECKPOINT_FILE, save_model_checkpoint
 from mia_lightning.farm.config import Recipe
 from mia_lightning.farm.engine import ENGINES, ModelJob, TrainedModel, model_seed, resolve_engine
 from mia_lightning.contract.model_outputs import checked_outputs, save_model_outputs
@@ -192,12 +192,13 @@ def write_model(experiment: ExperimentDir, trained: TrainedModel, job: ModelJob,
     """
     outputs = checked_outputs(trained.index, trained.logits)
     folder = experiment.model_dir(trained.index)
-    save_model_checkpoint(trained.module, folder / "model.ckpt", trained.index, experiment.root.name)
+    digest = save_model_checkpoint(trained.module, folder / CHECKPOINT_FILE, trained.index, experiment.root.name)
     save_model_outputs(folder, outputs)
     save_json_atomic(
         folder / DONE_FILE,
         {"index": trained.index, "seed": job.seed, "n_train": int(job.train_indices.size), "parent": job.parent, "engine": engine,
-         "metrics": trained.metrics, "host": socket.gethostname(), "pid": os.getpid(), "finished_at": time.time(), RECIPE_KEY: identity},
+         "metrics": trained.metrics, "host": socket.gethostname(), "pid": os.getpid(), "finished_at": time.time(), RECIPE_KEY: identity,
+         CHECKPOINT_DIGEST: digest},
     )
 
 
