@@ -48,6 +48,7 @@ CASES = {
     "zero group size": (QUICKSTART, ["--farm.group_size", "0"], "--farm.group_size 0: must be at least 1"),
     "zero farm threads": (QUICKSTART, ["--farm.threads", "0"], "--farm.threads 0: must be at least 1"),
     "stale claims at once": (QUICKSTART, ["--farm.stale_after_s", "0"], "--farm.stale_after_s 0.0: must be positive"),
+    "empty experiment name": (QUICKSTART, ["--experiment.name", ""], "--experiment.name '': must be a plain folder name"),  # farmed into root itself
 }
 
 
@@ -111,12 +112,16 @@ NULL_AND_INFINITE_PARAMS = {
     "null int": ("shokri", '{"shokri": {"steps": null}}', "--params shokri.steps=None: expected int"),
     "null hidden": ("quantile", '{"quantile": {"hidden": null}}', "--params quantile.hidden=None: expected int"),
     "null alpha": ("quantile", '{"quantile": {"alpha": null}}', "--params quantile.alpha=None: expected float"),
+    # values of the right type out of their range name the option like the type errors do (they said 'n_shadows=0:' / 'rmia: gamma=')
+    "no shadows": ("lira", '{"lira": {"n_shadows": 0}}', "--params lira.n_shadows=0: must be between 1 and"),
+    "negative gamma": ("rmia", '{"rmia": {"gamma": -1}}', "--params rmia.gamma=-1.0: must be positive"),
+    "a above one": ("rmia", '{"rmia": {"a": 2}}', "--params rmia.a=2.0: must lie in [0, 1]"),
 }
 
 
 @pytest.mark.parametrize("case", list(NULL_AND_INFINITE_PARAMS))
 def test_null_for_a_parameter_without_none_and_non_finite_numbers_are_one_line(case, experiment, capsys):
-    """JSON null passed the type check of every parameter and crashed the attack; 1e400 (infinity) passed as a float."""
+    """JSON null passed the type check of every parameter and crashed the attack; 1e400 (infinity) passed as a float; a value out of range names its option."""
     attack, text, phrase = NULL_AND_INFINITE_PARAMS[case]
     before = snapshot(experiment)
     capsys.readouterr()

@@ -22,7 +22,7 @@ from mia_lightning.data.plan import PlanSpec
 from mia_lightning.errors import MiaError
 from mia_lightning.farm.engine import FarmSetup, ModelJob, SequentialEngine, model_seed
 from mia_lightning.farm.vectorised import VectorisedEngine
-from mia_lightning.models.image import ImageClassifier, normalisation_layers
+from mia_lightning.models.image import normalisation_layers
 from mia_lightning.models.pretrained import create_backbone, positional_state_dict
 
 TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False}

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 
 from mia_lightning.cli import train_main

@@ -13,7 +13,7 @@ from mia_lightning.data.plan import PlanSpec
 from mia_lightning.errors import MiaError
 from mia_lightning.unlearning.contract import parse_unlearning
 from mia_lightning.unlearning.features import FEATURES, aggregate, defend, pair_features
-from mia_lightning.unlearning.contract import Chain, Step, Unlearning
+from mia_lightning.unlearning.contract import Chain, Unlearning
 from mia_lightning.unlearning.metrics import by_unit, degradation, privleak, target_units, unit_metrics
 from mia_lightning.unlearning.plans import make_ulira_plan, make_unlearning_plan
 

@@ -59,7 +59,7 @@ class LabelOnly(Attack):
     def fit(self, data: AttackData) -> None:
         """Counts of every model, and per sample the histograms of the counts over the pool's IN and OUT shadows."""
         super().fit(data)
-        self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows)
+        self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows, f"--params {self.name}.n_shadows")
         self.n_queries = data.logits.shape[2]
         block = data.target_batch_size()
         self.counts = np.concatenate([agreement_counts(data.logits[start:start + block], data.labels) for start in range(0, data.n_models, block)])

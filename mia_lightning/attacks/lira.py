@@ -94,9 +94,8 @@ class LiRA(Attack):
 
     def fit(self, data: AttackData) -> None:
         super().fit(data)
-        if self.reference_fit:
-            self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows)
-        else:
+        self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows, f"--params {self.name}.n_shadows")
+        if not self.reference_fit:
             self.in_moments = ShadowMoments(data.phi, data.keep, self.n_shadows, data.shadow_candidates)
             self.out_moments = ShadowMoments(data.phi, ~data.keep, self.n_shadows, data.shadow_candidates)
 

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
-from mia_lightning.attacks.rmia import RMIA
 from mia_lightning.errors import MiaError
 
 NEEDS_SIGNAL = "needs a per-sample signal (models/*/signal.npy, e.g. minus an MLM loss) and this experiment exported class logits"
@@ -138,7 +137,7 @@ class BlindBaseline(Attack):
     def __init__(self, n_folds: int = 5, max_features: int = 20000, C: float = 1.0) -> None:
         super().__init__()
         if n_folds < 2:
-            raise MiaError(f"blind_baseline: n_folds={n_folds} must be at least 2")
+            raise MiaError(f"--params blind_baseline.n_folds={n_folds}: must be at least 2")
         self.n_folds, self.max_features, self.C = n_folds, max_features, C
 
     @classmethod

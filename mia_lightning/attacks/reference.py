@@ -40,7 +40,7 @@ class ReferenceAttack(Attack):
     def fit(self, data: AttackData) -> None:
         """Losses of every model on every sample, float64 [M, n]."""
         super().fit(data)
-        self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows)
+        self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows, f"--params {self.name}.n_shadows")
         self.loss = data.loss
 
     def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:

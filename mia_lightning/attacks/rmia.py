@@ -52,9 +52,9 @@ class RMIA(Attack):
     def __init__(self, gamma: float = 1.0, a: float | None = None, n_shadows: int | None = None) -> None:
         super().__init__()
         if not gamma > 0:
-            raise MiaError(f"rmia: gamma={gamma} must be positive")
+            raise MiaError(f"--params rmia.gamma={gamma}: must be positive")
         if a is not None and not 0.0 <= a <= 1.0:
-            raise MiaError(f"rmia: a={a} must lie in [0, 1] (or be left unset to tune it)")
+            raise MiaError(f"--params rmia.a={a}: must lie in [0, 1] (or be left unset to tune it)")
         self.gamma = float(gamma)
         self.a = None if a is None else float(a)
         self.a_tuned = a is None
@@ -64,7 +64,7 @@ class RMIA(Attack):
     def fit(self, data: AttackData) -> None:
         """Sum p over the reference pool (all and OUT only) once, then tune a unless it was given."""
         super().fit(data)
-        self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows)
+        self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows, f"--params {self.name}.n_shadows")
         self.p = data.true_class_probability
         out = ~data.keep[: self.pool]
         self.sum_all = self.p[: self.pool].sum(axis=0)

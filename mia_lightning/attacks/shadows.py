@@ -19,12 +19,12 @@ NONE_LEFT_OUT = -1
 """``left_out_model``'s answer for a target outside the pool: its shadows are the whole pool."""
 
 
-def shadow_pool(n_candidates: int, n_shadows: int | None) -> tuple[int, int | None]:
-    """(pool size, k): the pool is models 0..pool-1; validates the requested shadow count."""
+def shadow_pool(n_candidates: int, n_shadows: int | None, option: str = "n_shadows") -> tuple[int, int | None]:
+    """(pool size, k): the pool is models 0..pool-1; validates the requested shadow count (``option`` names it in the error)."""
     if n_shadows is None:
         return n_candidates, None
     if not 1 <= n_shadows <= n_candidates - 1:
-        raise MiaError(f"n_shadows={n_shadows}: must be between 1 and {n_candidates - 1} (the models that can serve as shadows, less one)")
+        raise MiaError(f"{option}={n_shadows}: must be between 1 and {n_candidates - 1} (the models that can serve as shadows, less one)")
     return n_shadows + 1, n_shadows
 
 

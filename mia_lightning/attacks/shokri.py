@@ -89,12 +89,12 @@ class Shokri(Attack):
         self.listed = bool(listed)
         if listed:
             shadows = np.asarray(sorted(int(m) for m in listed), dtype=np.int64)
-            _, self.k = shadow_pool(shadows.size, self.n_shadows)  # n_shadows = k: the k lowest listed ids other than the target
+            _, self.k = shadow_pool(shadows.size, self.n_shadows, f"--params {self.name}.n_shadows")  # n_shadows = k: the k lowest listed ids other than the target
             self.shadows = shadows if self.k is None else shadows[: self.k + 1]
             self.pool = int(self.shadows.size)
             self.shadow_source = "plan info.shadow_models (minus the target)" if self.k is None else f"the {self.k} lowest of plan info.shadow_models other than the target"
         else:
-            self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows)
+            self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows, f"--params {self.name}.n_shadows")
             self.shadows = np.arange(self.pool, dtype=np.int64)
             self.shadow_source = "leave-one-out over the candidate models"
         usable = data.audit_pairs(self.shadows)  # [S, n]

@@ -15,6 +15,7 @@ from mia_lightning.data.plan import PlanSpec
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.components import ComponentSpec
+from mia_lightning.contract.confine import plain_name
 from mia_lightning.farm.engine import AUTO, ENGINES, FarmSetup
 from mia_lightning.farm.shards import parse_shard
 
@@ -25,6 +26,9 @@ class ExperimentOptions:
 
     name: str = "experiment"
     root: str = "checkpoints"
+
+    def __post_init__(self) -> None:  # one folder under root: "" would farm straight into root, "a/../b" elsewhere
+        plain_name(self.name, "--experiment.name")
 
 
 @dataclass
