@@ -199,7 +199,7 @@ def run_audit(
     experiment = ExperimentDir(Path(experiment_dir))
     experiment.check_exists()
     check_request(targets, n_targets, bootstrap, keep_runs)
-    names, checked = resolve_attacks(attacks, params or {})
+    names, checked = resolve_attacks(attacks, {} if params is None else params)  # [] or "" is a mistake, not 'no parameters'
     check_logger(logger)
     check_logger_folder(logger, experiment.root)
     quiet_lightning()  # torch / Lightning load from here on, once the request is valid

@@ -90,6 +90,7 @@ PARAMS = {
     "string for an int": ('{"lira": {"n_shadows": "eight"}}', "--params lira.n_shadows='eight': expected int | None"),
     "float for an int": ('{"lira": {"n_shadows": 2.5}}', "--params lira.n_shadows=2.5: expected int | None"),
     "not an object": ('"eight"', "--params: expected a JSON object"),
+    "an empty list": ('[]', "--params: expected a JSON object"),  # was taken as no parameters
     "attack value not an object": ('{"lira": 3}', "--params lira: expected an object"),
     "typo in the attack name": ('{"liar": {"n_shadows": 2}}', "--params 'liar': not an attack of this run"),
     "typo in a parameter": ('{"lira": {"nshadows": 2}}', "--params lira.nshadows: unknown parameter"),
