@@ -175,7 +175,9 @@ def study_outputs(options: StudyOptions) -> list[str] | None:
 
 
 def check_setting_recipes(options: StudyOptions, study_dir: Path, settings: list[Setting]) -> None:
-    """Parse every setting's farm recipe, build its callbacks and check its plan settings and n_targets before study.json is written: a typo found later would lock the study to it."""
+    """Parse every setting's farm recipe, build its callbacks and check its plan settings, n_targets and the attacks' n_shadows
+    before study.json is written: a typo found later would lock the study to it."""
+    from mia_lightning.attacks.shadows import shadow_pool
     from mia_lightning.audit import resolve_targets
     from mia_lightning.console import parse
     from mia_lightning.data.plan import check_plan_spec
@@ -188,6 +190,9 @@ def check_setting_recipes(options: StudyOptions, study_dir: Path, settings: list
             recipe.setup.build_callbacks()  # their constructors check their arguments (DPSGD's epsilon, delta, clipping)
             check_plan_spec(recipe.plan.kind, recipe.plan.n_models, recipe.plan.options)
             resolve_targets(recipe.plan.n_models, None, options.n_targets)
+            for attack, params in options.params.items():  # shadows come from the setting's models: more than it has fails only at its audit
+                if isinstance(params.get("n_shadows"), int):
+                    shadow_pool(recipe.plan.n_models, params["n_shadows"], f"study.params.{attack}.n_shadows")
         except MiaError as err:
             raise MiaError(f"study setting {setting.name!r}: {err}") from None
 

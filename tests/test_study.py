@@ -136,6 +136,7 @@ def test_a_list_of_grids_is_the_union_of_their_products():
     ({"attacks": ["lirra"]}, "unknown attack 'lirra'; did you mean lira"),
     ({"attacks": []}, "study.attacks: empty; name the attacks that audit every setting"),
     ({"params": {"lira": {"n_shadows": 4}}}, "--params 'lira': not an attack of this run (thresholds)"),
+    ({"attacks": ["lira"], "params": {"lira": {"n_shadows": 8}}}, "study setting 'weight_decay-0.0_max_epochs-1': study.params.lira.n_shadows=8: must be between 1 and 3"),
     ({"n_targets": 9}, "--n_targets 9: must be between 1 and the number of models (4)"),
     ({"grid": {"trainer.max_epochs": [1, -1]}}, "study setting 'max_epochs--1': --trainer.max_epochs -1: without trainer.max_steps"),
     ({"overrides": {"plan.seed": -1}}, "study setting 'weight_decay-0.0_max_epochs-1': --plan.seed -1: must be a non-negative integer"),
