@@ -250,9 +250,9 @@ def _same_file(stored: Any, recipe: str) -> bool:
         return False
 
 
-def _planned_settings(study_dir: Path) -> list[str]:
-    """The setting folders under ``settings/`` that hold a plan (a farm planned, and maybe trained, them): what study.json protects."""
-    return sorted(folder.name for folder in (study_dir / "settings").glob("*") if ExperimentDir(folder).plan_path.is_file())
+def _any_setting_planned(study_dir: Path) -> bool:
+    """Whether a setting folder under ``settings/`` holds a plan (a farm planned, and maybe trained, it): what study.json protects."""
+    return any(ExperimentDir(folder).plan_path.is_file() for folder in (study_dir / "settings").glob("*"))
 
 
 def _check_study_file(study_dir: Path, payload: dict) -> None:
@@ -262,7 +262,7 @@ def _check_study_file(study_dir: Path, payload: dict) -> None:
     rate found only once the model is built) protects nothing: it is replaced, so the corrected study is not locked to the typo.
     """
     path = study_dir / "study.json"
-    if path.is_file() and not _planned_settings(study_dir):
+    if path.is_file() and not _any_setting_planned(study_dir):
         save_json_atomic(path, payload)
         return
     if path.is_file():

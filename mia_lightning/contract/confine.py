@@ -24,12 +24,13 @@ def _escaping_link(root: Path, path: Path) -> Path:
     current = root
     for part in relative.parts:
         current = current / part
-        if current.is_symlink() and not _within(current.resolve(), root.resolve()):
+        if current.is_symlink() and not within(current.resolve(), root.resolve()):
             return current
     return path
 
 
-def _within(path: Path, root: Path) -> bool:
+def within(path: Path, root: Path) -> bool:
+    """Whether the (already resolved) ``path`` is ``root`` or lies under it."""
     return path == root or root in path.parents
 
 
@@ -40,7 +41,7 @@ def confined(root: Path, path: Path, action: str = "write, rename or delete") ->
     created under a linked folder is refused too. ``action`` says what the caller would have done there.
     """
     root, path = Path(root), Path(path)
-    if not _within(path.resolve(), root.resolve()):
+    if not within(path.resolve(), root.resolve()):
         link = _escaping_link(root, path)
         raise MiaError(
             f"{link}: a symbolic link leading outside {root} ({link.resolve()}); refusing to {action} there "

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from mia_lightning.contract.confine import confined
+from mia_lightning.contract.confine import confined, within
 from mia_lightning.errors import MiaError
 from mia_lightning.names import is_hub_name
 
@@ -147,12 +147,13 @@ def in_trusted_data_folder(value: Any) -> Path | None:
         resolved = path.resolve() if path.is_absolute() else None
     except (OSError, RuntimeError, ValueError):
         return None
-    return resolved if resolved is not None and any(resolved == folder or folder in resolved.parents for folder in folders) else None
+    return resolved if resolved is not None and any(within(resolved, folder) for folder in folders) else None
 
 
 def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` resolves strictly under ``root`` (the experiment folder itself is not data)."""
     resolved, top = path.resolve(), root.resolve()
-    return resolved != top and top in resolved.parents
+    return resolved != top and within(resolved, top)
 
 
 def _outside(value: str, root: Path, companions: tuple[str, ...] = ()) -> str | None:
