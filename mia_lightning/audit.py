@@ -94,10 +94,11 @@ def result_record(name: str, family: str, params: dict, targets: np.ndarray, sco
                   groups: np.ndarray | None = None, audited: np.ndarray | None = None) -> tuple[dict, RocCurve]:
     """The results.json payload of one attack output (pairs outside the audit are NaN in ``scores``) and its ROC curve.
 
-    ``n_unscored`` counts the audited pairs (``audited``, default all) the attack left without a score.
+    ``n_unscored`` counts the audited pairs (``audited``, default all) the attack left without a score: every
+    non-finite value (NaN, or an infinity), since the metrics leave exactly those out.
     With ``groups`` (the experiment's users) the bootstrap resamples users, since a user's samples are correlated.
     """
-    missing = np.isnan(scores)
+    missing = ~np.isfinite(scores)
     n_missing = int((missing & audited).sum() if audited is not None else missing.sum())
     metrics, curve = evaluate_scores(scores, members, bootstrap=bootstrap, groups=groups)
     record = {"attack": name, "family": family, "params": params, "targets": targets.tolist(), "n_unscored": n_missing, **metrics}

@@ -157,3 +157,14 @@ def test_n_unscored_counts_only_audited_pairs_left_without_a_score(tmp_path):
     run_audit(root, ["thresholds"], targets=[0, 1], bootstrap=0)
     results = json.loads((root / "attacks/loss/results.json").read_text())
     assert results["n_unscored"] == 0 and results["n_members"] + results["n_nonmembers"] == 2 * 32
+
+
+def test_n_unscored_counts_infinite_scores_the_metrics_leave_out():
+    """The metrics rank finite scores only: an audited pair scored +inf or -inf is left out of them, so it is unscored (it used to vanish from both counts)."""
+    from mia_lightning.audit import result_record
+
+    scores = np.array([[0.9, np.inf, 0.1, np.nan], [-np.inf, 0.7, 0.2, 0.4]])
+    members = np.array([[True, True, False, False], [True, False, False, True]])
+    record, _ = result_record("x", "x", {}, np.arange(2), scores, members, bootstrap=0)
+    assert record["n_unscored"] == 3
+    assert record["n_members"] + record["n_nonmembers"] + record["n_unscored"] == scores.size
