@@ -9,8 +9,8 @@ Using Membership Inference Attacks", EMNLP 2022) scores a user by the mean of th
 ``precision_recall_at_fpr`` turns scores into decisions the way an auditor would deploy them: the
 threshold is fixed on a population set of known non-members (samples or users no model trained on)
 so that at most a stated fraction of them is flagged, and precision / recall are then measured on
-the audited pairs. ``rule="paper"`` reproduces the paper's index (the population score ranked
-``int(0.9 p) + 1`` from the top, for a 10% budget).
+the audited pairs. ``rule="paper"`` reproduces the paper's index (the population score at 0-based
+position ``int(0.9 p) + 1`` in ascending order, for a 10% budget).
 """
 
 from __future__ import annotations
@@ -101,8 +101,9 @@ def population_thresholds(population_scores: np.ndarray, fpr: float, rule: str =
 
     ``budget``: the lowest threshold that flags at most ``floor(fpr * p)`` population scores (the
     stated FPR budget holds exactly on the population, ties included). ``paper``: Mireshghallah et
-    al.'s index, the population score with ascending rank ``int((1 - fpr) * p) + 1`` (they use
-    fpr = 0.1), which flags about ``fpr * p - 1`` of them. NaN population scores are ignored.
+    al.'s index, the population score at 0-based ascending position ``int((1 - fpr) * p) + 1`` (they use
+    fpr = 0.1), which flags the ``p - int((1 - fpr) * p) - 2`` scores above it (distinct scores): about
+    ``fpr * p - 2``, one of 30 at 10%. NaN population scores are ignored.
     """
     if rule not in THRESHOLD_RULES:
         raise MiaError(f"threshold rule {rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")

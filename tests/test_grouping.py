@@ -99,6 +99,15 @@ def test_paper_rule_is_the_papers_index():
     assert ((-test) > ours).sum() == sum(1 for value in test if value < paper_threshold)
 
 
+@pytest.mark.parametrize(("p", "flagged"), [(30, 1), (100, 8), (2424, 241)])
+def test_paper_rule_flags_two_fewer_than_the_budget(p, flagged):
+    """Its threshold is the score at 0-based ascending position int(0.9 p) + 1, so p - int(0.9 p) - 2 distinct scores lie above it
+    (one of 30 population users, as docs/mlm.md reports), not the budget's 0.1 p."""
+    population = np.random.default_rng(p).permutation(p).astype(np.float64)[None, :]
+    threshold = population_thresholds(population, 0.1, rule="paper")[0]
+    assert (population > threshold).sum() == flagged == p - int(0.9 * p) - 2
+
+
 def test_precision_recall_by_hand():
     population = np.array([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]])
     scores = np.array([[9.5, 8.5, 7.0, 9.2, np.nan, 3.0]])
