@@ -1,4 +1,4 @@
-"""LiRA scores against a straightforward per-(target, sample, query) loop over DESIGN.md's definitions."""
+"""LiRA scores against a straightforward per-(target, sample, query) loop over the definitions of docs/attacks.md."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def phi_loop(logits: np.ndarray, label: int) -> float:
 
 
 def reference_lira(data: AttackData, targets, n_shadows=None) -> dict[str, np.ndarray]:
-    """The paper's Gaussian fits written as plain loops (DESIGN.md 'LiRA')."""
+    """The paper's Gaussian fits written as plain loops (docs/attacks.md 'LiRA')."""
     M, n, Q, _ = data.logits.shape
     phi = np.array([[[phi_loop(data.logits[m, j, a], data.labels[j]) for a in range(Q)] for j in range(n)] for m in range(M)])
     out = {k: np.full((len(targets), n), np.nan) for k in ("lira_online", "lira_online_fixed", "lira_offline", "lira_offline_fixed", "global_threshold")}

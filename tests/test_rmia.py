@@ -1,4 +1,4 @@
-"""RMIA against a straightforward loop over DESIGN.md's definitions ("RMIA")."""
+"""RMIA against a straightforward loop over the definitions of docs/attacks.md ("RMIA")."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The likelihood ratio of a sample x is its true-class probability under the target divided by its
 mean probability under reference models; the score is the fraction of population samples z whose
-ratio x dominates by a factor gamma. Exact definitions in DESIGN.md ("RMIA"):
+ratio x dominates by a factor gamma. Exact definitions in docs/attacks.md ("RMIA"):
 
 - p[m, j]: softmax probability of the true label (float64), averaged over queries.
 - References of target t: all m != t, or with ``n_shadows=k`` the k lowest ids other than t
@@ -11,8 +11,9 @@ ratio x dominates by a factor gamma. Exact definitions in DESIGN.md ("RMIA"):
 - Reference probability pr(j): online, the mean of p[m, j] over the references; offline,
   ((1 + a) * mean over OUT references + (1 - a)) / 2, NaN where j has no OUT reference.
 - Population Z: ``data.population`` when given, else the target's non-members.
-- score(x) = |{z in Z, z != x : ratio(x) / ratio(z) >= gamma}| / |{z in Z, z != x}|, with
-  ratio = p[t] / pr. Population samples with an undefined (NaN) offline ratio are not in Z.
+- score(x) = |{z in Z : ratio(x) / ratio(z) >= gamma}| / |Z|, with ratio = p[t] / pr; x itself is
+  counted when it is in Z (see ``relative_scores``). Population samples with an undefined (NaN)
+  offline ratio are not in Z.
 
 Probabilities are assumed positive (float64 softmax underflows only for logit gaps above ~700),
 so ratio(x) / ratio(z) >= gamma is evaluated as ratio(z) <= ratio(x) / gamma with one sorted
