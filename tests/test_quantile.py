@@ -46,6 +46,16 @@ def test_conformal_fpr_interval_matches_simulation():
     assert conformal_fpr_interval(0, 0.05) == [0.05, 0.05]
 
 
+def test_too_few_calibration_samples_realise_more_than_alpha_and_the_interval_says_so():
+    """m = 9 < 1/alpha - 1: the rank ceil(10 * 0.99) = 10 > m falls back to the largest residual, whose exceedance is Beta(1, m),
+    mean 1 / (m + 1) = 0.1, ten times alpha (docs/attacks.md, quantile regression)."""
+    from scipy.stats import beta
+
+    low, high = conformal_fpr_interval(9, 0.01)
+    assert [low, high] == pytest.approx([beta.ppf(0.025, 1, 9), beta.ppf(0.975, 1, 9)])
+    assert low < 0.01 < 0.1 < high
+
+
 def heteroscedastic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x ~ U(-1, 1)^2, s = x0 + (0.3 + |x1|) eps with eps ~ N(0, 1): its 0.9-quantile is x0 + (0.3 + |x1|) z_0.9."""
     rng = np.random.default_rng(seed)
