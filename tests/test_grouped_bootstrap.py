@@ -62,10 +62,12 @@ def test_grouped_bootstrap_equals_a_hand_computation(seed):
     np.testing.assert_allclose(metrics["auc_ci_bootstrap"], auc, atol=1e-9)
 
 
-def test_one_sample_per_user_is_the_sample_bootstrap():
+@pytest.mark.parametrize("step", [1, 7])
+def test_one_sample_per_user_is_the_sample_bootstrap(step):
+    """Draw for draw when the user ids increase with the sample index (any ids: users are numbered in sorted order), as docs/attacks.md says."""
     scores, members, _ = _data(2, per_user=1, n_users=40)
     by_sample, _ = evaluate_scores(scores, members, bootstrap=40, seed=3)
-    by_user, _ = evaluate_scores(scores, members, bootstrap=40, seed=3, groups=np.arange(scores.shape[1]))
+    by_user, _ = evaluate_scores(scores, members, bootstrap=40, seed=3, groups=step * np.arange(scores.shape[1]) + 5)
     assert by_sample["bootstrap_unit"] == "targets x samples"
     assert by_sample["tpr_at_fpr_ci_bootstrap"] == by_user["tpr_at_fpr_ci_bootstrap"]
     assert by_sample["auc_ci_bootstrap"] == by_user["auc_ci_bootstrap"]

@@ -6,7 +6,8 @@ model's P_u(x):
 
 - ``direct_diff``: P_o - P_u;
 - ``sorted_diff``: the same after ordering both vectors by P_o in descending order (the authors'
-  code orders both by the original posterior, so classes stay aligned);
+  code orders both by the original posterior, so classes stay aligned; ascending there, the same
+  features in reverse order);
 - ``l2_distance``: ||P_o - P_u||_2 (one number);
 - ``direct_concat``: [P_o, P_u];
 - ``sorted_concat``: [P_o, P_u], both ordered by P_o in descending order.
