@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from mia_lightning.analysis import power_law
-from mia_lightning.analysis.dp_bound import curve_epsilon, curve_epsilon_clopper_pearson, dp_tpr_bound, replace_one, resolved
+from mia_lightning.analysis.dp_bound import compare, curve_epsilon, curve_epsilon_clopper_pearson, dp_tpr_bound, replace_one, resolved
 from mia_lightning.analysis.power_fit import (
     exclusion, fit_power_law, interaction_test, leave_one_out_r_squared, predict, response_variance, sample_advantages,
 )
@@ -148,6 +148,20 @@ def test_dp_bound_matches_hand_values_and_randomised_response_sits_on_it():
     assert resolved(np.array([0.18]), np.array([0.8]), 100, 100)[0].tolist() == [True]
     assert curve_epsilon(np.array([0, 0.002, 1]), np.array([0, 0.995, 1]), 0.0, 1000, 1000) == 0.0  # 2 false positives, 5 false negatives
     assert replace_one(1.0, 1e-5) == pytest.approx((2.0, (1 + math.e) * 1e-5))
+
+
+def test_add_remove_epsilon_is_the_smallest_whose_replace_one_region_holds_the_curve():
+    """An add/remove eps implies replace-one (2 eps, (1 + e^eps) delta): the smallest eps whose region contains the resolved vertices,
+    checked with compare's own inequalities; half the replace-one eps at delta (the old figure) leaves room below it."""
+    from mia_lightning.metrics import RocCurve
+
+    curve = RocCurve(np.array([0.0, 0.01, 0.1, 1.0]), np.array([0.0, 0.05, 0.3, 1.0]), n_positives=1000, n_negatives=1000)
+    delta = 0.01
+    result = compare(curve, [(1.0, delta)])["curve_epsilon"][str(delta)]
+    eps = result["add_remove_at_least"]
+    inside = [compare(curve, [(e, delta)])["bounds"][0]["curve_inside"] for e in (eps + 1e-6, eps - 1e-3)]
+    assert inside == [True, False]
+    assert eps < result["replace_one"] / 2 - 0.01
 
 
 def test_per_sample_helpers_against_loops():
