@@ -170,6 +170,8 @@ def test_plan_files_follow_the_contract(reference_run):
     "override,phrase",
     [
         (["--model.init_args.optimizer", "rmsprop"], "bad init_args"),
+        (["--model.init_args.hidden", "[0]"], "every hidden width must be >= 1"),
+        (["--model.init_args.dropout", "1.0"], "dropout lie in [0, 1)"),
         (["--model.class_path", "no.such.Model"], "no.such.Model"),
         (["--plan.n_models", "many"], "plan.n_models"),
         (["--data.init_args.source", "/nonexistent.csv", "--data.init_args.label_column", "y"], "no such CSV"),

@@ -197,3 +197,10 @@ def test_unreachable_dp_budget_fails_the_farm_before_anything_is_written(tmp_pat
     err = capsys.readouterr().err
     assert "cannot be reached" in err and err.strip().count("\n") == 0
     assert not (tmp_path / "run" / "tiny_text").exists()
+
+
+@pytest.mark.parametrize("sizes", [{"hidden_size": 0}, {"embedding_dim": 0}, {"num_layers": 0}])
+def test_zero_sized_lstm_is_refused(sizes):
+    """A zero-width LSTM would train to a constant with only a torch warning."""
+    with pytest.raises(ValueError, match="must each be >= 1"):
+        LSTMClassifier(vocab_size=50, **sizes)

@@ -163,7 +163,8 @@ def _load_torchvision(name: str, split: str, root: str | None, download: bool) -
     except (RuntimeError, OSError, ValueError) as err:
         fix = (f"an experiment's files never download it: fetch it into {folder} yourself (a recipe of yours with download: true)" if offline
                else "set data.init_args.download: true with network, or root")
-        raise MiaError(f"data source torchvision:{name}: {' '.join(str(err).split())[:160]} ({fix})") from None
+        reason = " ".join(sentence for sentence in " ".join(str(err).split()).split(". ") if "download=True" not in sentence)  # our fix replaces torchvision's own hint
+        raise MiaError(f"data source torchvision:{name}: {reason.rstrip('.')[:160]} ({fix})") from None
     data, targets = getattr(dataset, "data", None), getattr(dataset, "targets", None)
     if data is not None and targets is not None and np.asarray(data).dtype == np.uint8 and np.asarray(data).ndim in (3, 4):
         images = np.asarray(data)

@@ -78,6 +78,8 @@ class LSTMClassifier(PrivacyStateMixin, L.LightningModule):
             raise ValueError(f"adv_reg {adv_reg} must be >= 0 and adv_reg_steps {adv_reg_steps} >= 1")
         if vocab_size < 3 or n_classes < 2:
             raise ValueError(f"vocab_size {vocab_size} must be >= 3 and n_classes {n_classes} >= 2")
+        if min(embedding_dim, hidden_size, num_layers) < 1:
+            raise ValueError(f"embedding_dim {embedding_dim}, hidden_size {hidden_size} and num_layers {num_layers} must each be >= 1")
         self.save_hyperparameters()
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.embedding_dropout = nn.Dropout(dropout)

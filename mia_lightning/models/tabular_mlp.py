@@ -79,6 +79,8 @@ class TabularMLP(ClassifierSteps, PrivacyStateMixin, L.LightningModule):
             raise ValueError(f"optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if not temperature > 0:
             raise ValueError(f"temperature {temperature}: must be > 0 (1 is no scaling)")
+        if any(width < 1 for width in hidden or []) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"hidden {list(hidden or [])} and dropout {dropout}: every hidden width must be >= 1 ([] for a linear model) and dropout lie in [0, 1)")
         self.save_hyperparameters()
         self.net = build_mlp(n_features, n_classes, list(hidden if hidden is not None else [128]), dropout)
         self.register_buffer("feature_mean", torch.zeros(n_features))
