@@ -21,9 +21,6 @@ def configure_logging(lightning: bool = True) -> None:
     ``lightning=False`` leaves Lightning alone (and unimported), so option checks answer before torch
     loads; the command lines call ``quiet_lightning`` once the options are valid and real work starts.
     """
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
-    warnings.filterwarnings("ignore", message=".*predict returned None.*")  # attack scoring writes its scores in predict_step
-    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")  # a DataModule without validation returns []
     ours = logging.getLogger("mia_lightning")
     if not ours.handlers:
         ours.addHandler(RichHandler(console=Console(stderr=True), show_path=False, show_time=False))
@@ -34,7 +31,12 @@ def configure_logging(lightning: bool = True) -> None:
 
 
 def quiet_lightning() -> None:
-    """Silence Lightning's per-run banners and tips (a farm starts hundreds of runs); imports Lightning."""
+    """Silence Lightning's per-run banners, tips and the warnings our own use of it raises (a farm starts hundreds of runs);
+    imports Lightning. The command lines and the Python API call it once a request is valid and work starts."""
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+    warnings.filterwarnings("ignore", message=".*predict returned None.*")  # attack scoring writes its scores in predict_step
+    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")  # a DataModule without validation returns []
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # train.py fit hands the CLI its own argv
     import lightning  # noqa: F401  (Lightning sets its loggers up on import; adjust them afterwards)
 
     for noisy in ("lightning.pytorch", "lightning.fabric"):

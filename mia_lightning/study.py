@@ -367,6 +367,8 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
             save_json_atomic(marker, {"setting": setting.name, "overrides": setting.overrides, "run": result.run_id})
         rows.append(_row(setting, experiment))
     if analyse is None:
+        console.print(f"study {options.name}: {len(rows)} settings audited, each run named in {study_dir / 'settings'}/<setting>/{SETTING_FILE}; "
+                      f"no study.analysis, so no analysis.json")
         return None
     summary = analyse(study_dir, rows, **options.analysis_params)
     save_json_atomic(study_dir / "analysis.json", summary)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,15 @@ def test_no_attack_named_is_a_reason_naming_the_attacks(audited, attacks):
         message = str(raised.value)
         assert message.startswith("--attack: no attack named; name one or more of all, ") and "lira, " in message and "\n" not in message
     assert listing(root) == before
+
+
+def test_an_audit_from_python_shows_none_of_lightnings_warnings_about_our_use_of_it(tmp_path):
+    """attack.py filtered them, the API printed them: attack scoring returns None from predict_step on purpose."""
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=4, n_samples=30, seed=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mia.audit(root, attacks=["lira"], bootstrap=0)
+    assert not [w for w in caught if "predict returned None" in str(w.message)]
 
 
 def test_train_from_a_dict_recipe_and_a_typo_in_one(tmp_path):

@@ -49,6 +49,11 @@ CASES = {
     "zero farm threads": (QUICKSTART, ["--farm.threads", "0"], "--farm.threads 0: must be at least 1"),
     "stale claims at once": (QUICKSTART, ["--farm.stale_after_s", "0"], "--farm.stale_after_s 0.0: must be positive"),
     "empty experiment name": (QUICKSTART, ["--experiment.name", ""], "--experiment.name '': must be a plain folder name"),  # farmed into root itself
+    # jsonargparse's report on every subtype of the union, cut to the class's own reason
+    "typo in a model argument": (QUICKSTART, ["--model.init_args.weight_decy", "0.1"],
+                                 "Parser key \"model\": mia_lightning.models.tabular_mlp.TabularMLP: Option 'weight_decy' is not accepted (see"),
+    "typo in a data argument": (QUICKSTART, ["--data.init_args.sourc", "x"],
+                                "Parser key \"data\": mia_lightning.data.tabular.TabularDataModule: Option 'sourc' is not accepted (see"),
 }
 
 
@@ -58,6 +63,15 @@ def test_bad_recipe_is_one_line_and_writes_nothing(case, tmp_path, capsys):
     assert train_main(farm(tmp_path, recipe, *extra)) == 2
     assert phrase in one_error_line(capsys)
     assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.parametrize("command, recipe, fix", [("farm", ROOT / "configs/images/fmnist_power_law_smoke.yaml", "a study recipe: run it with `train.py study"),
+                                                    ("study", QUICKSTART, "a farm recipe: run it with `train.py farm")])
+def test_a_recipe_given_to_the_other_command_names_the_command_that_runs_it(command, recipe, fix, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert train_main([command, "--config", str(recipe)]) == 2
+    assert f"{fix} --config {recipe}`" in one_error_line(capsys)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -174,8 +174,12 @@ def test_a_study_refused_for_a_never_stopping_setting_runs_once_corrected(tmp_pa
     assert train_main(["study", "--config", str(write_study(tmp_path, overrides={"trainer.max_epochs": -1}, **one))]) == 2
     assert "--trainer.max_epochs -1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    assert train_main(["study", "--config", str(write_study(tmp_path, overrides={"trainer.max_epochs": 1}, **one))]) == 0
+    capsys.readouterr()
+    assert train_main(["study", "--config", str(write_study(tmp_path, overrides={"trainer.max_epochs": 1}, analysis=None, **one))]) == 0
     assert (tmp_path / "out/sweep/settings/only/setting.json").is_file()
+    out = " ".join(capsys.readouterr().out.split())  # a study without an analysis ended without a word
+    assert "study sweep: 1 settings audited" in out and "no study.analysis, so no analysis.json" in out
+    assert not (tmp_path / "out/sweep/analysis.json").exists()
 
 
 def test_a_study_refused_once_its_first_model_is_built_runs_once_corrected(tmp_path, recorded, capsys):
