@@ -77,13 +77,7 @@ def train_farm(argv: list[str]) -> tuple[int, Path]:
     if os.environ.get(PARENT_ENV):  # a worker of a farm process: stop when it is gone
         watch_parent(int(os.environ[PARENT_ENV]))
     parser = farm_parser()
-    try:
-        cfg = parse(parser, argv)
-    except MiaError as err:
-        if 'key "experiment"' in str(err):  # attack.py's --experiment DIR: the farm names the folder in two parts
-            raise MiaError("train.py farm --experiment: the farm names its experiment folder in two parts; use --experiment.root DIR "
-                           "--experiment.name NAME (the folder DIR/NAME is what attack.py's --experiment takes)") from None
-        raise
+    cfg = parse(parser, argv)
     recipe = recipe_from_namespace(parser, cfg)
     if cfg.audit_after:
         _check_audit_settings(recipe)
@@ -144,9 +138,13 @@ def export_main(argv: list[str]) -> int:
 def _fit_cli(argv: list[str]) -> int:
     """Plain LightningCLI (fit / validate / test / predict) for one model; data decides n_features / n_classes."""
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     class MiaLightningCLI(LightningCLI):
+        def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+            """The main parser and each subcommand's refuse abbreviated options, as every other command does (``console.parse``)."""
+            return super().init_parser(**kwargs, allow_abbrev=False)
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data", "model.init_args.n_features", compute_fn=lambda dm: dm.model_kwargs()["n_features"], apply_on="instantiate")
             parser.link_arguments("data", "model.init_args.n_classes", compute_fn=lambda dm: dm.model_kwargs()["n_classes"], apply_on="instantiate")

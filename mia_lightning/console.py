@@ -13,6 +13,7 @@ from jsonargparse import ArgumentParser, Namespace
 from rich.console import Console
 
 from mia_lightning.errors import MiaError
+from mia_lightning.recipe_files import recipe_reference
 
 console = Console()
 if not console.is_terminal:
@@ -23,20 +24,28 @@ UNION_ERROR = re.compile(r"Does not validate against any of the Union subtypes .
                          r"(?P<reason>.*?)(?: - Expected a <class 'NoneType'>)?(?: Given value type: .*)?$")
 """jsonargparse's error for a ``class_path`` + ``init_args`` option: the one reason that matters is the class's."""
 
-RECIPE_COMMANDS = {"study": "train.py study", **dict.fromkeys(("model", "data", "trainer", "plan", "farm"), "train.py farm")}
+RECIPE_COMMANDS = {"study": "train.py study", **dict.fromkeys(("experiment", "model", "data", "trainer", "plan", "farm"), "train.py farm")}
 """A recipe file's top-level sections and the command that runs a file with them."""
+
+FARM_FOLDER = "the folder <experiment.root>/<experiment.name> a farm writes"
+"""What attack.py's ``--experiment DIR`` takes, where a farm recipe names it in two parts."""
 
 
 def parse(parser: ArgumentParser, argv: list[str]) -> Namespace:
-    """Parse ``argv``; a bad option or config becomes one ``MiaError`` line instead of the usage dump."""
+    """Parse ``argv``; a bad option or config becomes one ``MiaError`` line instead of the usage dump.
+
+    Abbreviated options are refused (``--plan.n_model 4`` is a typo, not ``--plan.n_models 4``).
+    """
     import argparse
 
     parser.exit_on_error = False
+    parser.allow_abbrev = False
     try:
         return parser.parse_args(argv)
     except argparse.ArgumentError as err:
         detail = _short_reason(" ".join(str(err).split()))
-        raise MiaError(f"{parser.prog}: {detail}{_other_command(parser.prog, detail, argv)} (see `{parser.prog} --help`)") from None
+        message = _other_command(parser.prog, detail, argv) or f"{parser.prog}: {detail}"
+        raise MiaError(f"{message} (see `{parser.prog} --help`)") from None
 
 
 def _short_reason(detail: str) -> str:
@@ -45,11 +54,17 @@ def _short_reason(detail: str) -> str:
     return detail if match is None else f"{detail[:match.start()]}{match['class_path']}: {match['reason']}"
 
 
-def _other_command(prog: str, detail: str, argv: list[str]) -> str:
-    """``; ... run it with `train.py study --config x.yaml``` when the refused option is a section of another command's recipe."""
-    match = re.search(r"Option '(\w+)\.", detail)
-    command = RECIPE_COMMANDS.get(match[1]) if match else None
-    if command is None or command == prog:
-        return ""
-    config = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else "<recipe>"
-    return f"; a {match[1]}: section makes the config a {command.split()[-1]} recipe: run it with `{command} --config {config}`"
+def _other_command(prog: str, detail: str, argv: list[str]) -> str | None:
+    """The message when the refused input is meant for another command: a recipe section (``Option 'data.``, or an ``experiment:``
+    section where attack.py's folder belongs) names the command that runs the config; attack.py's ``--experiment DIR`` given to the farm."""
+    match = re.search(r"Option '(\w+)\.", detail) or re.search(r'Parser key "(experiment)"', detail)
+    section = match[1] if match else ""
+    command = RECIPE_COMMANDS.get(section)
+    if command == prog and section == "experiment":
+        return (f"{prog} --experiment: the farm names its experiment folder in two parts: use --experiment.root DIR --experiment.name NAME; "
+                f"attack.py's --experiment takes {FARM_FOLDER}")
+    if command in (None, prog) or "--config" not in argv[:-1]:
+        return None
+    config = recipe_reference(argv[argv.index("--config") + 1])
+    message = f"{prog} --config {config}: its {section}: section makes it a {command.split()[-1]} recipe: run it with `{command} --config {config}`"
+    return message if prog in RECIPE_COMMANDS.values() else f"{message}; {prog} takes --experiment DIR, {FARM_FOLDER}"

@@ -29,6 +29,12 @@ def recipe_path(reference: str) -> Path:
     return path
 
 
+def recipe_reference(config: str) -> str:
+    """``recipe:<name>`` for the path ``expand_recipe_args`` made of it (what the user typed, for messages); any other config as given."""
+    path = Path(config)
+    return f"{PREFIX}{path.relative_to(RECIPES_DIR).with_suffix('').as_posix()}" if path.is_relative_to(RECIPES_DIR) else config
+
+
 def expand_recipe_args(argv: list[str]) -> list[str]:
     """``argv`` with every ``--config recipe:<name>`` (or ``--config=recipe:<name>``) replaced by the recipe's path."""
     expanded = []

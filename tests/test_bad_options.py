@@ -66,11 +66,62 @@ def test_bad_recipe_is_one_line_and_writes_nothing(case, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command, recipe, fix", [("farm", ROOT / "configs/images/fmnist_power_law_smoke.yaml", "a study recipe: run it with `train.py study"),
-                                                    ("study", QUICKSTART, "a farm recipe: run it with `train.py farm")])
+                                                    ("study", QUICKSTART, "a farm recipe: run it with `train.py farm"),
+                                                    ("study", "recipe:tabular/digits_quickstart", "a farm recipe: run it with `train.py farm")])
 def test_a_recipe_given_to_the_other_command_names_the_command_that_runs_it(command, recipe, fix, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert train_main([command, "--config", str(recipe)]) == 2
-    assert f"{fix} --config {recipe}`" in one_error_line(capsys)
+    assert f"{fix} --config {recipe}`" in one_error_line(capsys)  # a recipe:<name> as typed, not the package path it names
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_farm_recipe_given_to_attack_says_attack_takes_the_experiment_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert attack_main(["--config", "recipe:tabular/digits_quickstart"]) == 2
+    err = one_error_line(capsys)
+    assert ("attack.py --config recipe:tabular/digits_quickstart: its experiment: section makes it a farm recipe: run it with "
+            "`train.py farm --config recipe:tabular/digits_quickstart`; attack.py takes --experiment DIR, the folder "
+            "<experiment.root>/<experiment.name> a farm writes") in err and "Not of type Path" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_attacks_experiment_folder_given_to_the_farm_names_its_two_parts(tmp_path, capsys):
+    assert train_main(["farm", "--config", str(QUICKSTART), "--experiment", str(tmp_path / "exp")]) == 2
+    assert "train.py farm --experiment: the farm names its experiment folder in two parts: use --experiment.root DIR" in one_error_line(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+ABBREVIATED = {
+    "farm plan option": (lambda tmp: farm(tmp, QUICKSTART, "--plan.n_model", "4"), "--plan.n_model 4"),
+    "farm trainer option": (lambda tmp: farm(tmp, QUICKSTART, "--trainer.max_epoch", "1"), "--trainer.max_epoch 1"),
+    "farm flag": (lambda tmp: farm(tmp, QUICKSTART, "--stat"), "--stat"),
+    "study": (lambda tmp: ["study", "--config", str(ROOT / "configs/images/fmnist_power_law_smoke.yaml"), "--stat"], "--stat"),
+    "export": (lambda tmp: ["export", "--exp", str(tmp / "exp")], "--exp"),
+    "import-scores": (lambda tmp: ["import-scores", "table", "--exp", str(tmp / "exp")], "--exp"),
+    "unlearning-report": (lambda tmp: ["unlearning-report", "--exp", str(tmp / "exp")], "--exp"),
+    "convert-weights": (lambda tmp: ["convert-weights", "--back", "x"], "--back x"),
+    "attack.py": (lambda tmp: ["attack", "--exp", str(tmp / "exp")], "--exp"),
+}
+
+
+@pytest.mark.parametrize("case", list(ABBREVIATED))
+def test_an_abbreviated_option_is_refused_by_name(case, tmp_path, monkeypatch, capsys):
+    """argparse would take ``--plan.n_model 4`` for ``--plan.n_models 4``; a typo of an option is refused, not guessed."""
+    from mia_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv, option = ABBREVIATED[case]
+    args = argv(tmp_path)
+    assert main(args if args[0] == "attack" else ["train", *args]) == 2
+    assert f"unrecognized arguments: {option}" in one_error_line(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_lightning_cli_refuses_an_abbreviated_option(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["fit", "--config", str(ROOT / "configs/tabular/mlp_fit.yaml"), "--trainer.max_epoch", "1"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --trainer.max_epoch 1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
