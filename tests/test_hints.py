@@ -52,6 +52,22 @@ def test_a_study_root_points_at_its_settings(tmp_path, capsys):
     assert str(study / "settings" / "S2_C5") in err and "keep.npy" not in err
 
 
+def test_a_file_given_as_the_experiment_is_named_a_file(experiment, capsys):
+    assert attack_main(["--experiment", str(experiment / "keep.npy")]) == 2
+    err = one_error_line(capsys)
+    assert f"{experiment / 'keep.npy'}: a file, not an experiment directory" in err and "no such" not in err
+
+
+def test_a_folder_of_experiments_lists_them_and_names_the_option(tmp_path, capsys):
+    for name, marker in (("b_exp", "plan.json"), ("a_exp", "keep.npy"), ("d_exp", "plan.json"), ("c_exp", "keep.npy")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / marker).write_text("{}")
+    (tmp_path / "not_one").mkdir()
+    assert attack_main(["--experiment", str(tmp_path)]) == 2
+    assert (f"{tmp_path}: not one experiment but a folder of 4 experiments (a_exp, b_exp, c_exp, ...): point --experiment at one of them, "
+            f"e.g. --experiment {tmp_path / 'a_exp'}") in one_error_line(capsys)
+
+
 def test_an_unreachable_dp_budget_says_so_without_accountant_warnings():
     from mia_lightning.defences.dp_sgd import noise_for_budget
 

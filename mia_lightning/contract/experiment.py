@@ -27,6 +27,9 @@ data hash, attack runs under ``attacks/runs/``, optional ``groups.npy`` / ``audi
 READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 """Layouts the attack and export stages read (version 1 differs only in files they do not use)."""
 
+SHOWN_EXPERIMENTS = 3
+"""How many of the experiments inside a folder given as one experiment its error lists."""
+
 IMPORTED_KIND = "imported"
 """plan.json ``kind`` of an experiment written by ``train.py import-scores`` (no plan function of ``PLAN_KINDS`` builds it)."""
 
@@ -40,6 +43,11 @@ def is_model_ids(ids: list, n_models: int) -> bool:
 def plan_field_error(plan_path: Path, field: str, value: object, expected: str) -> MiaError:
     """The one-line error for a plan.json field holding ``value`` where ``expected`` belongs."""
     return MiaError(f"{plan_path}: {field} {str(value)[:80]}: expected {expected}; re-run the farm or fix the file")
+
+
+def experiments_inside(folder: Path) -> list[Path]:
+    """The experiment folders directly under ``folder`` (each with a plan.json or keep.npy, e.g. ``checkpoints/<name>``), sorted."""
+    return sorted({path.parent for name in ("plan.json", "keep.npy") for path in folder.glob(f"*/{name}")})
 
 
 def model_dirname(index: int) -> str:
@@ -104,6 +112,8 @@ class ExperimentDir:
 
     def check_exists(self) -> None:
         """Fail with a clear message when the directory is not an experiment at all."""
+        if self.root.is_file():
+            raise MiaError(f"{self.root}: a file, not an experiment directory; point --experiment at the folder that holds keep.npy, labels.npy and models/")
         if not self.root.is_dir():
             raise MiaError(f"{self.root}: no such experiment directory; run `python train.py farm --config ...` first")
         if not self.keep_path.is_file() and self.is_study:
@@ -113,6 +123,11 @@ class ExperimentDir:
                 f"{self.root}: this is a study (study.json), not one experiment; its {len(settings)} experiments are under "
                 f"settings/<setting>/ (e.g. {examples}): point --experiment at one of them"
             )
+        inside = experiments_inside(self.root) if not self.keep_path.is_file() else []
+        if inside:
+            examples = ", ".join(path.name for path in inside[:SHOWN_EXPERIMENTS]) + (", ..." if len(inside) > SHOWN_EXPERIMENTS else "")
+            raise MiaError(f"{self.root}: not one experiment but a folder of {len(inside)} experiments ({examples}): "
+                           f"point --experiment at one of them, e.g. --experiment {inside[0]}")
         if not self.keep_path.is_file():
             raise MiaError(
                 f"{self.keep_path}: missing; an experiment directory needs keep.npy, labels.npy and models/*/logits.npy"
