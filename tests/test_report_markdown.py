@@ -145,3 +145,18 @@ def test_a_hand_edited_run_file_is_one_line_naming_the_field_and_the_report_is_k
     if "keep.npy" not in fragment:  # the API reads no scores
         with pytest.raises(MiaError, match="re-run attack.py on the experiment"):
             open_experiment(root).records()
+
+
+def test_a_results_file_that_is_not_json_names_the_attack_command_that_rewrites_it(reported, tmp_path, capsys):
+    import shutil
+
+    from mia_lightning.cli import attack_main
+
+    root = tmp_path / "exp"
+    shutil.copytree(reported, root, symlinks=True)
+    path = (root / "attacks" / "loss" / "results.json").resolve()
+    path.write_text("{")
+    assert attack_main(["--experiment", str(root), "--report"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {path}: not valid JSON" in err
+    assert err.rstrip().endswith(f"re-run `python attack.py --experiment {root.resolve()} --attack thresholds`"), err

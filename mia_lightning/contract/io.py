@@ -53,15 +53,15 @@ def save_json_atomic(path: Path, payload: Any) -> None:
     write_bytes_atomic(path, (json.dumps(finite_json(payload), indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
 
 
-def load_json(path: Path) -> Any:
-    """Read a JSON file or raise a one-line ``MiaError`` naming it."""
+def load_json(path: Path, fix: str = "delete it and re-run the stage that writes it") -> Any:
+    """Read a JSON file or raise a one-line ``MiaError`` naming it and, when it is not JSON, the ``fix``."""
     path = Path(path)
     if not path.is_file():
         raise MiaError(f"{path}: file not found")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MiaError(f"{path}: not valid JSON ({err}); delete it and re-run the stage that writes it") from None
+        raise MiaError(f"{path}: not valid JSON ({err}); {fix}") from None
 
 
 def load_npy(path: Path, what: str, fix: str) -> np.ndarray:

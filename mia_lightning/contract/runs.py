@@ -183,13 +183,13 @@ def run_results(folder: Path, run: dict, levels: Sequence[float] = ()) -> dict[s
     each results.json must name its own output (a crafted run cannot point a report at other files).
     ``levels``: FPR levels every record must hold a TPR at (the columns of the caller's tables).
     """
-    where = f"{Path(folder) / RUN_FILE} outputs"
+    where, fix = f"{Path(folder) / RUN_FILE} outputs", rerun_fix(folder, run)
     results = {}
     for name in run["outputs"]:
         path = Path(folder) / plain_name(name, where) / "results.json"
-        record = load_json(path)
+        record = load_json(path, fix)
         if not isinstance(record, dict) or record.get("attack") != name:
-            raise MiaError(f"{path}: names output {record.get('attack') if isinstance(record, dict) else record!r}, not {name!r}; {REWRITE}")
+            raise MiaError(f"{path}: names output {record.get('attack') if isinstance(record, dict) else record!r}, not {name!r}; {fix}")
         results[name] = check_results(record, path, levels)
     return results
 
@@ -215,6 +215,15 @@ REWRITE = "re-run attack.py on the experiment"
 
 RERUN_SETTING = "delete the setting's setting.json and re-run the study"
 """The same fix for the run a study setting recorded (its analysis reads that run)."""
+
+
+def rerun_fix(folder: Path, run: dict) -> str:
+    """The fix for a damaged file of run ``folder`` (``<experiment>/attacks/runs/<id>``): the attack.py command that runs its attacks again."""
+    folder, attacks = Path(folder).resolve(), run.get("attacks")
+    experiment = folder.parent.parent.parent if folder.parent.name == "runs" else "<experiment>"
+    named = isinstance(attacks, list) and attacks and all(isinstance(name, str) and name.isidentifier() for name in attacks)
+    return f"re-run `python attack.py --experiment {experiment} --attack {' '.join(attacks) if named else '<attack>'}`"
+
 
 Check = tuple[Callable[[Any], bool], str]
 """A test of one JSON value and what it expects, for the message."""
