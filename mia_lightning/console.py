@@ -63,8 +63,20 @@ def _other_command(prog: str, detail: str, argv: list[str]) -> str | None:
     if command == prog and section == "experiment":
         return (f"{prog} --experiment: the farm names its experiment folder in two parts: use --experiment.root DIR --experiment.name NAME; "
                 f"attack.py's --experiment takes {FARM_FOLDER}")
-    if command in (None, prog) or "--config" not in argv[:-1]:
+    given = _config_given(argv)
+    if command in (None, prog) or given is None:
         return None
-    config = recipe_reference(argv[argv.index("--config") + 1])
+    config = recipe_reference(given)
     message = f"{prog} --config {config}: its {section}: section makes it a {command.split()[-1]} recipe: run it with `{command} --config {config}`"
     return message if prog in RECIPE_COMMANDS.values() else f"{message}; {prog} takes --experiment DIR, {FARM_FOLDER}"
+
+
+def _config_given(argv: list[str]) -> str | None:
+    """The last ``--config X`` or ``--config=X`` of ``argv`` (the file the refused section came from), or None."""
+    given = None
+    for position, arg in enumerate(argv):
+        if arg == "--config" and position + 1 < len(argv):
+            given = argv[position + 1]
+        elif arg.startswith("--config="):
+            given = arg.partition("=")[2]
+    return given

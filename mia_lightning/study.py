@@ -302,7 +302,7 @@ def study_run(experiment: ExperimentDir) -> tuple[Path, dict] | None:
 
 def _row(setting: Setting, experiment: ExperimentDir) -> dict:
     """What the analysis gets about one audited setting: its overrides, folder, the study's attack run, results per output and utility."""
-    from mia_lightning.contract.runs import run_results, run_utility
+    from mia_lightning.contract.runs import RERUN_SETTING, run_results, run_utility
 
     found = study_run(experiment)
     if found is None:
@@ -311,7 +311,7 @@ def _row(setting: Setting, experiment: ExperimentDir) -> dict:
     folder, run = found
     utility = run_utility(folder)
     return {"setting": setting.name, "overrides": setting.overrides, "experiment": experiment.root, "run_folder": folder,
-            "results": run_results(folder, run), "utility": utility}
+            "results": run_results(folder, run, fix=RERUN_SETTING), "utility": utility}
 
 
 def audited(experiment: ExperimentDir) -> bool:

@@ -72,6 +72,8 @@ def test_a_recipe_given_to_the_other_command_names_the_command_that_runs_it(comm
     monkeypatch.chdir(tmp_path)
     assert train_main([command, "--config", str(recipe)]) == 2
     assert f"{fix} --config {recipe}`" in one_error_line(capsys)  # a recipe:<name> as typed, not the package path it names
+    assert train_main([command, f"--config={recipe}"]) == 2  # the same with --config=FILE
+    assert f"{fix} --config {recipe}`" in one_error_line(capsys)
     assert not any(tmp_path.iterdir())
 
 

@@ -168,3 +168,19 @@ def test_n_unscored_counts_infinite_scores_the_metrics_leave_out():
     record, _ = result_record("x", "x", {}, np.arange(2), scores, members, bootstrap=0)
     assert record["n_unscored"] == 3
     assert record["n_members"] + record["n_nonmembers"] + record["n_unscored"] == scores.size
+
+
+def test_a_damaged_results_file_of_a_study_setting_asks_for_the_study_not_attack_py(tmp_path):
+    """attack.py would publish a new run the setting's setting.json does not record; the study's fix audits the setting again."""
+    from mia_lightning.analysis.power_law import attack_scores
+    from mia_lightning.contract.runs import RERUN_SETTING, read_run_file, run_results
+    from mia_lightning.errors import MiaError
+
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=4, n_samples=30, seed=3)
+    run_audit(root, ["thresholds"], targets=[0, 1], bootstrap=0)
+    folder, _ = latest_run(ExperimentDir(root))
+    (folder / "loss" / "results.json").write_text("{")
+    with pytest.raises(MiaError, match=r"re-run `python attack.py --experiment .* --attack thresholds`$"):
+        run_results(folder, read_run_file(folder))
+    with pytest.raises(MiaError, match=f"not valid JSON .*; {RERUN_SETTING}$"):
+        attack_scores(ExperimentDir(root), folder, "loss")

@@ -176,14 +176,15 @@ def run_by_id(experiment: ExperimentDir, run_id: object, where: str) -> tuple[Pa
     return (folder, read_run_file(folder)) if (folder / RUN_FILE).is_file() else None
 
 
-def run_results(folder: Path, run: dict, levels: Sequence[float] = ()) -> dict[str, dict]:
+def run_results(folder: Path, run: dict, levels: Sequence[float] = (), fix: str | None = None) -> dict[str, dict]:
     """The checked results.json of every output ``run`` (the folder's checked run.json) names, by output name, in the run's order.
 
     The names come from a file and are joined into paths, so each must be a plain folder name, and
     each results.json must name its own output (a crafted run cannot point a report at other files).
     ``levels``: FPR levels every record must hold a TPR at (the columns of the caller's tables).
+    ``fix``: what a damaged results.json asks for (default: the attack.py command of the run; a study's ``RERUN_SETTING``).
     """
-    where, fix = f"{Path(folder) / RUN_FILE} outputs", rerun_fix(folder, run)
+    where, fix = f"{Path(folder) / RUN_FILE} outputs", fix or rerun_fix(folder, run)
     results = {}
     for name in run["outputs"]:
         path = Path(folder) / plain_name(name, where) / "results.json"
