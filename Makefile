@@ -20,8 +20,12 @@ demo: $(STAMP)
 	$(PY) train.py farm --config configs/tabular/digits_quickstart.yaml
 	$(PY) attack.py --experiment checkpoints/digits_quickstart --attack all --few_shadow --report
 
+# two worker processes, one test file each at a time (a file's module fixtures are built once); measured
+# 14 min 45 s against 19 min 5 s in one process on the 2-core CI machine (README, Development)
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/farm_throughput.py --families mlp --contention

@@ -51,7 +51,7 @@ contents = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(slot=st.sampled_from(SLOTS), content=contents)
 def test_damaged_slot_gives_a_result_or_one_line(base, capsys, slot, content):
     parent = Path(tempfile.mkdtemp(prefix="fuzz-"))

@@ -641,7 +641,7 @@ def test_concurrent_runs_with_slow_file_system_all_publish(synthetic):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", SLOW_RUNNER, "--experiment", str(synthetic), "--attack", *attacks, "--bootstrap", "0"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for attacks in (["thresholds"], ["thresholds"], ["thresholds", "rmia"], ["thresholds", "rmia"])]
+             for attacks in (["thresholds"], ["thresholds"], ["thresholds", "rmia"])]  # two with the same work, one with more
     results = [proc.communicate(timeout=600) for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * len(procs), [err[-400:] for _, err in results]
     attacks = synthetic / "attacks"
@@ -651,7 +651,7 @@ def test_concurrent_runs_with_slow_file_system_all_publish(synthetic):
     assert set(run["outputs"]) <= entries
     links = {p.name: os.readlink(p) for p in attacks.iterdir() if p.is_symlink() and p.name != "latest"}
     assert set(links) == entries and all(target == f"latest/{name}" for name, target in links.items())
-    assert len([p for p in (attacks / "runs").iterdir() if not p.name.startswith(".")]) == 4
+    assert len([p for p in (attacks / "runs").iterdir() if not p.name.startswith(".")]) == len(procs)
     assert not list((attacks / "runs").glob(".staging-*"))
 
 
