@@ -8,6 +8,7 @@ the command-line entry points above them.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from jsonargparse import ArgumentParser, Namespace
 from rich.console import Console
@@ -26,6 +27,9 @@ UNION_ERROR = re.compile(r"Does not validate against any of the Union subtypes .
 
 RECIPE_COMMANDS = {"study": "train.py study", **dict.fromkeys(("experiment", "model", "data", "trainer", "plan", "farm"), "train.py farm")}
 """A recipe file's top-level sections and the command that runs a file with them."""
+
+FARM_ONLY_SECTIONS = ("experiment", "plan", "farm", "audit")
+"""Sections a farm recipe may have and a LightningCLI ``fit`` config (model, data, trainer only) never has."""
 
 FARM_FOLDER = "the folder <experiment.root>/<experiment.name> a farm writes"
 """What attack.py's ``--experiment DIR`` takes, where a farm recipe names it in two parts."""
@@ -67,8 +71,22 @@ def _other_command(prog: str, detail: str, argv: list[str]) -> str | None:
     if command in (None, prog) or given is None:
         return None
     config = recipe_reference(given)
-    message = f"{prog} --config {config}: its {section}: section makes it a {command.split()[-1]} recipe: run it with `{command} --config {config}`"
+    if command == "train.py farm" and _is_fit_config(given):
+        message = f"{prog} --config {config}: a LightningCLI config (model, data, trainer; no plan or experiment): run it with `train.py fit --config {config}`"
+    else:
+        message = f"{prog} --config {config}: its {section}: section makes it a {command.split()[-1]} recipe: run it with `{command} --config {config}`"
     return message if prog in RECIPE_COMMANDS.values() else f"{message}; {prog} takes --experiment DIR, {FARM_FOLDER}"
+
+
+def _is_fit_config(path: str) -> bool:
+    """Whether the YAML file at ``path`` is a mapping without any farm-only section (a ``train.py fit`` config); False if unreadable."""
+    import yaml
+
+    try:
+        sections = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(sections, dict) and not any(name in sections for name in FARM_ONLY_SECTIONS)
 
 
 def _config_given(argv: list[str]) -> str | None:

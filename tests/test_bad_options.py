@@ -87,6 +87,17 @@ def test_a_farm_recipe_given_to_attack_says_attack_takes_the_experiment_folder(t
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("command", ["attack", "study"])
+def test_a_lightning_fit_config_given_to_attack_or_study_names_train_py_fit(command, tmp_path, monkeypatch, capsys):
+    """configs/tabular/mlp_fit.yaml has model, data and trainer only: it is not a farm recipe, train.py fit runs it."""
+    monkeypatch.chdir(tmp_path)
+    config = ROOT / "configs/tabular/mlp_fit.yaml"
+    assert (attack_main(["--config", str(config)]) if command == "attack" else train_main(["study", "--config", str(config)])) == 2
+    err = one_error_line(capsys)
+    assert f"a LightningCLI config (model, data, trainer; no plan or experiment): run it with `train.py fit --config {config}`" in err, err
+    assert "farm recipe" not in err and not any(tmp_path.iterdir())
+
+
 def test_attacks_experiment_folder_given_to_the_farm_names_its_two_parts(tmp_path, capsys):
     assert train_main(["farm", "--config", str(QUICKSTART), "--experiment", str(tmp_path / "exp")]) == 2
     assert "train.py farm --experiment: the farm names its experiment folder in two parts: use --experiment.root DIR" in one_error_line(capsys)
