@@ -25,6 +25,7 @@ import numpy as np
 from jsonargparse import ArgumentParser
 from scipy.special import softmax
 
+from mia_lightning.attacks.shadows import shadow_pool
 from mia_lightning.errors import MiaError
 from mia_lightning.runtime import numpy_parallel_map
 from mia_lightning.contract.experiment import IMPORTED_KIND, ExperimentDir, plan_field_error
@@ -282,6 +283,10 @@ class Attack(ABC):
         self.data: AttackData | None = None
         self._flagged: dict[str, set[int]] = {}
         self._flag_lock = threading.Lock()
+
+    def shadow_pool(self, n_candidates: int) -> tuple[int, int | None]:
+        """``shadows.shadow_pool`` for an attack with an ``n_shadows`` parameter: its error names ``--params <name>.n_shadows``."""
+        return shadow_pool(n_candidates, self.n_shadows, f"--params {self.name}.n_shadows")
 
     @classmethod
     def unmet_requirement(cls, data: AttackData) -> str | None:

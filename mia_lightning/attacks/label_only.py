@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
-from mia_lightning.attacks.shadows import NONE_LEFT_OUT, left_out_model, shadow_pool
+from mia_lightning.attacks.shadows import NONE_LEFT_OUT, left_out_model
 
 
 def agreement_counts(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -59,7 +59,7 @@ class LabelOnly(Attack):
     def fit(self, data: AttackData) -> None:
         """Counts of every model, and per sample the histograms of the counts over the pool's IN and OUT shadows."""
         super().fit(data)
-        self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows, f"--params {self.name}.n_shadows")
+        self.pool, self.k = self.shadow_pool(data.shadow_candidates)
         self.n_queries = data.logits.shape[2]
         block = data.target_batch_size()
         self.counts = np.concatenate([agreement_counts(data.logits[start:start + block], data.labels) for start in range(0, data.n_models, block)])

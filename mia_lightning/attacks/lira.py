@@ -25,7 +25,7 @@ import numpy as np
 from scipy.special import log_ndtr
 
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
-from mia_lightning.attacks.shadows import NONE_LEFT_OUT, ShadowMoments, left_out_model, shadow_pool
+from mia_lightning.attacks.shadows import NONE_LEFT_OUT, ShadowMoments, left_out_model
 from mia_lightning.errors import MiaError
 
 _LOG_SQRT_2PI = 0.5 * np.log(2.0 * np.pi)
@@ -94,7 +94,7 @@ class LiRA(Attack):
 
     def fit(self, data: AttackData) -> None:
         super().fit(data)
-        self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows, f"--params {self.name}.n_shadows")
+        self.pool, self.k = self.shadow_pool(data.shadow_candidates)
         if not self.reference_fit:
             self.in_moments = ShadowMoments(data.phi, data.keep, self.n_shadows, data.shadow_candidates)
             self.out_moments = ShadowMoments(data.phi, ~data.keep, self.n_shadows, data.shadow_candidates)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
-from mia_lightning.attacks.shadows import NONE_LEFT_OUT, left_out_model, shadow_pool
+from mia_lightning.attacks.shadows import NONE_LEFT_OUT, left_out_model
 
 
 @register_attack
@@ -40,7 +40,7 @@ class ReferenceAttack(Attack):
     def fit(self, data: AttackData) -> None:
         """Losses of every model on every sample, float64 [M, n]."""
         super().fit(data)
-        self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows, f"--params {self.name}.n_shadows")
+        self.pool, self.k = self.shadow_pool(data.shadow_candidates)
         self.loss = data.loss
 
     def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mia_lightning.attacks.base import Attack, AttackData, log, register_attack
-from mia_lightning.attacks.shadows import NONE_LEFT_OUT, left_out_model, shadow_pool
+from mia_lightning.attacks.shadows import NONE_LEFT_OUT, left_out_model
 from mia_lightning.errors import MiaError
 from mia_lightning.metrics import rank_auc
 
@@ -65,7 +65,7 @@ class RMIA(Attack):
     def fit(self, data: AttackData) -> None:
         """Sum p over the reference pool (all and OUT only) once, then tune a unless it was given."""
         super().fit(data)
-        self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows, f"--params {self.name}.n_shadows")
+        self.pool, self.k = self.shadow_pool(data.shadow_candidates)
         self.p = data.true_class_probability
         out = ~data.keep[: self.pool]
         self.sum_all = self.p[: self.pool].sum(axis=0)

@@ -30,7 +30,7 @@ import numpy as np
 
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
 from mia_lightning.attacks.classifiers import MLPSettings, check_classifier, concurrent_attack_scores
-from mia_lightning.attacks.shadows import left_out_model, shadow_pool
+from mia_lightning.attacks.shadows import left_out_model
 from mia_lightning.data.plan import Plan, PlanSpec, make_lira_plan, split_population, takes_options
 from mia_lightning.errors import MiaError
 
@@ -89,12 +89,12 @@ class Shokri(Attack):
         self.listed = bool(listed)
         if listed:
             shadows = np.asarray(sorted(int(m) for m in listed), dtype=np.int64)
-            _, self.k = shadow_pool(shadows.size, self.n_shadows, f"--params {self.name}.n_shadows")  # n_shadows = k: the k lowest listed ids other than the target
+            _, self.k = self.shadow_pool(shadows.size)  # n_shadows = k: the k lowest listed ids other than the target
             self.shadows = shadows if self.k is None else shadows[: self.k + 1]
             self.pool = int(self.shadows.size)
             self.shadow_source = "plan info.shadow_models (minus the target)" if self.k is None else f"the {self.k} lowest of plan info.shadow_models other than the target"
         else:
-            self.pool, self.k = shadow_pool(data.shadow_candidates, self.n_shadows, f"--params {self.name}.n_shadows")
+            self.pool, self.k = self.shadow_pool(data.shadow_candidates)
             self.shadows = np.arange(self.pool, dtype=np.int64)
             self.shadow_source = "leave-one-out over the candidate models"
         usable = data.audit_pairs(self.shadows)  # [S, n]
