@@ -14,7 +14,7 @@ from jsonargparse import ArgumentParser, Namespace
 from rich.console import Console
 
 from mia_lightning.errors import MiaError
-from mia_lightning.recipe_files import recipe_reference
+from mia_lightning.recipe_files import config_value, recipe_reference
 
 console = Console()
 if not console.is_terminal:
@@ -90,11 +90,6 @@ def _is_fit_config(path: str) -> bool:
 
 
 def _config_given(argv: list[str]) -> str | None:
-    """The last ``--config X`` or ``--config=X`` of ``argv`` (the file the refused section came from), or None."""
-    given = None
-    for position, arg in enumerate(argv):
-        if arg == "--config" and position + 1 < len(argv):
-            given = argv[position + 1]
-        elif arg.startswith("--config="):
-            given = arg.partition("=")[2]
-    return given
+    """The last config file ``argv`` names (``--config X`` or ``--config=X``: the file the refused section came from), or None."""
+    named = [value for index in range(len(argv)) if (value := config_value(argv, index)) is not None]
+    return named[-1] if named else None

@@ -35,14 +35,22 @@ def recipe_reference(config: str) -> str:
     return f"{PREFIX}{path.relative_to(RECIPES_DIR).with_suffix('').as_posix()}" if path.is_relative_to(RECIPES_DIR) else config
 
 
+def config_value(argv: list[str], index: int) -> str | None:
+    """The config file ``argv[index]`` names: X of ``--config=X``, or the argument itself after ``--config``; else None."""
+    arg = argv[index]
+    if arg.startswith("--config="):
+        return arg.partition("=")[2]
+    return arg if index and argv[index - 1] == "--config" else None
+
+
 def expand_recipe_args(argv: list[str]) -> list[str]:
     """``argv`` with every ``--config recipe:<name>`` (or ``--config=recipe:<name>``) replaced by the recipe's path."""
     expanded = []
     for index, arg in enumerate(argv):
-        if arg.startswith(f"--config={PREFIX}"):
-            arg = f"--config={recipe_path(arg.partition('=')[2])}"
-        elif arg.startswith(PREFIX) and index and argv[index - 1] == "--config":
-            arg = str(recipe_path(arg))
+        value = config_value(argv, index)
+        if value is not None and value.startswith(PREFIX):
+            path = str(recipe_path(value))
+            arg = f"--config={path}" if arg.startswith("--config=") else path
         expanded.append(arg)
     return expanded
 
