@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -13,7 +15,7 @@ from jsonargparse import ArgumentParser
 from rich.console import Console
 from rich.text import Text
 
-from mia_lightning.console import console, parse
+from mia_lightning.console import console, parse, refused_arguments
 from mia_lightning.errors import MiaError
 from mia_lightning.interrupts import PARENT_ENV, call_trainer, interrupt_signal, is_worker_of_a_running_farm, terminate_as_interrupt, watch_parent
 from mia_lightning.logs import configure_logging, quiet_lightning
@@ -142,8 +144,8 @@ def _fit_cli(argv: list[str]) -> int:
 
     class MiaLightningCLI(LightningCLI):
         def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-            """The main parser and each subcommand's refuse abbreviated options, as every other command does (``console.parse``)."""
-            return super().init_parser(**kwargs, allow_abbrev=False)
+            """The main parser and each subcommand's refuse abbreviated options and raise instead of exiting, as ``console.parse`` does."""
+            return super().init_parser(**kwargs, allow_abbrev=False, exit_on_error=False)
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data", "model.init_args.n_features", compute_fn=lambda dm: dm.model_kwargs()["n_features"], apply_on="instantiate")
@@ -161,11 +163,30 @@ def _fit_cli(argv: list[str]) -> int:
         )
     except KeyboardInterrupt:
         raise KeyboardInterrupt(LIGHTNING_CLI_HINT) from None
+    except argparse.ArgumentError as err:
+        raise refused_arguments(f"train.py {argv[0]}", err, argv[1:]) from None
+    except ValueError as err:  # jsonargparse wraps what a model or DataModule constructor raised while it instantiated them
+        failure = _constructor_failure(err)
+        if failure is None:
+            raise
+        raise failure from None
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()  # a DDP rank that exits with its gloo group alive can abort in C++ ("terminate called ...")
     return 0
+
+
+def _constructor_failure(err: ValueError) -> MiaError | None:
+    """One line for the constructor error behind jsonargparse's ``err`` (as ``ComponentSpec.build`` says it), None if none is behind it."""
+    cause: BaseException = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if cause is err or isinstance(cause, MiaError):
+        return None if cause is err else cause
+    named = re.search(r"class_path='([^']+)'", str(err))
+    reason = " ".join(str(cause).split())[:200]
+    return MiaError(f"train.py fit: {named[1] if named else 'the model or data class'}: building it failed ({type(cause).__name__}: {reason}); fix its init_args")
 
 
 TRAIN_COMMANDS: dict[str, tuple[str, str, str]] = {

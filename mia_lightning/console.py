@@ -24,6 +24,9 @@ if not console.is_terminal:
 UNION_ERROR = re.compile(r"Does not validate against any of the Union subtypes .*?- Problem with given class_path '(?P<class_path>[^']+)': "
                          r"(?P<reason>.*?)(?: - Expected a <class 'NoneType'>)?(?: Given value type: .*)?$")
 """jsonargparse's error for a ``class_path`` + ``init_args`` option: the one reason that matters is the class's."""
+TYPE_UNION_ERROR = re.compile(r"Does not validate against any of the Union subtypes Subtypes: \[(?P<types>(?:(?!\] Errors: ).)*)\] Errors: (?:- Expected a <class '[^']*'> )+"
+                              r"Given value type: <class '[^']*'> Given value: (?P<value>.*?)(?= - |$)")
+"""jsonargparse's error for a value of none of a union of plain types (``list[int] | None``): said as "expected ..., given ..."."""
 
 RECIPE_COMMANDS = {"study": "train.py study", **dict.fromkeys(("experiment", "model", "data", "trainer", "plan", "farm"), "train.py farm")}
 """A recipe file's top-level sections and the command that runs a file with them."""
@@ -47,15 +50,27 @@ def parse(parser: ArgumentParser, argv: list[str]) -> Namespace:
     try:
         return parser.parse_args(argv)
     except argparse.ArgumentError as err:
-        detail = _short_reason(" ".join(str(err).split()))
-        message = _other_command(parser.prog, detail, argv) or f"{parser.prog}: {detail}"
-        raise MiaError(f"{message} (see `{parser.prog} --help`)") from None
+        raise refused_arguments(parser.prog, err, argv) from None
+
+
+def refused_arguments(prog: str, err: Exception, argv: list[str]) -> MiaError:
+    """The one-line error for an ``ArgumentError`` raised while ``prog`` parsed ``argv`` (also the LightningCLI's, in ``train.py fit``)."""
+    detail = _short_reason(" ".join(str(err).split()))
+    message = _other_command(prog, detail, argv) or f"{prog}: {detail}"
+    return MiaError(f"{message} (see `{prog} --help`)")
 
 
 def _short_reason(detail: str) -> str:
     """``Parser key "model": <class>: Option 'weight_decy' is not accepted`` for jsonargparse's every-subtype report."""
+    detail = TYPE_UNION_ERROR.sub(_expected_types, detail)
     match = UNION_ERROR.search(detail)
     return detail if match is None else f"{detail[:match.start()]}{match['class_path']}: {match['reason']}"
+
+
+def _expected_types(match: re.Match[str]) -> str:
+    """``expected list[int] or None, given foo`` for one ``TYPE_UNION_ERROR``."""
+    types = [re.sub(r"<class '(?:builtins\.)?([^']*)'>", r"\1", kind).replace("NoneType", "None") for kind in re.split(r",\s*(?![^\[]*\])", match["types"])]
+    return f"expected {' or '.join(types)}, given {match['value']}"
 
 
 def _other_command(prog: str, detail: str, argv: list[str]) -> str | None:

@@ -130,12 +130,29 @@ def test_an_abbreviated_option_is_refused_by_name(case, tmp_path, monkeypatch, c
     assert not any(tmp_path.iterdir())
 
 
-def test_the_lightning_cli_refuses_an_abbreviated_option(tmp_path, monkeypatch, capsys):
+FIT_CASES = {
+    "abbreviated option": (["--trainer.max_epoch", "1"], "train.py fit: unrecognized arguments: --trainer.max_epoch 1"),
+    "value of the wrong type": (["--model.init_args.hidden", "foo"],
+                                'Parser key "hidden": expected list[int] or None, given foo (see `train.py fit --help`)'),
+    "typo inside init_args": (["--model.init_args.hiden", "[4]"], "TabularMLP: Option 'hiden' is not accepted"),
+    "constructor refuses": (["--model.init_args.hidden", "[0]"],
+                            "train.py fit: mia_lightning.models.tabular_mlp.TabularMLP: building it failed (ValueError: hidden [0]"),
+    "data source": (["--data.init_args.source", "nosuch"], "data source 'nosuch': a CSV needs data.label_column"),
+    "zero batch size": (["--data.init_args.batch_size", "0"], "data.init_args.batch_size 0: must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(FIT_CASES))
+def test_the_lightning_cli_refuses_bad_input_in_one_line(case, tmp_path, monkeypatch, capsys):
+    """``train.py fit`` (LightningCLI) errors are one line, as every other command's, not its usage dump or a traceback."""
+    from mia_lightning.cli import main
+
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        train_main(["fit", "--config", str(ROOT / "configs/tabular/mlp_fit.yaml"), "--trainer.max_epoch", "1"])
-    assert exit_.value.code == 2 and "unrecognized arguments: --trainer.max_epoch 1" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())
+    args, message = FIT_CASES[case]
+    assert main(["train", "fit", "--config", str(ROOT / "configs/tabular/mlp_fit.yaml"), "--trainer.max_epochs", "1",
+                 "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false", *args]) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mia_lightning.downloads import RegistryFile, cache_dir as download_cache, registry_file
 from mia_lightning.data.plan import Plan, PlanSpec, make_lira_plan, takes_options
-from mia_lightning.data.streams import StreamBatchSampler, balanced_half
+from mia_lightning.data.streams import StreamBatchSampler, balanced_half, check_batch_size
 from mia_lightning.data.tabular import TabularDataModule, TabularPool
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.confine import confined
@@ -525,6 +525,8 @@ class ImageDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
+        check_batch_size(batch_size)
+        check_batch_size(predict_batch_size, "data.init_args.predict_batch_size")
         self.save_hyperparameters(ignore=["train_indices"])
         self.spec = _image_spec(source=source, split=split, shots=shots, n_classes=n_classes, classes=classes, subset_seed=subset_seed,
                                 max_samples=max_samples, backbone=backbone, weights=weights, img_size=img_size, queries=queries, root=root, download=download)
@@ -616,6 +618,7 @@ class ImageFeatureDataModule(TabularDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super(TabularDataModule, self).__init__()  # the tabular pool comes from the images, not from a table
+        check_batch_size(batch_size)
         self.save_hyperparameters(ignore=["train_indices"])
         self.spec = _image_spec(source=source, split=split, shots=shots, n_classes=n_classes, classes=classes, subset_seed=subset_seed,
                                 max_samples=max_samples, backbone=backbone, weights=weights, img_size=img_size, queries=queries, root=root, download=download)

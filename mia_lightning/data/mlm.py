@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mia_lightning.atomic import write_bytes_atomic
 from mia_lightning.downloads import RegistryFile, cache_dir, registry_file
-from mia_lightning.data.streams import StreamBatchSampler, balanced_half
+from mia_lightning.data.streams import StreamBatchSampler, balanced_half, check_batch_size
 from mia_lightning.data.text_sources import hf_columns, read_csv_columns
 from mia_lightning.errors import MiaError
 from mia_lightning.phases import Phase
@@ -369,6 +369,8 @@ class MLMTextDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        check_batch_size(batch_size)
+        check_batch_size(predict_batch_size, "data.init_args.predict_batch_size")
         self.save_hyperparameters()
         options = tuple(sorted((source_options or {}).items()))
         self.pool = load_text_pool(source, text_column, user_column, options, drop_shared_sentences, min_words, max_users)

@@ -16,12 +16,19 @@ import torch
 from torch.utils.data import Sampler
 
 from mia_lightning.defences.dp_sgd import PoissonBatchSampler
+from mia_lightning.errors import MiaError
 
 
 def balanced_half(n: int, seed: int) -> np.ndarray:
     """A seeded random half of ``range(n)`` (sorted), for stand-alone single-model training."""
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[: n // 2])
+
+
+def check_batch_size(batch_size: object, option: str = "data.init_args.batch_size") -> None:
+    """Refuse a batch size that is not a positive integer, naming the option that set it."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MiaError(f"{option} {batch_size!r}: must be a positive integer (samples per training step)")
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -49,8 +56,9 @@ class StreamBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, train_indices: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        check_batch_size(batch_size)
         self.train_indices = np.asarray(train_indices)
-        self.batch_size = min(batch_size, len(self.train_indices)) if batch_size > 0 else len(self.train_indices)
+        self.batch_size = min(batch_size, len(self.train_indices))
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from mia_lightning.data.streams import MembershipBatches, balanced_half
+from mia_lightning.data.streams import MembershipBatches, balanced_half, check_batch_size
 from mia_lightning.errors import MiaError
 
 BUNDLED = ("digits", "breast_cancer", "wine", "iris")
@@ -178,6 +178,7 @@ class TabularDataModule(MembershipBatches, L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        check_batch_size(batch_size)
         self.save_hyperparameters()
         self.pool = load_tabular(source, label_column, missing)
         n = len(self.pool.labels)

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from mia_lightning.data.text_sources import hf_columns, read_csv_columns
 from mia_lightning.downloads import RegistryFile, registry_file
-from mia_lightning.data.streams import MembershipBatches, balanced_half
+from mia_lightning.data.streams import MembershipBatches, balanced_half, check_batch_size
 from mia_lightning.errors import MiaError
 
 log = logging.getLogger("mia_lightning")
@@ -251,8 +251,7 @@ class TextDataModule(MembershipBatches, L.LightningDataModule):
         self.save_hyperparameters()
         if val_split not in VAL_SPLITS:
             raise MiaError(f"data.init_args.val_split {val_split!r}: choose one of {', '.join(VAL_SPLITS)}")
-        if batch_size < 1:
-            raise MiaError(f"data.init_args.batch_size {batch_size}: must be positive")
+        check_batch_size(batch_size)
         if val_split == "train" and not 0.0 < val_fraction < 1.0:
             raise MiaError(f"data.init_args.val_fraction {val_fraction}: must lie strictly between 0 and 1")
         encoded = encoded_pool(source, text_column, label_column, hf_split, n_rows, subsample_seed, vocab_size, max_len, truncate, n_reference)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mia_lightning.contract.components import ComponentSpec
+from mia_lightning.data.streams import check_batch_size
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.interrupts import call_trainer
@@ -83,9 +84,8 @@ class FarmSetup:
 
     def __post_init__(self) -> None:
         check_trainer_stops(self.trainer)
-        batch_size = self.data.init_args.get("batch_size")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise MiaError(f"--data.init_args.batch_size {batch_size!r}: must be a positive integer (samples per training step)")
+        if "batch_size" in self.data.init_args:
+            check_batch_size(self.data.init_args["batch_size"], "--data.init_args.batch_size")
 
     def build_datamodule(self, job: ModelJob | None = None) -> L.LightningDataModule:
         """The DataModule for ``job`` (the whole pool without one), with the experiment's cache folder when it takes one."""
