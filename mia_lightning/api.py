@@ -104,14 +104,15 @@ def to_dataframe(records: Sequence[Record]) -> Any:
 
 def read_run(run_folder: Path) -> list[Record]:
     """The records of one run folder (``attacks/runs/<id>``), in the run's order."""
-    from mia_lightning.contract.runs import read_run_file, run_results, run_utility
+    from mia_lightning.contract.runs import read_run_file, rerun_fix, run_results, run_utility
     from mia_lightning.metrics import FPR_LEVELS
 
     run_folder = Path(run_folder)
-    results = run_results(run_folder, read_run_file(run_folder), FPR_LEVELS)
+    run = read_run_file(run_folder)
+    results = run_results(run_folder, run, FPR_LEVELS)
     if not results:
         raise MiaError(f"{run_folder}: the run has no attack results; run `python attack.py --experiment ...` with an attack")
-    utility = run_utility(run_folder)
+    utility = run_utility(run_folder, rerun_fix(run_folder, run))
     return [Record.from_results(record, utility) for record in results.values()]
 
 

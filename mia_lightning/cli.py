@@ -253,7 +253,7 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
     result = run_audit(experiment, attacks, targets=targets, n_targets=n_targets, params=params,
                        bootstrap=BOOTSTRAP_REPLICATES if bootstrap is None else bootstrap, few_shadow=few_shadow, keep_runs=keep_runs,
                        decisions=decisions or Decisions(), logger=logger)
-    from mia_lightning.contract.runs import run_utility
+    from mia_lightning.contract.runs import read_run_file, rerun_fix, run_utility
     from mia_lightning.report.terminal import epsilon_refusal_lines, print_results, skipped_lines
     from mia_lightning.utility import utility_line
 
@@ -263,22 +263,24 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
         console.print(Text(f"skipped {line}", style="yellow"))
     for line in epsilon_refusal_lines(records):
         console.print(Text(line, style="yellow"))
-    utility = run_utility(result.folder)
+    fix = rerun_fix(result.folder, read_run_file(result.folder))
+    utility = run_utility(result.folder, fix)
     if utility is not None:
         console.print(utility_line(utility))
     if few_shadow:
-        _print_few_shadow(result.folder, experiment)
+        _print_few_shadow(result.folder, experiment, fix)
     console.print(f"results: {experiment / 'attacks'}/<attack>/results.json (run {result.run_id}), ROC: {experiment / 'attacks' / 'roc.png'}")
     return 0
 
 
-def _print_few_shadow(run_folder: Path, experiment: Path) -> None:
+def _print_few_shadow(run_folder: Path, experiment: Path, fix: str) -> None:
+    """The few-shadow table of the run just written; ``fix``: what a damaged few_shadow.json asks for."""
     from rich.table import Table
 
     from mia_lightning.contract.runs import run_few_shadow
     from mia_lightning.report.cells import FEW_SHADOW_KEY, few_shadow_table
 
-    header, rows = few_shadow_table(run_few_shadow(run_folder))
+    header, rows = few_shadow_table(run_few_shadow(run_folder, fix))
     table = Table(title=f"few-shadow regime on {experiment}: {FEW_SHADOW_KEY}", title_justify="left")
     table.add_column(header[0], justify="right", style="bold")
     for name in header[1:]:

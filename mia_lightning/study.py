@@ -282,6 +282,11 @@ def _check_study_file(study_dir: Path, payload: dict) -> None:
     save_json_atomic(path, payload)
 
 
+def setting_fix(experiment: ExperimentDir) -> str:
+    """The fix for a damaged or missing file of the attack run a setting recorded: audit the setting again (attack.py would publish a run its marker does not name)."""
+    return f"delete {experiment.root / SETTING_FILE} and re-run the study (it audits the setting again)"
+
+
 def study_run(experiment: ExperimentDir) -> tuple[Path, dict] | None:
     """(folder, run.json) of the attack run the study recorded in the setting's marker; None when the setting is not audited or that run is gone.
 
@@ -294,24 +299,19 @@ def study_run(experiment: ExperimentDir) -> tuple[Path, dict] | None:
     if not marker.is_file():
         return None
     recorded = load_json(marker)
-    try:
-        return run_by_id(experiment, recorded.get("run") if isinstance(recorded, dict) else None, f"{marker}: run")
-    except MiaError as err:
-        raise MiaError(f"{err}; delete {marker} and re-run the study (it audits the setting again)") from None
+    return run_by_id(experiment, recorded.get("run") if isinstance(recorded, dict) else None, f"{marker}: run", setting_fix(experiment))
 
 
 def _row(setting: Setting, experiment: ExperimentDir) -> dict:
     """What the analysis gets about one audited setting: its overrides, folder, the study's attack run, results per output and utility."""
-    from mia_lightning.contract.runs import RERUN_SETTING, run_results, run_utility
+    from mia_lightning.contract.runs import run_results, run_utility
 
-    found = study_run(experiment)
+    found, fix = study_run(experiment), setting_fix(experiment)
     if found is None:
-        marker = experiment.root / SETTING_FILE
-        raise MiaError(f"{marker}: the attack run it records is gone; delete {marker} and re-run the study (it audits the setting again)")
+        raise MiaError(f"{experiment.root / SETTING_FILE}: the attack run it records is gone; {fix}")
     folder, run = found
-    utility = run_utility(folder)
     return {"setting": setting.name, "overrides": setting.overrides, "experiment": experiment.root, "run_folder": folder,
-            "results": run_results(folder, run, fix=RERUN_SETTING), "utility": utility}
+            "results": run_results(folder, run, fix=fix), "utility": run_utility(folder, fix)}
 
 
 def audited(experiment: ExperimentDir) -> bool:

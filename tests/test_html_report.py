@@ -201,17 +201,18 @@ def reported(page, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("curve, phrase", [
-    ({"rows": [{"attack": 3, "n_shadows": 2}]}, "few_shadow.json: rows[0].attack is 3, expected a string; re-run attack.py"),
+    ({"rows": [{"attack": 3, "n_shadows": 2}]}, "few_shadow.json: rows[0].attack is 3, expected a string"),
     ({"rows": [{"attack": "lira_online", "n_shadows": 2, "auc": "high"}]}, "few_shadow.json: rows[0].auc is \"high\", expected a number or null"),
     ([1, 2], "few_shadow.json: holds [1, 2], expected an object with a list of rows"),
 ])
 def test_a_damaged_few_shadow_json_is_one_line_in_every_view(reported, capsys, curve, phrase):
-    """A hand-edited few_shadow.json was a KeyError traceback in report.md's and report.html's few-shadow tables."""
+    """A hand-edited few_shadow.json was a KeyError traceback in report.md's and report.html's few-shadow tables; the fix re-runs the run with its curve."""
     before = {name: (reported / name).read_bytes() for name in ("report.md", "report.html")}
     (reported / "attacks" / "latest" / "few_shadow" / "few_shadow.json").write_text(json.dumps(curve))
     assert attack_main(["--experiment", str(reported), "--report"]) == 2
     err = capsys.readouterr().err.strip()
     assert phrase in err and "\n" not in err
+    assert err.endswith(f"; re-run `python attack.py --experiment {reported.resolve()} --attack lira rmia --few_shadow`"), err
     assert before == {name: (reported / name).read_bytes() for name in before}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -95,7 +96,7 @@ def test_vulnerable_samples_count_only_audited_pairs(tmp_path):
     np.save(root / "audit.npy", audit)
     records = run_audit(root, ["lira"], n_targets=3, bootstrap=0).records
     experiment = ExperimentDir(root)
-    _, rows = vulnerable_samples(records, experiment, latest_run(experiment)[0], top=40)
+    _, rows = vulnerable_samples(records, experiment, latest_run(experiment)[0], top=40, fix="re-run")
     assert rows and all(int(row[1]) < 20 for row in rows)
 
 
@@ -125,7 +126,7 @@ def reported(tmp_path_factory):
     ("utility.json", [], "holds [], expected an object"),
 ])
 def test_a_hand_edited_run_file_is_one_line_naming_the_field_and_the_report_is_kept(reported, tmp_path, capsys, file, edit, fragment):
-    """A run file that does not hold what attack.py writes: --report and records() refuse it in one line; report.md / .html stay as they were."""
+    """A run file that does not hold what attack.py writes: --report and records() refuse it in one line naming the run's attack.py command; report.md / .html stay as they were."""
     import shutil
 
     from mia_lightning import open_experiment
@@ -140,10 +141,11 @@ def test_a_hand_edited_run_file_is_one_line_naming_the_field_and_the_report_is_k
     assert attack_main(["--experiment", str(root), "--report"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"error: {path}: " in err
-    assert fragment in err and err.rstrip().endswith("re-run attack.py on the experiment"), err
+    command = f"re-run `python attack.py --experiment {root.resolve()} --attack thresholds`"
+    assert fragment in err and err.rstrip().endswith(command), err
     assert {name: (root / name).read_bytes() for name in before} == before
     if "keep.npy" not in fragment:  # the API reads no scores
-        with pytest.raises(MiaError, match="re-run attack.py on the experiment"):
+        with pytest.raises(MiaError, match=f"{re.escape(command)}$"):
             open_experiment(root).records()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from contextlib import contextmanager
@@ -183,4 +184,54 @@ def test_a_damaged_results_file_of_a_study_setting_asks_for_the_study_not_attack
     with pytest.raises(MiaError, match=r"re-run `python attack.py --experiment .* --attack thresholds`$"):
         run_results(folder, read_run_file(folder))
     with pytest.raises(MiaError, match=f"not valid JSON .*; {RERUN_SETTING}$"):
+        attack_scores(ExperimentDir(root), folder, "loss")
+
+
+DAMAGED_RUN_FILES = {
+    "a results.json field": ("loss/results.json", {"auc": "high"}, 'auc is "high", expected a number'),
+    "a results.json nested field": ("loss/results.json", {"user_level": {"auc": 0.5, "tpr_at_fpr": {"0.01": 0.5}, "n_users": -1}}, "user_level.n_users is -1"),
+    "a run.json field": ("run.json", {"skipped": [1]}, "skipped is [1], expected a list of objects"),
+    "a run.json that is not an object": ("run.json", [1], "holds [1], expected an object"),
+    "a utility.json field": ("utility.json", {"per_class": {"precision": "x"}}, 'per_class.precision is "x", expected a list of numbers'),
+}
+
+
+def damage_run_file(folder: Path, file: str, edit: dict | list) -> None:
+    """Replace fields of one JSON file of run ``folder`` (or the whole file, given a list)."""
+    path = folder / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit} if isinstance(edit, dict) else edit))
+
+
+@pytest.mark.parametrize("file, edit, fragment", DAMAGED_RUN_FILES.values(), ids=DAMAGED_RUN_FILES)
+def test_a_damaged_field_of_a_study_settings_run_names_the_setting_to_audit_again(tmp_path, file, edit, fragment):
+    """The study reads the run its setting.json records: a damaged field asks for that marker's deletion, once, never for attack.py (it ended 're-run attack.py on the experiment')."""
+    from mia_lightning.errors import MiaError
+    from mia_lightning.study import SETTING_FILE, Setting, _row
+
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=4, n_samples=30, seed=3)
+    result = run_audit(root, ["thresholds"], targets=[0, 1], bootstrap=0)
+    marker = root / SETTING_FILE
+    marker.write_text(json.dumps({"setting": "s", "overrides": {}, "run": result.run_id}))
+    damage_run_file(result.folder, file, edit)
+    with pytest.raises(MiaError) as refused:
+        _row(Setting("s", {}), ExperimentDir(root))
+    message = str(refused.value)
+    assert fragment in message and message.endswith(f"; delete {marker} and re-run the study (it audits the setting again)"), message
+    assert "attack.py" not in message and message.count("re-run") == 1
+
+
+@pytest.mark.parametrize("case", ["a results.json field", "a run.json field"])
+def test_a_damaged_field_read_by_a_power_law_study_asks_for_the_study_not_attack_py(tmp_path, case):
+    """The same field names the run's attack.py command when read as a run, the study's fix when a study's analysis reads it (both ended 're-run attack.py on the experiment')."""
+    from mia_lightning.analysis.power_law import attack_scores
+    from mia_lightning.contract.runs import RERUN_SETTING, read_run_file, run_results
+    from mia_lightning.errors import MiaError
+
+    root = write_synthetic_experiment(tmp_path / "exp", n_models=4, n_samples=30, seed=3)
+    folder = run_audit(root, ["thresholds"], targets=[0, 1], bootstrap=0).folder
+    file, edit, fragment = DAMAGED_RUN_FILES[case]
+    damage_run_file(folder, file, edit)
+    with pytest.raises(MiaError, match=rf"{re.escape(fragment)}.*; re-run `python attack.py --experiment {re.escape(str(root.resolve()))} --attack thresholds`$"):
+        run_results(folder, read_run_file(folder))
+    with pytest.raises(MiaError, match=rf"{re.escape(fragment)}.*; {RERUN_SETTING}$"):
         attack_scores(ExperimentDir(root), folder, "loss")

@@ -244,7 +244,7 @@ def test_unlearning_report_refuses_scores_of_the_wrong_shape_or_type(audited, sc
     folder, record, keep = audited
     np.save(folder / "loss" / "scores.npy", scores)
     with pytest.raises(MiaError, match=re.escape(f"{folder / 'loss' / 'scores.npy'}: {fragment}")):
-        _metrics(folder, record, keep, {})
+        _metrics(folder, record, keep, {}, "re-run")
 
 
 def test_unlearning_report_with_a_folder_as_markdown_writes_nothing(tmp_path, monkeypatch, capsys) -> None:

@@ -96,7 +96,7 @@ def attack_scores(experiment: ExperimentDir, folder: Path, output: str) -> tuple
     """
     from mia_lightning.contract.runs import RERUN_SETTING, output_scores, read_run_file, run_results
 
-    results = run_results(folder, read_run_file(folder), fix=RERUN_SETTING)
+    results = run_results(folder, read_run_file(folder, RERUN_SETTING), fix=RERUN_SETTING)
     if output not in results:
         raise MiaError(f"{Path(folder) / 'run.json'}: no output {output!r} (it has {', '.join(results) or 'none'}); {RERUN_SETTING} with that attack")
     scores, members = output_scores(folder, results[output], experiment.keep, RERUN_SETTING)

@@ -50,14 +50,15 @@ def confined(root: Path, path: Path, action: str = "write, rename or delete") ->
     return path
 
 
-def plain_name(name: object, where: str) -> str:
+def plain_name(name: object, where: str, fix: str | None = None) -> str:
     """``name`` if it is one plain folder or file name (no separator, not hidden, not empty); else a one-line ``MiaError``.
 
     Names read from files (a run's outputs, a recorded run id) and names of study folders are joined
-    into paths: ``..``, ``/etc`` or ``a/b`` would lead a read or write elsewhere.
+    into paths: ``..``, ``/etc`` or ``a/b`` would lead a read or write elsewhere. ``fix``: what a name
+    read from a file asks for (the command that writes the file again); a name the user typed needs none.
     """
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
-        raise MiaError(f"{where} {name!r}: must be a plain folder name (no '/', not empty, not starting with '.')")
+        raise MiaError(f"{where} {name!r}: must be a plain folder name (no '/', not empty, not starting with '.')" + (f"; {fix}" if fix else ""))
     return name
 
 

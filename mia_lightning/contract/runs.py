@@ -170,10 +170,13 @@ def latest_run(experiment: ExperimentDir) -> tuple[Path, dict]:
     return folder, read_run_file(folder)
 
 
-def run_by_id(experiment: ExperimentDir, run_id: object, where: str) -> tuple[Path, dict] | None:
-    """(folder, run.json) of run ``run_id`` under ``attacks/runs/`` (an id read from ``where``, checked to be a plain name); None when that run is gone."""
-    folder = runs_dir(experiment) / plain_name(run_id, where)
-    return (folder, read_run_file(folder)) if (folder / RUN_FILE).is_file() else None
+def run_by_id(experiment: ExperimentDir, run_id: object, where: str, fix: str) -> tuple[Path, dict] | None:
+    """(folder, run.json) of run ``run_id`` under ``attacks/runs/`` (an id read from ``where``, checked to be a plain name); None when that run is gone.
+
+    ``fix``: what an id that is not a plain name or a damaged run.json asks for (whoever recorded the id knows: a study audits the setting again).
+    """
+    folder = runs_dir(experiment) / plain_name(run_id, where, fix)
+    return (folder, read_run_file(folder, fix)) if (folder / RUN_FILE).is_file() else None
 
 
 def run_results(folder: Path, run: dict, levels: Sequence[float] = (), fix: str | None = None) -> dict[str, dict]:
@@ -187,11 +190,11 @@ def run_results(folder: Path, run: dict, levels: Sequence[float] = (), fix: str 
     where, fix = f"{Path(folder) / RUN_FILE} outputs", fix or rerun_fix(folder, run)
     results = {}
     for name in run["outputs"]:
-        path = Path(folder) / plain_name(name, where) / "results.json"
+        path = Path(folder) / plain_name(name, where, fix) / "results.json"
         record = load_json(path, fix)
         if not isinstance(record, dict) or record.get("attack") != name:
             raise MiaError(f"{path}: names output {record.get('attack') if isinstance(record, dict) else record!r}, not {name!r}; {fix}")
-        results[name] = check_results(record, path, levels)
+        results[name] = check_results(record, path, fix, levels)
     return results
 
 
@@ -211,19 +214,22 @@ def prune_runs(experiment: ExperimentDir, keep: int) -> list[str]:
 
 # ------------------------------------------------------------------ checks of the published files
 
-REWRITE = "re-run attack.py on the experiment"
-"""The fix for a run file that does not hold what attack.py writes (hand-edited or damaged)."""
-
 RERUN_SETTING = "delete the setting's setting.json and re-run the study"
-"""The same fix for the run a study setting recorded (its analysis reads that run)."""
+"""The fix for a damaged file of the run a study setting recorded (its analysis reads that run, not a newer one attack.py publishes)."""
 
 
-def rerun_fix(folder: Path, run: dict) -> str:
-    """The fix for a damaged file of run ``folder`` (``<experiment>/attacks/runs/<id>``): the attack.py command that runs its attacks again."""
-    folder, attacks = Path(folder).resolve(), run.get("attacks")
+def rerun_fix(folder: Path, run: Any) -> str:
+    """The fix for a file of run ``folder`` (``<experiment>/attacks/runs/<id>``) that does not hold what attack.py writes: the attack.py command that runs its attacks again.
+
+    ``run``: the run's run.json as read, damaged or not (``<attack>`` stands in for attacks it does not name).
+    ``--few_shadow`` joins the command when the run holds a few-shadow curve: a re-run without it would drop the curve.
+    """
+    folder = Path(folder).resolve()
+    attacks = run.get("attacks") if isinstance(run, dict) else None
     experiment = folder.parent.parent.parent if folder.parent.name == "runs" else "<experiment>"
     named = isinstance(attacks, list) and attacks and all(isinstance(name, str) and name.isidentifier() for name in attacks)
-    return f"re-run `python attack.py --experiment {experiment} --attack {' '.join(attacks) if named else '<attack>'}`"
+    few_shadow = " --few_shadow" if (folder / FEW_SHADOW_FILE).is_file() else ""
+    return f"re-run `python attack.py --experiment {experiment} --attack {' '.join(attacks) if named else '<attack>'}{few_shadow}`"
 
 
 Check = tuple[Callable[[Any], bool], str]
@@ -259,141 +265,152 @@ def _by_level(check: Check, levels: Sequence[str]) -> Check:
             f"an object of {check[1]} at FPR levels {', '.join(levels)}")
 
 
-def _expect(block: dict, name: str, check: Check, where: str, optional: bool = False) -> Any:
-    """``block[name]`` once it passes ``check`` (absent or null passes when ``optional``); else a one-line error: ``where`` + the field, its value, the fix."""
+def _expect(block: dict, name: str, check: Check, where: str, fix: str, optional: bool = False) -> Any:
+    """``block[name]`` once it passes ``check`` (absent or null passes when ``optional``); else a one-line error: ``where`` + the field, its value, ``fix``."""
     value = block.get(name)
     if optional and value is None:
         return None
     if not check[0](value):
         got = "missing" if name not in block else json.dumps(value)[:60]
-        raise MiaError(f"{where}{name} is {got}, expected {check[1]}{' or null' if optional else ''}; {REWRITE}")
+        raise MiaError(f"{where}{name} is {got}, expected {check[1]}{' or null' if optional else ''}; {fix}")
     return value
 
 
-def _check_metrics(block: dict, where: str, levels: Sequence[str]) -> None:
+def _check_metrics(block: dict, where: str, levels: Sequence[str], fix: str) -> None:
     """The metric fields every view formats, of a record or of its user-level block."""
-    _expect(block, "auc", NUMBER, where)
-    _expect(block, "auc_ci_bootstrap", INTERVAL, where, optional=True)
-    tprs = _expect(block, "tpr_at_fpr", OBJECT, where)
-    _expect(block, "tpr_at_fpr", _by_level(NUMBER, list(dict.fromkeys([*levels, *tprs])) or ["(none)"]), where)
-    _expect(block, "tpr_at_fpr_ci_bootstrap", _by_level(INTERVAL, list(tprs)), where, optional=True)
-    _expect(block, "min_resolvable_fpr", NUMBER, where, optional=True)
-    _expect(block, "bootstrap_unit", TEXT, where, optional=True)
-    decision = _expect(block, "precision_recall", OBJECT, where, optional=True)
+    _expect(block, "auc", NUMBER, where, fix)
+    _expect(block, "auc_ci_bootstrap", INTERVAL, where, fix, optional=True)
+    tprs = _expect(block, "tpr_at_fpr", OBJECT, where, fix)
+    _expect(block, "tpr_at_fpr", _by_level(NUMBER, list(dict.fromkeys([*levels, *tprs])) or ["(none)"]), where, fix)
+    _expect(block, "tpr_at_fpr_ci_bootstrap", _by_level(INTERVAL, list(tprs)), where, fix, optional=True)
+    _expect(block, "min_resolvable_fpr", NUMBER, where, fix, optional=True)
+    _expect(block, "bootstrap_unit", TEXT, where, fix, optional=True)
+    decision = _expect(block, "precision_recall", OBJECT, where, fix, optional=True)
     if decision and "skipped" not in decision:
         inner = f"{where}precision_recall."
         for name in ("precision", "recall", "fpr"):
-            _expect(decision, name, NUMBER, inner, optional=True)
-        _expect(decision, "fpr_budget", NUMBER, inner)
-        _expect(decision, "population_fpr", NUMBER, inner)
-        _expect(decision, "rule", TEXT, inner)
+            _expect(decision, name, NUMBER, inner, fix, optional=True)
+        _expect(decision, "fpr_budget", NUMBER, inner, fix)
+        _expect(decision, "population_fpr", NUMBER, inner, fix)
+        _expect(decision, "rule", TEXT, inner, fix)
 
 
-def check_results(record: Any, path: Path, levels: Sequence[float] = ()) -> dict:
-    """``record`` (a results.json) once every field a view or ``Record`` reads has its type, with a TPR at each of ``levels``; a one-line error naming the field otherwise."""
+def check_results(record: Any, path: Path, fix: str, levels: Sequence[float] = ()) -> dict:
+    """``record`` (a results.json) once every field a view or ``Record`` reads has its type, with a TPR at each of ``levels``; a one-line error naming the field and ``fix`` otherwise."""
     if not isinstance(record, dict):
-        raise MiaError(f"{path}: holds {json.dumps(record)[:60]}, expected an object; {REWRITE}")
+        raise MiaError(f"{path}: holds {json.dumps(record)[:60]}, expected an object; {fix}")
     where = f"{path}: "
-    _check_metrics(record, where, [str(level) for level in levels])
-    _expect(record, "family", TEXT, where, optional=True)
-    _expect(record, "balanced_accuracy", NUMBER, where)
-    _expect(record, "tpr_at_fpr_ci", _by_level(INTERVAL, list(record["tpr_at_fpr"])), where)
+    _check_metrics(record, where, [str(level) for level in levels], fix)
+    _expect(record, "family", TEXT, where, fix, optional=True)
+    _expect(record, "balanced_accuracy", NUMBER, where, fix)
+    _expect(record, "tpr_at_fpr_ci", _by_level(INTERVAL, list(record["tpr_at_fpr"])), where, fix)
     for name in ("n_members", "n_nonmembers"):
-        _expect(record, name, COUNT, where)
-    _expect(record, "targets", MODEL_IDS, where)
-    _expect(_expect(record, "run", OBJECT, where, optional=True) or {}, "id", TEXT, f"{where}run.", optional=True)
-    users = _expect(record, "user_level", OBJECT, where, optional=True)
+        _expect(record, name, COUNT, where, fix)
+    _expect(record, "targets", MODEL_IDS, where, fix)
+    _expect(_expect(record, "run", OBJECT, where, fix, optional=True) or {}, "id", TEXT, f"{where}run.", fix, optional=True)
+    users = _expect(record, "user_level", OBJECT, where, fix, optional=True)
     if users and "auc" in users:
-        _check_metrics(users, f"{where}user_level.", [])
-        _expect(users, "n_users", COUNT, f"{where}user_level.")
-        _expect(users, "reduce", TEXT, f"{where}user_level.")
-    eps = _expect(record, "empirical_epsilon", OBJECT, where, optional=True)
+        _check_metrics(users, f"{where}user_level.", [], fix)
+        _expect(users, "n_users", COUNT, f"{where}user_level.", fix)
+        _expect(users, "reduce", TEXT, f"{where}user_level.", fix)
+    eps = _expect(record, "empirical_epsilon", OBJECT, where, fix, optional=True)
     if eps:
         inner = f"{where}empirical_epsilon."
         for name in ("max_possible", "theoretical_epsilon"):
-            _expect(eps, name, NUMBER, inner, optional=True)
+            _expect(eps, name, NUMBER, inner, fix, optional=True)
         for name in ("method", "statement", "reason"):
-            _expect(eps, name, TEXT, inner, optional=True)
-        _expect(eps, "n_trials", COUNT, inner, optional=True)
-        if _expect(eps, "epsilon_lower_bound", NUMBER, inner, optional=True) is not None:
-            _expect(eps, "delta", NUMBER, inner)
-            _expect(eps, "confidence", NUMBER, inner)
-    control = _expect(record, "fpr_control", OBJECT, where, optional=True)
+            _expect(eps, name, TEXT, inner, fix, optional=True)
+        _expect(eps, "n_trials", COUNT, inner, fix, optional=True)
+        if _expect(eps, "epsilon_lower_bound", NUMBER, inner, fix, optional=True) is not None:
+            _expect(eps, "delta", NUMBER, inner, fix)
+            _expect(eps, "confidence", NUMBER, inner, fix)
+    control = _expect(record, "fpr_control", OBJECT, where, fix, optional=True)
     if control:
         inner = f"{where}fpr_control."
-        _expect(control, "alpha", NUMBER, inner)
-        _expect(control, "alpha_interval", INTERVAL, inner)
+        _expect(control, "alpha", NUMBER, inner, fix)
+        _expect(control, "alpha_interval", INTERVAL, inner, fix)
         for name in ("fpr", "tpr"):
-            _expect(control, name, NUMBER, inner, optional=True)
-        if _expect(control, "fpr_ci_bootstrap", INTERVAL, inner, optional=True):
-            _expect(control, "fpr_consistent", FLAG, inner)
+            _expect(control, name, NUMBER, inner, fix, optional=True)
+        if _expect(control, "fpr_ci_bootstrap", INTERVAL, inner, fix, optional=True):
+            _expect(control, "fpr_consistent", FLAG, inner, fix)
     return record
 
 
-def check_run(run: Any, path: Path) -> dict:
-    """``run`` (a run.json) once its id, outputs and skipped attacks have their types; a one-line error naming the field otherwise."""
+def check_run(run: Any, path: Path, fix: str) -> dict:
+    """``run`` (a run.json) once its id, outputs and skipped attacks have their types; a one-line error naming the field and ``fix`` otherwise."""
     if not isinstance(run, dict):
-        raise MiaError(f"{path}: holds {json.dumps(run)[:60]}, expected an object; {REWRITE}")
+        raise MiaError(f"{path}: holds {json.dumps(run)[:60]}, expected an object; {fix}")
     where = f"{path}: "
-    _expect(run, "id", TEXT, where)
-    _expect(run, "outputs", (lambda value: isinstance(value, list), "a list of output names"), where)
+    _expect(run, "id", TEXT, where, fix)
+    _expect(run, "outputs", (lambda value: isinstance(value, list), "a list of output names"), where, fix)
     entry: Check = (lambda value: isinstance(value, dict) and TEXT[0](value.get("attack")) and TEXT[0](value.get("reason")),
                     'objects {"attack": ..., "reason": ...}')
-    _expect(run, "skipped", (lambda value: isinstance(value, list) and all(entry[0](v) for v in value), f"a list of {entry[1]}"), where, optional=True)
+    _expect(run, "skipped", (lambda value: isinstance(value, list) and all(entry[0](v) for v in value), f"a list of {entry[1]}"), where, fix, optional=True)
     return run
 
 
-def read_run_file(folder: Path) -> dict:
-    """The checked run.json of run folder ``folder``."""
+def read_run_file(folder: Path, fix: str | None = None) -> dict:
+    """The checked run.json of run folder ``folder``.
+
+    ``fix``: what a damaged run.json asks for (default: the attack.py command of the run, with the
+    attacks it records where it still names them; a study's fix for the run its setting recorded).
+    """
     path = Path(folder) / RUN_FILE
-    return check_run(load_json(path), path)
+    run = load_json(path, fix or rerun_fix(folder, None))
+    return check_run(run, path, fix or rerun_fix(folder, run))
 
 
-def run_utility(folder: Path) -> dict | None:
-    """The checked utility.json of run folder ``folder`` (the target models' accuracies), or None when the run has none."""
+def run_utility(folder: Path, fix: str) -> dict | None:
+    """The checked utility.json of run folder ``folder`` (the target models' accuracies), or None when the run has none.
+
+    ``fix``: what a damaged utility.json asks for (``rerun_fix`` of the run; a study's ``RERUN_SETTING``).
+    """
     path = Path(folder) / UTILITY_FILE
     if not path.is_file():
         return None
-    utility = load_json(path)
+    utility = load_json(path, fix)
     if not isinstance(utility, dict):
-        raise MiaError(f"{path}: holds {json.dumps(utility)[:60]}, expected an object; {REWRITE}")
+        raise MiaError(f"{path}: holds {json.dumps(utility)[:60]}, expected an object; {fix}")
     where = f"{path}: "
-    _expect(utility, "targets", MODEL_IDS, where)
+    _expect(utility, "targets", MODEL_IDS, where, fix)
     for name in ("test_accuracy", "train_accuracy", "train_test_gap", "test_accuracy_std", "train_accuracy_std"):
-        _expect(utility, name, NUMBER, where, optional=True)
+        _expect(utility, name, NUMBER, where, fix, optional=True)
     model: Check = (lambda value: isinstance(value, dict) and all(value.get(k) is None or _is_number(value[k]) for k in ("test_accuracy", "train_accuracy")),
                     "an object with test_accuracy and train_accuracy numbers")
-    _expect(utility, "per_model", (lambda value: isinstance(value, list) and all(model[0](v) for v in value), f"a list of {model[1]}"), where)
-    per_class = _expect(utility, "per_class", OBJECT, where)
+    _expect(utility, "per_model", (lambda value: isinstance(value, list) and all(model[0](v) for v in value), f"a list of {model[1]}"), where, fix)
+    per_class = _expect(utility, "per_class", OBJECT, where, fix)
     for name in ("precision", "recall", "f1"):
-        _expect(per_class, name, NUMBERS, f"{where}per_class.")
+        _expect(per_class, name, NUMBERS, f"{where}per_class.", fix)
     return utility
 
 
-def run_few_shadow(folder: Path) -> list[dict] | None:
-    """The checked rows of run ``folder``'s few-shadow curve (``--few_shadow``), or None when the run has none."""
+def run_few_shadow(folder: Path, fix: str) -> list[dict] | None:
+    """The checked rows of run ``folder``'s few-shadow curve (``--few_shadow``), or None when the run has none.
+
+    ``fix``: what a damaged few_shadow.json asks for (``rerun_fix`` of the run).
+    """
     path = Path(folder) / FEW_SHADOW_FILE
     if not path.is_file():
         return None
-    curve = load_json(path)
+    curve = load_json(path, fix)
     rows = curve.get("rows") if isinstance(curve, dict) else None
     if not isinstance(rows, list):
-        raise MiaError(f"{path}: holds {json.dumps(curve)[:60]}, expected an object with a list of rows; {REWRITE}")
+        raise MiaError(f"{path}: holds {json.dumps(curve)[:60]}, expected an object with a list of rows; {fix}")
     for index, row in enumerate(rows):
         where = f"{path}: rows[{index}]."
         if not isinstance(row, dict):
-            raise MiaError(f"{path}: rows[{index}] is {json.dumps(row)[:60]}, expected an object; {REWRITE}")
-        _expect(row, "attack", TEXT, where)
-        _expect(row, "n_shadows", COUNT, where)
+            raise MiaError(f"{path}: rows[{index}] is {json.dumps(row)[:60]}, expected an object; {fix}")
+        _expect(row, "attack", TEXT, where, fix)
+        _expect(row, "n_shadows", COUNT, where, fix)
         for name in ("auc", "tpr@0.001", "tpr@0.01"):
-            _expect(row, name, NUMBER, where, optional=True)
+            _expect(row, name, NUMBER, where, fix, optional=True)
     return rows
 
 
-def output_scores(folder: Path, record: dict, keep: np.ndarray, fix: str = REWRITE) -> tuple[np.ndarray, np.ndarray]:
+def output_scores(folder: Path, record: dict, keep: np.ndarray, fix: str) -> tuple[np.ndarray, np.ndarray]:
     """(float64 scores [T, n], members [T, n]) of one checked output of run ``folder``: its scores.npy, refused unless it is one float row per target over keep.npy's samples.
 
-    ``fix``: what the one-line error tells the user to do (a study's analysis re-runs the setting instead).
+    ``fix``: what the one-line error tells the user to do (``rerun_fix`` of the run; a study's analysis re-runs the setting instead).
     """
     path = Path(folder) / record["attack"] / SCORES_FILE
     scores = load_npy(path, "attack scores", fix)

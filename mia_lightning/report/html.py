@@ -29,7 +29,7 @@ from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipp
 from mia_lightning.report.markdown import VULNERABLE_COLUMNS, epsilon_paragraphs, load_records, markdown_table, vulnerable_samples
 from mia_lightning.report.files import refuse_folders
 from mia_lightning.report.table import TableRecord
-from mia_lightning.contract.runs import FEW_SHADOW_FILE, latest_run, run_few_shadow, run_utility
+from mia_lightning.contract.runs import FEW_SHADOW_FILE, latest_run, rerun_fix, run_few_shadow, run_utility
 from mia_lightning.utility import utility_line
 
 STYLE = """
@@ -135,8 +135,8 @@ def verdict(records: list[dict]) -> tuple[str, bool | None]:
     return "".join(paragraphs), leaks
 
 
-def _few_shadow(run_folder: Path) -> str:
-    rows = run_few_shadow(run_folder)
+def _few_shadow(run_folder: Path, fix: str) -> str:
+    rows = run_few_shadow(run_folder, fix)
     if rows is None:
         return ""
     header, table = few_shadow_table(rows)
@@ -160,8 +160,8 @@ def utility_rows(utility: dict) -> list[list[str]]:
     return rows + [["train - test gap", "-" if gap is None else f"{100 * gap:.2f} points", "", ""]]
 
 
-def _utility(run_folder: Path) -> str:
-    utility = run_utility(run_folder)
+def _utility(run_folder: Path, fix: str) -> str:
+    utility = run_utility(run_folder, fix)
     if utility is None:
         return ""
     parts = [f"<h2 id=\"utility\">Utility</h2><p>{_esc(utility_line(utility))}. Held-out = pool samples a model did not train on; "
@@ -224,10 +224,11 @@ def _provenance(experiment: ExperimentDir, run: dict) -> str:
 
 def render_html(experiment: ExperimentDir, run_folder: Path, run: dict, records: list[dict], top: int = 20) -> str:
     """The whole page for one run."""
+    fix = rerun_fix(run_folder, run)
     verdict_html, leaks = verdict(records)
     verdict_class = {True: "verdict", False: "verdict clear", None: "verdict undecided"}[leaks]
     flagged = [unresolved(record, FPR_LEVELS[0]) for record in records]
-    source, vulnerable = vulnerable_samples(records, experiment, run_folder, top)
+    source, vulnerable = vulnerable_samples(records, experiment, run_folder, top, fix)
     skipped = "".join(f"<p class=\"note\">Skipped (not applicable): {_esc(line)}</p>" for line in skipped_lines(run.get("skipped") or []))
     sections = [
         f"<h1>Membership inference audit: {_esc(experiment.root.name)}</h1>",
@@ -241,10 +242,10 @@ def render_html(experiment: ExperimentDir, run_folder: Path, run: dict, records:
         _image(run_folder / "roc.png", "ROC curves of the best output of each attack family and the baselines, log-log"),
         "<p class=\"note\">The best output of each attack family and the baselines; every output: <code>roc_all.png</code> in the run folder.</p>"
         if (run_folder / "roc_all.png").is_file() else "",
-        _utility(run_folder),
+        _utility(run_folder, fix),
         _users_and_decisions(records),
         _epsilon(records),
-        _few_shadow(run_folder),
+        _few_shadow(run_folder, fix),
     ]
     if vulnerable:
         sections.append(f"<h2 id=\"vulnerable\">Most vulnerable samples</h2><p>Top {len(vulnerable)} by the mean {_esc(source)} score over the "

@@ -18,7 +18,7 @@ from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report.table import TableRecord
 from mia_lightning.report.cells import FEW_SHADOW_KEY, auc_cell, few_shadow_table, interval_key, results_header, results_row, tpr_cell
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
-from mia_lightning.contract.runs import FEW_SHADOW_FILE, SCORES_FILE, UTILITY_FILE, latest_run, output_scores, run_few_shadow, run_results, run_utility
+from mia_lightning.contract.runs import FEW_SHADOW_FILE, SCORES_FILE, UTILITY_FILE, latest_run, output_scores, rerun_fix, run_few_shadow, run_results, run_utility
 from mia_lightning.utility import utility_line
 
 VULNERABILITY_ATTACK = "lira_online"
@@ -106,8 +106,8 @@ def _epsilon_section(records: list[dict]) -> list[str]:
     return lines
 
 
-def _few_shadow_section(run_folder: Path, link: str) -> list[str]:
-    rows = run_few_shadow(run_folder)
+def _few_shadow_section(run_folder: Path, link: str, fix: str) -> list[str]:
+    rows = run_few_shadow(run_folder, fix)
     if rows is None:
         return []
     folder = (run_folder / FEW_SHADOW_FILE).parent
@@ -118,18 +118,18 @@ def _few_shadow_section(run_folder: Path, link: str) -> list[str]:
     return lines
 
 
-def vulnerable_samples(records: list[dict], experiment: ExperimentDir, run_folder: Path, top: int) -> tuple[str, list[list[str]]]:
+def vulnerable_samples(records: list[dict], experiment: ExperimentDir, run_folder: Path, top: int, fix: str) -> tuple[str, list[list[str]]]:
     """(attack output used, rows of rank, sample, label, mean score as member (targets), mean as non-member (targets)).
 
     Samples are ranked by their mean score over the target models that trained on them; population
     samples (reference data no model trains on) are never ranked, and only audited pairs count (``audit.npy``,
-    as in the metrics). No rows when the run kept no scores.
+    as in the metrics). No rows when the run kept no scores. ``fix``: what a damaged scores.npy asks for.
     """
     by_name = {record["attack"]: record for record in records}
     source = by_name.get(VULNERABILITY_ATTACK) or max(records, key=lambda r: (r["tpr_at_fpr"]["0.001"], r["auc"]))
     if not (run_folder / source["attack"] / SCORES_FILE).is_file():
         return source["attack"], []
-    scores, member = output_scores(run_folder, source, experiment.keep)
+    scores, member = output_scores(run_folder, source, experiment.keep, fix)
     scored = np.isfinite(scores)
     if experiment.audit is not None:
         scored &= experiment.audit[source["targets"]]
@@ -152,8 +152,8 @@ def vulnerable_samples(records: list[dict], experiment: ExperimentDir, run_folde
 VULNERABLE_COLUMNS = ["rank", "sample", "label", "mean score as member", "mean score as non-member"]
 
 
-def _vulnerable_section(records: list[dict], experiment: ExperimentDir, run_folder: Path, top: int) -> list[str]:
-    source, rows = vulnerable_samples(records, experiment, run_folder, top)
+def _vulnerable_section(records: list[dict], experiment: ExperimentDir, run_folder: Path, top: int, fix: str) -> list[str]:
+    source, rows = vulnerable_samples(records, experiment, run_folder, top, fix)
     if not rows:
         return []
     return [
@@ -172,7 +172,7 @@ def markdown_report(experiment_dir: Path, top: int = 20) -> str:
     experiment = ExperimentDir(Path(experiment_dir))
     experiment.check_exists()
     run_folder, run = latest_run(experiment)
-    records = load_records(run_folder, run)
+    records, fix = load_records(run_folder, run), rerun_fix(run_folder, run)
     link = f"attacks/runs/{run_folder.name}"
     n_models, n_samples = experiment.keep.shape
     population = experiment.population
@@ -186,12 +186,12 @@ def markdown_report(experiment_dir: Path, top: int = 20) -> str:
     ]
     if run.get("skipped"):
         lines += ["Not applicable to this experiment (skipped): " + "; ".join(skipped_lines(run["skipped"])) + ".", ""]
-    utility = run_utility(run_folder)
+    utility = run_utility(run_folder, fix)
     if utility is not None:
         lines += [utility_line(utility) + f" (held-out = pool samples a model did not train on; `{link}/{UTILITY_FILE}`).", ""]
     lines += _attack_section(records, run_folder, link)
     lines += _user_and_decision_sections(records)
     lines += _epsilon_section(records)
-    lines += _few_shadow_section(run_folder, link)
-    lines += _vulnerable_section(records, experiment, run_folder, top)
+    lines += _few_shadow_section(run_folder, link, fix)
+    lines += _vulnerable_section(records, experiment, run_folder, top, fix)
     return "\n".join(lines)

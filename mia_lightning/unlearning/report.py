@@ -24,7 +24,7 @@ from scipy.special import softmax
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import save_json_atomic, write_bytes_atomic
-from mia_lightning.contract.runs import latest_run, output_scores, run_results
+from mia_lightning.contract.runs import latest_run, output_scores, rerun_fix, run_results
 from mia_lightning.contract.confine import confined_all
 from mia_lightning.report.cells import UNRESOLVED, interval, percent, unresolved
 from mia_lightning.report.files import refuse_folders
@@ -44,9 +44,9 @@ INTERVALS = (f"95% intervals: two-way Poisson bootstrap over target originals x 
              "the units the plan draws; Clopper-Pearson over pairs only in the JSON, labelled as such")
 
 
-def _metrics(folder: Path, record: dict, keep: np.ndarray, units: dict[int, int]) -> dict[str, Any]:
-    """AUC and TPR@1%FPR of one output with their bootstrap intervals over target originals x samples."""
-    scores, members = output_scores(folder, record, keep)
+def _metrics(folder: Path, record: dict, keep: np.ndarray, units: dict[int, int], fix: str) -> dict[str, Any]:
+    """AUC and TPR@1%FPR of one output with their bootstrap intervals over target originals x samples; ``fix``: what a damaged scores.npy asks for."""
+    scores, members = output_scores(folder, record, keep, fix)
     measured = unit_metrics(scores, members, record["targets"], units)
     return {"auc": measured["auc"], "auc_ci": measured["auc_ci_bootstrap"], "tpr@1%fpr": measured["tpr_at_fpr"][FPR],
             "tpr@1%fpr_ci": measured["tpr_at_fpr_ci_bootstrap"][FPR], "tpr@1%fpr_ci_clopper_pearson_pairs": measured["tpr_at_fpr_ci"][FPR],
@@ -54,7 +54,7 @@ def _metrics(folder: Path, record: dict, keep: np.ndarray, units: dict[int, int]
             "min_resolvable_fpr": measured["min_resolvable_fpr"]}
 
 
-def chen_rows(folder: Path, records: dict[str, dict], keep: np.ndarray, units: dict[int, int]) -> list[dict]:
+def chen_rows(folder: Path, records: dict[str, dict], keep: np.ndarray, units: dict[int, int], fix: str) -> list[dict]:
     """One row per unlearning-attack output: its metrics, the baselines' AUCs and DegCount / DegRate against classic_original."""
     rows = []
     for name, record in records.items():
@@ -64,7 +64,7 @@ def chen_rows(folder: Path, records: dict[str, dict], keep: np.ndarray, units: d
         defence = match["defence"] or "none"
         suffix = "" if defence == "none" else f"__{defence}"
         row = {"attack": name, "feature": match["feature"], "classifier": match["classifier"], "defence": defence,
-               "view": match["view"] or "steps", **_metrics(folder, record, keep, units)}
+               "view": match["view"] or "steps", **_metrics(folder, record, keep, units, fix)}
         for side in ("original", "unlearned"):
             baseline = records.get(f"classic_{side}_{match['classifier']}{suffix}")
             if baseline is not None:
@@ -72,23 +72,23 @@ def chen_rows(folder: Path, records: dict[str, dict], keep: np.ndarray, units: d
                 row[f"classic_{side}_tpr@1%fpr"] = baseline["tpr_at_fpr"][FPR]
         classic = records.get(f"classic_original_{match['classifier']}{suffix}")
         if classic is not None:
-            ours, members = output_scores(folder, record, keep)
-            theirs, _ = output_scores(folder, classic, keep)
+            ours, members = output_scores(folder, record, keep, fix)
+            theirs, _ = output_scores(folder, classic, keep, fix)
             row["degcount"], row["degrate"] = degradation(ours, theirs, members)
         rows.append(row)
     return rows
 
 
-def classic_rows(folder: Path, records: dict[str, dict], keep: np.ndarray, units: dict[int, int]) -> list[dict]:
+def classic_rows(folder: Path, records: dict[str, dict], keep: np.ndarray, units: dict[int, int], fix: str) -> list[dict]:
     """The classic baselines' metrics (one posterior, same classifiers)."""
-    return [{"attack": name, **_metrics(folder, record, keep, units)} for name, record in records.items() if CLASSIC.match(name)]
+    return [{"attack": name, **_metrics(folder, record, keep, units, fix)} for name, record in records.items() if CLASSIC.match(name)]
 
 
-def ulira_summary(folder: Path, records: dict[str, dict], keep: np.ndarray, units: dict[int, int]) -> dict | None:
+def ulira_summary(folder: Path, records: dict[str, dict], keep: np.ndarray, units: dict[int, int], fix: str) -> dict | None:
     """U-LiRA, privleak and retained-sample leakage from the ``ulira`` outputs (None when the run has none)."""
     if "ulira_exact" not in records:
         return None
-    summary: dict[str, Any] = {name: _metrics(folder, records[name], keep, units) for name in
+    summary: dict[str, Any] = {name: _metrics(folder, records[name], keep, units, fix) for name in
                                ("ulira_exact", "ulira_inexact", "lira_before", "loss_exact", "loss_inexact", "retained_exact", "retained_inexact", "retained_before")
                                if name in records}
     summary["inexact_method"] = records["ulira_exact"]["params"].get("inexact_method")
@@ -125,9 +125,9 @@ def summarise(experiment_dir: Path) -> dict:
     experiment.check_exists()
     unlearning = load_unlearning(experiment)
     folder, run = latest_run(experiment)
-    records = run_results(folder, run)
+    records, fix = run_results(folder, run), rerun_fix(folder, run)
     keep, units = experiment.keep, target_units(unlearning)
-    chen = chen_rows(folder, records, keep, units)
+    chen = chen_rows(folder, records, keep, units, fix)
     if not chen and "ulira_exact" not in records:
         raise MiaError(f"{folder}: the latest run has no unlearning or ulira outputs; run `python attack.py --experiment {experiment.root} --attack unlearning ulira`")
     chen_params = next((records[r["attack"]]["params"] for r in chen), {})
@@ -136,8 +136,8 @@ def summarise(experiment_dir: Path) -> dict:
     return {
         "experiment": str(experiment.root), "run": run.get("id"), "design": unlearning.design, "scenario": unlearning.scenario,
         "method": method, "evaluate": chen_params.get("evaluate", unlearning.evaluate), "aggregation": aggregation,
-        "utility": utility(experiment, unlearning, method, aggregation), "unlearning_attack": chen, "classic": classic_rows(folder, records, keep, units),
-        "ulira": ulira_summary(folder, records, keep, units),
+        "utility": utility(experiment, unlearning, method, aggregation), "unlearning_attack": chen, "classic": classic_rows(folder, records, keep, units, fix),
+        "ulira": ulira_summary(folder, records, keep, units, fix),
         "intervals": INTERVALS,
     }
 
