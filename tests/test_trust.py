@@ -296,7 +296,9 @@ def test_a_latest_link_leading_out_of_the_experiment_is_refused(synthetic, tmp_p
     (synthetic / "attacks/latest").symlink_to(elsewhere)
     capsys.readouterr()
     assert attack_main(["--experiment", str(synthetic), "--report"]) == 2
-    assert f"{synthetic / 'attacks/latest'}: leads to {elsewhere}, not a run folder under" in one_line_error(capsys)
+    message = one_line_error(capsys)
+    assert f"{synthetic / 'attacks/latest'}: leads to {elsewhere}, not a run folder under" in message
+    assert f"re-run `python attack.py --experiment {synthetic} --attack <attack>`" in message
     assert not (synthetic / "report.md").exists() and not (synthetic / "report.html").exists()
     with pytest.raises(MiaError, match="not a run folder under"):
         open_experiment(synthetic).records()

@@ -166,7 +166,7 @@ def latest_run(experiment: ExperimentDir) -> tuple[Path, dict]:
     folder, runs = link.resolve(), runs_dir(experiment).resolve()
     if folder.parent != runs or not runs.is_relative_to(experiment.root.resolve()) or folder.name.startswith("."):
         raise MiaError(f"{link}: leads to {folder}, not a run folder under {runs_dir(experiment)} inside the experiment; "
-                       f"delete {link} and re-run attack.py on the experiment (it publishes a new latest)")
+                       f"delete {link} and re-run `python attack.py --experiment {experiment.root} --attack <attack>` (it publishes a new latest)")
     return folder, read_run_file(folder)
 
 
