@@ -205,12 +205,13 @@ def test_dp_heads_study_end_to_end_on_generated_images(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     clear_caches()
-    folder = write_image_folder(tmp_path / "images", n_classes=2, per_class=16)
-    base = image_recipe(tmp_path, folder, **{"plan.n_models": 8, "data.init_args.shots": 8, "data.init_args.n_classes": 2, "data.init_args.queries": None,
+    shots = 24  # S x C = 48 samples in batches of 8: sample rate 1/6, where opacus finds the 4 targets' noise in ~13 s (~43 s at rate 1/2)
+    folder = write_image_folder(tmp_path / "images", n_classes=2, per_class=2 * shots)
+    base = image_recipe(tmp_path, folder, **{"plan.n_models": 8, "data.init_args.shots": shots, "data.init_args.n_classes": 2, "data.init_args.queries": None,
                                              "data.init_args.batch_size": 8, "trainer.max_epochs": 3, "farm.engine": "auto", "farm.group_size": 8})
     real = yaml.safe_load((root / "configs/images/fmnist_dp_heads.yaml").read_text())["study"]
     study = {"study": {**real, "name": "dp", "root": str(tmp_path / "out"), "recipe": str(base),
-                       "overrides": {"data.init_args.shots": 8, "data.init_args.n_classes": 2}, "analysis_params": real["analysis_params"]}}
+                       "overrides": {"data.init_args.shots": shots, "data.init_args.n_classes": 2}, "analysis_params": real["analysis_params"]}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     assert train_main(["study", "--config", str(tmp_path / "study.yaml")]) == 0
     out = tmp_path / "out" / "dp"
@@ -221,7 +222,7 @@ def test_dp_heads_study_end_to_end_on_generated_images(tmp_path):
         target = float(name.split("-")[1])
         experiment = out / "settings" / name
         done = json.loads((experiment / "models" / "0000" / "done.json").read_text())
-        assert done["engine"] == "vectorised" and done["n_train"] == 16  # S x C
+        assert done["engine"] == "vectorised" and done["n_train"] == 2 * shots  # S x C
         assert (s["accountant_delta"] == pytest.approx(1e-5) and s["accountant_epsilon"] <= target) if math.isfinite(target) else \
             (s["accountant_epsilon"] is None and s["accountant_delta"] is not None)  # JSON holds no Infinity: null beside its delta
         model = load_model_checkpoint(experiment / "models" / "0000" / "model.ckpt", 0)
