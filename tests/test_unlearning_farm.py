@@ -32,7 +32,7 @@ def noisy_csv(path: Path, n_samples: int, seed: int) -> Path:
     return path
 
 
-def farm(root: Path, name: str, csv: Path, *extra: str, epochs: int = 100, batch_size: int = 32) -> list[str]:
+def farm(root: Path, name: str, csv: Path, *extra: str, epochs: int = 50, batch_size: int = 32) -> list[str]:
     data = {"class_path": "mia_lightning.data.tabular.TabularDataModule", "init_args": {"source": str(csv), "label_column": "label", "batch_size": batch_size}}
     return ["farm", "--config", str(RECIPE), "--experiment.root", str(root), "--experiment.name", name, "--data", json.dumps(data),
             "--model.init_args.hidden", "[64]", "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false", *extra]
@@ -54,7 +54,7 @@ def auc_with_interval(experiment: Path, record: dict) -> tuple[float, float, flo
 
 @pytest.fixture(scope="module")
 def scratch_farm(tmp_path_factory) -> Path:
-    """Single deletions, retraining from scratch: 5 + 5 originals of 150 samples, 30 unlearned models each, 100 epochs (overfit)."""
+    """Single deletions, retraining from scratch: 5 + 5 originals of 150 samples, 30 unlearned models each, 50 epochs (overfit)."""
     root = tmp_path_factory.mktemp("scratch")
     options = {"scenario": "single", "method": "scratch", "originals": 5, "updates": 30, "train_size": 150}
     assert train_main(farm(root, "exp", noisy_csv(root / "data.csv", 600, 0), "--plan.n_models", "310", "--plan.options", json.dumps(options))) == 0
