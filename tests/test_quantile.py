@@ -67,7 +67,7 @@ def heteroscedastic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def test_regressors_recover_a_known_conditional_quantile():
     x, s, truth = heteroscedastic(3000, 0)
-    module = fit_quantile_regressors(x, s, 0.9, hidden=32, epochs=60, batch_size=128, lr=1e-2, weight_decay=0.0)
+    module = fit_quantile_regressors(x, s, 0.9, hidden=32, epochs=60, batch_size=256, lr=1e-2, weight_decay=0.0)
     x_new, s_new, truth_new = heteroscedastic(4000, 1)
     with torch.no_grad():
         predicted = module(torch.from_numpy(x_new)).double().numpy()  # [2, n]
