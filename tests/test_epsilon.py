@@ -143,6 +143,12 @@ def test_one_run_bound_is_where_the_p_value_crosses_the_level():
     assert one_run_bound(100, 50, 200, 1e-5, 0.95) == 0.0  # chance accuracy
 
 
+def test_one_run_functions_take_empty_inputs():
+    """Vectorised over their arguments, so an empty batch gives an empty answer of the broadcast shape."""
+    assert one_run_p_value([], [], [], [], 1e-5).shape == (0,)
+    assert one_run_bound(np.zeros((0, 3), dtype=np.int64), 0, 10, 1e-5, 0.95).shape == (0, 3)
+
+
 def test_one_run_test_has_its_level_on_binomial_counts():
     # guesses on randomised-response canaries are each right with probability e^eps / (1 + e^eps), independently:
     # the test must reject the true eps at most 5% of the time, and nearly 5% of the time (it is exact here)

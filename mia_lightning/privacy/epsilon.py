@@ -323,7 +323,7 @@ def _peak_window(r: np.ndarray, v: np.ndarray, q: np.ndarray, tail: np.ndarray) 
     """
     mode = np.floor((r + 1) * q)
     low, high = np.ones_like(v), np.maximum(v, 1)
-    for _ in range(int(np.max(high)).bit_length() + 1):
+    for _ in range(int(np.max(high, initial=1)).bit_length() + 1):
         middle = (low + high) // 2
         average = (_binomial_sf(v - middle - 1, r, q) - tail) / middle
         rising = (v - middle - 1 >= mode) | (_binomial_pmf(v - middle - 1, r, q) > average)
