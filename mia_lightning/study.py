@@ -45,6 +45,7 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
 from mia_lightning.contract.io import load_json, save_json_atomic
 from mia_lightning.contract.confine import confined, plain_name
+from mia_lightning.contract.runs import SETTING_FILE, setting_fix
 
 ANALYSES: dict[str, str] = {
     "power_law": "mia_lightning.analysis.power_law:analyse",
@@ -52,7 +53,6 @@ ANALYSES: dict[str, str] = {
 }
 """``study.analysis`` name -> ``module:function(study_dir, rows, **params) -> dict``; a row's ``run_folder`` is the setting's study run."""
 
-SETTING_FILE = "setting.json"
 RECIPE_DIGEST = "recipe_sha256"
 """study.json's record of the base recipe's content: a recipe edited mid-study would train the remaining settings differently."""
 
@@ -280,11 +280,6 @@ def _check_study_file(study_dir: Path, payload: dict) -> None:
             raise MiaError(f"{path}: this study was started with other settings ({'; '.join(changed[:4])}); use another study.name")
         return
     save_json_atomic(path, payload)
-
-
-def setting_fix(experiment: ExperimentDir) -> str:
-    """The fix for a damaged or missing file of the attack run a setting recorded: audit the setting again (attack.py would publish a run its marker does not name)."""
-    return f"delete {experiment.root / SETTING_FILE} and re-run the study (it audits the setting again)"
 
 
 def study_run(experiment: ExperimentDir) -> tuple[Path, dict] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ import pytest
 from mia_lightning.analysis.defences import analyse, pareto_front, verdict
 from mia_lightning.attacks.module import score_targets
 from mia_lightning.attacks import AttackData, create_attack
+from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import save_json_atomic
+from mia_lightning.contract.runs import setting_fix
 from mia_lightning.errors import MiaError
 from mia_lightning.metrics import evaluate_scores
 from synthetic import synthetic_arrays
@@ -110,7 +113,9 @@ def test_a_damaged_scores_file_is_a_one_line_error(damage, tmp_path):
     else:
         np.save(scores, np.load(scores)[:-1])  # 3 rows for the run's 4 targets: the pairs would no longer line up
     reason = "unreadable attack scores .*" if damage == "truncated" else r"float64 array of shape \(3, 600\), expected floats of shape \(4, 600\).*"
-    with pytest.raises(MiaError, match=rf"scores.npy: {reason}; delete the setting's setting.json and re-run the study"):
+    fix = setting_fix(ExperimentDir(Path(rows[1]["experiment"])))
+    assert fix.startswith(f"delete {rows[1]['experiment']}")
+    with pytest.raises(MiaError, match=rf"scores.npy: {reason}; {re.escape(fix)}$"):
         analyse(tmp_path, rows, outputs=["lira_online"], dp_bounds=True)
 
 

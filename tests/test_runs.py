@@ -174,7 +174,7 @@ def test_n_unscored_counts_infinite_scores_the_metrics_leave_out():
 def test_a_damaged_results_file_of_a_study_setting_asks_for_the_study_not_attack_py(tmp_path):
     """attack.py would publish a new run the setting's setting.json does not record; the study's fix audits the setting again."""
     from mia_lightning.analysis.power_law import attack_scores
-    from mia_lightning.contract.runs import RERUN_SETTING, read_run_file, run_results
+    from mia_lightning.contract.runs import read_run_file, run_results, setting_fix
     from mia_lightning.errors import MiaError
 
     root = write_synthetic_experiment(tmp_path / "exp", n_models=4, n_samples=30, seed=3)
@@ -183,7 +183,7 @@ def test_a_damaged_results_file_of_a_study_setting_asks_for_the_study_not_attack
     (folder / "loss" / "results.json").write_text("{")
     with pytest.raises(MiaError, match=r"re-run `python attack.py --experiment .* --attack thresholds`$"):
         run_results(folder, read_run_file(folder))
-    with pytest.raises(MiaError, match=f"not valid JSON .*; {RERUN_SETTING}$"):
+    with pytest.raises(MiaError, match=f"not valid JSON .*; {re.escape(setting_fix(ExperimentDir(root)))}$"):
         attack_scores(ExperimentDir(root), folder, "loss")
 
 
@@ -224,7 +224,7 @@ def test_a_damaged_field_of_a_study_settings_run_names_the_setting_to_audit_agai
 def test_a_damaged_field_read_by_a_power_law_study_asks_for_the_study_not_attack_py(tmp_path, case):
     """The same field names the run's attack.py command when read as a run, the study's fix when a study's analysis reads it (both ended 're-run attack.py on the experiment')."""
     from mia_lightning.analysis.power_law import attack_scores
-    from mia_lightning.contract.runs import RERUN_SETTING, read_run_file, run_results
+    from mia_lightning.contract.runs import read_run_file, run_results, setting_fix
     from mia_lightning.errors import MiaError
 
     root = write_synthetic_experiment(tmp_path / "exp", n_models=4, n_samples=30, seed=3)
@@ -233,5 +233,5 @@ def test_a_damaged_field_read_by_a_power_law_study_asks_for_the_study_not_attack
     damage_run_file(folder, file, edit)
     with pytest.raises(MiaError, match=rf"{re.escape(fragment)}.*; re-run `python attack.py --experiment {re.escape(str(root.resolve()))} --attack thresholds`$"):
         run_results(folder, read_run_file(folder))
-    with pytest.raises(MiaError, match=rf"{re.escape(fragment)}.*; {RERUN_SETTING}$"):
+    with pytest.raises(MiaError, match=rf"{re.escape(fragment)}.*; {re.escape(setting_fix(ExperimentDir(root)))}$"):
         attack_scores(ExperimentDir(root), folder, "loss")

@@ -33,7 +33,7 @@ from mia_lightning.console import console
 from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import load_json
-from mia_lightning.contract.runs import RERUN_SETTING, output_scores
+from mia_lightning.contract.runs import output_scores, setting_fix
 from mia_lightning.report.cells import UNRESOLVED, unresolved
 from mia_lightning.contract.confine import confined, confined_all
 from mia_lightning.report.html import ANALYSIS_PAGE, write_tables_page
@@ -233,7 +233,7 @@ def analyse(study_dir: Path, rows: list[dict], baseline: str = "baseline", attac
         })
         if dp_bounds and epsilon is not None:
             members, audited = _pairs(experiment, targets)
-            scores, _ = output_scores(Path(row["run_folder"]), row["results"][attack], experiment.keep, RERUN_SETTING)
+            scores, _ = output_scores(Path(row["run_folder"]), row["results"][attack], experiment.keep, setting_fix(experiment))
             settings[-1]["dp_bound"] = dp_roc(Path(study_dir), settings[-1], scores, members, audited, attack, levels_used)
     judged_by = {name: baselines.get(name, baseline) for name in names}
     for s in settings:

@@ -94,12 +94,13 @@ def attack_scores(experiment: ExperimentDir, folder: Path, output: str) -> tuple
 
     Read through the run's checked files (``contract.runs``): a damaged results.json or scores.npy is one line naming it.
     """
-    from mia_lightning.contract.runs import RERUN_SETTING, output_scores, read_run_file, run_results
+    from mia_lightning.contract.runs import output_scores, read_run_file, run_results, setting_fix
 
-    results = run_results(folder, read_run_file(folder, RERUN_SETTING), fix=RERUN_SETTING)
+    fix = setting_fix(experiment)
+    results = run_results(folder, read_run_file(folder, fix), fix=fix)
     if output not in results:
-        raise MiaError(f"{Path(folder) / 'run.json'}: no output {output!r} (it has {', '.join(results) or 'none'}); {RERUN_SETTING} with that attack")
-    scores, members = output_scores(folder, results[output], experiment.keep, RERUN_SETTING)
+        raise MiaError(f"{Path(folder) / 'run.json'}: no output {output!r} (it has {', '.join(results) or 'none'}); {fix} with that attack")
+    scores, members = output_scores(folder, results[output], experiment.keep, fix)
     return scores, members, np.asarray(results[output]["targets"], dtype=np.int64)
 
 

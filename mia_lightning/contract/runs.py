@@ -185,7 +185,7 @@ def run_results(folder: Path, run: dict, levels: Sequence[float] = (), fix: str 
     The names come from a file and are joined into paths, so each must be a plain folder name, and
     each results.json must name its own output (a crafted run cannot point a report at other files).
     ``levels``: FPR levels every record must hold a TPR at (the columns of the caller's tables).
-    ``fix``: what a damaged results.json asks for (default: the attack.py command of the run; a study's ``RERUN_SETTING``).
+    ``fix``: what a damaged results.json asks for (default: the attack.py command of the run; a study's ``setting_fix``).
     """
     where, fix = f"{Path(folder) / RUN_FILE} outputs", fix or rerun_fix(folder, run)
     results = {}
@@ -214,8 +214,16 @@ def prune_runs(experiment: ExperimentDir, keep: int) -> list[str]:
 
 # ------------------------------------------------------------------ checks of the published files
 
-RERUN_SETTING = "delete the setting's setting.json and re-run the study"
-"""The fix for a damaged file of the run a study setting recorded (its analysis reads that run, not a newer one attack.py publishes)."""
+SETTING_FILE = "setting.json"
+"""A study setting's marker in its experiment folder: the setting's overrides and the id of the attack run the study recorded."""
+
+
+def setting_fix(experiment: ExperimentDir) -> str:
+    """The fix for a damaged or missing file of the attack run a study setting recorded: audit the setting again.
+
+    attack.py would publish a new run that the setting's marker does not name, and the study's analysis reads the recorded one.
+    """
+    return f"delete {experiment.root / SETTING_FILE} and re-run the study (it audits the setting again)"
 
 
 def rerun_fix(folder: Path, run: Any) -> str:
@@ -363,7 +371,7 @@ def read_run_file(folder: Path, fix: str | None = None) -> dict:
 def run_utility(folder: Path, fix: str) -> dict | None:
     """The checked utility.json of run folder ``folder`` (the target models' accuracies), or None when the run has none.
 
-    ``fix``: what a damaged utility.json asks for (``rerun_fix`` of the run; a study's ``RERUN_SETTING``).
+    ``fix``: what a damaged utility.json asks for (``rerun_fix`` of the run; a study's ``setting_fix``).
     """
     path = Path(folder) / UTILITY_FILE
     if not path.is_file():
