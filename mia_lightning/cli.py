@@ -178,15 +178,17 @@ def _fit_cli(argv: list[str]) -> int:
 
 
 def _constructor_failure(err: ValueError) -> MiaError | None:
-    """One line for the constructor error behind jsonargparse's ``err`` (as ``ComponentSpec.build`` says it), None if none is behind it."""
+    """The one line ``ComponentSpec.build`` would give for the constructor error behind jsonargparse's ``err``; None if none is behind it."""
+    from mia_lightning.contract.components import construction_failure
+
     cause: BaseException = err
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    if cause is err or isinstance(cause, MiaError):
-        return None if cause is err else cause
+    if cause is err or not isinstance(cause, Exception):
+        return None
     named = re.search(r"class_path='([^']+)'", str(err))
-    reason = " ".join(str(cause).split())[:200]
-    return MiaError(f"train.py fit: {named[1] if named else 'the model or data class'}: building it failed ({type(cause).__name__}: {reason}); fix its init_args")
+    failure = construction_failure(named[1] if named else "the model or data class", cause)
+    return failure if isinstance(cause, MiaError) else MiaError(f"train.py fit: {failure}")
 
 
 TRAIN_COMMANDS: dict[str, tuple[str, str, str]] = {

@@ -136,7 +136,7 @@ FIT_CASES = {
                                 'Parser key "hidden": expected list[int] or None, given foo (see `train.py fit --help`)'),
     "typo inside init_args": (["--model.init_args.hiden", "[4]"], "TabularMLP: Option 'hiden' is not accepted"),
     "constructor refuses": (["--model.init_args.hidden", "[0]"],
-                            "train.py fit: mia_lightning.models.tabular_mlp.TabularMLP: building it failed (ValueError: hidden [0]"),
+                            "train.py fit: mia_lightning.models.tabular_mlp.TabularMLP: bad init_args (hidden [0] and dropout 0.0"),
     "data source": (["--data.init_args.source", "nosuch"], "data source 'nosuch': a CSV needs data.label_column"),
     "zero batch size": (["--data.init_args.batch_size", "0"], "data.init_args.batch_size 0: must be a positive integer"),
 }

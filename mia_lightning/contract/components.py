@@ -87,6 +87,17 @@ def resolve_class(class_path: str, base: type | tuple[type, ...], trusted: tuple
     return found
 
 
+def construction_failure(class_path: str, err: Exception) -> MiaError:
+    """The one line for what the constructor of ``class_path`` raised: a ``MiaError`` as it is, a bad argument (TypeError,
+    ValueError) as such, anything else with its type and the first 200 characters of its text."""
+    if isinstance(err, MiaError):
+        return err
+    if isinstance(err, (TypeError, ValueError)):
+        return MiaError(f"{class_path}: bad init_args ({err}); fix the config")
+    reason = " ".join(str(err).split())[:200]
+    return MiaError(f"{class_path}: building it failed ({type(err).__name__}: {reason}); fix its init_args")
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
     """A class to build by import path with keyword arguments (LightningCLI's class_path / init_args).
@@ -126,8 +137,5 @@ class ComponentSpec:
                 return cls(**args)
         except MiaError:
             raise
-        except (TypeError, ValueError) as err:
-            raise MiaError(f"{self.class_path}: bad init_args ({err}); fix the config") from None
         except Exception as err:  # a constructor may raise anything; the user sees one line, not its traceback
-            reason = " ".join(str(err).split())[:200]
-            raise MiaError(f"{self.class_path}: building it failed ({type(err).__name__}: {reason}); fix its init_args") from None
+            raise construction_failure(self.class_path, err) from None
