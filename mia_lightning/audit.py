@@ -126,6 +126,26 @@ class Decisions:
             raise MiaError(f"--fpr_budget {self.fpr_budget}: must be in [0, 1)")
 
 
+def rerun_options(target_ids: np.ndarray, default_ids: np.ndarray, params: dict[str, dict[str, Any]], bootstrap: int,
+                  decisions: Decisions) -> dict[str, Any]:
+    """The attack.py options besides ``--experiment`` / ``--attack`` that differ from their defaults in this run, for run.json.
+
+    ``contract.runs.rerun_fix`` writes them into the command a damaged run file asks for, so following
+    the fix reproduces the run (its targets, parameters, bootstrap and decisions), not a default one.
+    """
+    options: dict[str, Any] = {}
+    if not np.array_equal(target_ids, default_ids):
+        first = np.array_equal(target_ids, np.arange(target_ids.size))
+        options |= {"n_targets": target_ids.size} if first else {"targets": target_ids.tolist()}
+    chosen = {family: values for family, values in params.items() if values}
+    if chosen:
+        options["params"] = chosen
+    if bootstrap != BOOTSTRAP_REPLICATES:
+        options["bootstrap"] = bootstrap
+    defaults = vars(Decisions())
+    return options | {name: value for name, value in vars(decisions).items() if value != defaults[name]}
+
+
 def decision_metrics(scores: np.ndarray, audited: np.ndarray, members: np.ndarray, data: AttackData, targets: np.ndarray, bootstrap: int,
                      decisions: Decisions) -> dict:
     """User-level metrics (when ``groups.npy`` exists) and precision/recall at a population-chosen threshold (when a population exists).
@@ -227,8 +247,9 @@ def run_audit(
     if not runnable:
         raise MiaError(f"{experiment.root}: no requested attack can run: " + "; ".join(f"{s['attack']} {s['reason']}" for s in skipped))
     stage = StagedRun(experiment)
+    default_ids = resolve_targets(data.n_models, None, None, experiment.default_targets())
     run_meta = {"started": started, "targets": target_ids.tolist(), "attacks": names, "params": checked, "version": __version__,
-                "decisions": vars(decisions)}
+                "decisions": vars(decisions), "options": rerun_options(target_ids, default_ids, checked, bootstrap, decisions)}
     try:
         records, curves = [], {}
         epsilon = EpsilonAuditor(data, experiment.plan.get("kind"))

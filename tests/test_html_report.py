@@ -212,7 +212,7 @@ def test_a_damaged_few_shadow_json_is_one_line_in_every_view(reported, capsys, c
     assert attack_main(["--experiment", str(reported), "--report"]) == 2
     err = capsys.readouterr().err.strip()
     assert phrase in err and "\n" not in err
-    assert err.endswith(f"; re-run `python attack.py --experiment {reported.resolve()} --attack lira rmia --few_shadow`"), err
+    assert err.endswith(f"; re-run `python attack.py --experiment {reported.resolve()} --attack lira rmia --n_targets 4 --bootstrap 30 --few_shadow`"), err
     assert before == {name: (reported / name).read_bytes() for name in before}
 
 

@@ -141,7 +141,7 @@ def test_a_hand_edited_run_file_is_one_line_naming_the_field_and_the_report_is_k
     assert attack_main(["--experiment", str(root), "--report"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"error: {path}: " in err
-    command = f"re-run `python attack.py --experiment {root.resolve()} --attack thresholds`"
+    command = f"re-run `python attack.py --experiment {root.resolve()} --attack thresholds --n_targets 3 --bootstrap 10`"
     assert fragment in err and err.rstrip().endswith(command), err
     assert {name: (root / name).read_bytes() for name in before} == before
     if "keep.npy" not in fragment:  # the API reads no scores
@@ -161,4 +161,4 @@ def test_a_results_file_that_is_not_json_names_the_attack_command_that_rewrites_
     assert attack_main(["--experiment", str(root), "--report"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"error: {path}: not valid JSON" in err
-    assert err.rstrip().endswith(f"re-run `python attack.py --experiment {root.resolve()} --attack thresholds`"), err
+    assert err.rstrip().endswith(f"re-run `python attack.py --experiment {root.resolve()} --attack thresholds --n_targets 3 --bootstrap 10`"), err

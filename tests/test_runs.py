@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from contextlib import contextmanager
@@ -181,7 +182,7 @@ def test_a_damaged_results_file_of_a_study_setting_asks_for_the_study_not_attack
     run_audit(root, ["thresholds"], targets=[0, 1], bootstrap=0)
     folder, _ = latest_run(ExperimentDir(root))
     (folder / "loss" / "results.json").write_text("{")
-    with pytest.raises(MiaError, match=r"re-run `python attack.py --experiment .* --attack thresholds`$"):
+    with pytest.raises(MiaError, match=r"re-run `python attack.py --experiment .* --attack thresholds --n_targets 2 --bootstrap 0`$"):
         run_results(folder, read_run_file(folder))
     with pytest.raises(MiaError, match=f"not valid JSON .*; {re.escape(setting_fix(ExperimentDir(root)))}$"):
         attack_scores(ExperimentDir(root), folder, "loss")
@@ -231,7 +232,47 @@ def test_a_damaged_field_read_by_a_power_law_study_asks_for_the_study_not_attack
     folder = run_audit(root, ["thresholds"], targets=[0, 1], bootstrap=0).folder
     file, edit, fragment = DAMAGED_RUN_FILES[case]
     damage_run_file(folder, file, edit)
-    with pytest.raises(MiaError, match=rf"{re.escape(fragment)}.*; re-run `python attack.py --experiment {re.escape(str(root.resolve()))} --attack thresholds`$"):
+    command = f"python attack.py --experiment {root.resolve()} --attack thresholds --n_targets 2 --bootstrap 0"
+    with pytest.raises(MiaError, match=rf"{re.escape(fragment)}.*; re-run `{re.escape(command)}`$"):
         run_results(folder, read_run_file(folder))
     with pytest.raises(MiaError, match=rf"{re.escape(fragment)}.*; {re.escape(setting_fix(ExperimentDir(root)))}$"):
         attack_scores(ExperimentDir(root), folder, "loss")
+
+
+def test_the_fix_for_a_damaged_results_file_reproduces_the_run(experiment, capsys):
+    """The command a damaged file asks for repeats the run's non-default options: following it publishes the same numbers, not a default run's."""
+    from mia_lightning.contract.runs import read_run_file, run_results
+    from mia_lightning.errors import MiaError
+
+    options = ["--targets", "5", "2", "--params", '{"lira": {"n_shadows": 3}}', "--bootstrap", "7", "--user_reduce", "max", "--fpr_budget", "0.25"]
+    assert attack_main(["--experiment", str(experiment), "--attack", "lira", "thresholds", *options]) == 0
+    folder, run = latest_run(ExperimentDir(experiment))
+    before = run_results(folder, run)
+    (folder / "loss" / "results.json").write_text("{")
+    with pytest.raises(MiaError) as refused:
+        run_results(folder, read_run_file(folder))
+    command = str(refused.value).rsplit("re-run `", 1)[1].rstrip("`")
+    assert command == (f"python attack.py --experiment {experiment.resolve()} --attack lira thresholds --targets 5 2 "
+                       """--params '{"lira": {"n_shadows": 3}}' --bootstrap 7 --user_reduce max --fpr_budget 0.25""")
+    assert attack_main(shlex.split(command)[2:]) == 0
+    folder, run = latest_run(ExperimentDir(experiment))
+    after = run_results(folder, run)
+    assert list(after) == list(before)
+    for name, record in before.items():
+        for field in ("targets", "params", "auc", "auc_ci_bootstrap", "tpr_at_fpr", "precision_recall"):
+            assert after[name].get(field) == record.get(field), (name, field)
+
+
+def test_a_default_run_asks_for_the_plain_command_and_a_crafted_options_block_adds_nothing(experiment):
+    """Default options add no words; options run.json may not hold (another --experiment) or values that fail their checks are left out, the rest quoted."""
+    from mia_lightning.contract.runs import rerun_fix
+
+    folder = run_audit(experiment, ["thresholds"]).folder
+    run = json.loads((folder / "run.json").read_text())
+    plain = f"re-run `python attack.py --experiment {experiment.resolve()} --attack thresholds`"
+    assert run["options"] == {} and rerun_fix(folder, run) == plain
+    crafted = {"experiment": "/elsewhere", "targets": ["1; rm -rf ~"], "bootstrap": -1, "user_reduce": "$(id)", "fpr_budget": 0.5,
+               "params": {"lira": {"mu": "'; echo hi"}}}
+    fix = rerun_fix(folder, {**run, "options": crafted})
+    assert fix == plain[:-1] + """ --fpr_budget 0.5 --params '{"lira": {"mu": "'"'"'; echo hi"}}'`"""
+    assert shlex.split(fix.split("`")[1])[-1] == '{"lira": {"mu": "\'; echo hi"}}'

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import uuid
 from pathlib import Path
@@ -237,7 +238,24 @@ def rerun_fix(folder: Path, run: Any) -> str:
     experiment = folder.parent.parent.parent if folder.parent.name == "runs" else "<experiment>"
     named = isinstance(attacks, list) and attacks and all(isinstance(name, str) and name.isidentifier() for name in attacks)
     few_shadow = " --few_shadow" if (folder / FEW_SHADOW_FILE).is_file() else ""
-    return f"re-run `python attack.py --experiment {experiment} --attack {' '.join(attacks) if named else '<attack>'}{few_shadow}`"
+    options = _rerun_options(run.get("options") if isinstance(run, dict) else None)
+    return f"re-run `python attack.py --experiment {experiment} --attack {' '.join(attacks) if named else '<attack>'}{options}{few_shadow}`"
+
+
+def _rerun_options(options: Any) -> str:
+    """run.json's ``options`` (what ``audit.rerun_options`` recorded) as command-line words, each shell-quoted.
+
+    Only the options of ``RERUN_OPTIONS`` with values that pass their checks are written: the block is
+    read from a file, and a copied command must not carry anything else (an older run has no block).
+    """
+    if not isinstance(options, dict):
+        return ""
+    words = []
+    for name, value in options.items():
+        if name in RERUN_OPTIONS and RERUN_OPTIONS[name][0](value):
+            values = value if name == "targets" else [json.dumps(value) if name == "params" else value]
+            words += [f"--{name}", *(shlex.quote(str(v)) for v in values)]
+    return "".join(f" {word}" for word in words)
 
 
 Check = tuple[Callable[[Any], bool], str]
@@ -264,6 +282,12 @@ FLAG: Check = (lambda value: isinstance(value, bool), "true or false")
 OBJECT: Check = (lambda value: isinstance(value, dict), "an object")
 INTERVAL: Check = (lambda value: isinstance(value, list) and len(value) == 2 and all(map(_is_number, value)), "a [low, high] pair of numbers")
 MODEL_IDS: Check = (lambda value: isinstance(value, list) and bool(value) and all(COUNT[0](v) for v in value), "a non-empty list of model ids")
+PARAMS: Check = (lambda value: isinstance(value, dict) and all(isinstance(k, str) and k.isidentifier() and isinstance(v, dict) for k, v in value.items()),
+                 "an object of parameters by attack")
+NAME: Check = (lambda value: isinstance(value, str) and value.isidentifier(), "a name")
+RERUN_OPTIONS: dict[str, Check] = {"targets": MODEL_IDS, "n_targets": COUNT, "params": PARAMS, "bootstrap": COUNT,
+                                   "user_reduce": NAME, "fpr_budget": NUMBER, "threshold_rule": NAME}
+"""The attack.py options a run records in run.json's ``options`` (``audit.rerun_options``) and ``rerun_fix`` repeats."""
 NUMBERS: Check = (lambda value: isinstance(value, list) and all(v is None or _is_number(v) for v in value), "a list of numbers or nulls")
 
 
