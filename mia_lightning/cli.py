@@ -257,7 +257,7 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
                        decisions=decisions or Decisions(), logger=logger)
     from mia_lightning.contract.runs import read_run_file, rerun_fix, run_utility
     from mia_lightning.report.terminal import epsilon_refusal_lines, print_results, skipped_lines
-    from mia_lightning.utility import utility_line
+    from mia_lightning.report.cells import utility_line
 
     records = result.records
     print_results(records, f"membership inference audit of {experiment} ({len(records[0]['targets'])} targets, run {result.run_id})", console)

@@ -81,15 +81,3 @@ def utility_report(logits_of: Any, labels: np.ndarray, keep: np.ndarray, targets
         "per_class": _per_class(confusion),
         "confusion_matrix": confusion.astype(int).tolist(),
     }
-
-
-def utility_line(utility: dict[str, Any]) -> str:
-    """One line for the console and report: test accuracy, train accuracy and the gap ("-" where utility.json holds null: no held-out sample)."""
-    def hundredths(value: float | None, unit: str = "") -> str:
-        return "-" if value is None or value != value else f"{100 * value:.2f}{unit}"
-
-    n = len(utility["targets"])
-    spread = f" (sd {hundredths(utility['test_accuracy_std'])} over targets)" if n > 1 else ""
-    who = f"the {n} targets" if n > 1 else f"target {utility['targets'][0]}"
-    return (f"utility of {who}: test accuracy {hundredths(utility['test_accuracy'], '%')}{spread}, "
-            f"train {hundredths(utility['train_accuracy'], '%')}, gap {hundredths(utility['train_test_gap'], ' points')}")

@@ -91,3 +91,14 @@ def test_an_audit_imports_only_what_it_uses(tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"code": 0, "entry": [], "audit": []}
+
+
+def test_reports_of_a_published_run_load_neither_torch_nor_lightning(tmp_path):
+    """``attack.py --report`` reads files: it answered in ~10 s, 8 of them importing torchmetrics for one formatting function."""
+    from mia_lightning.audit import run_audit
+
+    experiment = write_synthetic_experiment(tmp_path / "exp", n_models=4, n_samples=20, seed=1)
+    run_audit(experiment, ["thresholds"], bootstrap=0)
+    result = probe([("attack", ["--experiment", str(experiment), "--report"])])
+    assert result["codes"] == [0] and (experiment / "report.html").is_file() and (experiment / "report.md").is_file()
+    assert not {"torch", "lightning"} & set(result["loaded"]), f"the report imported {result['loaded']}"

@@ -32,7 +32,7 @@ def test_report_pools_targets_and_handles_empty_classes():
 
 
 def test_utility_line_reads_well_for_one_target_and_many():
-    from mia_lightning.utility import utility_line
+    from mia_lightning.report.cells import utility_line
 
     base = {"test_accuracy": 0.8, "test_accuracy_std": 0.0, "train_accuracy": 1.0, "train_test_gap": 0.2}
     assert utility_line({**base, "targets": [3]}) == "utility of target 3: test accuracy 80.00%, train 100.00%, gap 20.00 points"

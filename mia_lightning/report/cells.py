@@ -10,6 +10,8 @@ share a model or a user are not independent trials, so no view quotes them.
 
 from __future__ import annotations
 
+from typing import Any
+
 from mia_lightning.metrics import FPR_LEVELS
 
 UNRESOLVED = " (!)"
@@ -93,3 +95,15 @@ def results_row(record: dict) -> list[str]:
     """One results-table row of an attack output, the same in every view."""
     return [record["attack"], auc_cell(record), f"{record['balanced_accuracy']:.4f}", *(tpr_cell(record, level) for level in FPR_LEVELS),
             epsilon_cell(record), f"{record['n_members']} / {record['n_nonmembers']}", min_fpr_cell(record)]
+
+
+def utility_line(utility: dict[str, Any]) -> str:
+    """One line of utility.json for the console and reports: test accuracy, train accuracy and the gap ("-" where utility.json holds null: no held-out sample)."""
+    def hundredths(value: float | None, unit: str = "") -> str:
+        return "-" if value is None or value != value else f"{100 * value:.2f}{unit}"
+
+    n = len(utility["targets"])
+    spread = f" (sd {hundredths(utility['test_accuracy_std'])} over targets)" if n > 1 else ""
+    who = f"the {n} targets" if n > 1 else f"target {utility['targets'][0]}"
+    return (f"utility of {who}: test accuracy {hundredths(utility['test_accuracy'], '%')}{spread}, "
+            f"train {hundredths(utility['train_accuracy'], '%')}, gap {hundredths(utility['train_test_gap'], ' points')}")

@@ -24,13 +24,12 @@ from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.contract.io import write_bytes_atomic
 from mia_lightning.errors import MiaError
 from mia_lightning.metrics import FPR_LEVELS
-from mia_lightning.report.cells import FEW_SHADOW_KEY, auc_cell, few_shadow_table, interval_key, percent, results_header, results_row, tpr_cell, unresolved
+from mia_lightning.report.cells import FEW_SHADOW_KEY, auc_cell, few_shadow_table, interval_key, percent, results_header, results_row, tpr_cell, unresolved, utility_line
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
 from mia_lightning.report.markdown import VULNERABLE_COLUMNS, epsilon_paragraphs, load_records, markdown_table, vulnerable_samples
 from mia_lightning.report.files import refuse_folders
 from mia_lightning.report.table import TableRecord
 from mia_lightning.contract.runs import FEW_SHADOW_FILE, latest_run, rerun_fix, run_few_shadow, run_utility
-from mia_lightning.utility import utility_line
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #1d1d1f; line-height: 1.45; }

@@ -16,10 +16,9 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import ExperimentDir
 from mia_lightning.metrics import FPR_LEVELS
 from mia_lightning.report.table import TableRecord
-from mia_lightning.report.cells import FEW_SHADOW_KEY, auc_cell, few_shadow_table, interval_key, results_header, results_row, tpr_cell
+from mia_lightning.report.cells import FEW_SHADOW_KEY, auc_cell, few_shadow_table, interval_key, results_header, results_row, tpr_cell, utility_line
 from mia_lightning.report.terminal import DECISION_COLUMNS, decision_rows, skipped_lines, user_level_records
 from mia_lightning.contract.runs import FEW_SHADOW_FILE, SCORES_FILE, UTILITY_FILE, latest_run, output_scores, rerun_fix, run_few_shadow, run_results, run_utility
-from mia_lightning.utility import utility_line
 
 VULNERABILITY_ATTACK = "lira_online"
 """Preferred attack for the per-sample ranking; otherwise the one with the best TPR@0.1%FPR (then AUC)."""
