@@ -204,10 +204,8 @@ def train(recipe: str | Path | dict[str, Any], *overrides: str) -> Experiment:
     ``"--plan.n_models", "8"``. Resumable like the command: finished models are kept.
     """
     from mia_lightning.cli import train_farm
-    from mia_lightning.logs import quiet_lightning
     from mia_lightning.recipe_files import expand_recipe_args
 
-    quiet_lightning()
     if isinstance(recipe, dict):
         import yaml
 

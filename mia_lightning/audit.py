@@ -223,13 +223,13 @@ def run_audit(
     names, checked = resolve_attacks(attacks, {} if params is None else params)  # [] or "" is a mistake, not 'no parameters'
     check_logger(logger)
     check_logger_folder(logger, experiment.root)
+    created = [(family, create_attack(family, **checked[family])) for family in names]  # parameter values are checked here
     quiet_lightning()  # torch / Lightning load from here on, once the request is valid
     from mia_lightning.attacks.module import score_targets
     from mia_lightning.privacy.audit import EpsilonAuditor
     from mia_lightning.report.terminal import ALL_CURVES_FIGURE, headline_outputs, plot_roc
     from mia_lightning.utility import utility_report
 
-    created = [(family, create_attack(family, **checked[family])) for family in names]
     with timed("load and validate outputs"):
         data = AttackData.from_experiment(experiment)
         check_model_identities(experiment)  # models merged in from a farm with another recipe are named, not pooled

@@ -76,6 +76,7 @@ def train_farm(argv: list[str]) -> tuple[int, Path]:
     from mia_lightning.farm.shards import resolve_shard
     from mia_lightning.farm.workers import farm_workers, launch_device_workers, uses_gpu
 
+    quiet_lightning()
     if os.environ.get(PARENT_ENV):  # a worker of a farm process: stop when it is gone
         watch_parent(int(os.environ[PARENT_ENV]))
     parser = farm_parser()
@@ -124,10 +125,13 @@ def _check_audit_settings(recipe: Recipe) -> None:
 
 
 def export_main(argv: list[str]) -> int:
+    """``train.py export --experiment DIR``: re-export every model's outputs from its checkpoint."""
     from mia_lightning.contract.experiment import ExperimentDir
     from mia_lightning.farm.export import export_experiment
 
     from mia_lightning.contract.components import TRUSTED_MODULES
+
+    quiet_lightning()
 
     parser = ArgumentParser(prog="train.py export", description="Re-export every model's logits from its checkpoint.")
     parser.add_argument("--experiment", type=Path, required=True, help="experiment directory")
@@ -233,9 +237,7 @@ def train_main(argv: list[str]) -> int:
     """``train.py <command> ...`` (see ``TRAIN_COMMANDS``) or the LightningCLI's fit / validate / test / predict."""
     argv = expand_recipe_args(argv)
     if argv and argv[0] in TRAIN_COMMANDS:
-        module, _, function = TRAIN_COMMANDS[argv[0]][0].partition(":")
-        if argv[0] != "recipes":
-            quiet_lightning()
+        module, _, function = TRAIN_COMMANDS[argv[0]][0].partition(":")  # the commands that run Lightning quiet it themselves
         return getattr(importlib.import_module(module), function)(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         console.print(train_usage(), highlight=False, markup=False)

@@ -8,7 +8,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
 from mia_lightning.attacks import create_attack
-from mia_lightning.attacks.classifiers import CLASSIFIERS, MLPSettings, attack_scores, check_classifier, concurrent_attack_scores
+from mia_lightning.attacks.classifier_options import CLASSIFIERS, MLPSettings, check_classifier
+from mia_lightning.attacks.classifiers import attack_scores, concurrent_attack_scores
 from mia_lightning.errors import MiaError
 from mia_lightning.metrics import rank_auc
 

@@ -51,10 +51,16 @@ def test_help_and_bad_requests_are_answered_before_torch_loads(tmp_path):
         ("attack", ["--experiment", str(experiment), "--params", '{"lira": {"n_shadow": 3}}']),  # typo in a parameter
         ("attack", ["--experiment", str(experiment), "--config", "recipe:tabular/no_such_recipe"]),
         ("attack", ["--experiment", str(experiment), "--user_reduce", "mode"]),
+        # the attacks that train models check their parameters without torch too
+        ("attack", ["--experiment", str(experiment), "--attack", "shokri", "--params", '{"shokri": {"classifier": "lr"}}']),
+        ("attack", ["--experiment", str(experiment), "--attack", "unlearning", "--params", '{"unlearning": {"sed": 1}}']),
+        ("attack", ["--experiment", str(experiment), "--attack", "quantile", "--params", '{"quantile": {"alpha": 2.0}}']),
     ]
     result = probe(calls)
-    assert result["codes"] == [0, 0, 2, 0, 2, 2, 2, 2, 2, 2, 2]
+    assert result["codes"] == [0, 0, 2, 0, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]
     assert result["loaded"] == [], f"imported before the request was checked: {result['loaded']}"
+    status = probe([("train", ["study", "--config", "recipe:text/imdb_defences", "--status"])])  # a study of shokri and LSTMs lists its settings
+    assert status["codes"] == [0] and not {"torch", "lightning", "timm", "transformers"} & set(status["loaded"]), status
 
 
 def test_every_built_in_attack_is_registered_by_the_module_the_lazy_table_names():
@@ -102,3 +108,13 @@ def test_reports_of_a_published_run_load_neither_torch_nor_lightning(tmp_path):
     result = probe([("attack", ["--experiment", str(experiment), "--report"])])
     assert result["codes"] == [0] and (experiment / "report.html").is_file() and (experiment / "report.md").is_file()
     assert not {"torch", "lightning"} & set(result["loaded"]), f"the report imported {result['loaded']}"
+
+
+def test_no_built_in_attack_module_imports_torch():
+    """Every attack's class (its parameter checks, requirements and outputs) loads without torch; scoring imports what it trains with."""
+    code = ("import json, sys\nfrom mia_lightning.attacks.base import ATTACKS, BUILT_IN_ATTACKS\n"
+            "classes = [ATTACKS[name] for name in BUILT_IN_ATTACKS]\n"
+            f"print(json.dumps([name for name in {HEAVY!r} if name in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -13,7 +13,8 @@ from scipy.stats import norm
 
 from mia_lightning.attacks import AttackData, create_attack
 from mia_lightning.attacks.module import score_targets
-from mia_lightning.attacks.quantile import conformal_fpr_interval, conformal_shift, fit_quantile_regressors, fpr_control, pinball_loss
+from mia_lightning.attacks.quantile import conformal_fpr_interval, conformal_shift, fpr_control
+from mia_lightning.attacks.quantile_regressor import fit_quantile_regressors, pinball_loss
 from mia_lightning.cli import attack_main, train_main
 
 ROOT = Path(__file__).resolve().parents[1]

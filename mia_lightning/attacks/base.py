@@ -339,7 +339,8 @@ BUILT_IN_ATTACKS: dict[str, str] = {
     "quantile": "quantile", "label_only": "label_only", "lm_signals": "causal_lm",
 }
 """Built-in attack name -> the module of ``mia_lightning.attacks`` that registers it. Modules are imported on
-first use, so attack names, ``--help`` and typos are answered without importing torch (Shokri's module needs it)."""
+first use; none imports torch at the top (their models are trained in ``classifiers.py`` / ``quantile_regressor.py``, loaded to score),
+so attack names, parameters, ``--help`` and typos are answered without importing torch."""
 
 BUILT_IN_OUTPUTS: dict[str, tuple[str, ...]] = {
     "lira": ("lira_online", "lira_online_fixed", "lira_offline", "lira_offline_fixed", "global_threshold"),

@@ -21,7 +21,6 @@ whose training rows are all positive or all negative gets NaN: no classifier can
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import lightning as L
@@ -31,35 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from mia_lightning.errors import MiaError
+from mia_lightning.attacks.classifier_options import DECISION_TREE_LEAVES, MLPSettings, check_classifier
 from mia_lightning.interrupts import call_trainer
 from mia_lightning.runtime import numpy_parallel_map, torch_threads
-
-CLASSIFIERS = ("mlp", "logistic", "random_forest", "decision_tree")
-DECISION_TREE_LEAVES = 10
-"""Leaves of the ``decision_tree`` option, as in Chen et al.'s reference code."""
-RENAMED = {"lr": "logistic", "rf": "random_forest"}
-"""Option names of earlier versions of the unlearning attack; refused with the new name."""
-
-
-def check_classifier(name: str, where: str) -> str:
-    """``name`` if it is an option of ``CLASSIFIERS``; else one line naming the option to use (``where`` names the setting)."""
-    if name in CLASSIFIERS:
-        return name
-    if name in RENAMED:
-        raise MiaError(f"{where}={name!r}: renamed; use {RENAMED[name]!r} (classifiers: {', '.join(CLASSIFIERS)})")
-    raise MiaError(f"{where}={name!r}: choose one of {', '.join(CLASSIFIERS)}")
-
-
-@dataclass(frozen=True)
-class MLPSettings:
-    """Size and training of the ``mlp`` option: ``steps`` Adam steps on random batches of ``batch_size`` rows."""
-
-    hidden: int = 32
-    steps: int = 500
-    batch_size: int = 512
-    lr: float = 2e-3
-    weight_decay: float = 0.0
 
 
 class BatchedAttackMLP(L.LightningModule):

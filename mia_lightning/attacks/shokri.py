@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
-from mia_lightning.attacks.classifiers import MLPSettings, check_classifier, concurrent_attack_scores
+from mia_lightning.attacks.classifier_options import MLPSettings, check_classifier
 from mia_lightning.attacks.shadows import left_out_model
 from mia_lightning.data.plan import Plan, PlanSpec, make_lira_plan, split_population, takes_options
 from mia_lightning.errors import MiaError
@@ -144,6 +144,8 @@ class Shokri(Attack):
         }
 
     def score(self, targets: np.ndarray) -> dict[str, np.ndarray]:
+        from mia_lightning.attacks.classifiers import concurrent_attack_scores
+
         requests = self.design_requests(targets)
         scores = dict(zip(requests, concurrent_attack_scores(list(requests.values()))))  # the two designs' classifiers train side by side
         for values in scores.values():

@@ -31,7 +31,7 @@ import numpy as np
 from scipy.special import softmax
 
 from mia_lightning.attacks.base import Attack, AttackData, register_attack
-from mia_lightning.attacks.classifiers import CLASSIFIERS, MLPSettings, attack_scores, check_classifier
+from mia_lightning.attacks.classifier_options import CLASSIFIERS, MLPSettings, check_classifier
 from mia_lightning.errors import MiaError
 from mia_lightning.unlearning.contract import AGGREGATIONS, EVALUATIONS, FILENAME, Chain, Unlearning, load_unlearning, unlearning_problem
 from mia_lightning.unlearning.features import DEFENCES, FEATURES, aggregate, defend, pair_features
@@ -225,6 +225,8 @@ class UnlearningAttack(Attack):
 
         The MLP trains 100 epochs of batches of 64 rows (hidden 64, Adam 1e-3, weight decay 1e-4).
         """
+        from mia_lightning.attacks.classifiers import attack_scores
+
         mlp = MLPSettings(hidden=64, steps=100 * -(-len(x_train) // 64), batch_size=64, lr=1e-3, weight_decay=1e-4)
         return attack_scores(classifier, x_train, label, x_test[None], seed=self.seed, mlp=mlp)[0]
 
