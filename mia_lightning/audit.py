@@ -188,12 +188,13 @@ def decision_metrics(scores: np.ndarray, audited: np.ndarray, members: np.ndarra
 
 @dataclass
 class AuditResult:
-    """What one attack run produced: its records (results.json payloads), folder and the attacks it skipped."""
+    """What one attack run produced: its records (results.json payloads), folder, the attacks it skipped and its run.json."""
 
     records: list[dict]
     folder: Path
     run_id: str
     skipped: list[dict] = field(default_factory=list)
+    run: dict = field(default_factory=dict)
 
 
 def run_audit(
@@ -316,5 +317,5 @@ def run_audit(
         prune_runs(experiment, keep_runs)
     if logger is not None:
         log_audit(make_logger(logger, experiment.root, stage.run_id), records, folder, {**run_meta, "id": stage.run_id})
-    return AuditResult(records, folder, stage.run_id, skipped)
+    return AuditResult(records, folder, stage.run_id, skipped, {**run_meta, "id": stage.run_id})
 

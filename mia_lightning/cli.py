@@ -257,7 +257,7 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
     result = run_audit(experiment, attacks, targets=targets, n_targets=n_targets, params=params,
                        bootstrap=BOOTSTRAP_REPLICATES if bootstrap is None else bootstrap, few_shadow=few_shadow, keep_runs=keep_runs,
                        decisions=decisions or Decisions(), logger=logger)
-    from mia_lightning.contract.runs import read_run_file, rerun_fix, run_utility
+    from mia_lightning.contract.runs import rerun_fix, run_utility
     from mia_lightning.report.terminal import epsilon_refusal_lines, print_results, skipped_lines
     from mia_lightning.report.cells import utility_line
 
@@ -267,7 +267,7 @@ def _run_attacks(experiment: Path, attacks: list[str], targets: list[int] | None
         console.print(Text(f"skipped {line}", style="yellow"))
     for line in epsilon_refusal_lines(records):
         console.print(Text(line, style="yellow"))
-    fix = rerun_fix(result.folder, read_run_file(result.folder))
+    fix = rerun_fix(result.folder, result.run)
     utility = run_utility(result.folder, fix)
     if utility is not None:
         console.print(utility_line(utility))

@@ -58,6 +58,7 @@ def test_results_record_the_run(experiment):
     assert run["params"]["lira"] == {"n_shadows": 5} and run["version"] and run["time"]
     folder, meta = latest_run(ExperimentDir(experiment))
     assert meta["id"] == result.run_id and folder.name == result.run_id and "loss" in meta["outputs"]
+    assert result.run == meta  # the result carries the run.json it published
 
 
 def test_a_failing_run_leaves_the_published_run_untouched(experiment, monkeypatch):
