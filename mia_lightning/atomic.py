@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, BinaryIO, Callable
 
 from mia_lightning.errors import MiaError
 
@@ -24,10 +25,16 @@ _FILE_MODE = 0o666 & ~_umask()
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+    """Write ``data`` to ``path`` atomically (``write_atomic``)."""
+    write_atomic(path, lambda handle: handle.write(data))
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call ``write`` on a temporary file in ``path``'s folder, then ``fsync`` it and ``os.replace`` it onto ``path``.
 
     A failed write (disk full, permissions) leaves the previous file untouched and raises a
-    one-line ``MiaError`` naming ``path`` (``write()`` itself reports no file name).
+    one-line ``MiaError`` naming ``path`` (``write()`` itself reports no file name). Writing straight
+    into the file (e.g. ``np.save``) spares an in-memory copy of a large array.
     """
     path = Path(path)
     tmp = None
@@ -36,7 +43,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

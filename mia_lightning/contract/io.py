@@ -8,7 +8,6 @@ as ``null``. Each file's documentation says what a ``null`` there means (e.g. ``
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mia_lightning.atomic import write_bytes_atomic
+from mia_lightning.atomic import write_atomic, write_bytes_atomic
 from mia_lightning.errors import MiaError
 
 
@@ -31,10 +30,8 @@ def check_writable_folder(folder: Path, what: str, fix: str = "fix its permissio
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """Save one array as ``.npy`` atomically."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array), allow_pickle=False)
-    write_bytes_atomic(path, buffer.getvalue())
+    """Save one array as ``.npy`` atomically, written straight into the temporary file (no in-memory copy)."""
+    write_atomic(path, lambda handle: np.save(handle, np.asarray(array), allow_pickle=False))
 
 
 def finite_json(payload: Any) -> Any:
