@@ -106,7 +106,7 @@ def train_farm(argv: list[str]) -> tuple[int, Path]:
 
         run_farm(recipe, console)
     if cfg.audit_after and not os.environ.get("MIA_FARM_WORKER"):
-        from mia_lightning.farm.runner import pending_models
+        from mia_lightning.farm.status import pending_models
 
         missing = pending_models(recipe.experiment, range(recipe.plan.n_models))
         if missing:

@@ -372,13 +372,19 @@ def run_study(options: StudyOptions, console: Console, status_only: bool = False
 
 
 def _print_status(study_dir: Path, settings: list[Setting], console: Console) -> None:
+    """Each setting's state (audited, planned, missing) and how many of its planned models are trained."""
+    from mia_lightning.farm.status import pending_models
+
     table = Table(title=f"study {study_dir}", title_justify="left")
     table.add_column("setting", style="bold")
     table.add_column("state")
+    table.add_column("models trained", justify="right")
     for setting in settings:
-        root = study_dir / "settings" / setting.name
-        state = "audited" if audited(ExperimentDir(root)) else "planned" if (root / "plan.json").is_file() else "missing"
-        table.add_row(setting.name, state)
+        experiment = ExperimentDir(study_dir / "settings" / setting.name)
+        planned = experiment.plan_path.is_file()
+        n_models = experiment.plan["n_models"] if planned else 0
+        trained = f"{n_models - len(pending_models(experiment, range(n_models)))} / {n_models}" if planned else "-"
+        table.add_row(setting.name, "audited" if audited(experiment) else "planned" if planned else "missing", trained)
     console.print(table)
 
 
@@ -389,7 +395,7 @@ def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="train.py study", description="Run a sweep of experiments and fit the study's analysis.")
     parser.add_argument("--config", action=ActionConfigFile, help="study YAML (see configs/)")
     parser.add_class_arguments(StudyOptions, "study")
-    parser.add_argument("--status", action="store_true", help="list which settings are audited, planned or missing, and exit")
+    parser.add_argument("--status", action="store_true", help="list which settings are audited, planned or missing and how many of their models are trained, and exit")
     cfg = parse(parser, argv)
     run_study(StudyOptions(**cfg.study.as_dict()), console, status_only=cfg.status)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -71,7 +72,12 @@ def test_a_setting_whose_attack_run_was_deleted_is_audited_again(tmp_path, recor
     kept = json.loads((settings / "max_epochs-1/setting.json").read_text())["run"]
     shutil.rmtree(settings / "max_epochs-2" / "attacks")
     assert train_main(["study", "--config", str(path), "--status"]) == 0
-    assert "max_epochs-2 │ planned" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    n_models = json.loads((settings / "max_epochs-2/plan.json").read_text())["n_models"]
+    assert re.search(rf"max_epochs-1 │ audited │ +{n_models} / {n_models}", out) and re.search(rf"max_epochs-2 │ planned │ +{n_models} / {n_models}", out), out
+    (settings / "max_epochs-2/models/0001/done.json").unlink()  # a model the farm must train again
+    assert train_main(["study", "--config", str(path), "--status"]) == 0
+    assert re.search(rf"max_epochs-2 │ planned │ +{n_models - 1} / {n_models}", capsys.readouterr().out)
     assert train_main(["study", "--config", str(path)]) == 0  # was: "no published attack run; run attack.py" (with its default attacks, not the study's)
     assert (settings / "max_epochs-2/attacks/latest/loss/results.json").is_file() and recorded[-1][1]["setting"] == "max_epochs-2"
     assert json.loads((settings / "max_epochs-1/setting.json").read_text())["run"] == kept

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -31,6 +31,7 @@ from mia_lightning.farm.engine import ENGINES, ModelJob, TrainedModel, model_see
 from mia_lightning.contract.model_outputs import checked_outputs, save_model_outputs
 from mia_lightning.farm.locks import Heartbeat, release, try_claim
 from mia_lightning.farm.shards import resolve_shard
+from mia_lightning.farm.status import is_done, pending_models
 from mia_lightning.runtime import torch_threads
 from mia_lightning.contract.confine import confined_all
 from mia_lightning.contract.data_sources import copy_local_data
@@ -38,15 +39,6 @@ from mia_lightning.contract.identity import DONE_FILE, RECIPE_KEY, check_model_i
 from mia_lightning.contract.io import check_writable_folder, load_json, load_npy, save_json_atomic, save_npy_atomic, write_bytes_atomic
 
 log = logging.getLogger("mia_lightning")
-
-
-def is_done(experiment: ExperimentDir, index: int) -> bool:
-    return (experiment.model_dir(index) / DONE_FILE).is_file()
-
-
-def pending_models(experiment: ExperimentDir, indices: Iterable[int]) -> list[int]:
-    """The models among ``indices`` without a ``done.json`` (in the given order)."""
-    return [i for i in indices if not is_done(experiment, i)]
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,25 @@
-"""``train.py farm --status``: which models are done, running, stale (dead claim) or missing."""
+"""Which models of a farm are done, running, stale (dead claim) or missing: ``train.py farm --status``, the runner and study status read it without torch."""
 
 from __future__ import annotations
+
+from typing import Iterable
 
 from rich.console import Console
 from rich.table import Table
 
 from mia_lightning.contract.experiment import ExperimentDir
+from mia_lightning.contract.identity import DONE_FILE
 from mia_lightning.farm.locks import claim_state
-from mia_lightning.farm.runner import is_done
+
+
+def is_done(experiment: ExperimentDir, index: int) -> bool:
+    """Whether model ``index`` is finished (its ``done.json``, written last, exists)."""
+    return (experiment.model_dir(index) / DONE_FILE).is_file()
+
+
+def pending_models(experiment: ExperimentDir, indices: Iterable[int]) -> list[int]:
+    """The models among ``indices`` without a ``done.json`` (in the given order)."""
+    return [i for i in indices if not is_done(experiment, i)]
 
 
 def farm_status(experiment: ExperimentDir, n_models: int, stale_after_s: float) -> dict[str, list[int]]:

@@ -72,7 +72,8 @@ def farm_workers(recipe: Recipe, accelerator: str) -> tuple[int, list[int] | Non
     ``devices: auto`` on the CPU starts ``usable cores // the farm's thread count`` workers, at most
     one per model this shard has left to train (a worker's start-up costs seconds).
     """
-    from mia_lightning.farm.runner import pending_models, prepare_experiment
+    from mia_lightning.farm.runner import prepare_experiment
+    from mia_lightning.farm.status import pending_models
     from mia_lightning.farm.vectorised import farm_threads
 
     devices = recipe.setup.trainer.get("devices", "auto")  # unset is Lightning's default
