@@ -24,9 +24,10 @@ calibration draw. ``calibration: 0`` gives the paper's plain regressor.
 
 The regressors of a batch of targets train at once as one batched network (independent weights per
 target, one Adam over the stack: Adam acts elementwise, so this is T independent fits), a
-LightningModule trained by a Lightning Trainer (``quantile_regressor.py``). Scores are standardised per target (median and
-interquartile range on the public data) and the output bias starts at the marginal quantile, so the
-regressor starts from the constant-threshold attack and learns per-sample corrections.
+LightningModule trained by a Lightning Trainer (``quantile_regressor.py``, loaded to score). Scores
+are standardised per target (median and interquartile range on the public data) and the output bias
+starts at the marginal quantile, so the regressor starts from the constant-threshold attack and
+learns per-sample corrections.
 """
 
 from __future__ import annotations
