@@ -176,11 +176,15 @@ def main() -> None:
         if args.bf16:
             repeats = max(args.k)
             timed = {}
-            for _ in range(args.rounds):  # interleaved, the fastest round counts
-                for precision in ("float32", "bfloat16"):
-                    with torch.autocast(args.device, dtype=torch.bfloat16) if precision == "bfloat16" else contextlib.nullcontext():
-                        step(batch)
-                        timed[precision] = min(timed.get(precision, float("inf")), seconds(step, batch, repeats, args.device))
+            try:
+                for _ in range(args.rounds):  # interleaved, the fastest round counts
+                    for precision in ("float32", "bfloat16"):
+                        with torch.autocast(args.device, dtype=torch.bfloat16) if precision == "bfloat16" else contextlib.nullcontext():
+                            step(batch)
+                            timed[precision] = min(timed.get(precision, float("inf")), seconds(step, batch, repeats, args.device))
+            except RuntimeError as err:  # e.g. oneDNN's LSTM on a CPU without native bfloat16
+                print(f"{name:5s} bfloat16 autocast: not supported on this device ({str(err).splitlines()[0][:90]})")
+                continue
             print(f"{name:5s} {repeats} steps at batch {batch}: float32 {timed['float32']:7.3f} s; bfloat16 autocast {timed['bfloat16']:7.3f} s; "
                   f"{timed['float32'] / timed['bfloat16']:5.2f}x")
 

@@ -204,3 +204,17 @@ def test_zero_sized_lstm_is_refused(sizes):
     """A zero-width LSTM would train to a constant with only a torch warning."""
     with pytest.raises(ValueError, match="must each be >= 1"):
         LSTMClassifier(vocab_size=50, **sizes)
+
+
+def test_bf16_mixed_trains_the_lstm_on_any_cpu():
+    """On a CPU without native bfloat16 oneDNN's LSTM raised under bf16-mixed (a traceback from `train.py farm`);
+    there the LSTM layers now run in float32 and the rest in bfloat16. The result stays a bfloat16-accurate copy of float32."""
+    torch.manual_seed(0)
+    model = LSTMClassifier(vocab_size=50, embedding_dim=8, hidden_size=8)
+    tokens = torch.randint(0, 50, (4, 12))
+    reference = model(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)
+    logits.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert torch.allclose(logits.float(), reference, atol=0.05), (logits, reference)

@@ -26,7 +26,7 @@ from mia_lightning.errors import MiaError
 from mia_lightning.contract.experiment import FORMAT_VERSION, ExperimentDir
 from mia_lightning.contract.components import with_current_class_paths
 from mia_lightning.farm.checkpoints import CHECKPOINT_DIGEST, CHECKPOINT_FILE, save_model_checkpoint
-from mia_lightning.farm.config import Recipe
+from mia_lightning.farm.config import Recipe, emulated_bfloat16
 from mia_lightning.farm.engine import ENGINES, ModelJob, TrainedModel, model_seed, resolve_engine
 from mia_lightning.contract.model_outputs import checked_outputs, save_model_outputs
 from mia_lightning.farm.locks import Heartbeat, release, try_claim
@@ -269,6 +269,9 @@ def run_farm(recipe: Recipe, console: Console | None = None, progress_bar: bool 
         f"{len(mine) - len(pending)} already done, engine {engine_name}" + (f" (auto: {why})" if why else "")
         + (f", {threads} torch thread{'s' if threads > 1 else ''} ({threads_why})" if threads else "")
     )
+    slow = emulated_bfloat16(recipe.setup.trainer) if pending else None
+    if slow:
+        console.print(f"[yellow]farm[/]: {slow}")
     with torch_threads(threads):
         return _train_pending(recipe, console, planned, pending, engine_name, progress_bar)
 

@@ -10,10 +10,16 @@ Defences as arguments: ``weight_decay`` (L2, added to the gradient by the optimi
 (embedding, between LSTM layers and before the head), ``label_smoothing`` (of the cross-entropy) and
 ``adv_reg`` (lambda of Nasr et al.'s adversarial regularisation, ``mia_lightning.defences.adversarial``;
 it needs reference texts: ``data.init_args.n_reference``).
+
+Under ``bf16-mixed`` on a CPU whose ``nn.LSTM`` kernel (oneDNN) has no bfloat16 form (no native
+bfloat16 arithmetic: it raises), the LSTM layers run in float32 and the rest in bfloat16, as autocast
+does for the operations it keeps in float32 (``cpu_bfloat16_lstm``).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any, Iterable
 
 import lightning as L
@@ -28,6 +34,20 @@ from mia_lightning.models import tabular_mlp
 from mia_lightning.models.tabular_mlp import OPTIMIZERS
 
 LSTM_IMPLEMENTATIONS = ("torch", "opacus")
+log = logging.getLogger("mia_lightning")
+
+
+@functools.cache
+def cpu_bfloat16_lstm() -> bool:
+    """Whether ``nn.LSTM`` trains under CPU bfloat16 autocast here (probed once: oneDNN refuses it on CPUs without native bfloat16)."""
+    probe = nn.LSTM(4, 4, batch_first=True)
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            probe(torch.zeros(1, 2, 4))[0].float().sum().backward()
+    except RuntimeError:
+        log.warning("this CPU has no bfloat16 nn.LSTM kernel: under bf16-mixed the LSTM layers run in float32, the rest in bfloat16")
+        return False
+    return True
 
 
 def build_lstm(implementation: str, input_size: int, hidden_size: int, num_layers: int, dropout: float, bidirectional: bool) -> nn.Module:
@@ -93,7 +113,13 @@ class LSTMClassifier(PrivacyStateMixin, L.LightningModule):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [b, C] of token ids [b, L] (the final hidden state of the last layer, both directions when bidirectional)."""
-        _, (h_n, _) = self.lstm(self.embedding_dropout(self.embedding(tokens)))
+        embedded = self.embedding_dropout(self.embedding(tokens))
+        if embedded.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16 \
+                and isinstance(self.lstm, nn.LSTM) and not cpu_bfloat16_lstm():
+            with torch.autocast("cpu", enabled=False):
+                _, (h_n, _) = self.lstm(embedded.float())
+        else:
+            _, (h_n, _) = self.lstm(embedded)
         directions = 2 if self.hparams.bidirectional else 1
         final = torch.cat(list(h_n[-directions:]), dim=-1)
         return self.head(self.head_dropout(final))
