@@ -250,7 +250,7 @@ def test_a_claim_the_heartbeat_cannot_touch_is_dropped_and_the_others_keep_beati
     (True, {"precision": "bf16-mixed", "accelerator": "cpu"}, False),
 ])
 def test_bfloat16_on_a_cpu_without_native_bfloat16_is_named_before_training(monkeypatch, native, trainer, warned):
-    """oneDNN emulates bfloat16 on such CPUs (one step 7.5-16x slower): the LM recipes, which train in bf16-mixed, took hours there unannounced."""
+    """oneDNN emulates bfloat16 on such CPUs (one step 7.5-16x slower): the LM recipes, then in bf16-mixed, took hours there unannounced."""
     import torch
 
     from mia_lightning.farm.config import emulated_bfloat16

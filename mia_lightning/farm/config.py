@@ -119,7 +119,7 @@ def emulated_bfloat16(trainer: dict[str, Any]) -> str | None:
 
     oneDNN then emulates it: one training step in ``bf16-mixed`` measured 7.5-16x slower than in
     ``32-true`` (``benchmarks/stacking_bound.py --bf16`` on an AMD EPYC without AVX512-BF16), so a
-    recipe that trains in ``bf16-mixed`` (the masked and causal LM recipes) takes hours there.
+    farm that trains in ``bf16-mixed`` takes hours there (the LM recipes did, before they moved to ``32-true``).
     """
     import torch
 
