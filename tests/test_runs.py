@@ -277,3 +277,17 @@ def test_a_default_run_asks_for_the_plain_command_and_a_crafted_options_block_ad
     fix = rerun_fix(folder, {**run, "options": crafted})
     assert fix == plain[:-1] + """ --fpr_budget 0.5 --params '{"lira": {"mu": "'"'"'; echo hi"}}'`"""
     assert shlex.split(fix.split("`")[1])[-1] == '{"lira": {"mu": "\'; echo hi"}}'
+
+
+def test_every_option_a_run_records_is_one_the_fix_repeats():
+    """audit.rerun_options writes the options, contract.runs.RERUN_OPTIONS lets them through: a decision option added to
+    Decisions but not to RERUN_OPTIONS would be recorded and silently left out of the command."""
+    import numpy as np
+
+    from mia_lightning.audit import Decisions, rerun_options
+    from mia_lightning.contract.runs import RERUN_OPTIONS
+
+    recorded = rerun_options(np.array([2, 0]), np.arange(4), {"lira": {"n_shadows": 2}}, 0, Decisions("max", 0.2, "paper"))
+    recorded_first = rerun_options(np.arange(2), np.arange(4), {}, 100, Decisions())
+    assert {*recorded, *recorded_first} == set(RERUN_OPTIONS)
+    assert all(RERUN_OPTIONS[name][0](value) for options in (recorded, recorded_first) for name, value in options.items())
